@@ -745,3 +745,122 @@ spec:
         optional: {{ .optional | default false }}
     {{- end }}
 {{- end -}}
+
+{{- /*
+Egress rules of one component's NetworkPolicy (networkPolicy.egress.enabled): DNS, NATS, the components
+its `calls` name (and itself with callsSelf), its store, the API server (ownership: kubernetes), the OTLP
+collector, and what networkPolicy.egress.extra.<name> / allowInternet add. A destination the chart cannot
+derive and nobody gave fails the render, naming the value to set: a policy must not silently cut a
+component off. Called with the component context (root, name, c).
+*/ -}}
+{{- define "cdp.egressRules" -}}
+{{- $root := .root -}}
+{{- $name := .name -}}
+{{- $c := .c -}}
+{{- $eg := $root.Values.networkPolicy.egress -}}
+{{- $extra := get ($eg.extra | default dict) $name | default list -}}
+{{- $internet := has $name ($eg.allowInternet | default list) -}}
+{{- if and $c.networkPolicy.needsInternet (not $extra) (not $internet) -}}
+{{- fail (printf "components.%s: networkPolicy.egress.enabled=true and %s calls APIs outside the cluster, but no egress was given for them: set networkPolicy.egress.extra.%s (NetworkPolicyEgressRule list, e.g. an ipBlock 0.0.0.0/0 except the cluster CIDRs) or list %s in networkPolicy.egress.allowInternet" $name $name $name $name) -}}
+{{- end -}}
+{{- if not $eg.dns -}}
+{{- fail "networkPolicy.egress.enabled=true with networkPolicy.egress.dns empty: no pod could resolve a name. Set networkPolicy.egress.dns to the cluster DNS pods' peers" -}}
+{{- end -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  to:
+    {{- toYaml $eg.dns | nindent 4 }}
+{{- if $root.Values.nats.enabled }}
+- ports:
+    - port: {{ int (dig "config" "nats" "port" 4222 $root.Values.nats) }}
+      protocol: TCP
+  to:
+    - podSelector:
+        matchLabels:
+          app.kubernetes.io/name: {{ default "nats" $root.Values.nats.nameOverride }}
+          app.kubernetes.io/instance: {{ $root.Release.Name }}
+{{- else }}
+{{- if not $eg.natsTo -}}
+{{- fail (printf "networkPolicy.egress.enabled=true with nats.enabled=false: set networkPolicy.egress.natsTo to the peers of the NATS at global.natsUrl (%s), e.g. [{ipBlock: {cidr: 10.0.5.0/24}}]" $root.Values.global.natsUrl) -}}
+{{- end }}
+{{- $natsHost := (urlParse (first (splitList "," $root.Values.global.natsUrl))).host }}
+{{- $natsPort := $eg.natsPort | default (ternary (last (splitList ":" $natsHost)) "4222" (contains ":" $natsHost)) }}
+- ports:
+    - port: {{ int $natsPort }}
+      protocol: TCP
+  to:
+    {{- toYaml $eg.natsTo | nindent 4 }}
+{{- end }}
+{{- $callees := $c.calls | default list }}
+{{- if and $c.callsSelf (not (has $name $callees)) }}
+{{- $callees = append $callees $name }}
+{{- end }}
+{{- if $callees }}
+- ports:
+    - port: grpc
+      protocol: TCP
+  to:
+    {{- range $callees }}
+    - podSelector:
+        matchLabels:
+          {{- include "cdp.selectorLabels" (dict "root" $root "name" .) | nindent 10 }}
+    {{- end }}
+{{- end }}
+{{- if eq $c.store.kind "mongodb" }}
+{{- if $root.Values.mongodb.enabled }}
+- ports:
+    - port: 27017
+      protocol: TCP
+  to:
+    - podSelector:
+        matchLabels:
+          {{- include "cdp.selectorLabels" (dict "root" $root "name" "mongodb") | nindent 10 }}
+{{- else if $eg.storeTo }}
+- ports:
+    - port: {{ int $eg.storePort }}
+      protocol: TCP
+  to:
+    {{- toYaml $eg.storeTo | nindent 4 }}
+{{- else }}
+{{- fail (printf "components.%s: store.kind=mongodb on the MongoDB of global.mongodbUri with networkPolicy.egress.enabled=true: set networkPolicy.egress.storeTo to its peers (e.g. an ipBlock)" $name) }}
+{{- end }}
+{{- end }}
+{{- if eq $c.ownership "kubernetes" }}
+{{- if not $eg.apiServerTo }}
+{{- fail (printf "components.%s: ownership=kubernetes takes Leases from the API server, and networkPolicy.egress.enabled=true: set networkPolicy.egress.apiServerTo to the API server's address, e.g. [{ipBlock: {cidr: 10.0.0.1/32}}] (kubectl get endpoints kubernetes)" $name) }}
+{{- end }}
+- ports:
+    {{- range $eg.apiServerPorts }}
+    - port: {{ int . }}
+      protocol: TCP
+    {{- end }}
+  to:
+    {{- toYaml $eg.apiServerTo | nindent 4 }}
+{{- end }}
+{{- with $root.Values.global.otlpEndpoint }}
+{{- if not $eg.telemetryTo }}
+{{- fail (printf "global.otlpEndpoint is set with networkPolicy.egress.enabled=true: set networkPolicy.egress.telemetryTo to the OTLP collector's peers") }}
+{{- end }}
+{{- $otlpHost := (urlParse .).host }}
+- ports:
+    - port: {{ int ($eg.telemetryPort | default (ternary (last (splitList ":" $otlpHost)) "4318" (contains ":" $otlpHost))) }}
+      protocol: TCP
+  to:
+    {{- toYaml $eg.telemetryTo | nindent 4 }}
+{{- end }}
+{{- if $internet }}
+- to:
+    - ipBlock:
+        cidr: 0.0.0.0/0
+        {{- with $eg.clusterCIDRs }}
+        except:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+{{- end }}
+{{- with $extra }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
