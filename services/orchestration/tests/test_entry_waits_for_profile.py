@@ -48,9 +48,16 @@ async def test_an_entry_still_false_with_the_events_change_is_recorded_as_not_en
     await world.profile_applied("fay", ["pc-2"], plan="team")
     await world.event("fay", "Ping", "ping")
     await world.eventually(lambda: started(world, "fay", "marker"))
-    assert await started(world, "fay", "pro") == 0
     api = OrchestrationApi(journeys=Journeys(world.store), store=world.store, bus=None, partitions=2)
     request = pb.ListDecisionsRequest(person_id="fay", journey_id="pro")
-    [refused] = (await api.ListDecisions(request, None)).decisions
+
+    # The change for pc-2 decides the parked entry. The server sources it into ORCHESTRATION from PROFILES,
+    # and Ping from EVENTS_RESOLVED: two sources, nothing orders the change before Ping, so the marker's
+    # start does not say the decision is made.
+    async def decided() -> list:
+        return list((await api.ListDecisions(request, None)).decisions)
+
+    [refused] = await world.eventually(decided)
+    assert await started(world, "fay", "pro") == 0
     assert (refused.kind, refused.rule) == (pb.DECISION_KIND_NOT_ENTERED, "entry_if")
     assert 'entry condition `traits.plan = "pro"` was false' in refused.reason
