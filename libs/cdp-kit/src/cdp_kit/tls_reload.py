@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from opentelemetry import metrics
 
 from cdp_kit.telemetry import observe_on
@@ -184,69 +185,6 @@ class ServerCertificates:
 
 
 def certificate_facts(pem: bytes) -> tuple[int, datetime.datetime]:
-    """The serial number and not-after time of the first certificate of a PEM chain (a ValueError if none).
-
-    Read from the DER by hand: the standard library has no public certificate parser and cdp-kit does not
-    depend on `cryptography`."""
-    text = pem.decode("ascii", errors="replace")
-    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
-    start = text.find(begin)
-    stop = text.find(end, start)
-    if start < 0 or stop < 0:
-        raise ValueError("no certificate")
-    der = ssl.PEM_cert_to_DER_cert(text[start : stop + len(end)])
-    certificate, _ = _element(der, 0, 0x30)
-    tbs, _ = _element(der, certificate, 0x30)
-    at = tbs
-    if der[at] == 0xA0:  # [0] version
-        at = _skip(der, at)
-    serial_start, _ = _element(der, at, 0x02)
-    at = _skip(der, at)
-    serial = int.from_bytes(der[serial_start:at], "big")
-    at = _skip(der, _skip(der, at))  # signature algorithm, issuer
-    validity, _ = _element(der, at, 0x30)
-    not_after = _time(der, _skip(der, validity))
-    return serial, not_after
-
-
-def _header(der: bytes, at: int) -> tuple[int, int]:
-    """Where the content of the element at `at` starts, and its length."""
-    if at + 2 > len(der):
-        raise ValueError("truncated")
-    length = der[at + 1]
-    at += 2
-    if length & 0x80:
-        count = length & 0x7F
-        if count == 0 or count > 4 or at + count > len(der):
-            raise ValueError("bad length")
-        length = int.from_bytes(der[at : at + count], "big")
-        at += count
-    if at + length > len(der):
-        raise ValueError("truncated")
-    return at, length
-
-
-def _element(der: bytes, at: int, tag: int) -> tuple[int, int]:
-    if at >= len(der) or der[at] != tag:
-        raise ValueError("unexpected element")
-    return _header(der, at)
-
-
-def _skip(der: bytes, at: int) -> int:
-    start, length = _header(der, at)
-    return start + length
-
-
-def _time(der: bytes, at: int) -> datetime.datetime:
-    tag = der[at] if at < len(der) else None
-    start, length = _header(der, at)
-    value = der[start : start + length].decode("ascii")
-    if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: 50-99 are 19xx
-        parsed = datetime.datetime.strptime(value, "%y%m%d%H%M%SZ")
-        if parsed.year >= 2050:
-            parsed = parsed.replace(year=parsed.year - 100)
-    elif tag == 0x18:  # GeneralizedTime YYYYMMDDHHMMSSZ
-        parsed = datetime.datetime.strptime(value, "%Y%m%d%H%M%SZ")
-    else:
-        raise ValueError("not a time")
-    return parsed.replace(tzinfo=datetime.UTC)
+    """The serial number and not-after time of the first certificate of a PEM chain (a ValueError if none)."""
+    certificate = x509.load_pem_x509_certificate(pem)  # the first one; a ValueError when there is none
+    return certificate.serial_number, certificate.not_valid_after_utc
