@@ -48,11 +48,15 @@ async def _export(privacy, person: str, merged: list[str] | None = None) -> dict
     return json_format.MessageToDict(response.document)
 
 
-async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothing_of_anyone_else(service):
-    stub, privacy, runtime = service
-    for journey in (WELCOME, SLOW):
+async def _publish(stub, *journeys: dict) -> None:
+    for journey in journeys:
         await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(journey)), metadata=ADMIN)
         await stub.PublishJourney(pb.PublishJourneyRequest(journey_id=journey["id"]), metadata=ADMIN)
+
+
+async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothing_of_anyone_else(service):
+    stub, privacy, runtime = service
+    await _publish(stub, WELCOME, SLOW)
     # "p_ada:x" is someone else whose id starts with p_ada's and the store's key separator.
     for person in ("p_ada", "p_bob", "p_ada:x"):
         await profile(runtime, person, first_name=f"{person.removeprefix('p_').title()}-name")
@@ -110,9 +114,7 @@ async def test_a_persons_enroll_answers_are_exported_with_their_idempotency_keys
     """A support trial: Enroll's answers (kept under the caller's idempotency key, which may carry personal
     data) are erased with the person but were not in their export."""
     stub, privacy, runtime = service
-    for journey in (WELCOME, SLOW):
-        await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(journey)), metadata=ADMIN)
-        await stub.PublishJourney(pb.PublishJourneyRequest(journey_id=journey["id"]), metadata=ADMIN)
+    await _publish(stub, WELCOME, SLOW)
     for person in ("p_ada", "p_bob", "p_ada:x"):
         await profile(runtime, person, first_name=f"{person.removeprefix('p_').title()}-name")
         enroll = pb.EnrollRequest(journey_id="slow", person_id=person, idempotency_key=f"order-{person}@example.org")
