@@ -14,15 +14,16 @@ import textwrap
 
 import pytest
 
+from cdp_kit import ports
 from cdpctl import platform
 
 
 @pytest.fixture
 def reservations(tmp_path, monkeypatch):
-    monkeypatch.setattr(platform, "_RESERVATIONS", tmp_path / "ports")
-    monkeypatch.setattr(platform, "_mine", {})
+    monkeypatch.setattr(ports, "RESERVATIONS", tmp_path / "ports")
+    monkeypatch.setattr(ports, "_mine", {})
     yield tmp_path / "ports"
-    platform._release_ports()
+    ports.release_all()
 
 
 def other_picker(reservations, port: int) -> subprocess.Popen:
@@ -30,9 +31,9 @@ def other_picker(reservations, port: int) -> subprocess.Popen:
     code = textwrap.dedent(
         f"""
         import pathlib, sys, time
-        from cdpctl import platform
-        platform._RESERVATIONS = pathlib.Path({str(reservations)!r})
-        assert platform._reserve({port})
+        from cdp_kit import ports
+        ports.RESERVATIONS = pathlib.Path({str(reservations)!r})
+        assert ports.reserve({port})
         print("picked", flush=True)
         time.sleep(60)
         """
@@ -45,7 +46,7 @@ def other_picker(reservations, port: int) -> subprocess.Popen:
 def test_a_port_another_live_platform_picked_is_not_picked_again(reservations):
     other = other_picker(reservations, 4222)
     try:
-        assert not platform._reserve(4222)
+        assert not ports.reserve(4222)
         picked = platform.pick_port(4222)
         assert picked != 4222
         assert (reservations / str(picked)).read_text() == str(os.getpid())
@@ -59,20 +60,20 @@ def test_a_pick_whose_process_was_killed_is_free_again_and_released_at_exit(rese
     gone.send_signal(signal.SIGKILL)  # no atexit: its file stays behind, its lock does not
     gone.wait()
     assert (reservations / "25001").exists()
-    assert platform._reserve(25001)
+    assert ports.reserve(25001)
     assert (reservations / "25001").read_text() == str(os.getpid())
-    assert platform._reserve(25001)  # our own pick stays ours
-    platform._release_ports()
+    assert ports.reserve(25001)  # our own pick stays ours
+    ports.release_all()
     assert not (reservations / "25001").exists()
 
 
 def _race(directory: str, barrier, results) -> None:
     import pathlib
 
-    platform._RESERVATIONS = pathlib.Path(directory)
-    platform._mine = {}
+    ports.RESERVATIONS = pathlib.Path(directory)
+    ports._mine = {}
     barrier.wait()
-    results.put(platform._reserve(25002))
+    results.put(ports.reserve(25002))
     barrier.wait()  # hold the pick until every racer has answered
 
 
@@ -97,11 +98,11 @@ def test_one_platform_never_gets_the_same_port_for_two_listeners(reservations, m
     # A port this process picked is free (nothing listens yet) and its pick is ours, so it used to be
     # picked again for the next listener: two services of one platform were given one port (about once in
     # 60 starts with ~20 listeners over 12,000 spare ports), and the second could not bind.
-    monkeypatch.setattr(platform, "_SPARE_PORTS", range(25010, 25013))
+    monkeypatch.setattr(ports, "SPARE_PORTS", range(25010, 25013))
     for _ in range(10):
         picked = [platform.pick_port(0) for _ in range(3)]
         assert sorted(picked) == [25010, 25011, 25012]
-        platform._release_ports()
+        ports.release_all()
     with pytest.raises(RuntimeError, match="no free port"):
         for _ in range(4):
             platform.pick_port(0)
@@ -119,11 +120,11 @@ def test_a_picked_port_in_the_ephemeral_range_is_held_until_its_service_starts(r
         port = probe.getsockname()[1]
     assert port >= 32_768
     assert platform.pick_port(port) == port
-    assert not platform.port_is_free(port)  # held: nobody else gets it meanwhile
+    assert not ports.port_is_free(port)  # held: nobody else gets it meanwhile
     platform.free_held(port)
     with socket.socket() as service:  # its service binds it
         service.bind(("127.0.0.1", port))
         service.listen()
     # A spare port (below the ephemeral range) is not held: the kernel never hands those out.
     spare = platform.pick_port(0)
-    assert spare < 32_768 and spare not in platform._held and platform.port_is_free(spare)
+    assert spare < 32_768 and spare not in platform._held and ports.port_is_free(spare)

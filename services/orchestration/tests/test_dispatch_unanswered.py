@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ import pytest
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, subjects
 from cdp_kit.bus.consumer import DLQ_DETAIL, DLQ_REASON
-from cdp_kit.natsserver import wait_for_port
+from cdp_kit.natsserver import free_port, wait_for_port
 from cdp_kit.settings import SettingsError, load_settings
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
@@ -256,8 +255,8 @@ async def test_a_relay_stopped_then_continued_takes_each_email_once_once_its_gre
     emails published meanwhile, then SIGCONT. The breaker opens on the timeouts, the greeting probe closes
     it once the relay answers, and every email lands in its maildir once (none was sent while stopped)."""
     bus, store, _ = site
-    smtp_port, maildir = _free_port(), tmp_path / "mail"
-    others = [f"--{name}-port={_free_port()}" for name in ("twilio", "fcm", "webpush", "webhook")]
+    smtp_port, maildir = free_port(), tmp_path / "mail"
+    others = [f"--{name}-port={free_port()}" for name in ("twilio", "fcm", "webpush", "webhook")]
     companion = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "cdp_testing.channels", f"--smtp-port={smtp_port}", f"--maildir={maildir}", *others],
         stdout=asyncio.subprocess.DEVNULL,
@@ -285,12 +284,6 @@ async def test_a_relay_stopped_then_continued_takes_each_email_once_once_its_gre
     assert sorted(message_ids) == sorted(r["provider_id"] for r in accepted)
     assert len(set(message_ids)) == len(message_ids) and accepted  # sent again once the relay answered
     assert all(r["status"] == "accepted" or (r["reason"], r["dead_lettered"]) == ("timeout", True) for r in records)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _all_final(store, ids: list[str]) -> list[dict] | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdp_kit import children
+from cdp_kit.ports import spare_port
 
 
 def nats_server_binary() -> str:
@@ -38,9 +39,9 @@ def nats_server_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port to listen on that stays this process's to use, across restarts of its listener: below the
+    kernel's ephemeral range and picked by no other process on this machine (`cdp_kit.ports`)."""
+    return spare_port(host)
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> bool:

@@ -23,22 +23,21 @@ left readable.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import random
 import re
 import secrets
 import socket
 import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cdp_kit import ports as port_picks
+from cdp_kit.ports import port_is_free
 
 # The kit's auth and natsauth are imported where tokens and NATS users are made or read: they pull in
 # grpc and the bus (nats, aiohttp), and every cdpctl command builds a Workspace before it does anything.
@@ -281,32 +280,6 @@ def fill(text: str, ws: Workspace, ports: dict[str, int]) -> str:
     return _PLACEHOLDER.sub(value, text)
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-# Ports picked when the conventional one is taken come from below Linux's ephemeral range (32768+): a port
-# the kernel handed out for bind(0) and we released may be reused for someone's outgoing connection before
-# the service binds it.
-_SPARE_PORTS = range(20_000, 32_000)
-
-# A port is free when nothing listens on it *and* no other `cdpctl up` on this machine picked it: between
-# picking a port and its service binding it there are seconds (the services start one after another), in
-# which another platform starting at the same moment (tests running in parallel) would see it free too.
-# A pick is an exclusive flock(2) on a file named after the port, held for as long as the picker lives: the
-# kernel drops the lock when the process ends however it ends (SIGKILL included), so there is no stale pick
-# to take over and no window in which two pickers both see one as stale. The file holds the picker's pid for
-# people; it is removed when the process exits.
-_RESERVATIONS = Path(tempfile.gettempdir()) / "cdp-ports"
-_mine: dict[Path, int] = {}  # picked port's file -> the descriptor holding its lock
-
-
 # The conventional gRPC ports (50051-50057) lie in Linux's ephemeral range: between picking one and its
 # service binding it (seconds: the services start one after another, and every gRPC port is picked before
 # the first starts, since services call peers started after them), an outgoing connection of anyone's may
@@ -337,63 +310,22 @@ def free_held(*ports: int | None) -> None:
             sock.close()
 
 
-def _release_ports() -> None:
-    for path, fd in list(_mine.items()):
-        with contextlib.suppress(OSError):
-            path.unlink()  # before the unlock: a picker that opened this file locks a name no longer there
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        _mine.pop(path, None)
-
-
-def _reserve(port: int) -> bool:
-    """Take `port` for this process unless another live process on this machine holds it."""
-    _RESERVATIONS.mkdir(mode=0o700, exist_ok=True)
-    path = _RESERVATIONS / str(port)
-    if path in _mine:
-        return True
-    for _ in range(3):
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:  # its holder released it (unlinking the name) between our open and our lock: again
-            os.close(fd)
-            continue
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        if not _mine:
-            atexit.register(_release_ports)
-        _mine[path] = fd
-        return True
-    return False
-
-
 def pick_port(preferred: int) -> int:
     """The conventional port when free, else a free spare one (a second checkout, a busy laptop); free means
     nothing listens there and no other `cdpctl up` on this machine picked it. CDP_UP_PORTS=any skips the
     conventional ports: several platforms started at once (tests running in parallel) would otherwise all
     want the same ones. Each call gives another port: one this process picked before is taken (nothing
-    listens there yet, but another of its listeners is about to)."""
-
-    def takeable(port: int) -> bool:
-        return (_RESERVATIONS / str(port)) not in _mine and port_is_free(port) and _reserve(port)
-
-    if preferred and os.environ.get("CDP_UP_PORTS") != "any" and takeable(preferred):
+    listens there yet, but another of its listeners is about to). Spare ports and picks: `cdp_kit.ports`."""
+    if (
+        preferred
+        and os.environ.get("CDP_UP_PORTS") != "any"
+        and not port_picks.is_mine(preferred)
+        and port_is_free(preferred)
+        and port_picks.reserve(preferred)
+    ):
         _hold(preferred)
         return preferred
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.choice(_SPARE_PORTS)
-        if takeable(port):
-            return port
-    raise RuntimeError(f"no free port found in {_SPARE_PORTS.start}-{_SPARE_PORTS.stop - 1}")
+    return port_picks.spare_port()
 
 
 @contextlib.contextmanager
