@@ -4,10 +4,12 @@ store, and helpers that publish what identity, profile and segmentation would pu
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
+from nats.js.errors import NotFoundError
 
 from cdp.events.v1 import events_pb2
 from cdp.orchestration.v1 import orchestration_pb2 as pb
@@ -23,6 +25,7 @@ from cdp_kit.bus import (
     segments_stream,
     subjects,
 )
+from cdp_kit.bus.streams import SOURCE_HEADER, source_of
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.storage import Store, open_store
 from cdp_kit.timestamps import from_seconds
@@ -37,6 +40,13 @@ from cdp_testing.waiting import eventually
 
 PARTITIONS = 2
 SOURCE = "src-test"  # the collector source the test's events come from
+# What ORCHESTRATION sources, by stream: the subject prefixes (`<prefix>.<p>`) it takes from each.
+SOURCED = {
+    subjects.EVENTS_RESOLVED: (subjects.EVENTS_RESOLVED_PREFIX,),
+    subjects.SEGMENTS: (subjects.SEGMENTS_ENTERED_PREFIX, subjects.SEGMENTS_EXITED_PREFIX),
+    subjects.PROFILES: (subjects.PROFILES_CHANGED_PREFIX,),
+    subjects.ORCHESTRATION_TIMERS: (subjects.ORCHESTRATION_FIRED_PREFIX,),
+}
 
 
 class World:
@@ -58,6 +68,70 @@ class World:
 
     def now(self) -> float:
         return time.time() + self.clock_offset
+
+    async def inputs(self) -> list[Any]:
+        """Every message in the engine's input stream (ORCHESTRATION), in order, with its stored `time`."""
+        info = await self.bus.js.stream_info(subjects.ORCHESTRATION)
+        if info.state.messages == 0:
+            return []
+        return [
+            await self.bus.js.get_msg(subjects.ORCHESTRATION, seq)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)
+        ]
+
+    async def stored(self, count: int) -> float:
+        """Wait until the input stream holds `count` messages (what the test published, sourced by the
+        server); the server time at which the last of them was stored. The engine's clock is that time plus
+        `clock_offset`, so a test that sets the offset from it (before `start`) knows what time the engine
+        reads for each of them, however late the machine ran before."""
+
+        async def there() -> float | None:
+            messages = await self.inputs()
+            assert len(messages) <= count, f"{len(messages)} inputs, more than the {count} expected"
+            return messages[-1].time.timestamp() if len(messages) == count else None
+
+        return await eventually(there)
+
+    async def settled(self) -> bool:
+        """Whether the engine has applied everything that reached it by now, and published what it asked:
+        no timer due by now still waits to fire, every message the sourced streams hold for orchestration
+        is in its input stream, and every partition has applied its input to the last message and is idle
+        (its settler has acknowledged and published). A test that asserts something did NOT happen waits
+        for this first, rather than for a fixed time."""
+        js = self.bus.js
+        now = time.time()
+        timers = await js.stream_info(
+            subjects.ORCHESTRATION_TIMERS, subjects_filter=f"{subjects.ORCHESTRATION_TIMERS_PREFIX}.>"
+        )
+        for subject in timers.state.subjects or {}:
+            schedule = (await js.get_last_msg(subjects.ORCHESTRATION_TIMERS, subject)).headers or {}
+            at = schedule.get("Nats-Schedule", "")
+            if at.startswith("@at ") and datetime.fromisoformat(at[4:]).timestamp() <= now:
+                return False  # due, not fired yet
+        sourced: dict[str, int] = {}
+        for message in await self.inputs():
+            stream, _subject = source_of(message.headers)
+            if stream:  # the header reads `<stream> <seq> ...`
+                seq = int(message.headers[SOURCE_HEADER].split(" ")[1])
+                sourced[stream] = max(sourced.get(stream, 0), seq)
+        for stream, prefixes in SOURCED.items():
+            for prefix in prefixes:
+                for partition in range(PARTITIONS):
+                    try:
+                        last = await js.get_last_msg(stream, f"{prefix}.{partition}")
+                    except NotFoundError:
+                        continue  # nothing on that subject
+                    if sourced.get(stream, 0) < last.seq:
+                        return False
+        assert self.engine is not None
+        for partition, pipeline in self.engine.pipelines.items():
+            try:
+                last = await js.get_last_msg(subjects.ORCHESTRATION, f"{subjects.ORCHESTRATION_IN_PREFIX}.{partition}")
+            except NotFoundError:
+                continue  # no input for that partition
+            if pipeline.checkpoint < last.seq or not pipeline.idle.is_set():
+                return False
+        return True
 
     async def start(self) -> PartitionedEngine:
         await self.journeys.load()

@@ -126,36 +126,58 @@ async def test_a_purchase_during_the_delay_exits_at_once_and_no_reminder_is_sent
 
 
 async def test_quiet_hours_defer_through_a_durable_timer_and_a_purchase_withdraws_the_held_reminder(world_factory):
-    # The engine's clock reads 07:59:57 UTC now: quiet hours end in three seconds.
+    # Quiet hours end at 08:00 UTC. Everything the engine is to apply before then is in its input stream
+    # before it starts, and its clock is set from there: the last of it reads 07:59:59, whenever the
+    # machine got round to storing it. So each cart is held, dan's purchase comes before the timer that
+    # releases the held reminders, and no stall of the machine can move either past 08:00.
     tomorrow = datetime.now(UTC).date() + timedelta(days=1)
-    logical = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 7, 59, 57, tzinfo=UTC).timestamp()
+    eight = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 8, tzinfo=UTC).timestamp()
     rules = parse_rules({"quiet_hours": {"from": "21:00", "to": "08:00"}})
-    world = await world_factory(rules=rules, clock_offset=logical - time.time())
+    world = await world_factory(rules=rules, clock_offset=eight - 60 - time.time())
     await world.publish_journey(_without_delay())
-    await world.start()
+    inputs = 0
+
+    async def then(*publish) -> float:  # each one stored before the next is published: one order
+        nonlocal inputs
+        for one in publish:
+            await one
+            inputs += 1
+            last = await world.stored(inputs)
+        return last
+
     for person in ("cleo", "dan"):
-        await world.profile(
-            person, consent={"purpose:Marketing": True}, first_name=person, email=f"{person}@example.com"
+        await then(
+            world.profile(
+                person, consent={"purpose:Marketing": True}, first_name=person, email=f"{person}@example.com"
+            ),
+            world.event(person, "Cart Abandoned", f"e-cart-{person}", profiled=False, cart_url="u"),
+            world.profile_applied(person, [f"e-cart-{person}"]),
         )
-        await world.event(person, "Cart Abandoned", f"e-cart-{person}", cart_url="u")
+    # After dan's cart and its profile change: the engine holds the reminder before it reads the purchase.
+    last = await then(
+        world.event("dan", "Order Completed", "e-order-dan", profiled=False),
+        world.profile_applied("dan", ["e-order-dan"]),
+    )
+    world.clock_offset = eight - 1 - last
+    await world.start()
+
     for person in ("cleo", "dan"):
         decisions = await world.eventually(lambda p=person: world.decisions(p))
         assert decisions[0]["kind"] == "deferred"
         assert "quiet hours" in decisions[0]["reason"] and "08:00" in decisions[0]["reason"]
-    await world.event("dan", "Order Completed", "e-order-dan")
 
     [action] = await world.eventually(world.actions, timeout=15)
     assert action.person_id == "cleo"
     assert [d["kind"] for d in await world.decisions("cleo")] == ["deferred", "sent"]
-    assert [d["kind"] for d in await world.decisions("dan")] == ["deferred", "withdrawn"]
-    [dan] = await world.instances("dan")
+    [dan] = await world.eventually(lambda: _ended(world, "dan"))
     assert dan["end_reason"] == "exit_rule:purchased"
-    await asyncio.sleep(1)
+    await world.eventually(world.settled)  # every timer due fired and was applied: nothing more is coming
+    assert [d["kind"] for d in await world.decisions("dan")] == ["deferred", "withdrawn"]
     assert len(await world.actions()) == 1
     # The journey's counters see every decision, the withdrawal of an instance that ended included.
     decisions: collections.Counter = collections.Counter()
-    async for stored in world.store.scan_all("orchestration_stats"):
-        decisions.update(stored.doc["decisions"])
+    async for record in world.store.scan_all("orchestration_stats"):
+        decisions.update(record.doc["decisions"])
     assert decisions == {"deferred": 2, "sent": 1, "withdrawn": 1}
 
 
