@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import orjson
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
@@ -31,23 +29,34 @@ WEEKLY_DIGEST = {
 
 
 async def test_members_enter_at_the_slot_and_a_member_who_left_does_not(world_factory):
-    # The engine's clock reads hh:mm:52 now: the next slot of "every minute" is eight seconds away.
-    now = time.time()
-    slot = (now // 60 + 1) * 60  # the engine's next whole minute
-    logical = slot - 8
-    world = await world_factory(clock_offset=logical - now)
+    # What the engine is to apply before the slot is in its input stream before it runs again, and its
+    # clock is set from there: the last of it reads two seconds before the slot (a whole minute), however
+    # late the machine stored it. So every member is armed, and jon has left, before the slot's timers fire.
+    world = await world_factory()
     await world.start()
     for person in ("kim", "ida", "jon"):
         await world.profile(person, consent={"purpose:Marketing": True}, first_name=person)
     await world.segment("kim", "vip")  # a member before the journey is published
+    await world.stop()
+    inputs = len(await world.inputs())
+
+    async def then(publish) -> float:  # stored before what comes next is published: one order
+        nonlocal inputs
+        await publish
+        inputs += 1
+        return await world.stored(inputs)
+
     api = OrchestrationApi(journeys=world.journeys, store=world.store, bus=world.bus, partitions=2)
     await api.CreateJourney(
         pb.CreateJourneyRequest(definition=pb.JourneyDefinition(json=orjson.dumps(WEEKLY_DIGEST).decode())), None
     )
-    await api.PublishJourney(pb.PublishJourneyRequest(journey_id="digest"), None)
-    await world.segment("ida", "vip")  # joins after
-    await world.segment("jon", "vip")
-    await world.segment("jon", "vip", entered=False)  # and leaves before the slot
+    await then(api.PublishJourney(pb.PublishJourneyRequest(journey_id="digest"), None))  # arms kim
+    await then(world.segment("ida", "vip"))  # joins after
+    await then(world.segment("jon", "vip"))
+    last = await then(world.segment("jon", "vip", entered=False))  # and leaves before the slot
+    slot = ((last + world.clock_offset) // 60 + 2) * 60  # a whole minute ahead of what the engine read so far
+    world.clock_offset = slot - 2 - last
+    await world.start()
 
     actions = await world.eventually(lambda: _two(world), timeout=25)
     assert sorted(a.person_id for a in actions) == ["ida", "kim"]
@@ -58,6 +67,7 @@ async def test_members_enter_at_the_slot_and_a_member_who_left_does_not(world_fa
         stored = await world.store.get("orchestration_persons", person)
         [(_, next_slot)] = stored.doc["slots"].values()
         assert next_slot == slot + 60  # the next one is armed
+    await world.eventually(world.settled)  # every timer due by now fired and was applied
     assert await world.instances("jon") == []
 
 
