@@ -43,6 +43,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import metrics
 
 from cdp_kit.auth import TokenAuthenticator, TokenFile, bearer_from_file, token_file_variable
 from cdp_kit.errors import Unauthenticated, Unavailable
@@ -50,6 +51,7 @@ from cdp_kit.interceptors import PUBLIC, CdpInterceptor
 from cdp_kit.logging import configure_logging
 from cdp_kit.settings import ServiceSettings, SettingsError, load_settings
 from cdp_kit.telemetry import Telemetry, setup_telemetry
+from cdp_kit.tls_client import ClientCertificates, FollowingChannel
 from cdp_kit.tls_reload import ServerCertificates
 
 log = logging.getLogger("cdp.service")
@@ -236,10 +238,19 @@ def _peer_of(settings: ServiceSettings, address: str) -> str | None:
 
 
 def client_channel(
-    settings: ServiceSettings, address: str, *, environ: Mapping[str, str] | None = None
+    settings: ServiceSettings,
+    address: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    meter: metrics.Meter | None = None,
 ) -> grpc.aio.Channel:
     """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on,
-    and the token of CDP_<PEER>_TOKEN_FILE on every call when that file is set (cdp_kit.auth: outbound)."""
+    and the token of CDP_<PEER>_TOKEN_FILE on every call when that file is set (cdp_kit.auth: outbound).
+
+    With TLS on, the certificate, key and CA are followed (cdp_kit.tls_client): a renewal the files receive
+    is what the next call presents and trusts, on a stub built before it too. A set that does not hold
+    together at start raises CertificateSetError naming the variables. `meter` (the service's, by default)
+    reports when the presented certificate expires."""
     environ = os.environ if environ is None else environ
     interceptors = None
     peer = _peer_of(settings, address)
@@ -250,12 +261,14 @@ def client_channel(
         except ValueError as exc:
             raise SettingsError([str(exc)]) from None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
-            private_key=settings.tls_key_file.read_bytes(),
-            certificate_chain=settings.tls_cert_file.read_bytes(),
+        certificates = ClientCertificates.for_files(
+            settings.tls_cert_file,
+            settings.tls_key_file,
+            settings.tls_client_ca_file,
+            settings.service_name,
+            meter if meter is not None else metrics.get_meter(f"cdp.{settings.service_name}"),
         )
-        return grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+        return FollowingChannel(address, certificates, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, interceptors=interceptors)
 
 
