@@ -3,6 +3,9 @@ survivor already runs that journey), and the caps they used count for the surviv
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import subjects
@@ -31,7 +34,7 @@ CART = {
     "entry": {"event": "Cart Abandoned"},
     "reentry": "always",
     "nodes": [
-        {"id": "wait", "type": "delay", "duration": "3s", "next": "remind"},
+        {"id": "wait", "type": "delay", "duration": "1h", "next": "remind"},
         {"id": "remind", "type": "action", **EMAIL},
     ],
 }
@@ -55,7 +58,10 @@ async def _running(world, person, journey_id):
 
 async def test_the_absorbed_persons_journey_goes_on_as_the_survivors_and_their_caps_count(world_factory):
     rules = parse_rules({"caps": [{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}]})
-    world = await world_factory(rules=rules)
+    # The engine's clock reads 10:00 UTC: the cart's hour-long delay ends the same day.
+    today = datetime.now(UTC).date()
+    ten = datetime(today.year, today.month, today.day, 10, tzinfo=UTC).timestamp()
+    world = await world_factory(rules=rules, clock_offset=ten - time.time())
     await world.publish_journey(WELCOME)
     await world.publish_journey(CART)
     await world.start()
@@ -72,8 +78,14 @@ async def test_the_absorbed_persons_journey_goes_on_as_the_survivors_and_their_c
         await world.event(person, "Cart Abandoned", f"e-cart-{person}")
         await world.eventually(lambda p=person: _running(world, p, "cart"))
     await world.profile("ada", consent=consent, first_name="Ada", email="ada@example.com")
+    # The merges reach an engine whose clock has moved on an hour: the delays are over, and the moved
+    # instance's timer, scheduled again on Ada's partition, fires at once. The timers the carts set first are
+    # an hour away on the server's clock, so none fires before the merges are applied, however slow they are.
+    await world.stop()
     await merge(world, "ada", "visitor")
     await merge(world, "bob", "bob-phone")
+    world.clock_offset += 3600
+    await world.start()
 
     await world.eventually(lambda: _running(world, "ada", "cart"))
     # After the delay the reminder is decided for Ada, and the email the visitor got today counts: the cap is
