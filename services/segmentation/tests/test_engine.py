@@ -4,6 +4,7 @@ membership transitions out (checked on the SEGMENTS stream itself)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 
 import nats
@@ -842,3 +843,61 @@ async def test_a_created_profile_is_not_read_and_an_unknown_one_is(nats_server):
             assert set(engine.membership("old")) == {"pro_no"}  # its country came from the profile service
         finally:
             await engine.stop()
+
+
+async def test_a_person_removed_while_the_population_is_evaluated_leaves_the_build_live(
+    setup, nats_server, monkeypatch
+):
+    # A build evaluates the population a step at a time, and the stream goes on between steps: a person
+    # deleted (or merged away) after the build listed the population and before it reached them made the
+    # build fail with a KeyError, and the segment with it.
+    from cdp_segmentation import builds
+
+    engine, *_ = setup
+    monkeypatch.setattr(builds, "CHUNK", 1)
+    await engine.handle([changed([change(f"p{i:02}", scores={"churn": i / 40}) for i in range(40)], 1)])
+    loop = asyncio.get_running_loop()
+    first_step, removed = asyncio.Event(), threading.Event()
+    step = builds._evaluate_step
+
+    def held(*args):  # in the build's worker thread: the second step waits until p39 is gone
+        if first_step.is_set():
+            assert removed.wait(timeout=15)
+        loop.call_soon_threadsafe(first_step.set)
+        return step(*args)
+
+    monkeypatch.setattr(builds, "_evaluate_step", held)
+    segment = await engine.create("churny", parse("scores.churn >= 0.5"))
+    await first_step.wait()
+    await engine.handle([changed([change("p39", removed=True, at=T0 + 1)], 2)])
+    removed.set()
+    segment = await engine.wait_live(segment.id)
+    assert (segment.state, segment.error) == (LIVE, "")
+    assert sorted(engine.members["churny"]) == [f"p{i}" for i in range(20, 39)]
+    entered = [m for m in moves(await published(nats_server.url)) if m[3] == "created"]
+    assert sorted(entered) == [(f"p{i}", "churny", "enter", "created") for i in range(20, 39)]
+
+
+async def test_the_stream_is_applied_while_a_build_evaluates_the_population(setup, monkeypatch):
+    # The population's evaluation ran on the event loop, 65,536 persons between two yields: a build over a
+    # large population held the stream, the gRPC calls and the partitions' leases for as long as a step.
+    from cdp_segmentation import builds
+
+    engine, *_ = setup
+    await engine.handle([changed([change(f"p{i}", scores={"churn": i / 10}) for i in range(10)], 1)])
+    loop = asyncio.get_running_loop()
+    evaluating, released = asyncio.Event(), threading.Event()
+    step = builds._evaluate_step
+
+    def held(*args):
+        loop.call_soon_threadsafe(evaluating.set)
+        assert released.wait(timeout=15), "nothing was applied while the population was evaluated"
+        return step(*args)
+
+    monkeypatch.setattr(builds, "_evaluate_step", held)
+    segment = await engine.create("churny", parse("scores.churn >= 0.7"))
+    await evaluating.wait()
+    await engine.handle([changed([change("p1", scores={"churn": 0.9}, at=T0 + 1)], 2)])
+    released.set()
+    segment = await engine.wait_live(segment.id)
+    assert sorted(engine.members["churny"]) == ["p1", "p7", "p8", "p9"]

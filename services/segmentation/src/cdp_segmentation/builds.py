@@ -1,7 +1,8 @@
 """Whole-population builds: a segment created or changed, and `Estimate`.
 
-The vectorised evaluator runs over columns built from the held fields, chunk by chunk with progress on
-the segment; the difference from the current membership is published with the reason ("created",
+The vectorised evaluator runs over columns built from the held fields, a step of persons at a time in a
+worker thread (the event loop serves the stream and calls meanwhile), with progress on the segment; the
+difference from the current membership is published with the reason ("created",
 "updated") under the definition version's ids, and the segment goes live. Persons evaluated since the
 population was (a change, a timer, a round) and those of a partition that arrived meanwhile are
 evaluated one by one, so the answer for every person is the definition's as of the population's instant,
@@ -74,11 +75,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cdp.segmentation.engine")
 
-CHUNK = 65_536  # rows per step of a whole-population run
 SAMPLE = 20
-# An estimate's evaluation steps in a worker thread: rows of the first, and the work each aims at after it.
-ESTIMATE_FIRST_STEP = 1024
-ESTIMATE_STEP_SECONDS = 0.05
+# A whole-population evaluation (a build, an estimate) steps in a worker thread: persons of the first step,
+# the work each aims at after it, and the fewest and most persons in one.
+FIRST_STEP = 1024
+STEP_SECONDS = 0.05
+MIN_STEP = 64
+CHUNK = 65_536
 
 
 @dataclass(slots=True)
@@ -508,9 +511,15 @@ class Builds:
     async def _population(
         self, compiled: CompiledSegment, *, progress: Segment | None = None
     ) -> tuple[list[str], np.ndarray, dict[str, float | None], float]:
-        """The vectorised evaluator over every held person, a chunk at a time (progress on the segment); the
-        population percentiles it compared with, computed exactly over every held person first; and the
-        instant it evaluated them as of."""
+        """The vectorised evaluator over every held person (progress on the segment); the population
+        percentiles it compared with, computed exactly over every held person first; and the instant it
+        evaluated them as of.
+
+        Off the event loop, a step of persons at a time: each step's fields are copied here (a shallow copy
+        of each person's: the loop goes on changing them), then turned into columns and evaluated in a worker
+        thread while the loop serves the stream and other calls. A step aims at ~`STEP_SECONDS` of that work.
+        A person removed (deleted, merged away) between the listing and their step is not a member; a person
+        changed meanwhile was evaluated since `now`, which a build's go-live evaluates again one by one."""
         started = time.perf_counter()
         persons = sorted(self.persons)
         total = len(persons)
@@ -520,15 +529,27 @@ class Builds:
         now = self.clock()
         result = np.zeros(total, dtype=bool)
         refs = sorted(compiled.segments)
-        for start in range(0, total, CHUNK):
-            chunk = persons[start : start + CHUNK]
-            rows = [self.persons[p] for p in chunk]
-            columns = Columns.from_records([r.fields for r in rows], percentiles)
-            members = {ref: np.fromiter((ref in r.members for r in rows), dtype=bool, count=len(rows)) for ref in refs}
-            result[start : start + len(chunk)] = compiled.evaluate_columns(columns, members, now)
+        step, start = min(FIRST_STEP, CHUNK), 0
+        while start < total:
+            listed = persons[start : start + step]
+            held = self.persons
+            rows = [(p, held[p]) for p in listed if p in held]
+            records = [dict(row.fields) for _p, row in rows]
+            members = {
+                ref: np.fromiter((ref in row.members for _p, row in rows), dtype=bool, count=len(rows)) for ref in refs
+            }
+            began = time.perf_counter()
+            found = await asyncio.to_thread(_evaluate_step, compiled, records, percentiles, members, now)
+            took = time.perf_counter() - began
+            if len(rows) == len(listed):
+                result[start : start + len(listed)] = found
+            else:
+                inside = {p: bool(flag) for (p, _row), flag in zip(rows, found, strict=True)}
+                result[start : start + len(listed)] = [inside.get(p, False) for p in listed]
+            start += len(listed)
             if progress is not None:
-                progress.done = start + len(chunk)
-            await asyncio.sleep(0)
+                progress.done = start
+            step = min(CHUNK, max(MIN_STEP, int(len(listed) * STEP_SECONDS / max(took, 1e-4))))
         self._m_population.record((time.perf_counter() - started) * 1000)
         return persons, result, percentiles or {}, now
 
@@ -540,7 +561,7 @@ class Builds:
         RESOURCE_EXHAUSTED with a retry hint), the computed traits they define that no segment reads count
         against `estimate_traits` together, one takes at most `estimate_seconds` from its start (then
         RESOURCE_EXHAUSTED naming the budget, its traits deleted), and its evaluation runs in a worker
-        thread a step of rows at a time (`_estimate_population`), so the event loop answers meanwhile."""
+        thread a step of rows at a time (`_population`), so the event loop answers meanwhile."""
         if self._estimates_running >= self.max_estimates:
             raise ResourceExhausted(
                 f"{self._estimates_running} estimates are under way, the most this replica runs at once "
@@ -573,7 +594,7 @@ class Builds:
         try:
             await self._prepare(compiled)
             started = time.perf_counter()
-            persons, inside = await self._estimate_population(compiled)
+            persons, inside, _percentiles, _now = await self._population(compiled)
             elapsed = (time.perf_counter() - started) * 1000
         finally:
             self._estimating.remove(reading)
@@ -614,35 +635,16 @@ class Builds:
             )
         return temporary
 
-    async def _estimate_population(self, compiled: CompiledSegment) -> tuple[list[str], np.ndarray]:
-        """`_population` for an estimate, off the event loop: each step's rows are copied here (a shallow
-        copy of each person's fields: the loop goes on changing them), then evaluated in a worker thread
-        while the loop serves the stream and other calls. A step aims at ~`ESTIMATE_STEP_SECONDS` of work,
-        so the time budget is checked often, and a stopped estimate leaves at most one step running."""
-        persons = sorted(self.persons)
-        total = len(persons)
-        percentiles = self.exact_percentiles(compiled.percentiles) if compiled.percentiles else None
-        now = self.clock()
-        result = np.zeros(total, dtype=bool)
-        refs = sorted(compiled.segments)
-        step, start = ESTIMATE_FIRST_STEP, 0
-        while start < total:
-            chunk = [p for p in persons[start : start + step] if p in self.persons]
-            rows = [self.persons[p] for p in chunk]
-            records = [dict(r.fields) for r in rows]
-            members = {ref: np.fromiter((ref in r.members for r in rows), dtype=bool, count=len(rows)) for ref in refs}
-            columns = Columns.from_records(records, percentiles)
-            began = time.perf_counter()
-            found = await asyncio.to_thread(compiled.evaluate_columns, columns, members, now)
-            took = time.perf_counter() - began
-            if len(chunk) == min(step, total - start):
-                result[start : start + len(chunk)] = found
-            else:  # persons removed meanwhile (merged, deleted) are not members
-                inside = dict(zip(chunk, found, strict=True))
-                result[start : start + step] = [bool(inside.get(p, False)) for p in persons[start : start + step]]
-            start += step
-            step = max(64, min(CHUNK, int(step * ESTIMATE_STEP_SECONDS / max(took, 1e-4))))
-        return persons, result
+
+def _evaluate_step(
+    compiled: CompiledSegment,
+    records: list[dict[str, Any]],
+    percentiles: dict[str, float | None] | None,
+    members: dict[str, np.ndarray],
+    now: float,
+) -> np.ndarray:
+    """One step of `_population`, in a worker thread: its own copies only."""
+    return compiled.evaluate_columns(Columns.from_records(records, percentiles), members, now)
 
 
 def live_entry(
