@@ -4,6 +4,7 @@ cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress unti
 cdpctl segment update vip 'scores.clv > 800'   # change it; who entered and exited once it is live
 cdpctl segment estimate 'traits.plan = "pro"'  # people it holds now; nothing is created
 cdpctl segment members vip [--json] / delete vip [--force]   # its members and total; remove it (members exit)
+cdpctl segment explain vip p_123 [--json]      # why a person is (or is not) in it: each condition held or not
 cdpctl segments                                # every segment: state, size, definition
 cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME [--force]]   # computed traits
 """
@@ -17,7 +18,16 @@ import sys
 import click
 
 from cdpctl import tls
-from cdpctl.common import call_service, console, json_option, out, rpc_error, service_address
+from cdpctl.common import (
+    call_service,
+    console,
+    json_option,
+    out,
+    person_key,
+    resolve_person,
+    rpc_error,
+    service_address,
+)
 from cdpctl.platform import Workspace
 
 # ------------------------------------------------------------------------------------ computed traits
@@ -342,6 +352,75 @@ def segment_members(ws: Workspace, segment_id: str, limit: int, as_json: bool, a
     shown = len(reply.members)
     more = f" ({shown} shown; --limit shows more)" if shown < reply.total else ""
     out.print(f"{reply.total} member{'' if reply.total == 1 else 's'}{more}", markup=False, highlight=False)
+
+
+# What each node's result shows: held, did not hold, did not hold for want of a value or cannot be told alone.
+RESULT_MARKS = {
+    "CONDITION_RESULT_TRUE": ("✓", ""),
+    "CONDITION_RESULT_FALSE": ("✗", ""),
+    "CONDITION_RESULT_MISSING": ("?", "no value"),
+    "CONDITION_RESULT_UNKNOWN": ("?", "cannot be evaluated alone"),
+}
+
+
+def explanation_lines(node: dict, depth: int = 0) -> list[str]:
+    """An explained tree (the service's answer as JSON) as indented lines: a mark, then the node's text
+    (and/or/not by their keyword, their operands below them)."""
+    mark, why = RESULT_MARKS.get(node.get("result", ""), ("?", "unknown"))
+    kind = node.get("kind", "")
+    text = kind if kind in ("and", "or", "not") else node.get("text", "")
+    if node.get("result") == "CONDITION_RESULT_MISSING" and node.get("missing"):
+        why = f"no value: {', '.join(node['missing'])}"
+    line = f"{'  ' * depth}{mark} {text}" + (f"  ({why})" if why else "")
+    lines = [line]
+    for operand in node.get("operands", ()):
+        lines += explanation_lines(operand, depth + 1)
+    return lines
+
+
+@segment.command("explain")
+@click.argument("segment_id")
+@click.argument("person", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="the service's answer as JSON")
+@click.option("--identity-address", help="identity gRPC address, to resolve TYPE VALUE")
+@click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def segment_explain(ws: Workspace, segment_id: str, person, as_json: bool, identity_address, address) -> None:
+    """Why a person (PERSON_ID, or TYPE VALUE) is or is not in a segment: each condition of its live
+    definition marked ✓ (holds), ✗ (does not) or ? (no value in a field it reads, or cannot be evaluated
+    alone), then whether the person is a member and whether the definition holds now. Never the person's
+    values: which conditions held, not what the values were."""
+    from google.protobuf import json_format
+
+    from cdp.segmentation.v1 import segmentation_pb2
+
+    key = person_key(person)
+    person_id = key[0] if len(key) == 1 else asyncio.run(resolve_person(ws, identity_address, key))
+
+    async def explain(stub, metadata):
+        request = segmentation_pb2.ExplainMembershipRequest(segment_id=segment_id, person_id=person_id)
+        return await stub.ExplainMembership(request, metadata=metadata, timeout=30)
+
+    reply = _segmentation_call(ws, address, as_json, explain)
+    document = json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    for line in explanation_lines(document["tree"]):
+        out.print(line, markup=False, highlight=False)
+    if reply.member:
+        since = reply.since.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if reply.HasField("since") else "?"
+        membership = f"{reply.person_id} is a member of {segment_id} (since {since} UTC)"
+    else:
+        membership = f"{reply.person_id} is not a member of {segment_id}"
+    holds = "holds" if reply.matches else "does not hold"
+    out.print(
+        f"{membership}; its definition (version {reply.segment_version}) {holds} for them now",
+        markup=False,
+        highlight=False,
+    )
+    if reply.note:
+        out.print(f"note: {reply.note}", markup=False, highlight=False)
 
 
 @click.command()

@@ -19,6 +19,7 @@ from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
+from cdp_segmentation.explain import Explainer
 from cdp_segmentation.export import export_person
 from cdp_segmentation.fields import computed_traits, deployed_models, field_sources, model_readers
 from cdp_segmentation.journeys import live_journeys
@@ -179,13 +180,8 @@ async def setup(runtime: ServiceRuntime) -> None:
             changes = await bus.nc.subscribe(subject, cb=forget)
             runtime.stack.push_async_callback(changes.unsubscribe)
     runtime.parts.update(bus=bus, store=store, engine=engine, stream=stream)
-    runtime.grpc.add_service(
-        segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
-        SegmentationApi(engine),
-        segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"],
-        scopes=SCOPES,
-    )
-    # An export of a person of a partition another replica holds asks that replica (export.py).
+    # An export or an explanation of a person of a partition another replica holds asks that replica
+    # (export.py, explain.py).
     owners = replica_owners(
         settings,
         ownership,
@@ -196,6 +192,14 @@ async def setup(runtime: ServiceRuntime) -> None:
         replicas=1 if settings.standby else None,
     )
     runtime.stack.push_async_callback(owners.close)
+    explainer = Explainer(engine, owners, channel=lambda address: client_channel(settings, address))
+    runtime.stack.push_async_callback(explainer.close)
+    runtime.grpc.add_service(
+        segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
+        SegmentationApi(engine, explainer),
+        segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"],
+        scopes=SCOPES,
+    )
     runtime.grpc.add_service(
         *export_service(
             "segmentation", lambda person, merged, context: export_person(engine, person, merged, owners, context)

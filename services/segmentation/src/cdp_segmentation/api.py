@@ -12,10 +12,12 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
+from cdp_kit.storage.port import check_key
 from cdp_kit.timestamps import set_seconds
 from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, Segment, check_segment_id
 from cdp_segmentation.domain import Node, from_json, parse, to_json, to_text
 from cdp_segmentation.engine import SegmentationEngine
+from cdp_segmentation.explain import Explainer
 
 log = logging.getLogger("cdp.segmentation.api")
 
@@ -25,6 +27,8 @@ SCOPES = {
     "Estimate": "segmentation:read",
     "ListMembers": "segmentation:read",
     "GetMembership": "segmentation:read",
+    # Which conditions hold for a person, never their values: a reader's question.
+    "ExplainMembership": "segmentation:read",
     # Ids and names of what reads a computed trait: the profile service asks it before deleting one.
     "ListComputedTraitReaders": "segmentation:read",
     "CreateSegment": "segmentation:admin",
@@ -142,8 +146,11 @@ def segment_message(engine: SegmentationEngine, segment: Segment) -> segmentatio
 
 
 class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
-    def __init__(self, engine: SegmentationEngine) -> None:
+    def __init__(self, engine: SegmentationEngine, explainer: Explainer | None = None) -> None:
         self.engine = engine
+        # A person of another replica's partition is asked of that replica (explain.py); None: this engine
+        # answers for the persons it holds.
+        self.explainer = explainer if explainer is not None else Explainer(engine)
 
     async def CreateSegment(self, request: segmentation_pb2.CreateSegmentRequest, context) -> segmentation_pb2.Segment:
         check_segment_id(request.id)
@@ -284,6 +291,15 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         for segment_id, since in sorted(self.engine.membership(request.person_id).items()):
             set_seconds(response.segments.add(segment_id=segment_id).since, since)
         return response
+
+    async def ExplainMembership(
+        self, request: segmentation_pb2.ExplainMembershipRequest, context
+    ) -> segmentation_pb2.ExplainMembershipResponse:
+        check_segment_id(request.segment_id, "segment_id")
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        check_key("persons", request.person_id, field="person_id")
+        return await self.explainer.explain(request, context)
 
 
 __all__ = ["SCOPES", "SegmentationApi", "check_readable", "definition_node", "segment_message"]

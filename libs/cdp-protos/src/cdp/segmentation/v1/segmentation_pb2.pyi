@@ -17,10 +17,23 @@ class SegmentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEGMENT_STATE_BUILDING: _ClassVar[SegmentState]
     SEGMENT_STATE_LIVE: _ClassVar[SegmentState]
     SEGMENT_STATE_FAILED: _ClassVar[SegmentState]
+
+class ConditionResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONDITION_RESULT_UNSPECIFIED: _ClassVar[ConditionResult]
+    CONDITION_RESULT_TRUE: _ClassVar[ConditionResult]
+    CONDITION_RESULT_FALSE: _ClassVar[ConditionResult]
+    CONDITION_RESULT_MISSING: _ClassVar[ConditionResult]
+    CONDITION_RESULT_UNKNOWN: _ClassVar[ConditionResult]
 SEGMENT_STATE_UNSPECIFIED: SegmentState
 SEGMENT_STATE_BUILDING: SegmentState
 SEGMENT_STATE_LIVE: SegmentState
 SEGMENT_STATE_FAILED: SegmentState
+CONDITION_RESULT_UNSPECIFIED: ConditionResult
+CONDITION_RESULT_TRUE: ConditionResult
+CONDITION_RESULT_FALSE: ConditionResult
+CONDITION_RESULT_MISSING: ConditionResult
+CONDITION_RESULT_UNKNOWN: ConditionResult
 
 class Definition(_message.Message):
     __slots__ = ("text", "tree")
@@ -255,6 +268,54 @@ class ModelReader(_message.Message):
     version: str
     role: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class ExplainMembershipRequest(_message.Message):
+    __slots__ = ("segment_id", "person_id")
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    segment_id: str
+    person_id: str
+    def __init__(self, segment_id: _Optional[str] = ..., person_id: _Optional[str] = ...) -> None: ...
+
+class ExplainedCondition(_message.Message):
+    __slots__ = ("kind", "text", "result", "fields", "missing", "segment_id", "operands")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OPERANDS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    text: str
+    result: ConditionResult
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    segment_id: str
+    operands: _containers.RepeatedCompositeFieldContainer[ExplainedCondition]
+    def __init__(self, kind: _Optional[str] = ..., text: _Optional[str] = ..., result: _Optional[_Union[ConditionResult, str]] = ..., fields: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ..., segment_id: _Optional[str] = ..., operands: _Optional[_Iterable[_Union[ExplainedCondition, _Mapping]]] = ...) -> None: ...
+
+class ExplainMembershipResponse(_message.Message):
+    __slots__ = ("segment_id", "person_id", "segment_version", "member", "since", "matches", "note", "tree", "evaluated_at")
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_FIELD_NUMBER: _ClassVar[int]
+    segment_id: str
+    person_id: str
+    segment_version: int
+    member: bool
+    since: _timestamp_pb2.Timestamp
+    matches: bool
+    note: str
+    tree: ExplainedCondition
+    evaluated_at: _timestamp_pb2.Timestamp
+    def __init__(self, segment_id: _Optional[str] = ..., person_id: _Optional[str] = ..., segment_version: _Optional[int] = ..., member: _Optional[bool] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., matches: _Optional[bool] = ..., note: _Optional[str] = ..., tree: _Optional[_Union[ExplainedCondition, _Mapping]] = ..., evaluated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SegmentEvent(_message.Message):
     __slots__ = ("id", "person_id", "segment_id", "entered", "at", "reason", "segment_version")

@@ -79,6 +79,11 @@ class SegmentationServiceStub:
                 request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersRequest.SerializeToString,
                 response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersResponse.FromString,
                 _registered_method=True)
+        self.ExplainMembership = channel.unary_unary(
+                '/cdp.segmentation.v1.SegmentationService/ExplainMembership',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainMembershipRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainMembershipResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -154,6 +159,17 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainMembership(self, request, context):
+        """Why a person is (or is not) a member of a segment: the live definition evaluated for the person's held
+        fields now, node by node, with the engine's own predicates and clock. Says which conditions held, never
+        the person's values. NOT_FOUND naming segment_id (unknown segment) or person_id (reason
+        person_not_held); FAILED_PRECONDITION while the segment has never been live; a person of a partition
+        another replica holds is asked of that replica (UNAVAILABLE naming the partition when it cannot be).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +217,11 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.ListComputedTraitReaders,
                     request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersRequest.FromString,
                     response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersResponse.SerializeToString,
+            ),
+            'ExplainMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainMembership,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainMembershipRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainMembershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +467,33 @@ class SegmentationService:
             '/cdp.segmentation.v1.SegmentationService/ListComputedTraitReaders',
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersRequest.SerializeToString,
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/ExplainMembership',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainMembershipRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainMembershipResponse.FromString,
             options,
             channel_credentials,
             insecure,
