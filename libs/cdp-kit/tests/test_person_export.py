@@ -138,7 +138,7 @@ async def _refusal(owners: Owners, person: str, context=None) -> str:
 async def test_a_person_of_a_held_partition_is_answered_here_and_others_are_asked_of_their_owner():
     owners = _owners(StaticOwnership(partitions=4, ordinal=0, replicas=2), held={0, 2}, replicas=2, peers=["a", "b"])
     assert owners.holds(_person_of(0)) and owners.holds(_person_of(2))
-    assert not owners.holds(_person_of(1)) and owners._owner_address(1, _Context()) == "b"
+    assert not owners.holds(_person_of(1)) and owners.owner_address(1, _Context()) == "b"
 
 
 async def test_static_a_partition_of_this_replica_still_loading_or_one_of_a_replica_without_address():
@@ -155,7 +155,7 @@ async def test_leases_a_moving_partition_or_a_holder_without_address_is_unavaila
     assert "partition 2 is moving" in await _refusal(_owners(leases), _person_of(2))  # acquired, not loaded yet
     assert "partition 3" in await _refusal(_owners(leases), _person_of(3))
     pods = _owners(_Leases({3: "cdp-scoring-1"}), address_of=lambda holder: holder_address(holder, 50054))
-    assert pods._owner_address(3, _Context()) == "cdp-scoring-1.cdp-scoring-headless:50054"
+    assert pods.owner_address(3, _Context()) == "cdp-scoring-1.cdp-scoring-headless:50054"
 
 
 async def test_a_forwarded_request_is_never_forwarded_again():

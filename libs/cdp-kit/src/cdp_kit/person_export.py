@@ -180,7 +180,7 @@ class Owners:
     async def ask(self, person_id: str, context: Any) -> dict[str, Any]:
         """The document the replica holding `person_id`'s partition gives for that person alone."""
         partition = partition_for(person_id, self.partitions)
-        address = self._owner_address(partition, context)
+        address = self.owner_address(partition, context)
         stub = self._stubs.get(address)
         if stub is None:
             channel = self._channel(address)
@@ -203,7 +203,7 @@ class Owners:
             ) from None
         return json_format.MessageToDict(reply.document)
 
-    def _owner_address(self, partition: int, context: Any) -> str:
+    def owner_address(self, partition: int, context: Any) -> str:
         if any(key == FORWARDED for key, _ in (context.invocation_metadata() or ())):
             # Asked by the replica that took this one for the owner: the partition is moving (or still
             # loading here), or the replicas disagree on CDP_REPLICAS / CDP_PARTITIONS. Never sent on.

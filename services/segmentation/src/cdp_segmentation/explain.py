@@ -310,7 +310,7 @@ class Explainer:
     ) -> segmentation_pb2.ExplainMembershipResponse:
         assert self.owners is not None
         # The owner's address as ExportPerson finds it; a forwarded call is never sent on (UNAVAILABLE).
-        address = self.owners._owner_address(partition, context)
+        address = self.owners.owner_address(partition, context)
         stub = self._stubs.get(address)
         if stub is None:
             if self._channel is None:
