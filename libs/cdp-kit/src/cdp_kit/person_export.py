@@ -170,8 +170,8 @@ class Owners:
         self._channel = channel
         self._address_of = address_of
         self._peers_variable = peers_variable
-        self._stubs: dict[str, privacy_pb2_grpc.PrivacyServiceStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, type], Any] = {}
 
     def holds(self, person_id: str) -> bool:
         """Whether this replica answers for the person itself."""
@@ -179,29 +179,47 @@ class Owners:
 
     async def ask(self, person_id: str, context: Any) -> dict[str, Any]:
         """The document the replica holding `person_id`'s partition gives for that person alone."""
-        partition = partition_for(person_id, self.partitions)
+        reply = await self.forward(
+            partition_for(person_id, self.partitions),
+            context,
+            privacy_pb2_grpc.PrivacyServiceStub,
+            "ExportPerson",
+            privacy_pb2.ExportPersonRequest(person_id=person_id),
+        )
+        return json_format.MessageToDict(reply.document)
+
+    async def forward(
+        self,
+        partition: int,
+        context: Any,
+        stub: type,
+        method: str,
+        request: Any,
+        *,
+        passed_on: Collection[grpc.StatusCode] = (),
+    ) -> Any:
+        """`request` answered by `method` of the replica holding `partition`, with the caller's token and
+        trace, marked as forwarded (so it is never sent on). The owner's refusal of the caller's token, and
+        of the codes in `passed_on` (the caller's own errors: a person or a definition not found), come
+        back as they are; anything else (down, moving, too slow) is UNAVAILABLE naming the partition."""
         address = self.owner_address(partition, context)
-        stub = self._stubs.get(address)
-        if stub is None:
-            channel = self._channel(address)
-            self._channels.append(channel)
-            stub = self._stubs[address] = privacy_pb2_grpc.PrivacyServiceStub(channel)
+        stubs = self._stubs.get((address, stub))
+        if stubs is None:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = self._channel(address)
+            stubs = self._stubs[(address, stub)] = stub(channel)
         passed = [(k, v) for k, v in (context.invocation_metadata() or ()) if k in ("authorization", "traceparent")]
         try:
-            reply = await stub.ExportPerson(
-                privacy_pb2.ExportPersonRequest(person_id=person_id),
-                metadata=[*passed, (FORWARDED, "1")],
-                timeout=FORWARD_TIMEOUT,
-            )
+            return await getattr(stubs, method)(request, metadata=[*passed, (FORWARDED, "1")], timeout=FORWARD_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _PASSED_ON:
+            if exc.code() in _PASSED_ON or exc.code() in passed_on:
                 await context.abort(exc.code(), exc.details() or "")
             raise Unavailable(
                 f"partition {partition} is held by the replica at {address}, which could not answer for it "
                 f"({exc.code().name}: {exc.details()}); retry",
                 retry_after=1.0,
             ) from None
-        return json_format.MessageToDict(reply.document)
 
     def owner_address(self, partition: int, context: Any) -> str:
         if any(key == FORWARDED for key, _ in (context.invocation_metadata() or ())):
@@ -235,7 +253,7 @@ class Owners:
         return address
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels.values():
             await channel.close()
 
 

@@ -192,8 +192,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         replicas=1 if settings.standby else None,
     )
     runtime.stack.push_async_callback(owners.close)
-    explainer = Explainer(engine, owners, channel=lambda address: client_channel(settings, address))
-    runtime.stack.push_async_callback(explainer.close)
+    explainer = Explainer(engine, owners)
     runtime.grpc.add_service(
         segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
         SegmentationApi(engine, explainer),

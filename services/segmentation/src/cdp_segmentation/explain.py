@@ -29,7 +29,7 @@ import grpc
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
-from cdp_kit.person_export import FORWARDED, Owners
+from cdp_kit.person_export import Owners
 from cdp_kit.timestamps import set_seconds
 from cdp_lang.plan import (
     AllOf,
@@ -58,7 +58,6 @@ TRUE = segmentation_pb2.CONDITION_RESULT_TRUE
 FALSE = segmentation_pb2.CONDITION_RESULT_FALSE
 MISSING = segmentation_pb2.CONDITION_RESULT_MISSING
 UNKNOWN = segmentation_pb2.CONDITION_RESULT_UNKNOWN
-FORWARD_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,17 +277,9 @@ class Explainer:
     """`ExplainMembership` for any person: answered here for the partitions this replica serves, asked of
     the replica holding the partition otherwise (`owners`; None: this engine answers for everyone it holds)."""
 
-    def __init__(
-        self,
-        engine: Any,
-        owners: Owners | None = None,
-        channel: Callable[[str], grpc.aio.Channel] | None = None,
-    ) -> None:
+    def __init__(self, engine: Any, owners: Owners | None = None) -> None:
         self.engine = engine
         self.owners = owners
-        self._channel = channel
-        self._stubs: dict[str, segmentation_pb2_grpc.SegmentationServiceStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
 
     async def explain(
         self, request: segmentation_pb2.ExplainMembershipRequest, context: Any
@@ -297,7 +288,14 @@ class Explainer:
         live_segment(engine, request.segment_id)  # NOT_FOUND naming segment_id before any forwarding
         partition = engine._partition(request.person_id)
         if self.owners is not None and not self.owners.holds(request.person_id):
-            return await self._ask_owner(partition, request, context)
+            return await self.owners.forward(
+                partition,
+                context,
+                segmentation_pb2_grpc.SegmentationServiceStub,
+                "ExplainMembership",
+                request,
+                passed_on=_PASSED_ON,
+            )
         if partition not in engine.active:
             raise Unavailable(
                 f"partition {partition} of person_id is not served by this replica now (loading or moving); retry",
@@ -305,46 +303,11 @@ class Explainer:
             )
         return explain(engine, request.segment_id, request.person_id)
 
-    async def _ask_owner(
-        self, partition: int, request: segmentation_pb2.ExplainMembershipRequest, context: Any
-    ) -> segmentation_pb2.ExplainMembershipResponse:
-        assert self.owners is not None
-        # The owner's address as ExportPerson finds it; a forwarded call is never sent on (UNAVAILABLE).
-        address = self.owners.owner_address(partition, context)
-        stub = self._stubs.get(address)
-        if stub is None:
-            if self._channel is None:
-                raise Unavailable(f"partition {partition} is held by the replica at {address}; no channel to it")
-            channel = self._channel(address)
-            self._channels.append(channel)
-            stub = self._stubs[address] = segmentation_pb2_grpc.SegmentationServiceStub(channel)
-        passed = [(k, v) for k, v in (context.invocation_metadata() or ()) if k in ("authorization", "traceparent")]
-        try:
-            return await stub.ExplainMembership(request, metadata=[*passed, (FORWARDED, "1")], timeout=FORWARD_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _PASSED_ON:
-                await context.abort(exc.code(), exc.details() or "")
-            raise Unavailable(
-                f"partition {partition} is held by the replica at {address}, which could not answer for it "
-                f"({exc.code().name}); retry",
-                retry_after=1.0,
-            ) from None
 
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
-
-
-# The owner's answers that are the caller's own: passed on as they are (its token, the segment, the person,
-# a segment not live). Anything else (down, moving, too slow) is UNAVAILABLE naming the partition.
+# The owner's answers that are the caller's own, passed on as they are (besides a refused token): the
+# segment, the person, a segment not live.
 _PASSED_ON = frozenset(
-    {
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.INVALID_ARGUMENT,
-    }
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
 )
 
 
