@@ -21,7 +21,7 @@ from cdp.segmentation.v1 import segmentation_pb2
 from cdp_crm import streams
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.connectors import open_adapters
-from cdp_crm.delivery import Deliverer
+from cdp_crm.delivery import HOLD_BACKOFF, Deliverer
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.inbound import Collector
@@ -88,11 +88,13 @@ class World:
         ack_wait: float = 30.0,
         request_timeout: float = 2.0,
         partitions: int = PARTITIONS,
+        hold_backoff: tuple[float, ...] = HOLD_BACKOFF,
         **limits: Any,
     ) -> PartitionedEngine:
         """`describe`: read the connections with each CRM's described schema, as the service does at start.
         `refresh`: the profile service's BatchGetProfiles as the connector reads it (people.Fetch);
-        `identifiers`: the persons' identifiers it answers (people.Identifiers)."""
+        `identifiers`: the persons' identifiers it answers (people.Identifiers); `hold_backoff`: the steps
+        between tries of a held connection (the process' by default)."""
         self.partitions = partitions
         document = document or hubspot_document(self.emulator.base_url, **limits)
         connections = parse_connections(document)
@@ -105,7 +107,7 @@ class World:
         self.connections = connections
         # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays.
         budgets = {c.id: SharedBudget(self.store, c, margin=0.2) for c in connections}
-        deliverer = Deliverer(adapters, budgets, retry_for=retry_for, bulk_poll_seconds=0.02)
+        deliverer = Deliverer(adapters, budgets, retry_for=retry_for, bulk_poll_seconds=0.02, hold_backoff=hold_backoff)
         self.logic = CrmLogic(self.store, connections, deliverer, refresh=refresh, identifiers=identifiers)
         spec = EngineSpec(
             service=SERVICE,

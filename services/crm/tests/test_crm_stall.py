@@ -15,9 +15,16 @@ import pytest
 
 from cdp.crm.v1 import crm_pb2
 from cdp_crm.api import CrmApi
+from cdp_crm.delivery import HOLD_BACKOFF, Deliverer
+from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.state import PENDING, PERSONS, RECORDS
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 from cdp_testing import pausing
+from cdp_testing.crm import hubspot_document
+
+# The held connection's probes, 15 times faster like the tests' other settings: the process waits up to 30 s
+# between two, so a probe that failed just before the CRM came back left its changes queued that long.
+HOLD_FASTER = tuple(step / 15 for step in HOLD_BACKOFF)
 
 
 class EmulatorProcess:
@@ -90,10 +97,11 @@ async def test_persons_identified_while_the_crm_hangs_all_land_once_it_answers(w
     salesforce = await SalesforceEmulator().start()
     world = await world_factory(hubspot_process)
     env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
-    # The process' defaults (a 30 s request, 60 s of retries, 120 s before JetStream redelivers), 15 times faster.
+    # The process' defaults (a 30 s request, 60 s of retries, 120 s before JetStream redelivers, 1 to 30 s
+    # between probes of a held connection), 15 times faster.
     await world.start(
         two_crms(hubspot_process.base_url, salesforce.base_url), env=env, retry_for=4.0, request_timeout=2.0,
-        ack_wait=8.0, partitions=8,
+        ack_wait=8.0, partitions=8, hold_backoff=HOLD_FASTER,
     )  # fmt: skip
     persons = [f"person-{i}" for i in range(16)]
     await world.profiles({persons[0]: {"traits.email": "p0@example.com"}})
@@ -145,7 +153,7 @@ async def test_the_stream_runs_pending_figure_is_what_is_queued_now(world_factor
     """While the CRM hangs its changes are queued and the stream run's pending says how many; once they
     are written it says none (it used to add up every time a change was queued again)."""
     world = await world_factory(hubspot_process)
-    await world.start(retry_for=1.0, request_timeout=0.5)
+    await world.start(retry_for=1.0, request_timeout=0.5, hold_backoff=HOLD_FASTER)
     api = CrmApi(store=world.store, connections=world.connections, deliverer=world.logic.deliverer, budgets={},
                  runs=None)  # fmt: skip
 
@@ -167,3 +175,20 @@ async def test_the_stream_runs_pending_figure_is_what_is_queued_now(world_factor
 async def _queued_at_least(store, n: int, *, rounds: int) -> bool:
     queued = [r.doc async for r in store.scan_all(PENDING)]
     return len(queued) >= n and all(doc["attempts"] >= rounds for doc in queued)
+
+
+def test_a_held_connection_is_tried_again_after_the_steps_it_was_given():
+    """The steps between tries of a held connection are the deliverer's to be given (the process keeps
+    `HOLD_BACKOFF`); the last one repeats."""
+    [connection] = parse_connections(hubspot_document("http://127.0.0.1:9"))
+    mapping = connection.mappings[0]
+    now = 1000.0
+    # An adapter with neither a probe nor a lookup: the connection is tried again by its next write.
+    deliverer = Deliverer({connection.id: object()}, {}, clock=lambda: now, hold_backoff=(0.5, 2.0))
+    tries = []
+    for _ in range(3):
+        deliverer.read_failed(mapping, "TimeoutError")
+        tries.append(deliverer.health[connection.id].retry_at - now)
+    assert tries == [0.5, 2.0, 2.0]
+    assert deliverer.resting(connection.id)
+    assert Deliverer({connection.id: object()}, {}).hold_backoff == HOLD_BACKOFF

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,8 +110,14 @@ class Deliverer:
         clock: Callable[[], float] = time.time,
         metrics=None,
         bulk_poll_seconds: float = 2.0,
+        hold_backoff: Sequence[float] = HOLD_BACKOFF,
     ) -> None:
+        """`hold_backoff`: the steps between tries of a held connection (the last one repeats); the process
+        keeps `HOLD_BACKOFF`, tests that stall a CRM for seconds rather than minutes take them shorter."""
         self.bulk_poll_seconds = bulk_poll_seconds
+        self.hold_backoff = tuple(hold_backoff)
+        if not self.hold_backoff or min(self.hold_backoff) <= 0:
+            raise ValueError(f"hold_backoff must be positive seconds, not {hold_backoff!r}")
         self.adapters = adapters
         self.budgets = budgets  # by connection id (connections of one account share the object's document)
         self.retry_for = retry_for
@@ -441,10 +447,14 @@ class Deliverer:
                     "crm_code": health.last_error_code,
                 },
             )
-        health.retry_at = now + HOLD_BACKOFF[min(health.holds, len(HOLD_BACKOFF) - 1)]
+        health.retry_at = now + self._hold_step(health.holds)
         health.holds += 1
         if connection not in self.probes and self._probe_call(mapping) is not None:
             self.probes[connection] = asyncio.get_running_loop().create_task(self._probe(mapping))
+
+    def _hold_step(self, holds: int) -> float:
+        """Seconds until a held connection that failed `holds` tries since it was held is tried again."""
+        return self.hold_backoff[min(holds, len(self.hold_backoff) - 1)]
 
     def _probe_call(self, mapping: ObjectMapping) -> Callable[[], Awaitable[tuple[Any, dict]]] | None:
         """A probe of `mapping`'s CRM: the adapter's own cheap authenticated read (`probe`: Dataverse's
@@ -472,14 +482,14 @@ class Deliverer:
                 await asyncio.sleep(max(0.0, health.retry_at - self.clock()))
                 reservation = await budget.acquire(1, self.clock, self.clock() + self.retry_for)
                 if reservation is None:
-                    health.retry_at = self.clock() + HOLD_BACKOFF[-1]
+                    health.retry_at = self.clock() + self.hold_backoff[-1]
                     continue
                 answer, headers = await probe()
                 await budget.settle(reservation, self.clock(), headers, answered=answer is not None)
                 if answer is not None:
                     self._release(connection)
                     break
-                health.retry_at = self.clock() + HOLD_BACKOFF[min(health.holds, len(HOLD_BACKOFF) - 1)]
+                health.retry_at = self.clock() + self._hold_step(health.holds)
                 health.holds += 1
         except Exception as exc:  # the store failing: writes try the CRM themselves again
             log.warning("crm connection probe failed", extra={"connection": connection, "error": type(exc).__name__})
