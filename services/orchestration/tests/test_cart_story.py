@@ -230,20 +230,23 @@ async def test_a_deleted_profile_ends_its_instances_and_leaves_nothing_of_it_her
 
 
 async def test_a_held_reminder_is_rendered_from_the_version_that_proposed_it(world_factory):
-    # Deferred by quiet hours; meanwhile v2 is published and the instance mapped to it by node id.
+    # v1 proposes the reminder, held while the profile catches up with the cart (its change not there yet);
+    # meanwhile v2 is published and the instance mapped to it by node id. Then the change comes at 07:59:59:
+    # quiet hours defer the reminder to 08:00, when it is sent as v1 wrote it. The clock is the engine's, set
+    # from the change as stored while the engine was stopped: nothing the test does has to beat a timer.
     tomorrow = datetime.now(UTC).date() + timedelta(days=1)
-    logical = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 7, 59, 55, tzinfo=UTC).timestamp()
+    eight = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 8, tzinfo=UTC).timestamp()
     rules = parse_rules({"quiet_hours": {"from": "21:00", "to": "08:00"}})
-    world = await world_factory(rules=rules, clock_offset=logical - time.time())
+    world = await world_factory(rules=rules, clock_offset=eight - 300 - time.time())  # 07:55, quiet hours
     await world.start()
     api = OrchestrationApi(journeys=world.journeys, store=world.store, bus=world.bus, partitions=2)
     first = _without_delay()
     await api.CreateJourney(pb.CreateJourneyRequest(definition=_definition(first)), None)
     await api.PublishJourney(pb.PublishJourneyRequest(journey_id="abandoned-cart"), None)
     await world.profile("gus", consent={"purpose:Marketing": True}, first_name="Gus", email="gus@example.com")
-    await world.event("gus", "Cart Abandoned", "e-cart-gus", cart_url="u")
-    [deferred] = await world.eventually(lambda: world.decisions("gus"))
-    assert deferred["kind"] == "deferred"
+    await world.event("gus", "Cart Abandoned", "e-cart-gus", profiled=False, cart_url="u")
+    [held] = await world.eventually(lambda: _held_for_the_profile(world, "gus"))
+    assert held["action"]["journey_version"] == 1 and await world.decisions("gus") == []
 
     template = {"subject": "v2 for {{ traits.first_name }}", "body": "{{ entry.cart_url }}"}
     second = {**first, "version": 2, "nodes": [{**first["nodes"][0], "template": template}]}
@@ -252,9 +255,24 @@ async def test_a_held_reminder_is_rendered_from_the_version_that_proposed_it(wor
         pb.PublishJourneyRequest(journey_id="abandoned-cart", migration=pb.MIGRATION_MAP_BY_NODE_ID), None
     )
     await world.eventually(lambda: _on_version(world, "gus", 2))
+    await world.stop()
+    inputs = len(await world.inputs())
+    await world.profile_applied("gus", ["e-cart-gus"])
+    world.clock_offset = eight - 1 - await world.stored(inputs + 1)
+    await world.start()
 
     [action] = await world.eventually(world.actions, timeout=15)
     assert action.journey_version == 1 and action.content["subject"] == "Gus, your cart is waiting"
+    deferred, sent = await world.decisions("gus")
+    assert (deferred["kind"], sent["kind"]) == ("deferred", "sent")
+    assert "quiet hours" in deferred["reason"] and "08:00" in deferred["reason"]
+
+
+async def _held_for_the_profile(world, person):
+    stored = await world.store.get("orchestration_persons", person)
+    return (
+        [h for h in stored.doc["arbiter"]["deferred"] if h.get("profile")] if stored and "arbiter" in stored.doc else []
+    )
 
 
 async def _on_version(world, person, version):
