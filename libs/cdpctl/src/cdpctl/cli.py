@@ -74,6 +74,7 @@ MODELS_COMMANDS = {
     "quality": "cdpctl.training:quality",
     "promote": "cdpctl.models:promote",
     "rollback": "cdpctl.models:rollback",
+    "explain": "cdpctl.models:explain",
 }
 # Kept importable from here, as before the commands were imported lazily (cdpctl.cli.check_health).
 _FROM_MODULE = {

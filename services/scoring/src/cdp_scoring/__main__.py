@@ -33,6 +33,7 @@ from cdp_scoring.api import SCOPES, ScoringApi, alert_message
 from cdp_scoring.domain.registry import LIVE
 from cdp_scoring.drift import DriftMonitor, check_and_alert, load_shipped_references, watch
 from cdp_scoring.engine import MODELS_CHANGED, SERVICE, ScoringEngine
+from cdp_scoring.explain import Explainer
 from cdp_scoring.export import export_person
 from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_model_store, shipped_models
 from cdp_scoring.quality import RealisedQuality
@@ -144,13 +145,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         training=training,
         quality=quality,
     )
-    runtime.grpc.add_service(
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
-        ScoringApi(engine, check_drift=check_drift, training=training, quality=quality),
-        scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
-        scopes=SCOPES,
-    )
-    # An export of a person of a partition another replica holds asks that replica (export.py).
+    # An export or an explanation of a person of a partition another replica holds asks that replica
+    # (export.py, explain.py).
     owners = replica_owners(
         settings,
         ownership,
@@ -160,6 +156,14 @@ async def setup(runtime: ServiceRuntime) -> None:
         peers_variable="CDP_SCORING_PEERS",
     )
     runtime.stack.push_async_callback(owners.close)
+    explainer = Explainer(engine, owners, channel=lambda address: client_channel(settings, address))
+    runtime.stack.push_async_callback(explainer.close)
+    runtime.grpc.add_service(
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
+        ScoringApi(engine, check_drift=check_drift, training=training, quality=quality, explainer=explainer),
+        scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
+        scopes=SCOPES,
+    )
     runtime.grpc.add_service(
         *export_service(
             "scoring", lambda person, merged, context: export_person(engine, person, merged, owners, context)

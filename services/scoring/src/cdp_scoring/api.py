@@ -9,10 +9,12 @@ from google.protobuf import json_format
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
+from cdp_kit.storage.port import check_key
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, INACTIVE, LIVE, SHADOW, ModelEntry, Version
 from cdp_scoring.drift import DriftReport
 from cdp_scoring.engine import ScoreResult, ScoringEngine
+from cdp_scoring.explain import Explainer
 
 SCOPES = {
     "Score": "scoring:read",
@@ -26,6 +28,8 @@ SCOPES = {
     "TrainModel": "scoring:admin",
     "GetDrift": "scoring:read",
     "GetModelQuality": "scoring:read",
+    # Which features moved a person's score and by how much, never their values: a reader's question.
+    "ExplainScore": "scoring:read",
 }
 
 ROLE_TO_PB = {
@@ -141,8 +145,19 @@ def progress_message(item: dict) -> scoring_pb2.TrainProgress:
 
 
 class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, engine: ScoringEngine, *, check_drift=None, training=None, quality=None) -> None:
+    def __init__(
+        self,
+        engine: ScoringEngine,
+        *,
+        check_drift=None,
+        training=None,
+        quality=None,
+        explainer: Explainer | None = None,
+    ) -> None:
         self.engine = engine
+        # A person of another replica's partition is asked of that replica (explain.py); None: this engine
+        # answers for the persons it holds.
+        self.explainer = explainer if explainer is not None else Explainer(engine)
         self.check_drift = check_drift  # async (): a drift check now, alerting as the schedule does
         self.training = training  # training_runs.TrainingRuns
         self.quality = quality  # quality.RealisedQuality
@@ -294,6 +309,14 @@ class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
         elif request.refresh:
             raise FailedPrecondition("realised quality is not computed here", reason="training_unavailable")
         return message
+
+    async def ExplainScore(self, request: scoring_pb2.ExplainScoreRequest, context) -> scoring_pb2.ExplainScoreResponse:
+        if not request.model:
+            raise InvalidArgument("model", "is required")
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        check_key("persons", request.person_id, field="person_id")
+        return await self.explainer.explain(request, context)
 
 
 def _check_finite(values, field: str) -> None:

@@ -127,6 +127,14 @@ class FeatureAssembler:
     def defaults(self) -> list[float]:
         return list(self._defaults)
 
+    def missing(self, fields: Mapping[str, Any], now: float) -> list[bool]:
+        """Per feature, whether `row(fields, now)` took its default: the field is absent or its value is one
+        the transform cannot read (an unseen category is read: it is -1, not the default)."""
+        return [
+            (value := fields.get(path)) is None or convert(value, now) is None
+            for path, convert in zip(self.paths, self._converters, strict=True)
+        ]
+
 
 def _compile_row(
     features: Sequence[FeatureSpec],

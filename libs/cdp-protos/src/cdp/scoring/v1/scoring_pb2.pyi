@@ -401,3 +401,55 @@ class ModelQuality(_message.Message):
     stale_since: _timestamp_pb2.Timestamp
     stale_trigger: str
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., realised: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trigger: _Optional[str] = ..., labelled_rows: _Optional[int] = ..., stale_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale_trigger: _Optional[str] = ...) -> None: ...
+
+class ExplainScoreRequest(_message.Message):
+    __slots__ = ("model", "person_id", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    person_id: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., person_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class FeatureContribution(_message.Message):
+    __slots__ = ("name", "path", "missing", "contribution", "baseline")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    missing: bool
+    contribution: float
+    baseline: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., missing: _Optional[bool] = ..., contribution: _Optional[float] = ..., baseline: _Optional[str] = ...) -> None: ...
+
+class ExplainedScore(_message.Message):
+    __slots__ = ("score", "value", "baseline_value", "features")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    score: str
+    value: float
+    baseline_value: float
+    features: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
+    def __init__(self, score: _Optional[str] = ..., value: _Optional[float] = ..., baseline_value: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ...) -> None: ...
+
+class ExplainScoreResponse(_message.Message):
+    __slots__ = ("model", "version", "role", "person_id", "scores", "evaluated_at")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    role: Role
+    person_id: str
+    scores: _containers.RepeatedCompositeFieldContainer[ExplainedScore]
+    evaluated_at: _timestamp_pb2.Timestamp
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., person_id: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[ExplainedScore, _Mapping]]] = ..., evaluated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -89,6 +89,11 @@ class ScoringServiceStub:
                 request_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetModelQualityRequest.SerializeToString,
                 response_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ModelQuality.FromString,
                 _registered_method=True)
+        self.ExplainScore = channel.unary_unary(
+                '/cdp.scoring.v1.ScoringService/ExplainScore',
+                request_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ExplainScoreRequest.SerializeToString,
+                response_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ExplainScoreResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
@@ -174,6 +179,18 @@ class ScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainScore(self, request, context):
+        """Why a person has the score they have: per score of the model, the person's score now, the score of
+        the baseline vector (every feature at its baseline), and per feature its contribution by occlusion,
+        score(person) - score(person with that one feature at its baseline), computed with the session the
+        service scores with (one run for all features). Never the person's feature values. NOT_FOUND naming
+        model, version or person_id (reason person_not_held); a person of a partition another replica holds
+        is asked of that replica (UNAVAILABLE naming the partition when it cannot be).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +248,11 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.GetModelQuality,
                     request_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetModelQualityRequest.FromString,
                     response_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ModelQuality.SerializeToString,
+            ),
+            'ExplainScore': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainScore,
+                    request_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ExplainScoreRequest.FromString,
+                    response_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ExplainScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +552,33 @@ class ScoringService:
             '/cdp.scoring.v1.ScoringService/GetModelQuality',
             cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetModelQualityRequest.SerializeToString,
             cdp_dot_scoring_dot_v1_dot_scoring__pb2.ModelQuality.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainScore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.scoring.v1.ScoringService/ExplainScore',
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.ExplainScoreRequest.SerializeToString,
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.ExplainScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
