@@ -121,6 +121,7 @@ async def test_a_purchase_during_the_delay_exits_at_once_and_no_reminder_is_sent
     assert instance["end_reason"] == "exit_rule:purchased"
     assert instance["converted_at"] is not None  # the purchase is the journey's goal, too
     await asyncio.sleep(4)  # past the delay: its timer was cancelled (and would be ignored anyway)
+    await world.eventually(world.settled)  # and whatever was due by then is applied
     assert await world.actions() == []
     assert await world.decisions("bob") == []
 
@@ -191,7 +192,7 @@ async def test_a_reminder_whose_template_reads_a_missing_field_is_not_sent_with_
     [decision] = await world.eventually(lambda: world.decisions("eve"))
     assert decision["kind"] == "failed"
     assert "traits.first_name" in decision["reason"] and "eve@example.com" not in decision["reason"]
-    await asyncio.sleep(0.5)
+    await world.eventually(world.settled)  # what the decision's batch published is stored
     assert await world.actions() == []
 
 
@@ -206,7 +207,7 @@ async def test_a_reminder_to_a_person_without_an_address_fails_naming_the_field_
 
     [decision] = await world.eventually(lambda: world.decisions("gus"))
     assert decision["kind"] == "failed" and "traits.email" in decision["reason"]
-    await asyncio.sleep(0.5)
+    await world.eventually(world.settled)  # what the decision's batch published is stored
     assert await world.actions() == []
     decisions: collections.Counter = collections.Counter()
     async for stored in world.store.scan_all("orchestration_stats"):

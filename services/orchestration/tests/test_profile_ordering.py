@@ -8,8 +8,6 @@ naming `profile_unavailable`, never a silent `no_consent`."""
 
 from __future__ import annotations
 
-import asyncio
-
 from cdp.events.v1 import events_pb2
 from cdp_kit.storage import open_store
 from cdp_orchestration.domain.arbiter import PersonState
@@ -70,7 +68,7 @@ async def test_a_new_person_s_reminder_waits_for_the_stalled_profile_and_leaves_
         profiled=False,
     )
     await world.eventually(lambda: world.instances("zed"))
-    await asyncio.sleep(1.0)  # nothing is decided while the profile stays stopped: the action waits
+    await world.eventually(world.settled)  # nothing is decided while the profile stays stopped: the action waits
     assert await world.decisions("zed") == []
     assert await world.actions() == []
     [held] = await world.eventually(lambda: _waiting(world, "zed"))
@@ -140,7 +138,7 @@ async def test_a_known_person_s_send_waits_for_the_profile_across_a_restart(worl
     await world.eventually(lambda: _waiting(world, "lea"))
     await world.stop()
     await world.start()  # read back from the store: still waiting
-    await asyncio.sleep(0.5)
+    await world.eventually(world.settled)
     assert await world.decisions("lea") == []
 
     await world.profile_applied("lea", ["e-identify-lea", "e-cart-lea"], consent={"purpose:Marketing": False})

@@ -12,8 +12,6 @@ the end of `profile_wait` (ten minutes), as it was before, on a real nats-server
 
 from __future__ import annotations
 
-import asyncio
-
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
@@ -169,7 +167,7 @@ async def test_a_copy_of_an_applied_event_holds_the_action_until_the_profile_lis
     # The profile applied the cart event; the copy changed nothing. Listing only the cart event (what the
     # profile published before) leaves the action waiting for the copy's listing.
     await world.profile_applied("dot", ["e-cart-dot"])
-    await asyncio.sleep(1.0)
+    await world.eventually(world.settled)  # that change is applied
     assert await _sent_to(world, "dot") is None and await _held_for_profile(world, "dot")
     await world.profile_applied("dot", ["e-signup-dot"])  # the copy listed again (`ProfileChange.relisted`)
     [action] = await world.eventually(lambda: _sent_to(world, "dot"))

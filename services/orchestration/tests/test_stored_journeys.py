@@ -3,7 +3,6 @@ upgrade's validation now refuses: the one action, or the one journey, fails; eve
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -96,7 +95,7 @@ async def test_a_stored_journey_the_validation_now_refuses_is_kept_out_and_the_o
     await world.event("ada", "Cart Abandoned", "e-ada", cart_url="u")
     [action] = await world.eventually(world.actions, timeout=10)
     assert action.journey_id == "abandoned-cart"
-    await asyncio.sleep(0.5)
+    await world.eventually(world.settled)
     assert [i["journey_id"] for i in await world.instances("ada")] == ["abandoned-cart"]
 
 
@@ -124,7 +123,7 @@ async def test_a_running_instance_of_a_refused_version_carries_on_and_its_action
     [decision] = await world.eventually(lambda: world.decisions("ada"), timeout=10)
     assert decision["kind"] == "failed"
     assert "nodes.remind.template.body" in decision["reason"] and "lipsum" not in decision["reason"]
-    await asyncio.sleep(0.5)
+    await world.eventually(world.settled)  # what the decision's batch published is stored
     assert await world.actions() == []
 
 
