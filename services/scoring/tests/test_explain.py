@@ -33,8 +33,8 @@ from cdp_kit.service import serving
 from cdp_scoring.__main__ import setup
 from cdp_scoring.api import SCOPES
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
-from cdp_scoring.drift import build_reference
-from cdp_scoring.explain import DEFAULT, TRAINING_MEDIAN, baseline
+from cdp_scoring.drift import bins_of, build_reference, load_shipped_references
+from cdp_scoring.explain import DEFAULT, TRAINING_MEDIAN, baseline, median_of, most_frequent_category
 from cdp_scoring.modelstore import shipped_models
 from cdp_testing.errors import bad_request_fields
 from cdp_testing.onnx_models import logistic_model
@@ -133,6 +133,36 @@ async def explain(stub, model: str, person: str, version: str = "", metadata=REA
 
 def by_name(explained: pb.ExplainedScore) -> dict[str, pb.FeatureContribution]:
     return {feature.name: feature for feature in explained.features}
+
+
+# --- baselines from a reference's deciles ---------------------------------------------------------------
+
+
+def test_a_median_read_from_the_deciles_is_the_training_rows_median():
+    rng = np.random.default_rng(11)
+    # Whole numbers (counts, flags): the median itself where its decile bin holds one value, never a cut.
+    for values in (rng.poisson(0.4, 1001), rng.poisson(2.5, 2001), rng.random(1001) < 0.8):
+        column = bins_of(values.astype(np.float64))
+        assert median_of(column["edges"], column["shares"]) == np.median(values), column
+    # A bin holding several values (38.5-40.5: 39 and 40): a whole number of it, the median or next to it.
+    values = rng.poisson(40, 999)
+    column = bins_of(values.astype(np.float64))
+    found = median_of(column["edges"], column["shares"])
+    assert found == round(found) and abs(found - np.median(values)) <= 1
+    # Continuous values: within a small part of the spread around the median.
+    for values in (rng.gamma(2.0, 30.0, 2001), rng.normal(50.0, 10.0, 1001)):
+        column = bins_of(values)
+        spread = np.quantile(values, 0.6) - np.quantile(values, 0.4)
+        assert abs(median_of(column["edges"], column["shares"]) - np.median(values)) < 0.05 * spread
+    # More than half without a value: the median row has none.
+    column = bins_of(np.where(rng.random(1001) < 0.7, np.nan, rng.uniform(0, 9, 1001)))
+    assert math.isnan(median_of(column["edges"], column["shares"]))
+    # The shipped churn_risk reference: a typical customer has one session in 30 days and consents to email.
+    shipped_features = load_shipped_references()["churn_risk"]["reference"]["features"]
+    assert median_of(**shipped_features["sessions_30d"]) == 1.0
+    assert median_of(**shipped_features["consent_email"]) == 1.0
+    assert median_of(**shipped_features["sessions_7d"]) == 0.0
+    assert most_frequent_category(**shipped_features["plan"], categories=["free", "plus", "pro"]) == 0.0
 
 
 # --- the contributions are the model's own ------------------------------------------------------------

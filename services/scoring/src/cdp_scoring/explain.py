@@ -13,7 +13,9 @@ score). No second model, no approximation: a contribution is a difference of two
 keeps (`DriftMonitor.reference`: the spec's `training.reference`, or the shipped models' reference.json for
 their version). The reference holds decile bins per feature, not the values, so a feature's median is
 read from them: the point where the cumulative share of the finite training values reaches one half,
-linear within the bin it falls in (the usual median of grouped data; at a decile cut, the cut itself).
+linear within the bin it falls in (the usual median of grouped data; at a decile cut, the cut itself);
+for a feature of whole numbers (its cuts are whole or half-way between two: counts, flags) the whole
+number in that bin nearest to it.
 When more than half of the training rows had no value (NaN, a `null` default), the median row has none
 either: the baseline is NaN. A category's baseline is the most frequent category, read from the bin with
 the largest share (`most_frequent_category`; the feature's default when the bins cannot tell it). A version with
@@ -61,9 +63,9 @@ class Baseline:
     sources: tuple[str, ...]
 
 
-def median_of(edges: Sequence[float], shares: Sequence[float]) -> float:
-    """The median of a reference column from its bins (see the module docstring); NaN when more than half
-    of the rows had no value."""
+def _grouped_median(edges: Sequence[float], shares: Sequence[float]) -> float:
+    """The median of a reference column as grouped data: linear within the bin where half the finite rows
+    are reached (an open end bin: its one edge); NaN when more than half of the rows had no value."""
     shares = np.asarray(shares, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.float64)
     finite = shares[:-1]
@@ -79,6 +81,30 @@ def median_of(edges: Sequence[float], shares: Sequence[float]) -> float:
     before = cumulative[i - 1] if i >= 1 else 0.0
     share = finite[i] / total
     return float(low + (0.5 - before) / share * (high - low)) if share > 0 else float(low)
+
+
+def _whole(edges: np.ndarray) -> bool:
+    """Whether the cuts are those of whole numbers: each one a whole number or half-way between two
+    (counts, flags); continuous values almost never give such cuts."""
+    return bool(edges.size) and bool(np.all(np.abs(edges * 2 - np.round(edges * 2)) < 1e-9))
+
+
+def median_of(edges: Sequence[float], shares: Sequence[float]) -> float:
+    """The median of a reference column from its bins (see the module docstring); NaN when more than half
+    of the rows had no value. For whole numbers, the whole number in the median's bin nearest the estimate:
+    a count's median is a count, and a cut is never a value (a tree's split sits on it)."""
+    estimate = _grouped_median(edges, shares)
+    edges = np.asarray(edges, dtype=np.float64)
+    if math.isnan(estimate) or not _whole(edges):
+        return estimate
+    finite = np.asarray(shares, dtype=np.float64)[:-1]
+    cumulative = np.cumsum(finite) / finite.sum()
+    i = min(int(np.searchsorted(cumulative, 0.5)), finite.size - 1)
+    lowest = math.ceil(edges[i - 1]) if i >= 1 else -math.inf  # the whole numbers in [edges[i-1], edges[i])
+    highest = math.ceil(edges[i]) - 1 if i < edges.size else math.inf
+    if lowest > highest:
+        return estimate
+    return float(min(max(round(estimate), lowest), highest))
 
 
 def most_frequent_category(edges: Sequence[float], shares: Sequence[float], categories: Sequence[str]) -> float | None:
