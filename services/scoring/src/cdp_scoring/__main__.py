@@ -156,8 +156,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         peers_variable="CDP_SCORING_PEERS",
     )
     runtime.stack.push_async_callback(owners.close)
-    explainer = Explainer(engine, owners, channel=lambda address: client_channel(settings, address))
-    runtime.stack.push_async_callback(explainer.close)
+    explainer = Explainer(engine, owners)
     runtime.grpc.add_service(
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
         ScoringApi(engine, check_drift=check_drift, training=training, quality=quality, explainer=explainer),

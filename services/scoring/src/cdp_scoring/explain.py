@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +42,8 @@ import grpc
 import numpy as np
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.errors import NotFound, Unavailable
-from cdp_kit.person_export import FORWARDED, Owners
+from cdp_kit.errors import NotFound
+from cdp_kit.person_export import Owners
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import Version
 from cdp_scoring.domain.spec import ModelSpec
@@ -51,7 +51,6 @@ from cdp_scoring.drift import DEFAULT_BINS, FEATURE, Reference
 from cdp_scoring.runtime import THREAD_ROWS, LoadedModel
 
 TRAINING_MEDIAN, DEFAULT = "training_median", "default"
-FORWARD_TIMEOUT = 30.0
 NAN = float("nan")
 
 
@@ -219,18 +218,10 @@ class Explainer:
     """`ExplainScore` for any person: answered here for the partitions this replica holds, asked of the
     replica holding the partition otherwise (`owners`; None: this engine answers for everyone it holds)."""
 
-    def __init__(
-        self,
-        engine: Any,
-        owners: Owners | None = None,
-        channel: Callable[[str], grpc.aio.Channel] | None = None,
-    ) -> None:
+    def __init__(self, engine: Any, owners: Owners | None = None) -> None:
         self.engine = engine
         self.owners = owners
         self.baselines = Baselines(engine)
-        self._channel = channel
-        self._stubs: dict[str, scoring_pb2_grpc.ScoringServiceStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
 
     async def explain(self, request: scoring_pb2.ExplainScoreRequest, context: Any) -> scoring_pb2.ExplainScoreResponse:
         engine = self.engine
@@ -245,7 +236,14 @@ class Explainer:
                 reason="unknown_version",
             )
         if self.owners is not None and not self.owners.holds(request.person_id):
-            return await self._ask_owner(request, context)
+            return await self.owners.forward(
+                self.engine._partition(request.person_id),
+                context,
+                scoring_pb2_grpc.ScoringServiceStub,
+                "ExplainScore",
+                request,
+                passed_on=_PASSED_ON,
+            )
         return await self.here(request.model, request.version, request.person_id)
 
     async def here(self, model: str, version: str, person_id: str) -> scoring_pb2.ExplainScoreResponse:
@@ -276,47 +274,11 @@ class Explainer:
             reason="person_not_held",
         )
 
-    async def _ask_owner(
-        self, request: scoring_pb2.ExplainScoreRequest, context: Any
-    ) -> scoring_pb2.ExplainScoreResponse:
-        assert self.owners is not None
-        partition = self.engine._partition(request.person_id)
-        # The owner's address as ExportPerson finds it; a forwarded call is never sent on (UNAVAILABLE).
-        address = self.owners.owner_address(partition, context)
-        stub = self._stubs.get(address)
-        if stub is None:
-            if self._channel is None:
-                raise Unavailable(f"partition {partition} is held by the replica at {address}; no channel to it")
-            channel = self._channel(address)
-            self._channels.append(channel)
-            stub = self._stubs[address] = scoring_pb2_grpc.ScoringServiceStub(channel)
-        passed = [(k, v) for k, v in (context.invocation_metadata() or ()) if k in ("authorization", "traceparent")]
-        try:
-            return await stub.ExplainScore(request, metadata=[*passed, (FORWARDED, "1")], timeout=FORWARD_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _PASSED_ON:
-                await context.abort(exc.code(), exc.details() or "")
-            raise Unavailable(
-                f"partition {partition} is held by the replica at {address}, which could not answer for it "
-                f"({exc.code().name}); retry",
-                retry_after=1.0,
-            ) from None
 
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
-
-
-# The owner's answers that are the caller's own: passed on as they are (its token, the model, the person).
-# Anything else (down, moving, too slow) is UNAVAILABLE naming the partition.
+# The owner's answers that are the caller's own, passed on as they are (besides a refused token): the model,
+# the version, the person.
 _PASSED_ON = frozenset(
-    {
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.INVALID_ARGUMENT,
-    }
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
 )
 
 __all__ = [
