@@ -10,7 +10,9 @@ cdpctl models                       # the deployed models, their versions and qu
 cdpctl models train churn_risk --cutoff 2025-03-01   # retrain on this platform's customers (training.py)
 cdpctl models drift | quality churn_risk             # drift of features and scores; realised quality
 cdpctl models promote churn_risk 1.2.0 / rollback churn_risk   # which version is live (models.py)
+cdpctl models explain churn_risk user_id u1   # why the person's score is what it is     (models.py)
 cdpctl segment create vip 'scores.clv > 500' / estimate / members / delete, segments   (segments.py)
+cdpctl segment explain vip user_id u1         # why the person is (or is not) in it    (segments.py)
 cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]        (segments.py)
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
 cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                           (bus.py)
