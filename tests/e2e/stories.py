@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats.js.errors
 import yaml
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
@@ -108,6 +109,67 @@ def _at(event: dict[str, Any], path: str) -> Any:
     for part in path.split("."):
         event = event.get(part) if isinstance(event, dict) else None
     return event
+
+
+def orchestration_caught_up(platform: RunningPlatform, timeout: float = 30) -> None:
+    """Until orchestration has applied everything the streams it reads held when this was called, and its
+    dispatchers have worked through what it published: ORCHESTRATION holds the last message of each
+    subject it sources (`sourced`), then orchestration's engine consumers, then its dispatchers, hold
+    nothing unread or unacknowledged. Each step is waited for after the one before. A test waits for
+    this, not a fixed time, before reading what orchestration knows or asserting it sent nothing."""
+    eventually(lambda: sourced(platform, "ORCHESTRATION"), timeout)
+    eventually(lambda: drained(platform, "ORCHESTRATION", r"orchestration-p\d+"), timeout)
+    eventually(lambda: drained(platform, "ACTIONS", r"orchestration-dispatch-.+", required=False), timeout)
+
+
+def sourced(platform: RunningPlatform, stream: str) -> bool:
+    """Whether `stream` holds, of each subject its sources take (their subject transforms' `src`), the
+    last message the source stream holds (read from its `Nats-Stream-Source` headers, newest first)."""
+
+    async def look() -> bool:
+        nc = await platform.connect_nats()
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(stream)
+            wanted: dict[str, int] = {}  # source stream -> the last sequence it holds of what is sourced
+            for source in info.config.sources or []:
+                for transform in source.subject_transforms or []:
+                    held = await js.stream_info(source.name, subjects_filter=transform.src)
+                    for subject in held.state.subjects or {}:
+                        last = (await js.get_last_msg(source.name, subject)).seq
+                        wanted[source.name] = max(wanted.get(source.name, 0), last)
+            seen: dict[str, int] = {}
+            seq = info.state.last_seq
+            while seq >= info.state.first_seq and any(seen.get(n, 0) < last for n, last in wanted.items()):
+                try:
+                    message = await js.get_msg(stream, seq)
+                except nats.js.errors.NotFoundError:  # deleted
+                    seq -= 1
+                    continue
+                name, _, rest = ((message.headers or {}).get("Nats-Stream-Source") or "").partition(" ")
+                if name:
+                    seen[name] = max(seen.get(name, 0), int(rest.split(" ")[0]))
+                seq -= 1
+            return all(seen.get(name, 0) >= last for name, last in wanted.items())
+        finally:
+            await nc.close()
+
+    return asyncio.run(look())
+
+
+def drained(platform: RunningPlatform, stream: str, consumers: str, *, required: bool = True) -> bool:
+    """Whether the durable consumers of `stream` named like `consumers` (one at least, when `required`)
+    hold nothing unread or unacknowledged."""
+
+    async def look() -> bool:
+        nc = await platform.connect_nats()
+        try:
+            found = [c for c in await nc.jetstream().consumers_info(stream) if re.fullmatch(consumers, c.name)]
+        finally:
+            await nc.close()
+        return (bool(found) or not required) and all(c.num_pending == 0 and c.num_ack_pending == 0 for c in found)
+
+    return asyncio.run(look())
 
 
 class Story:
@@ -214,18 +276,11 @@ class Story:
             eventually(lambda stream=stream, consumers=consumers: self._drained(stream, consumers), timeout)
 
     def _drained(self, stream: str, consumers: str) -> bool:
-        """Whether the durable consumers of `stream` named like `consumers` (one at least) hold nothing
-        unread or unacknowledged."""
+        return drained(self.platform, stream, consumers)
 
-        async def look() -> bool:
-            nc = await self.platform.connect_nats()
-            try:
-                found = [c for c in await nc.jetstream().consumers_info(stream) if re.fullmatch(consumers, c.name)]
-            finally:
-                await nc.close()
-            return bool(found) and all(c.num_pending == 0 and c.num_ack_pending == 0 for c in found)
-
-        return asyncio.run(look())
+    def orchestration_caught_up(self, timeout: float = 30) -> None:
+        """`orchestration_caught_up` on this story's platform."""
+        orchestration_caught_up(self.platform, timeout)
 
     def timeline(self, person_id: str) -> list[profile_pb2.TimelineEvent]:
         events, token = [], ""

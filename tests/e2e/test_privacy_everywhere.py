@@ -48,6 +48,7 @@ from typing import Any
 
 import grpc
 import pytest
+from stories import orchestration_caught_up
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -321,7 +322,7 @@ def _story(ws: Workspace) -> dict[str, Any]:
         )
     for user, *_ in people:
         eventually(lambda user=user: ws.profile(user).consent, 30)
-    time.sleep(1.0)  # the consent's profile change reaches orchestration (its sources) well before the entry
+    orchestration_caught_up(ws.platform)  # orchestration applied the consent's profile change before the entry
     for user, _anon, _traits, note in people:
         ws.send(
             {"type": "identify", "userId": user, "messageId": f"{user}-vip", "traits": {"plan": "vip"}},
