@@ -348,6 +348,14 @@ class World:
         return [r.doc async for r in self.store.scan_all(INSTANCES) if r.doc["person_id"] == person]
 
 
+async def dispatched(bus: Bus, channel: str) -> bool:
+    """Whether the channel's dispatcher consumer holds nothing unread or unacknowledged: every action on
+    ACTIONS was worked through (sent, failed or dead-lettered, and acknowledged), and nothing is left to
+    be delivered again. A test that asserts nothing more was sent waits for this, not for a fixed time."""
+    info = await bus.js.consumer_info(subjects.ACTIONS, f"orchestration-dispatch-{channel}")
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
 @pytest.fixture
 async def world_factory(nats_server, tmp_path):
     opened: list[tuple[World, Any]] = []

@@ -20,6 +20,9 @@ from cdp_orchestration.channels.webhook import WebhookChannel
 from cdp_orchestration.dispatch import MAX_ATTEMPTS, PENDING, SENDS, CollectorReporter, Opens, dispatcher
 from cdp_orchestration.settings import OrchestrationSettings
 from cdp_orchestration.state import prepare_store
+from cdp_testing.waiting import eventually
+
+from .conftest import dispatched
 
 
 class Counting(Channel):
@@ -69,7 +72,7 @@ async def test_an_action_delivered_twice_is_sent_once_and_a_retryable_failure_is
             if channel.sent and await _outcome(store, "a1") is not None:
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+        await eventually(lambda: dispatched(bus, "webhook"))  # the second message worked through too
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert channel.sent == ["a1"]

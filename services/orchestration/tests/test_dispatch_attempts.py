@@ -32,6 +32,8 @@ from cdp_testing.metrics import MetricsCapture
 from cdp_testing.waiting import eventually
 from cdpctl.bus import dead_letters as cdpctl_dead_letters
 
+from .conftest import dispatched
+
 SECRET = "a-webhook-secret-of-some-length"
 DURABLE = "orchestration-dispatch-webhook"
 QUICK = (0.1,)  # the dispatcher's back-off between attempts, shortened for the tests
@@ -115,7 +117,7 @@ async def test_a_receiver_answering_500_gets_exactly_max_attempts_then_a_dead_le
         await site.publish("act-500", receiver.url())
         async with site.dispatching(webhook(), backoff=QUICK):
             [letter] = await eventually(lambda: site.dead_letters("act-500"), timeout=20)
-            await asyncio.sleep(1.0)  # anything more would come now
+            await eventually(lambda: dispatched(site.bus, "webhook"))  # nothing more is coming
             assert receiver.attempts == MAX_ATTEMPTS == 5  # the old figure, now counted by the dispatcher
             assert len(await site.dead_letters("act-500")) == 1
         assert letter.headers[DLQ_REASON] == "http_500"
@@ -158,7 +160,7 @@ async def test_the_bound_is_the_setting_and_a_channel_that_raises_uses_attempts_
     await site.publish("act-raises", "https://hooks.example/x")
     async with site.dispatching(channel, max_attempts=3, backoff=QUICK):
         [letter] = await eventually(lambda: site.dead_letters("act-raises"), timeout=20)
-        await asyncio.sleep(1.0)
+        await eventually(lambda: dispatched(site.bus, "webhook"))
     assert channel.calls == 3
     assert letter.headers[DLQ_REASON] == "error_RuntimeError"
     assert (await site.record("act-raises"))["status"] == "failed"
@@ -289,7 +291,7 @@ async def test_a_store_fault_on_one_actions_record_costs_its_attempts_not_the_ba
             for action_id in ("act-next", "act-other"):
                 await eventually(lambda action_id=action_id: _final(site, action_id, "accepted"), timeout=10)
             [letter] = await eventually(lambda: site.dead_letters("act-bad"), timeout=10)
-            await asyncio.sleep(1.0)  # anything more would come now
+            await eventually(lambda: dispatched(site.bus, "webhook"))  # nothing more is coming
     assert letter.headers[DLQ_REASON] == "store_fault"
     assert "3 attempts" in letter.headers[DLQ_DETAIL] and "RuntimeError" in letter.headers[DLQ_DETAIL]
     assert failed == ["act-bad"] * 3  # one read per attempt, and no more once dead-lettered
@@ -304,7 +306,7 @@ async def test_an_action_sent_whose_outcome_the_store_cannot_record_is_not_sent_
         fault_on(site.store, "act-sent", lambda: RuntimeError("a value the store refuses"), reads=False, writes=outcome)
         async with site.dispatching(webhook(), max_attempts=3, backoff=QUICK):
             [letter] = await eventually(lambda: site.dead_letters("act-sent"), timeout=10)
-            await asyncio.sleep(0.5)
+            await eventually(lambda: dispatched(site.bus, "webhook"))
     assert receiver.attempts == 1  # sent once, not once per attempt
     assert letter.headers[DLQ_REASON] == "store_fault"
     assert "sent (accepted) but not recorded" in letter.headers[DLQ_DETAIL]

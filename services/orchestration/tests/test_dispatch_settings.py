@@ -30,6 +30,8 @@ from cdp_orchestration.dispatch import BREAKER_AFTER, PROBE_EVERY, SENDS, dispat
 from cdp_orchestration.settings import OrchestrationSettings
 from cdp_testing.waiting import eventually
 
+from .conftest import dispatched
+
 
 async def test_the_ack_wait_and_breaker_settings_reach_the_dispatchers(nats_server, tmp_path):
     async with Bus.connect(nats_server.url, name="upstream") as bus:
@@ -122,7 +124,7 @@ async def test_a_batch_slower_than_the_ack_wait_is_not_sent_again_by_another_rep
                 return found is not None and found.doc["status"] == "accepted"
 
             await eventually(recorded, timeout=20)
-            await asyncio.sleep(1.5)  # a redelivery, had there been one, would have reached a replica by now
+            await eventually(lambda: dispatched(bus, "inapp"))  # acknowledged: nothing is delivered again
         finally:
             for task in tasks:
                 task.cancel()
