@@ -66,6 +66,7 @@ COMMANDS = {
     "crm": "cdpctl.crm:crm",
     "identity": "cdpctl.identity:identity",
     "definitions": "cdpctl.definitions:definitions",
+    "privacy": "cdpctl.ledger:privacy",
     "segment": "cdpctl.segments:segment",
     "segments": "cdpctl.segments:segments",
     "traits": "cdpctl.segments:traits",
