@@ -22,6 +22,7 @@ cdpctl journey …, approvals, decisions PERSON, inbox PERSON                   
 cdpctl crm status / runs / backfill CONNECTION / dead-letters / record PERSON                 (crm.py)
 cdpctl identity model show / export FILE      the matching model: m, u, weights, λ, EM   (identity.py)
 cdpctl definitions export [--out FILE] / import FILE [--dry-run] [--replace]      (definitions.py)
+cdpctl privacy ledger export --out FILE / replay FILE [--dry-run]   deletions kept beside backups (ledger.py)
 
 Without --home or CDP_HOME, commands act on the current folder's (or its repository's) `.cdp` when it has
 one, and otherwise find the running platform from any folder (Workspace.discover), naming its home on
