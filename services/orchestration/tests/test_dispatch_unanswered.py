@@ -32,6 +32,8 @@ from cdp_testing.metrics import MetricsCapture
 from cdp_testing.pausing import pause
 from cdp_testing.waiting import eventually
 
+from .conftest import dispatched
+
 
 class SilentRelay:
     """Accepts SMTP connections and never says a word (no greeting), as a stopped relay's kernel does."""
@@ -136,7 +138,7 @@ async def test_a_relay_that_accepts_and_never_answers_costs_each_email_its_attem
             letters = await eventually(
                 lambda: _all(dead_letters(bus, "orchestration-dispatch-email"), ids), timeout=90, every=0.5
             )
-            await asyncio.sleep(1.0)  # anything more would come now
+            await eventually(lambda: dispatched(bus, "email"))  # nothing more is coming
             letters = await dead_letters(bus, "orchestration-dispatch-email")
         connections = relay.connections
     assert sorted(letters) == sorted(ids) and all(len(found) == 1 for found in letters.values())
@@ -211,7 +213,7 @@ async def test_a_provider_answering_again_closes_the_breaker_and_each_action_goe
         await eventually(lambda: _skipped(store, ids), timeout=20)
         channel.wedged = False  # the provider is back: the next probe is answered
         records = await eventually(lambda: _all_accepted(store, ids), timeout=20)
-        await asyncio.sleep(0.5)  # anything sent twice would be by now
+        await eventually(lambda: dispatched(bus, "webhook"))  # nothing is delivered again
     assert sorted(channel.sent) == sorted(ids)  # each once
     # Every attempt is a call to the provider or one counted without it while the breaker was open.
     assert sum(r["skipped"] for r in records) > 0
@@ -271,7 +273,7 @@ async def test_a_relay_stopped_then_continued_takes_each_email_once_once_its_gre
             await eventually(lambda: _skipped(store, ids), timeout=30)  # the breaker is open
             os.kill(companion.pid, signal.SIGCONT)
             records = await eventually(lambda: _all_final(store, ids), timeout=60)
-            await asyncio.sleep(1.0)  # anything sent twice would be by now
+            await eventually(lambda: dispatched(bus, "email"))  # nothing is delivered again
     finally:
         os.kill(companion.pid, signal.SIGCONT)
         companion.terminate()
