@@ -15,12 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cdp_kit import tls_client
 from cdp_kit.service import client_channel
 from cdp_kit.settings import ServiceSettings, env
-from cdp_kit.telemetry import setup_telemetry
 from cdp_kit.tls_reload import ServerCertificates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -154,6 +154,13 @@ def _trusting_both(files: dict[str, bytes], one: dict[str, Path], two: dict[str,
     return {**files, "ca.crt": one["ca.crt"].read_bytes() + two["ca.crt"].read_bytes()}
 
 
+@pytest.fixture(autouse=True)
+def own_sets(monkeypatch):
+    """The process's sets (`tls_client._SHARED`) are the test's own, and let go after it: those of earlier
+    tests, kept for the process's life, would go on reporting `cdp.tls.certificate.not_after` for NAME."""
+    monkeypatch.setattr(tls_client, "_SHARED", {})
+
+
 @pytest.fixture
 def every_call_looks(monkeypatch):
     """The files are stat'ed at each call rather than once a second: a renewal is seen by the next call."""
@@ -198,7 +205,10 @@ async def test_a_stub_built_before_the_renewal_calls_with_the_renewed_certificat
     served.publish(_peer_files(one))  # the peer requires client certificates from CA-1
     mine.publish(_client_files(one))
     reader = InMemoryMetricReader()
-    meter = setup_telemetry(NAME, metric_readers=[reader]).meter
+    # A provider of the test's own, never the process's global one: set as the global provider (what
+    # setup_telemetry does when none is set yet), the default meter of the channels of earlier tests, which
+    # share NAME, would report to this reader too ([CA-1's expiry] * 2 when another test ran first).
+    meter = MeterProvider(metric_readers=[reader]).get_meter(f"cdp.{NAME}")
 
     async with Peer(served) as peer:
         environ = {"CDP_PROFILE_TOKEN_FILE": str(token)}
