@@ -25,6 +25,24 @@ def reservations(tmp_path, monkeypatch):
     ports.release_all()
 
 
+@pytest.fixture
+def machine_pair():
+    """Two adjacent spare ports this process picked on the machine's own reservations, before `reservations`
+    points the module at the test's folder: no other process of the suite (other xdist workers' platforms
+    and nats-servers) picks or listens on them while the test hands them out again under its own folder.
+    Requested before `reservations`; they stay picked, as any test's picks do, until the process ends."""
+    while True:
+        port = ports.spare_port()
+        pair = range(port, port + 2)
+        if (
+            pair[1] in ports.SPARE_PORTS
+            and not ports.is_mine(pair[1])
+            and ports.port_is_free(pair[1])
+            and ports.reserve(pair[1])
+        ):
+            return pair
+
+
 def ephemeral_low() -> int:
     return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
 
@@ -39,7 +57,9 @@ def test_free_ports_lie_below_the_kernels_ephemeral_range(reservations):
     assert len(set(picked)) == 50
 
 
-def test_a_picked_port_survives_a_flood_of_outgoing_connections_while_nothing_listens(reservations):
+def test_a_picked_port_survives_a_flood_of_outgoing_connections_while_nothing_listens():
+    # The machine's reservations, not a folder of the test's: the listener binds the port at the end, and
+    # only a pick other processes honour keeps another worker's listener off it meanwhile.
     port = free_port()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -59,14 +79,15 @@ def test_a_picked_port_survives_a_flood_of_outgoing_connections_while_nothing_li
         service.listen()
 
 
-def test_a_port_another_live_process_picked_is_not_given(reservations, monkeypatch):
+def test_a_port_another_live_process_picked_is_not_given(machine_pair, reservations, monkeypatch):
+    low, high = machine_pair
     code = textwrap.dedent(
         f"""
         import pathlib, time
         from cdp_kit import ports
         from cdp_kit.natsserver import free_port
         ports.RESERVATIONS = pathlib.Path({str(reservations)!r})
-        ports.SPARE_PORTS = range(26_000, 26_002)
+        ports.SPARE_PORTS = range({low}, {high + 1})
         print(free_port(), flush=True)
         time.sleep(60)
         """
@@ -74,10 +95,10 @@ def test_a_port_another_live_process_picked_is_not_given(reservations, monkeypat
     other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         theirs = int(other.stdout.readline())
-        monkeypatch.setattr(ports, "SPARE_PORTS", range(26_000, 26_002))
+        monkeypatch.setattr(ports, "SPARE_PORTS", machine_pair)
         mine = free_port()
-        assert {mine, theirs} == {26_000, 26_001}
-        with pytest.raises(RuntimeError, match="no free port found in 26000-26001"):
+        assert {mine, theirs} == {low, high}
+        with pytest.raises(RuntimeError, match=f"no free port found in {low}-{high}"):
             free_port()
     finally:
         other.kill()
