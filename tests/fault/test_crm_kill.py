@@ -19,8 +19,10 @@ import pytest
 
 from cdp.orchestration.v1 import orchestration_pb2
 from cdp.profile.v1 import profile_pb2
+from cdp_crm.state import PENDING
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import Bus, OutMessage, partition_for, profiles_stream, segments_stream, subjects
+from cdp_kit.storage import open_store
 from cdp_kit.timestamps import from_seconds
 from cdp_testing.crm import hubspot_document
 from cdp_testing.processes import ServiceProcess
@@ -126,7 +128,17 @@ async def test_killed_three_times_mid_sync_every_contact_and_task_lands_once_wit
                 )
 
             await eventually(all_latest, timeout=120, every=0.1)
-            await asyncio.sleep(2)  # a write repeated after a crash would land by now
+
+            async def settled() -> bool:
+                # Nothing unread or unacknowledged on the connector's input and nothing queued for a retry:
+                # whatever a crash left to write again has been written.
+                found = [c for c in await bus.js.consumers_info(subjects.CRM) if c.name.startswith("crm-p")]
+                if not found or any(c.num_pending or c.num_ack_pending for c in found):
+                    return False
+                async with open_store(f"sqlite:///{tmp_path}/crm.db") as store:
+                    return not [r async for r in store.scan_all(PENDING)]
+
+            await eventually(settled, timeout=60, every=0.2)
         finally:
             process.stop()
 
