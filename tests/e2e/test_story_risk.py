@@ -33,7 +33,7 @@ import time
 
 import pytest
 import yaml
-from stories import Story, eventually, kind, start_platform
+from stories import Story, drained, eventually, kind, sourced, start_platform
 
 from cdp_testing.fuzz import dead_letters
 
@@ -210,7 +210,10 @@ def test_accounts_sharing_a_device_ip_and_card_are_held_and_get_a_case_within_se
     assert [e for e in story.timeline(nina.person_id) if e.name == "Identifier Shared"] == []
     assert nina.scores["fraud_risk"].value < THRESHOLD and nina.person_id not in story.members("fraud_review")
     assert story.decisions(nina.person_id, "fraud-hold") == []
-    time.sleep(2)
+    # Whatever orchestration was to send is sent, and the connector has read every action sourced to it.
+    story.orchestration_caught_up()
+    eventually(lambda: sourced(story.platform, "CRM"), 30)
+    eventually(lambda: drained(story.platform, "CRM", r"crm-p\d+"), 30)
     assert len(story.webhooks()) == len(ring) and len(cases()) == len(ring)
     # Every service read identity's events: none of them was dead-lettered.
     assert asyncio.run(dead_letters(story.platform.nats_url, b"Identifier Shared")) == []
