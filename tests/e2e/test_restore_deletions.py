@@ -27,6 +27,8 @@ import pytest
 from stories import Story, eventually
 from test_privacy_everywhere import encodings, holding
 
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_scoring.modelstore import shipped_models
 from cdp_testing.platform_run import CDPCTL, RunningPlatform
 
 USER, ANON, EMAIL = "u-restore-del-8b2c", "anon-restore-del-8b2c", "Rosa.Restored-8b2c@Example.org"
@@ -67,6 +69,24 @@ def collect(platform: RunningPlatform, *events: dict) -> dict:
         return json.loads(answer.read())
 
 
+def shipped_models_score(platform: RunningPlatform) -> bool:
+    """Whether every shipped model has a live version that scores (its session loaded). On a first start
+    scoring deploys them in the background once it serves, and a change it scores before a model is loaded
+    gets no score from it, nor later: a deploy does not score the persons already held."""
+    with grpc.insecure_channel(platform.grpc_address("scoring")) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        listed = stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=platform.admin_metadata, timeout=10)
+        models = {model.name: model for model in listed.models}
+        for name in (path.stem for path in shipped_models()):
+            model = models.get(name)
+            if model is None or not model.live_version:
+                return False
+            [live] = [v for v in model.versions if v.spec.version == model.live_version]
+            request = scoring_pb2.ScoreRequest(model=name, named_features={live.spec.features[0].name: 0.0})
+            stub.Score(request, metadata=platform.admin_metadata, timeout=10)  # FAILED_PRECONDITION: not loaded
+    return True
+
+
 def not_found(story: Story, user_id: str) -> bool:
     try:
         story.profile(user_id)
@@ -85,6 +105,8 @@ def test_a_ledger_replayed_after_a_whole_home_restore_deletes_and_suppresses_the
     try:
         platform.start()
         story = Story(platform)
+        # The person is scored (the premise that scoring's store held them too): only once the models are.
+        eventually(lambda: shipped_models_score(platform), 60)
         story.create_segment("restore-vip", 'traits.plan = "vip"')
         for user, anon, traits in (
             (USER, ANON, {"email": EMAIL, "first_name": FIRST_NAME, "plan": "vip"}),
