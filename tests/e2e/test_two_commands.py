@@ -129,6 +129,9 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         if "MERGE_ID" in command:
             merge_id, loser = merge_two_people(run)
             command = command.replace("MERGE_ID", merge_id)
+        ledger = tmp_path / "deletions.json"
+        if " privacy ledger export " in command:
+            command = command.replace("--out deletions.json", f"--out {ledger}")  # not into the checkout
         for _attempt in range(40):
             result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
             # The shipped models go live in the background once profile can take their computed traits.
@@ -138,6 +141,8 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
         if " models promote " in command:
             assert "churn_risk: 1.1.0 was already live; nothing changed" in result.stdout, result.stdout
+        elif " models explain " in command:
+            assert "baseline" in result.stdout and "pushing it" in result.stdout, result.stdout
         elif " models" in command:
             for model in (
                 "churn_risk",
@@ -153,6 +158,12 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         if " segment create " in command:
             # u1's order of 42 (sent above) is retained on the timeline: the new condition is backfilled.
             assert "segment big_spenders live: 1 member" in result.stdout, result.stdout
+        if " segment explain " in command:
+            # u1's order of 42 is under the updated definition's 60: not a member, and the condition says why.
+            assert "is not a member of big_spenders" in result.stdout, result.stdout
+            assert "✗ sum(properties.total" in result.stdout, result.stdout
+        if " privacy ledger export " in command:
+            assert ledger.stat().st_mode & 0o777 == 0o600
         if " segment estimate " in command:
             assert "1 of " in result.stdout, result.stdout  # u1's order of 42
         if " traits" in command:
@@ -172,7 +183,7 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
             assert json.loads(result.stdout)["loser"] == loser
         if " quarantine " in command:
             assert "user_id quarantined" in result.stdout, result.stdout
-        if " export " in command and " definitions " not in command:
+        if " export " in command and " definitions " not in command and " ledger " not in command:
             assert json.loads(result.stdout)["person_id"], result.stdout
         if " definitions export" in command:
             document = json.loads(result.stdout)

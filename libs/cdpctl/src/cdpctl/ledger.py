@@ -139,10 +139,12 @@ def checksum(document: dict[str, Any]) -> str:
 
 
 def ledger_document(entries: list[dict[str, Any]], since: datetime | None) -> dict[str, Any]:
+    from cdp_kit.bus.subjects import PRIVACY
+
     document = {
         "kind": KIND,
         "version": VERSION,
-        "stream": "PRIVACY",
+        "stream": PRIVACY,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "since": since.isoformat().replace("+00:00", "Z") if since else None,
         "count": len(entries),
