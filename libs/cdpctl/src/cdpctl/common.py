@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -251,3 +253,18 @@ def short_time(value: str | None) -> str:
 
 def enum_name(value: str, prefix: str) -> str:
     return value.removeprefix(prefix).lower()
+
+
+def write_owner_only(path: Path, text: str) -> None:
+    """`text` in `path` for files that hold personal or privacy data (an export, the deletion ledger):
+    created readable by its owner only (and made so if the file was there), and never written through a
+    symbolic link (one planted in a shared folder would point it at another file)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise click.ClickException(f"{path} is a symbolic link: give the file itself") from None
+        raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(file.fileno(), 0o600)
+        file.write(text)

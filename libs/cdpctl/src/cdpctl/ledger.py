@@ -32,7 +32,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Any
 
 import click
 
-from cdpctl.common import nats_tls, nats_url, out
+from cdpctl.common import nats_tls, nats_url, out, write_owner_only
 from cdpctl.platform import Workspace
 
 KIND = "cdp.privacy.ledger"
@@ -175,20 +174,6 @@ def load_ledger(path: Path) -> dict[str, Any]:
     return document
 
 
-def write_private(path: Path, text: str) -> None:
-    """Created readable by its owner only (and made so if the file was there), never written through a
-    symbolic link (one planted in a shared folder would point it at another file), as `cdpctl export -o`."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise click.ClickException(f"{path} is a symbolic link: give the file itself") from None
-        raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(file.fileno(), 0o600)
-        file.write(text)
-
-
 @dataclass
 class Replay:
     total: int  # notices in the file (one per request id)
@@ -298,7 +283,7 @@ def export(ws: Workspace, out_file: Path, since: str | None, nats_address: str |
     url = nats_url(ws, nats_address)
     held: Held = _on_bus(ws, url, lambda js: read_held(js, after))
     document = ledger_document(held.entries, after)
-    write_private(out_file, json.dumps(document, indent=1) + "\n")
+    write_owner_only(out_file, json.dumps(document, indent=1) + "\n")
     seqs = [entry["seq"] for entry in held.entries]
     where = f" (PRIVACY sequences {seqs[0]} to {seqs[-1]})" if seqs else ""
     out.print(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -55,6 +54,7 @@ from cdpctl.common import (
     rpc_error,
     service_address,
     whole_numbers,
+    write_owner_only,
 )
 from cdpctl.platform import SERVICES, Workspace
 
@@ -209,17 +209,7 @@ def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity
     if output is None:
         click.echo(text)
     else:
-        # Personal data: created readable by its owner only (and made so if the file was there), and never
-        # written through a symbolic link (one planted in a shared folder would point it at another file).
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            if os.path.islink(output):
-                raise click.ClickException(f"{output} is a symbolic link: give the file itself") from None
-            raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(file.fileno(), 0o600)
-            file.write(text + "\n")
+        write_owner_only(Path(output), text + "\n")  # personal data
         console.print(f"exported to {output}")
     if missing:
         where = f"written to {output}" if output is not None else "printed above"
