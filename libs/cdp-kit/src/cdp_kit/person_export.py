@@ -115,6 +115,11 @@ FORWARD_TIMEOUT = 30.0
 # The owner's refusals that are the caller's own (its token): passed on as they are. Anything else the
 # owner answers (down, moving, too slow) leaves the export without the partition: UNAVAILABLE.
 _PASSED_ON = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+# What an owner answers about the request itself (the definition or model asked about, the person, a field),
+# which a forwarded question about one person passes on as it is (`Owners.forward`'s `passed_on`).
+REQUEST_ERRORS = frozenset(
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
+)
 
 
 def peer_addresses(*, peers: str, pod_name: str, replicas: int, grpc_port: int) -> list[str]:

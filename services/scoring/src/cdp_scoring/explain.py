@@ -38,12 +38,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.errors import NotFound
-from cdp_kit.person_export import Owners
+from cdp_kit.person_export import REQUEST_ERRORS, Owners
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import Version
 from cdp_scoring.domain.spec import ModelSpec
@@ -62,23 +61,25 @@ class Baseline:
     sources: tuple[str, ...]
 
 
-def _grouped_median(edges: Sequence[float], shares: Sequence[float]) -> float:
-    """The median of a reference column as grouped data: linear within the bin where half the finite rows
-    are reached (an open end bin: its one edge); NaN when more than half of the rows had no value."""
-    shares = np.asarray(shares, dtype=np.float64)
-    edges = np.asarray(edges, dtype=np.float64)
+def _median_bin(shares: np.ndarray) -> tuple[int, float, float] | None:
+    """The bin where half the finite rows of a reference column are reached, the share of the rows before
+    it and its own share; None when more than half of the rows had no value (the last share)."""
     finite = shares[:-1]
     total = float(finite.sum())
     if total <= 0 or shares[-1] > total:
-        return NAN
+        return None
     cumulative = np.cumsum(finite) / total
     i = min(int(np.searchsorted(cumulative, 0.5)), finite.size - 1)
+    return i, float(cumulative[i - 1]) if i >= 1 else 0.0, float(finite[i] / total)
+
+
+def _grouped_median(edges: np.ndarray, found: tuple[int, float, float]) -> float:
+    """The median as grouped data: linear within its bin (an open end bin: its one edge)."""
+    i, before, share = found
     low = edges[i - 1] if i >= 1 else None  # bin i is [edges[i-1], edges[i]); the first and last are open
     high = edges[i] if i < edges.size else None
     if low is None or high is None:
         return float(high if low is None else low) if edges.size else NAN
-    before = cumulative[i - 1] if i >= 1 else 0.0
-    share = finite[i] / total
     return float(low + (0.5 - before) / share * (high - low)) if share > 0 else float(low)
 
 
@@ -92,13 +93,14 @@ def median_of(edges: Sequence[float], shares: Sequence[float]) -> float:
     """The median of a reference column from its bins (see the module docstring); NaN when more than half
     of the rows had no value. For whole numbers, the whole number in the median's bin nearest the estimate:
     a count's median is a count, and a cut is never a value (a tree's split sits on it)."""
-    estimate = _grouped_median(edges, shares)
     edges = np.asarray(edges, dtype=np.float64)
+    found = _median_bin(np.asarray(shares, dtype=np.float64))
+    if found is None:
+        return NAN
+    estimate = _grouped_median(edges, found)
     if math.isnan(estimate) or not _whole(edges):
         return estimate
-    finite = np.asarray(shares, dtype=np.float64)[:-1]
-    cumulative = np.cumsum(finite) / finite.sum()
-    i = min(int(np.searchsorted(cumulative, 0.5)), finite.size - 1)
+    i = found[0]
     lowest = math.ceil(edges[i - 1]) if i >= 1 else -math.inf  # the whole numbers in [edges[i-1], edges[i])
     highest = math.ceil(edges[i]) - 1 if i < edges.size else math.inf
     if lowest > highest:
@@ -242,7 +244,7 @@ class Explainer:
                 scoring_pb2_grpc.ScoringServiceStub,
                 "ExplainScore",
                 request,
-                passed_on=_PASSED_ON,
+                passed_on=REQUEST_ERRORS,
             )
         return await self.here(request.model, request.version, request.person_id)
 
@@ -274,12 +276,6 @@ class Explainer:
             reason="person_not_held",
         )
 
-
-# The owner's answers that are the caller's own, passed on as they are (besides a refused token): the model,
-# the version, the person.
-_PASSED_ON = frozenset(
-    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
-)
 
 __all__ = [
     "DEFAULT",

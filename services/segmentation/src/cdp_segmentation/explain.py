@@ -25,11 +25,9 @@ from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
-from cdp_kit.person_export import Owners
+from cdp_kit.person_export import REQUEST_ERRORS, Owners
 from cdp_kit.timestamps import set_seconds
 from cdp_lang.plan import (
     AllOf,
@@ -294,7 +292,7 @@ class Explainer:
                 segmentation_pb2_grpc.SegmentationServiceStub,
                 "ExplainMembership",
                 request,
-                passed_on=_PASSED_ON,
+                passed_on=REQUEST_ERRORS,
             )
         if partition not in engine.active:
             raise Unavailable(
@@ -302,13 +300,6 @@ class Explainer:
                 retry_after=1.0,
             )
         return explain(engine, request.segment_id, request.person_id)
-
-
-# The owner's answers that are the caller's own, passed on as they are (besides a refused token): the
-# segment, the person, a segment not live.
-_PASSED_ON = frozenset(
-    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
-)
 
 
 def walk(message: segmentation_pb2.ExplainedCondition) -> Iterator[segmentation_pb2.ExplainedCondition]:
