@@ -6,8 +6,8 @@ second person go in through the collector; the operator copies the home while th
 `cdpctl delete --suppress --wait`, and the operator exports the deletion ledger (`cdpctl privacy ledger
 export`), which holds no identifier value. The platform is stopped and the whole home (every store and
 `nats/`) restored from the copy: started again, the person is back (the stores and PRIVACY are older than
-the deletion). `cdpctl privacy ledger replay` publishes the notice PRIVACY lacks, the services are
-restarted as it says (`make up` stopped and started), and then no store file holds the person, the
+the deletion). `cdpctl privacy ledger replay --restart` publishes the notice PRIVACY lacks and restarts
+the services with a store (`cdpctl restart`: no crash counted), and then no store file holds the person, the
 second person is still there, and an event carrying the person's identifiers is suppressed, not put on a
 profile. A second replay publishes nothing.
 """
@@ -30,6 +30,7 @@ from test_privacy_everywhere import encodings, holding
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_scoring.modelstore import shipped_models
 from cdp_testing.platform_run import CDPCTL, RunningPlatform
+from cdpctl.ledger import WITH_STORE
 
 USER, ANON, EMAIL = "u-restore-del-8b2c", "anon-restore-del-8b2c", "Rosa.Restored-8b2c@Example.org"
 FIRST_NAME = "Rosalindquist"
@@ -151,15 +152,16 @@ def test_a_ledger_replayed_after_a_whole_home_restore_deletes_and_suppresses_the
         assert story.profile(USER).person_id == person_id
         assert holders(home, person_forms()) >= {"identity", "profile", "crm"}
 
-        replayed = cdpctl(platform, "privacy", "ledger", "replay", str(ledger))
+        pids = {name: platform.service(name)["pid"] for name in WITH_STORE}
+        story.close()
+        # The replay restarts the services with a store of the running platform (`cdpctl restart`).
+        replayed = cdpctl(platform, "privacy", "ledger", "replay", str(ledger), "--restart")
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
         assert "PRIVACY holds 0, lacks 1" in replayed.stdout and f"published 1: {REQUEST}" in replayed.stdout
         assert "restart every service with a store" in replayed.stdout, replayed.stdout
-        story.close()
-
-        # The services restarted as the replay says (`make up` stopped and started again).
-        platform.stop()
-        platform.start()
+        assert "every service with a store restarted" in replayed.stdout, replayed.stdout
+        platform.refresh()
+        assert all(platform.service(name)["pid"] != pid for name, pid in pids.items()), pids
         story = Story(platform)
         story.register(USER, ANON, EMAIL)  # the module's log audit: no log line may hold them
         # Gone from every store (scoring and segmentation erase at start too, and at their next snapshot).

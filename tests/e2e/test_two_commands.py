@@ -164,6 +164,15 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
             assert "✗ sum(properties.total" in result.stdout, result.stdout
         if " privacy ledger export " in command:
             assert ledger.stat().st_mode & 0o777 == 0o600
+        if " restart " in command:
+            # A new process, serving, and not counted as a crash.
+            pid = json.loads((home / "run.json").read_text())["services"]["collector"]["pid"]
+            assert (
+                pid != run["services"]["collector"]["pid"]
+                and f"collector restarted: pid {pid}, serving" in result.stdout
+            )
+            run = json.loads((home / "run.json").read_text())
+            assert "restarting" not in run["services"]["collector"]
         if " segment estimate " in command:
             assert "1 of " in result.stdout, result.stdout  # u1's order of 42
         if " traits" in command:

@@ -16,7 +16,9 @@ from cdpctl.supervise import (
     Exited,
     GaveUp,
     PortsTaken,
+    Restarted,
     RestartPolicy,
+    Stopped,
     Supervisor,
     describe_exit,
 )
@@ -138,4 +140,71 @@ def test_while_a_child_is_down_no_outgoing_connection_can_be_given_its_port(tmp_
     with pytest.raises(OSError):  # held by the supervisor until the restart
         _client_on(port, server)
     assert _tick_until(supervisor, lambda _: _listening(port))
+    supervisor.stop(["svc"], 5)
+
+
+# --------------------------------------------------------------------------- a restart an operator asks for
+
+# A child that listens, and ignores SIGTERM when told to (a service wedged in its drain).
+STUBBORN = """
+import signal, socket, sys, time
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+time.sleep(60)
+"""
+
+
+def _stubborn(tmp_path, supervisor: Supervisor, ignore_term: bool) -> tuple[int, int]:
+    port = _free_port()
+    argv = [sys.executable, "-c", STUBBORN, str(port), "ignore" if ignore_term else "obey"]
+    supervisor.start("svc", argv, dict(os.environ), tmp_path / "svc.log", (port,))
+    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    return port, supervisor.process("svc").pid
+
+
+def test_an_asked_restart_starts_the_child_again_at_once_and_counts_no_crash(tmp_path):
+    # A crash would wait 30 s, and a second one in a row would stop the platform.
+    supervisor = Supervisor(RestartPolicy(first_delay=30.0, give_up_after=1))
+    port, first = _stubborn(tmp_path, supervisor, ignore_term=False)
+    pids = [first]
+    for _ in range(3):
+        supervisor.restart("svc", grace=10)
+        events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 10)
+        assert [type(e) for e in events] == [Stopped, Restarted], events
+        assert events[0] == Stopped("svc", "killed by SIGTERM", killed=False)
+        assert events[1].pid == supervisor.process("svc").pid not in pids
+        pids.append(events[1].pid)
+        assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    # None of those counted: a crash now is the first in a row, restarted after the first delay.
+    supervisor.process("svc").kill()
+    supervisor.process("svc").wait()
+    assert supervisor.tick() == [Exited("svc", "killed by SIGKILL", 30.0, 1)]
+    supervisor.stop(["svc"], 5)
+
+
+def test_a_child_that_does_not_stop_within_the_grace_is_killed_and_started_again(tmp_path):
+    supervisor = Supervisor(RestartPolicy(first_delay=30.0))
+    port, first = _stubborn(tmp_path, supervisor, ignore_term=True)
+    supervisor.restart("svc", grace=0.5)
+    events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 10)
+    assert events[0] == Stopped("svc", "killed by SIGKILL", killed=True), events
+    assert isinstance(events[1], Restarted) and events[1].pid != first
+    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    supervisor.stop(["svc"], 1)
+
+
+def test_an_asked_restart_of_a_child_waiting_out_its_crash_delay_starts_it_at_once(tmp_path):
+    supervisor = Supervisor(RestartPolicy(first_delay=30.0))
+    port, _ = _stubborn(tmp_path, supervisor, ignore_term=False)
+    supervisor.process("svc").kill()
+    supervisor.process("svc").wait()
+    assert [type(e) for e in supervisor.tick()] == [Exited]  # due again in 30 s
+    supervisor.restart("svc", grace=10)
+    events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 5)
+    assert [type(e) for e in events] == [Restarted], events
+    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
     supervisor.stop(["svc"], 5)

@@ -17,6 +17,7 @@ cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]  
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
 cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                           (bus.py)
 cdpctl up, nats-rotate SERVICE                                                              (run.py)
+cdpctl restart SERVICE...     stop (draining) and start again, waiting until it serves     (restart.py)
 cdpctl status                                                                            (status.py)
 cdpctl journey …, approvals, decisions PERSON, inbox PERSON                            (journeys.py)
 cdpctl crm status / runs / backfill CONNECTION / dead-letters / record PERSON                 (crm.py)
@@ -53,6 +54,7 @@ COMMANDS = {
     "up": "cdpctl.run:up",
     "status": "cdpctl.status:status",
     "nats-rotate": "cdpctl.run:nats_rotate",
+    "restart": "cdpctl.restart:restart",
     "graph": "cdpctl.people:graph",
     "export": "cdpctl.people:export",
     "delete": "cdpctl.people:delete",

@@ -8,7 +8,7 @@ no identifier value (person ids, and keyed hashes of identifiers: cdp_kit.identi
 kept where the backups are kept:
 
     cdpctl privacy ledger export --out deletions.json [--since 2026-01-01T00:00:00Z]
-    cdpctl privacy ledger replay deletions.json [--dry-run]
+    cdpctl privacy ledger replay deletions.json [--dry-run] [--restart]
 
 `export` writes every `privacy.deleted` notice PRIVACY holds as stored (subject, headers, body in base64,
 stream sequence, time), owner-only and never through a symbolic link, with their count and a SHA-256 of
@@ -21,9 +21,9 @@ left out unless `--include-purged`. A second replay publishes nothing.
 
 Once PRIVACY holds the notices again, the collector (suppressions) and the services that follow PRIVACY
 with a consumer (identity, orchestration, the CRM connector) apply them as they arrive; every service with
-a store also erases, at its start, each person a notice names that its store still holds: `replay` says
-which services to restart, and how. cdpctl has no command that restarts one service of `cdpctl up`, so it
-prints the command rather than running it.
+a store also erases, at its start, each person a notice names that its store still holds: `replay
+--restart` then restarts those services of the running `cdpctl up` (`cdpctl restart`: each drains, starts
+again at once and is waited for until it serves); without it, `replay` says which to restart, and how.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import click
 
 from cdpctl.common import nats_tls, nats_url, out, write_owner_only
 from cdpctl.platform import Workspace
+from cdpctl.restart import restart_services
 
 KIND = "cdp.privacy.ledger"
 VERSION = 1
@@ -50,6 +51,8 @@ WITH_STORE = ("profile", "identity", "scoring", "segmentation", "orchestration",
 READ_WINDOW = 256
 # Seconds a whole export or replay may take before the server counts as not answering.
 WHOLE = 300.0
+# Seconds `replay --restart` waits for the restarted services to serve again.
+RESTART_WAIT = 180.0
 # Request ids a line names (the rest counted).
 NAMED = 20
 
@@ -302,11 +305,20 @@ def export(ws: Workspace, out_file: Path, since: str | None, nats_address: str |
     is_flag=True,
     help="also publish notices an operator removed from PRIVACY (a lifted suppression)",
 )
+@click.option(
+    "--restart",
+    "restart_after",
+    is_flag=True,
+    help="then restart every service with a store of the running `cdpctl up` (cdpctl restart), for the erasure to run",
+)
 @click.option("--nats", "nats_address", help="NATS URL (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def replay(ws: Workspace, file: Path, dry_run: bool, include_purged: bool, nats_address: str | None) -> None:
+def replay(
+    ws: Workspace, file: Path, dry_run: bool, include_purged: bool, restart_after: bool, nats_address: str | None
+) -> None:
     """Publish to PRIVACY each notice of FILE it lacks (by request id), in the file's order, with its
-    original headers; then say which services to restart for the erasure to run."""
+    original headers; then restart the services with a store (--restart), or say which to restart, for the
+    erasure to run."""
     document = load_ledger(file)
     url = nats_url(ws, nats_address)
     result: Replay = _on_bus(
@@ -332,13 +344,25 @@ def replay(ws: Workspace, file: Path, dry_run: bool, include_purged: bool, nats_
         f"every service with a store: {', '.join(WITH_STORE)} (each erases, at start, the persons PRIVACY's "
         "notices name that its store holds)."
     )
-    state = ws.read_run() or {}
-    running = state.get("services") or {}
-    pids = [str(running[name]["pid"]) for name in WITH_STORE if (running.get(name) or {}).get("pid")]
-    if state.get("nats") == url and pids:
-        say(
-            f"Under `make up`: stop it (Ctrl-C) and run `make up` again, or `kill {' '.join(pids)}` (those "
-            "services' processes: its supervisor starts each again within seconds)."
-        )
+    state = ws.running() or {}
+    local = [name for name in WITH_STORE if name in (state.get("services") or {})]
+    if restart_after:
+        if state.get("nats") != url or not local:
+            raise click.ClickException(
+                "--restart restarts the services of the `cdpctl up` this home runs, and none runs on this NATS: "
+                "restart them yourself (in Kubernetes: `kubectl rollout restart` of their deployments)"
+            )
+        say(f"restarting {', '.join(local)} …")
+        late = restart_services(ws, local, RESTART_WAIT)
+        if late:
+            raise click.ClickException(
+                f"not serving again within {RESTART_WAIT:.0f} s: {', '.join(late)} (`cdpctl status` shows where "
+                "they are); each erases the persons at its start"
+            )
+        say("every service with a store restarted: each erased, at its start, the persons the notices name")
+    elif state.get("nats") == url and local:
+        say(f"Under `make up`: `cdpctl restart {' '.join(local)}` (or replay with --restart).")
     else:
-        say("Under `make up`: stop it (Ctrl-C) and run `make up` again. In Kubernetes: delete those services' pods.")
+        say(
+            "Under `make up`: `cdpctl restart` those services. In Kubernetes: `kubectl rollout restart` their deployments."
+        )

@@ -57,6 +57,8 @@ from cdpctl.platform import (
     service_environment,
     write_service_files,
 )
+from cdpctl.restart import RESTART_GRACE
+from cdpctl.restart import take as restart_requests
 
 # `up` waits with the status command's probes and prints its table. STORE_HEALTH and `status` stay
 # importable from here, as before they moved to cdpctl.status.
@@ -74,7 +76,9 @@ from cdpctl.supervise import (
     PortsTaken,
     Restarted,
     RestartPolicy,
+    Stopped,
     Supervisor,
+    restart_asked,
     restart_finished,
     restart_started,
 )
@@ -221,6 +225,7 @@ async def _up_private(
             "cdpctl): now its owner's only.[/]"
         )
     ws.prepare()
+    restart_requests(ws)  # left by a `cdpctl restart` of an earlier run that stopped before taking them
     # Before anything reads or writes the home's data: the count it was made with (a new home: 2).
     # Everything started from here gets it from cdpctl's environment: nats-server's users (their
     # permissions name each partition), the provisioner (which records it in the streams) and every service.
@@ -395,8 +400,20 @@ async def _up_private(
                 state["nats_pid"] = nats._proc.pid if nats._proc is not None else None
                 ws.write_run(state)
                 console.print(f"[green]nats-server is UP again (pid {state['nats_pid']})[/]")
+            for name, request in restart_requests(ws):
+                if name not in children.names:
+                    console.print(f"[yellow]a restart was asked for {name!r}, which this platform does not run[/]")
+                    continue
+                children.restart(name, RESTART_GRACE)
+                restart_asked(entry(name), request)  # `status` shows it restarting; `cdpctl restart` waits
+                ws.write_run(state)
+                console.print(f"[yellow]{name}: restarting, as asked (cdpctl restart)[/]")
             for event in children.tick():
-                if isinstance(event, Restarted):
+                if isinstance(event, Stopped):
+                    recovering.discard(event.name)
+                    killed = f"; it did not stop within {RESTART_GRACE:.0f} s and was killed" if event.killed else ""
+                    console.print(f"[yellow]{event.name} stopped ({event.how}{killed}); starting it again[/]")
+                elif isinstance(event, Restarted):
                     entry(event.name)["pid"] = event.pid
                     ws.write_run(state)
                     recovering.add(event.name)

@@ -109,6 +109,16 @@ class Restarted:
 
 
 @dataclass(frozen=True)
+class Stopped:
+    """`name` stopped as asked (`Supervisor.restart`): it starts again at once, and no crash is counted.
+    `killed`: it had not stopped within the grace it was given, so it was SIGKILLed."""
+
+    name: str
+    how: str
+    killed: bool = False
+
+
+@dataclass(frozen=True)
 class PortsTaken:
     """`name` is due to start again but another socket has `ports`: it starts once they are free."""
 
@@ -131,11 +141,20 @@ def restart_finished(entry: dict) -> None:
     entry.pop(RESTARTING, None)
 
 
+def restart_asked(entry: dict, request: str) -> None:
+    """Record on a child's run.json entry that an operator asked for its restart (`cdpctl restart`):
+    `request` names the ask, so the command that made it knows when its own restart is done."""
+    entry[RESTARTING] = {"requested": request}
+
+
 def restart_label(entry: dict) -> str | None:
-    """`restarting (crash n of N)` while a restart is recorded on the entry, else None."""
+    """`restarting (crash n of N)` (or `restarting (asked)`) while a restart is recorded on the entry,
+    else None."""
     note = entry.get(RESTARTING)
     if not isinstance(note, dict):
         return None
+    if "requested" in note:
+        return "restarting (asked)"
     return f"restarting (crash {note.get('crash', '?')} of {note.get('of', '?')})"
 
 
@@ -168,6 +187,7 @@ class _Child:
     restart_at: float | None = None
     held: list[socket.socket] = field(default_factory=list)  # its ports, while it is down
     waiting_for_ports: bool = False
+    stop_by: float | None = None  # asked to stop (`Supervisor.restart`): SIGKILLed if still running then
 
     def hold_ports(self) -> tuple[int, ...]:
         """Hold every port of the child not held yet; the ports another socket has."""
@@ -213,12 +233,37 @@ class Supervisor:
     def names(self) -> list[str]:
         return list(self._children)
 
-    def tick(self) -> list[Exited | GaveUp | Restarted | PortsTaken]:
+    def restart(self, name: str, grace: float) -> None:
+        """Stop `name` (SIGTERM: it drains as on any stop; SIGKILL after `grace` seconds) and start it
+        again at once: an operator's restart, not a crash, so its backoff is left as it was. One already
+        down (crashed, waiting to start again) starts at once. `tick` reports `Stopped`, then `Restarted`."""
+        child = self._children[name]
+        now = self.clock()
+        if child.restart_at is not None:
+            child.restart_at = now
+            return
+        if child.stop_by is None and child.process.poll() is None:
+            child.process.terminate()
+        child.stop_by = now + grace
+
+    def tick(self) -> list[Exited | GaveUp | Restarted | PortsTaken | Stopped]:
         """Notice exits and start again those whose delay has passed; what happened, in order. After a
         `GaveUp` the caller stops the platform."""
-        events: list[Exited | GaveUp | Restarted | PortsTaken] = []
+        events: list[Exited | GaveUp | Restarted | PortsTaken | Stopped] = []
         now = self.clock()
         for name, child in self._children.items():
+            if child.stop_by is not None:
+                killed = False
+                if child.process.poll() is None:
+                    if now < child.stop_by:
+                        continue
+                    child.process.kill()
+                    child.process.wait()
+                    killed = True
+                child.stop_by = None
+                child.hold_ports()
+                child.restart_at = now  # started below, in this same tick
+                events.append(Stopped(name, describe_exit(child.process.returncode), killed))
             if child.restart_at is not None:
                 taken = child.hold_ports()  # any freed since the exit
                 if now < child.restart_at:
