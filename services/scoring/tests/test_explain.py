@@ -368,7 +368,7 @@ async def test_errors_name_the_field(scoring):
     for model, person, version, field, reason in (
         ("nope", "p_ann", "", "model", "unknown_model"),
         ("churn_risk", "p_ann", "9.9.9", "version", "unknown_version"),
-        ("churn_risk", "p_ghost", "", "person_id", "person_not_held"),
+        ("churn_risk", "p_ghost", "", "person_id", "unknown_person"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await explain(stub, model, person, version)
@@ -385,6 +385,31 @@ async def test_errors_name_the_field(scoring):
             await stub.ExplainScore(request, metadata=READER)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_fields(bad.value) == [field]
+
+
+async def test_a_person_scoring_has_not_seen_change_is_explained_from_the_profile_service(scoring):
+    # Held persons are those whose profile changed since scoring started; any other is read from the
+    # profile service, as Score reads them (cdp_kit.held's fetch): an operator asking about a customer who
+    # has been quiet since the last restart gets an answer, not NOT_FOUND.
+    stub, engine = scoring
+    await stub.DeployModel(pb.DeployModelRequest(onnx=logistic()), metadata=ADMIN)
+    engine.fields["p_held"] = {"computed.orders_90d": 4.0}
+    asked: list[str] = []
+
+    async def profile_service(person_id: str):
+        asked.append(person_id)
+        return {"computed.orders_90d": 4.0} if person_id == "p_quiet" else None
+
+    engine.held.fetch_source = profile_service
+    quiet = await explain(stub, "churn_risk", "p_quiet")
+    held = await explain(stub, "churn_risk", "p_held")
+    assert asked == ["p_quiet"]  # the held person is explained from what scoring holds
+    assert quiet.person_id == "p_quiet"
+    assert [s.value for s in quiet.scores] == pytest.approx([s.value for s in held.scores], abs=1e-6)
+    assert "p_quiet" not in engine.fields  # read for the answer, not held
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await explain(stub, "churn_risk", "p_ghost")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(caught.value) == "unknown_person"
 
 
 async def test_a_token_without_scoring_read_is_refused(scoring):

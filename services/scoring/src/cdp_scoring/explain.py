@@ -249,16 +249,18 @@ class Explainer:
         return await self.here(request.model, request.version, request.person_id)
 
     async def here(self, model: str, version: str, person_id: str) -> scoring_pb2.ExplainScoreResponse:
-        """The answer for a person this engine holds."""
+        """The answer for a person of this replica's partitions: from the fields it holds, or, for a person
+        whose profile has not changed since scoring started holding them, from the profile service (as
+        `Score` reads them)."""
         engine = self.engine
-        if person_id not in engine.fields:
-            raise self._not_held(person_id)
         target = engine.resolve_version(model, version, person_id)
         session = await engine.ensure_session(target)
         # Read with no await between: the person's fields as they are at this instant.
         fields = engine.fields.get(person_id)
-        if fields is None:  # removed (deleted, merged away, the partition gone) while the session loaded
-            raise self._not_held(person_id)
+        if fields is None:
+            fields = await engine.held.fetch(person_id)  # a copy of their own: nothing changes it meanwhile
+            if fields is None:
+                raise self._unknown(person_id)
         now = engine.clock()
         assembler = session.assembler
         row = assembler.row(fields, now)
@@ -269,11 +271,10 @@ class Explainer:
         return answer(target, person_id, now, missing, base, scores)
 
     @staticmethod
-    def _not_held(person_id: str) -> NotFound:
+    def _unknown(person_id: str) -> NotFound:
         return NotFound(
-            f"person_id: scoring holds no person {person_id!r} (no profile change of theirs has reached it; "
-            "it holds a person once their profile changes)",
-            reason="person_not_held",
+            f"person_id: no person {person_id!r} (neither scoring nor the profile service knows them)",
+            reason="unknown_person",
         )
 
 
