@@ -140,7 +140,7 @@ async def test_a_receiver_answering_500_gets_exactly_max_attempts_then_a_dead_le
         async with site.dispatching(webhook(), backoff=QUICK):
             await eventually(lambda: receiver.deliveries, timeout=10)
             record = await eventually(lambda: _final(site, "act-500", "accepted"), timeout=10)
-            await asyncio.sleep(0.5)
+            await eventually(lambda: dispatched(site.bus, "webhook"))  # nothing more is coming
         assert [d.headers["Idempotency-Key"] for d in receiver.deliveries] == ["act-500"]
         assert receiver.attempts == 6 and record["attempts"] == 1
 
@@ -174,7 +174,7 @@ async def test_a_receiver_saying_later_many_times_then_taking_it_gets_it_once_us
         await site.publish("act-429", receiver.url())
         async with site.dispatching(webhook(), max_attempts=2, backoff=QUICK):
             record = await eventually(lambda: _final(site, "act-429", "accepted"), timeout=20)
-            await asyncio.sleep(0.5)
+            await eventually(lambda: dispatched(site.bus, "webhook"))  # nothing more is coming
         assert [d.headers["Idempotency-Key"] for d in receiver.deliveries] == ["act-429"]  # delivered once
         assert receiver.attempts == 10
         assert (record["attempts"], record["deferrals"]) == (2, 8)  # the 500 and the 200; the 429s used none
@@ -191,10 +191,11 @@ async def test_a_restart_between_attempts_continues_the_count(site):
             record = await eventually(lambda: _with(site, "act-restart", attempts=2), timeout=5)
             await asyncio.sleep(0.3)
         assert record["status"] == "pending"
+        assert receiver.attempts == 2  # stopped between attempts: the next one is the new process's
         # A new process: a new dispatcher and channel over the same store and consumer.
         async with site.dispatching(webhook(), max_attempts=4, backoff=QUICK, ack_wait=2.0):
             [letter] = await eventually(lambda: site.dead_letters("act-restart"), timeout=20)
-            await asyncio.sleep(1.0)
+            await eventually(lambda: dispatched(site.bus, "webhook"))  # nothing more is coming
         assert receiver.attempts == 4
         assert letter.headers[DLQ_REASON] == "http_500"
 
@@ -210,7 +211,7 @@ async def test_a_dispatcher_dying_during_an_attempt_has_used_it(site):
         # ...and the process dies while it does: the receiver may have acted on it, so it counts.
         async with site.dispatching(webhook(), max_attempts=4, backoff=QUICK, ack_wait=2.0):
             [letter] = await eventually(lambda: site.dead_letters("act-crash"), timeout=20)
-            await asyncio.sleep(1.0)
+            await eventually(lambda: dispatched(site.bus, "webhook"))  # nothing more is coming
         assert receiver.attempts == 4
         assert letter.headers[DLQ_REASON] == "http_500"
 
@@ -234,7 +235,7 @@ async def test_a_collector_refusing_the_outcome_is_asked_max_attempts_times_then
             await site.publish("act-unreported", receiver.url())
             async with site.dispatching(webhook(), report=report, max_attempts=3, backoff=QUICK):
                 [letter] = await eventually(lambda: site.dead_letters("act-unreported"), timeout=20)
-                await asyncio.sleep(1.0)
+                await eventually(lambda: dispatched(site.bus, "webhook"))  # nothing more is coming
             assert len(receiver.deliveries) == 1  # sent once: only the report was retried
     finally:
         await report.close()
@@ -328,7 +329,8 @@ async def test_a_store_failing_to_mark_one_outcome_reported_holds_nothing(site):
         )
         async with site.dispatching(webhook(), backoff=QUICK, report=report):
             await eventually(lambda: _with(site, "act-marked", reported=True), timeout=10)
-            await asyncio.sleep(1.0)  # a batch handed back would be posted again by now
+            # A batch handed back would be delivered again: the consumer holds nothing once it is all settled.
+            await eventually(lambda: dispatched(site.bus, "webhook"))
     assert posts == [["act-marked", "act-unmarked"]]  # posted once, together
     assert receiver.attempts == 2
     assert (await site.record("act-unmarked"))["reported"] is False
