@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from nats.js.errors import NotFoundError
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
 from cdp.orchestration.v1 import orchestration_pb2
@@ -86,6 +87,28 @@ async def task(bus: Bus, person: str, action_id: str, subject: str) -> None:
     out = subjects.actions(subjects.CRM_CHANNEL, partition_for(person, PARTITIONS))
     [result] = await bus.publisher.publish_batch([OutMessage(out, action.SerializeToString(), action_id)])
     assert result.ok, result.error
+
+
+async def handled(bus: Bus, *msg_ids: str) -> bool:
+    """Whether the connector has handled the messages published under `msg_ids`: its input stream (CRM)
+    holds them (sourced by the server; a sourced message keeps its Nats-Msg-Id) and its partitions'
+    consumers hold nothing unread or unacknowledged - a batch is acknowledged once its writes are done or
+    queued and committed."""
+    info = await bus.js.stream_info(subjects.CRM)
+    held = set()
+    for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
+        try:
+            message = await bus.js.get_msg(subjects.CRM, seq)
+        except NotFoundError:  # deleted
+            continue
+        held.add((message.headers or {}).get("Nats-Msg-Id"))
+    if not set(msg_ids) <= held:
+        return False
+    for partition in range(PARTITIONS):
+        consumer = await bus.js.consumer_info(subjects.CRM, subjects.partition_durable("crm", partition))
+        if consumer.num_pending or consumer.num_ack_pending:
+            return False
+    return True
 
 
 async def states(address: str, person: str) -> list[int]:
@@ -192,8 +215,14 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
                 return await states(process.grpc_address, "p_ada") == erased
 
             await _eventually(erased_again)
-            # The retrier's round and the late change's batch are done by now (Bob's later change landed).
-            await asyncio.sleep(1.0)
+            # The late changes' batches are done (written, or queued, then acknowledged), and nothing is queued
+            # for the retrier: a queued write it took has been sent by then (it leaves the queue after its answer).
+            await _eventually(lambda: handled(bus, "change-4", "change-5"))
+
+            async def none_queued():
+                return await pending(process.grpc_address) == 0
+
+            await _eventually(none_queued)
         finally:
             process.stop()
         # Nothing of Ada re-created or written again in HubSpot: her contact and task as the deletion left them.
