@@ -196,7 +196,7 @@ class Rounds:
         if session is None or not persons:
             return None
         assembler = session.assembler
-        key = (version.spec.features, tuple(persons))
+        key = (assembler.key, tuple(persons))
         matrix = rows.get(key) if rows is not None else None
         if matrix is None:
             fields, empty = self.fields, {}

@@ -167,6 +167,23 @@ def test_values_convert_the_way_profiles_hold_them():
     assert epoch_seconds(True) is None
 
 
+def test_a_row_reads_each_value_as_its_transform_does_whatever_form_it_comes_in():
+    """Rows take a shortcut for the forms profiles hold most (float epoch seconds, booleans, strings): every
+    other form of the same field still reads as the transform reads it."""
+    assembler = FeatureAssembler(ModelSpec.from_dict(spec()))
+    at = NOW - 3 * DAY
+    seconds = assembler.row({"computed.last_order_at": at}, NOW)[1]
+    for held in (at * 1000, int(at), int(at * 1000), "2026-09-18T14:13:20+00:00"):
+        assert assembler.row({"computed.last_order_at": held}, NOW)[1] == pytest.approx(seconds)
+    for unreadable in (math.nan, math.inf, -math.inf, True, "soon"):
+        assert assembler.row({"computed.last_order_at": unreadable}, NOW)[1] == 365.0
+    for granted, value in ((True, 1.0), (False, 0.0), (1, 1.0), (0.0, 0.0), ("yes", 1.0), ("off", 0.0)):
+        assert assembler.row({"consent.channel:email": granted}, NOW)[2] == value
+    assert math.isnan(assembler.row({"consent.channel:email": math.nan}, NOW)[2])
+    for plan, value in (("pro", 1.0), ("free", 0.0), ("gold", -1.0), (1, 0.0), (True, 0.0)):
+        assert assembler.row({"traits.plan": plan}, NOW)[3] == value  # not a string: the default "free"
+
+
 def test_named_and_raw_vectors_are_checked():
     assembler = FeatureAssembler(ModelSpec.from_dict(spec()))
     with pytest.raises(InvalidArgument, match="takes 5 features"):

@@ -78,10 +78,13 @@ def epoch_seconds(value: Any) -> float | None:
 class FeatureAssembler:
     """Builds a model's input rows from flat profile fields (one per person) or from named values."""
 
-    __slots__ = ("_converters", "_defaults", "_row", "names", "paths", "spec", "width")
+    __slots__ = ("_converters", "_defaults", "_row", "key", "names", "paths", "spec", "width")
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        # The same for every assembler of equal features (churn and propensity read the same ones): rows
+        # assembled for one serve the other. A small int, where the features themselves hash field by field.
+        self.key = _FEATURE_SETS.setdefault(spec.features, len(_FEATURE_SETS))
         self.names = tuple(f.name for f in spec.features)
         self.paths = tuple(f.path for f in spec.features)
         self.width = len(spec.features)
@@ -136,6 +139,10 @@ class FeatureAssembler:
         ]
 
 
+# Feature lists met so far -> their key (`FeatureAssembler.key`): one entry per distinct list deployed.
+_FEATURE_SETS: dict[tuple[FeatureSpec, ...], int] = {}
+
+
 def _compile_row(
     features: Sequence[FeatureSpec],
     defaults: Sequence[float],
@@ -145,7 +152,7 @@ def _compile_row(
     and the unrolled code costs about half of a loop over (path, converter, default) tuples. Only the
     spec's paths reach the source, as string literals (repr); defaults and converters are passed in."""
     lines = ["def row(fields, now):", "    get = fields.get"]
-    names: dict[str, Any] = {"_float": float}
+    names: dict[str, Any] = {"_float": float, "_str": str, "_DAY": DAY}
     outs = []
     for i, feature in enumerate(features):
         names[f"_d{i}"], names[f"_c{i}"] = defaults[i], converters[i]
@@ -154,6 +161,24 @@ def _compile_row(
             # A plain float, the common case, skips the call (inf - inf and nan - nan are nan).
             lines.append(
                 f"    r{i} = _d{i} if v is None else (v if type(v) is _float and v - v == 0.0 else "
+                f"(_d{i} if (c := _c{i}(v, now)) is None else c))"
+            )
+        elif feature.transform == "days_since":
+            # Epoch seconds as a plain float, the common case, computed here as the converter computes them
+            # (nan and inf fail the range test and take the call: the default).
+            lines.append(
+                f"    r{i} = _d{i} if v is None else ((now - v) / _DAY if type(v) is _float and -1e11 <= v <= 1e11 "
+                f"else (_d{i} if (c := _c{i}(v, now)) is None else c))"
+            )
+        elif feature.transform == "bool":
+            lines.append(
+                f"    r{i} = _d{i} if v is None else (1.0 if v is True else 0.0 if v is False else "
+                f"(_d{i} if (c := _c{i}(v, now)) is None else c))"
+            )
+        elif feature.transform == "category":
+            names[f"_i{i}"] = {name: float(k) for k, name in enumerate(feature.categories)}
+            lines.append(
+                f"    r{i} = _d{i} if v is None else (_i{i}.get(v, -1.0) if type(v) is _str else "
                 f"(_d{i} if (c := _c{i}(v, now)) is None else c))"
             )
         else:
