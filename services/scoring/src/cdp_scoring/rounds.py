@@ -243,35 +243,32 @@ class Rounds:
         `news_only` (the stream path): a person whose version and values are those last published for
         the model (published.py) is left out, and what goes out is recorded as last published - it is
         committed with the batch, and a batch that is not is applied again on rebuilt fields."""
-        columns: dict[int, list[scoring_pb2.ScoresUpdatedBatch]] = {}  # partition -> model versions' columns
+        # partition -> model versions' columns: (model, version, score names, person ids, values, at_ms)
+        columns: dict[int, list[tuple]] = {}
         partition = self._partition
         last = self.published
         news = last.news
         for version, persons, scores, times in scored:
-            model = version.spec.name
+            model, name = version.spec.name, version.version
             values = last.rows(scores)
-            rows: dict[int, list[int]] = {}
+            # partition -> this version's columns there (ids, values, times), filled in one pass
+            parts: dict[int, tuple[list[str], list[float], list[int]]] = {}
             kept = 0
             for i, person in enumerate(persons):
-                if news_only and not news(person, model, [version.version, *values[i]]):
+                row = values[i]
+                if news_only and not news(person, model, [name, *row]):
                     continue
                 kept += 1
                 p = partition_of[person] if partition_of is not None else partition(person)
-                rows.setdefault(p, []).append(i)
+                found = parts.get(p)
+                if found is None:
+                    found = parts[p] = ([], [], [])
+                found[0].append(person)
+                found[1].extend(row)
+                found[2].append(round(times[i] * 1000))
             names = version.spec.score_names
-            for p, index in rows.items():
-                for start in range(0, len(index), MAX_UPDATES_PER_MESSAGE):
-                    chunk = index[start : start + MAX_UPDATES_PER_MESSAGE]
-                    columns.setdefault(p, []).append(
-                        scoring_pb2.ScoresUpdatedBatch(
-                            model=model,
-                            version=version.version,
-                            scores=names,
-                            person_ids=[persons[i] for i in chunk],
-                            values=[v for i in chunk for v in values[i]],
-                            at_ms=[round(times[i] * 1000) for i in chunk],
-                        )
-                    )
+            for p, (ids, row_values, at_ms) in parts.items():
+                columns.setdefault(p, []).append((model, name, names, ids, row_values, at_ms))
             if kept:
                 self._m_published.add(kept, {"model": model})
             if kept < len(persons):
@@ -279,21 +276,35 @@ class Rounds:
         return {p: _messages(p, batches) for p, batches in columns.items()}
 
 
-def _messages(partition: int, batches: list[scoring_pb2.ScoresUpdatedBatch]) -> list[OutMessage]:
-    """A partition's model versions' columns in as few messages as MAX_UPDATES_PER_MESSAGE rows allow: the
-    first batch of a message carries the others in `more`. A message's id is a hash of its bytes."""
+def _messages(partition: int, batches: list[tuple]) -> list[OutMessage]:
+    """A partition's model versions' columns (model, version, score names, person ids, values, at_ms) in
+    as few messages as MAX_UPDATES_PER_MESSAGE rows allow: a version's columns are cut into chunks of at most
+    that many rows, and the first chunk of a message carries the others in `more` (built in place there, not
+    copied in). A message's id is a hash of its bytes."""
     out: list[OutMessage] = []
     message: scoring_pb2.ScoresUpdatedBatch | None = None
     rows = 0
-    for batch in batches:
-        if message is not None and rows + len(batch.person_ids) > MAX_UPDATES_PER_MESSAGE:
-            out.append(_out_message(partition, message))
-            message = None
-        if message is None:
-            message, rows = batch, 0
-        else:
-            message.more.append(batch)
-        rows += len(batch.person_ids)
+    for model, version, names, ids, values, at_ms in batches:
+        width = len(names)
+        for start in range(0, len(ids), MAX_UPDATES_PER_MESSAGE):
+            end = start + MAX_UPDATES_PER_MESSAGE
+            chunk = ids[start:end] if start or end < len(ids) else ids
+            if message is not None and rows + len(chunk) > MAX_UPDATES_PER_MESSAGE:
+                out.append(_out_message(partition, message))
+                message = None
+            columns = {
+                "model": model,
+                "version": version,
+                "scores": names,
+                "person_ids": chunk,
+                "values": values[start * width : end * width] if chunk is not ids else values,
+                "at_ms": at_ms[start:end] if chunk is not ids else at_ms,
+            }
+            if message is None:
+                message, rows = scoring_pb2.ScoresUpdatedBatch(**columns), 0
+            else:
+                message.more.add(**columns)
+            rows += len(chunk)
     if message is not None:
         out.append(_out_message(partition, message))
     return out
