@@ -81,6 +81,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import nats.errors
 import orjson
@@ -92,11 +93,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from cdp_kit.bus import subjects
+from cdp_kit.bus.setup import answered
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.stopping import raise_if_cancelling
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context, observe_on
 
 log = logging.getLogger("cdp.bus")
+
+T = TypeVar("T")
 
 DLQ_REASON = "Cdp-Dlq-Reason"
 DLQ_DETAIL = "Cdp-Dlq-Detail"
@@ -373,10 +377,11 @@ class ConsumerRunner:
     async def provision(self, *, start_seq: int | None = None) -> None:
         """Create or update the durable consumer (idempotent). `start_seq`: where a consumer that does not
         exist starts (a partition engine's checkpoint + 1: nothing up to it needs reading again; a memory
-        consumer is gone after a nats-server restart); by default at the stream's beginning."""
+        consumer is gone after a nats-server restart); by default at the stream's beginning. Each request a
+        stalled server does not answer in time is asked again (`cdp_kit.bus.setup`)."""
         config = self.spec.config()
         try:
-            info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
+            info = await self._asked(lambda: self.js.consumer_info(self.spec.stream, self.spec.durable))
             self._saw(info)
             current = info.config
             if (
@@ -398,17 +403,22 @@ class ConsumerRunner:
                 # Where it starts cannot change on an update (an ordered consumer may have been restarted
                 # at its floor).
                 config.deliver_policy, config.opt_start_seq = current.deliver_policy, current.opt_start_seq
-                await self.js.add_consumer(self.spec.stream, config)  # same durable name: an update
+                # Same durable name: an update.
+                await self._asked(lambda: self.js.add_consumer(self.spec.stream, config))
         except NotFoundError:
             await self._start_at(config, start_seq)
-            await self.js.add_consumer(self.spec.stream, config)
+            await self._asked(lambda: self.js.add_consumer(self.spec.stream, config))
+
+    def _asked(self, request: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """A setup request, asked again while a stalled server does not answer it in time."""
+        return answered(self.js, f"consumer {self.spec.durable} of stream {self.spec.stream}", request)
 
     async def _start_at(self, config: api.ConsumerConfig, start_seq: int | None) -> None:
         """Make `config` start at `start_seq` - unless the stream ends before it (restored from an older
         backup: its positions are not ours), then at the stream's beginning (the spec's policy)."""
         if start_seq is None or start_seq <= 1:
             return
-        last = (await self.js.stream_info(self.spec.stream)).state.last_seq or 0
+        last = (await self._asked(lambda: self.js.stream_info(self.spec.stream))).state.last_seq or 0
         if start_seq > last + 1:
             return
         config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
@@ -416,10 +426,13 @@ class ConsumerRunner:
 
     async def _restart_at_floor(self, info: api.ConsumerInfo, config: api.ConsumerConfig) -> None:
         floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-        await self.js.delete_consumer(self.spec.stream, self.spec.durable)
+        try:
+            await self._asked(lambda: self.js.delete_consumer(self.spec.stream, self.spec.durable))
+        except NotFoundError:
+            pass  # deleted by a request whose answer did not come back in time (asked again), or by a peer
         config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = (floor or 0) + 1
-        await self.js.add_consumer(self.spec.stream, config)
+        await self._asked(lambda: self.js.add_consumer(self.spec.stream, config))
         log.info(
             "consumer %s restarted at its acknowledgement floor",
             self.spec.durable,

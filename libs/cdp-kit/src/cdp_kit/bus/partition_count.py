@@ -40,6 +40,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from cdp_kit.bus import subjects
+from cdp_kit.bus.setup import answered
 from cdp_kit.errors import Unavailable
 
 log = logging.getLogger("cdp.bus")
@@ -191,33 +192,43 @@ async def check(
     for stream in dict.fromkeys(streams):
         if stream not in PARTITIONED:
             continue
-        try:
-            info = await js.stream_info(stream)
-        except NotFoundError:
-            # Not made yet (a test's engine on a stream it never creates): nothing holds another split. A
-            # service's own streams are verified before (`Bus.ensure_*`); the provisioner records new ones.
-            continue
+        # Idempotent (a look-up, then at most the same record written again): asked again when a stalled
+        # server does not answer in time.
+        await answered(
+            js,
+            f"stream {stream}",
+            lambda stream=stream: _check(js, stream, partitions, record=record, deadline=deadline),
+        )
+
+
+async def _check(js: JetStreamContext, stream: str, partitions: int, *, record: bool, deadline: float) -> None:
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        # Not made yet (a test's engine on a stream it never creates): nothing holds another split. A
+        # service's own streams are verified before (`Bus.ensure_*`); the provisioner records new ones.
+        return
+    made = recorded(info.config)
+    while made is None and not record and time.monotonic() < deadline:
+        await asyncio.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+        info = await js.stream_info(stream)
         made = recorded(info.config)
-        while made is None and not record and time.monotonic() < deadline:
-            await asyncio.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
-            info = await js.stream_info(stream)
-            made = recorded(info.config)
-        if made == partitions:
-            continue
-        if made is not None:
-            raise mismatch(stream, made, partitions)
-        if not record:
-            raise PartitionsMismatch(
-                f"stream {stream} records no partition count ({KEY} in its metadata): the provisioner records "
-                "it (`cdpctl up` runs it before the services; under Kubernetes the chart's provisioning Job, "
-                "`python -m cdp_kit.provision`): run it again, then start this service"
-            )
-        seen = await evidence(js, stream)
-        if seen.refuses(partitions):
-            raise unrecorded(stream, seen, partitions)
-        await js.update_stream(recording(info.config, partitions))
-        # Two services recording at once: the later update wins, and the other finds it here.
-        made = recorded((await js.stream_info(stream)).config)
-        if made != partitions:
-            raise mismatch(stream, made or 0, partitions)
-        log.info("recorded the partition count in stream %s", stream, extra={"partitions": partitions})
+    if made == partitions:
+        return
+    if made is not None:
+        raise mismatch(stream, made, partitions)
+    if not record:
+        raise PartitionsMismatch(
+            f"stream {stream} records no partition count ({KEY} in its metadata): the provisioner records "
+            "it (`cdpctl up` runs it before the services; under Kubernetes the chart's provisioning Job, "
+            "`python -m cdp_kit.provision`): run it again, then start this service"
+        )
+    seen = await evidence(js, stream)
+    if seen.refuses(partitions):
+        raise unrecorded(stream, seen, partitions)
+    await js.update_stream(recording(info.config, partitions))
+    # Two services recording at once: the later update wins, and the other finds it here.
+    made = recorded((await js.stream_info(stream)).config)
+    if made != partitions:
+        raise mismatch(stream, made or 0, partitions)
+    log.info("recorded the partition count in stream %s", stream, extra={"partitions": partitions})

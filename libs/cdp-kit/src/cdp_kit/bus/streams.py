@@ -20,6 +20,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
 from cdp_kit.bus import partition_count, subjects
+from cdp_kit.bus.setup import answered
 
 log = logging.getLogger("cdp.bus")
 
@@ -217,14 +218,18 @@ async def ensure_created(js: JetStreamContext, *configs: api.StreamConfig) -> No
     """Create each stream when missing, in order. An existing one is left as it is: a sourced stream's
     source start positions must not move, and an operator's change stays."""
     for config in configs:
+        await answered(js, f"stream {config.name}", lambda config=config: _create_if_missing(js, config))
+
+
+async def _create_if_missing(js: JetStreamContext, config: api.StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
         try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            try:
-                await js.add_stream(config)
-                log.info("created stream %s", config.name)
-            except Exception:
-                await js.stream_info(config.name)  # another replica created it in between
+            await js.add_stream(config)
+            log.info("created stream %s", config.name)
+        except Exception:
+            await js.stream_info(config.name)  # another replica created it in between
 
 
 def source_of(headers: dict[str, str] | None) -> tuple[str, str]:
@@ -321,7 +326,7 @@ async def verify_stream(js: JetStreamContext, wanted: api.StreamConfig, fields: 
     StreamMismatch naming the stream, each setting that differs (as it is and as the spec has it) and the fix.
     What a service whose NATS user may not create or update streams does at start instead of ensuring them."""
     try:
-        info = await js.stream_info(wanted.name)
+        info = await answered(js, f"stream {wanted.name}", lambda: js.stream_info(wanted.name))
     except NotFoundError:
         raise StreamMismatch(f"stream {wanted.name} does not exist: {FIX}") from None
     changed = _differs(info.config, wanted, fields)
@@ -342,7 +347,12 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, update: bool 
     """Create the stream if it is missing; if it exists and differs, bring it to `spec` - unless
     `update` is False: a service that reads (or writes into) a stream another service owns and
     configures creates it with defaults when it starts first, and never overwrites the owner's
-    settings (retention, de-duplication window) afterwards."""
+    settings (retention, de-duplication window) afterwards. A server that does not answer in time is
+    asked again (`cdp_kit.bus.setup`): each step is idempotent."""
+    return await answered(js, f"stream {spec.name}", lambda: _ensure_stream(js, spec, update=update))
+
+
+async def _ensure_stream(js: JetStreamContext, spec: StreamSpec, *, update: bool) -> api.StreamInfo:
     wanted = spec.config()
     for _attempt in range(3):
         try:
