@@ -23,6 +23,7 @@ from cdp_kit.auth import TokenAuthenticator, new_token, write_tokens_file
 from cdp_kit.errors import AlreadyExists, InvalidArgument, NotFound
 from cdp_kit.interceptors import PUBLIC, CdpInterceptor, current_caller
 from cdp_kit.telemetry import Telemetry
+from cdp_testing.waiting import eventually
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN_ID = "b7ad6b7169203331"
@@ -105,6 +106,23 @@ class Recorder:
         self._seen("Generated")
         yield from (b"x", b"y")
 
+    async def wait(self, request, context):
+        """Never answers: what a service far behind is to a caller with a deadline."""
+        self._seen("Wait")
+        await asyncio.Event().wait()
+
+    async def trickle(self, request, context):
+        self._seen("Trickle")
+        yield b"first"
+        await asyncio.Event().wait()
+
+    async def lost(self, request, context):
+        """Awaits work another task cancels: a CancelledError while the call itself goes on."""
+        self._seen("Lost")
+        work = asyncio.ensure_future(asyncio.Event().wait())
+        asyncio.get_running_loop().call_soon(work.cancel)
+        await work
+
 
 def generic_handler(recorder):
     return grpc.method_handlers_generic_handler(
@@ -119,6 +137,9 @@ def generic_handler(recorder):
             "Chat": grpc.stream_stream_rpc_method_handler(recorder.chat),
             "Written": grpc.unary_stream_rpc_method_handler(recorder.written),
             "Generated": grpc.unary_stream_rpc_method_handler(recorder.generated),
+            "Wait": grpc.unary_unary_rpc_method_handler(recorder.wait),
+            "Trickle": grpc.unary_stream_rpc_method_handler(recorder.trickle),
+            "Lost": grpc.unary_unary_rpc_method_handler(recorder.lost),
         },
     )
 
@@ -330,6 +351,61 @@ async def test_an_unexpected_error_is_internal_and_names_only_the_trace(observed
     assert unhandled.levelname == "ERROR" and "unhandled error in /test.Svc/Fail" in unhandled.getMessage()
     assert "secret internals" in str(unhandled.exc_info[1])
     assert (failed.levelname, failed.getMessage(), failed.status) == ("ERROR", "grpc call failed", "INTERNAL")
+
+
+async def test_a_call_its_caller_gave_up_on_is_deadline_exceeded_or_cancelled_never_unknown(observed, caplog):
+    """A pipeline benchmark: crm's BatchGetProfiles calls (a 30 s deadline) to a profile service far behind
+    were logged `grpc call failed` UNKNOWN at ERROR when the deadline passed - grpc.aio cancels the
+    handler, and the cancellation set no status - and counted as UNKNOWN, which pages as a bug. They are
+    what the caller saw: DEADLINE_EXCEEDED, a warning; a caller that cancelled is CANCELLED, at INFO."""
+    caplog.set_level(logging.INFO, logger="cdp.grpc")
+    recorder = Recorder()
+    async with serving(CdpInterceptor(observed.telemetry), recorder) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await channel.unary_unary("/test.Svc/Wait")(b"", timeout=0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as late_stream:
+            async for _ in channel.unary_stream("/test.Svc/Trickle")(b"", timeout=0.5):
+                pass
+        call = channel.unary_unary("/test.Svc/Wait")(b"")
+        # Cancelled once its handler runs (the second call of Wait the recorder sees).
+        await eventually(lambda: [name for name, *_ in recorder.calls].count("Wait") == 2, timeout=30)
+        call.cancel()
+        ended = {
+            ("/test.Svc/Wait", "DEADLINE_EXCEEDED"): 1,
+            ("/test.Svc/Trickle", "DEADLINE_EXCEEDED"): 1,
+            ("/test.Svc/Wait", "CANCELLED"): 1,
+        }
+        # The server records a call as its handler ends, after the caller has its answer.
+        await eventually(lambda: observed.durations() == ended, timeout=30)
+
+    assert late.value.code() == late_stream.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    lines = sorted((r.levelname, r.getMessage(), r.method, r.status) for r in caplog.records if r.name == "cdp.grpc")
+    assert lines == [
+        ("INFO", "grpc call cancelled by the caller", "/test.Svc/Wait", "CANCELLED"),
+        ("WARNING", "grpc call not answered before the caller's deadline", "/test.Svc/Trickle", "DEADLINE_EXCEEDED"),
+        ("WARNING", "grpc call not answered before the caller's deadline", "/test.Svc/Wait", "DEADLINE_EXCEEDED"),
+    ]
+    assert sorted(s.status.description for s in observed.server_spans()) == [
+        "CANCELLED",
+        "DEADLINE_EXCEEDED",
+        "DEADLINE_EXCEEDED",
+    ]
+
+
+async def test_a_cancellation_inside_a_call_that_goes_on_is_an_internal_error(observed, caplog):
+    """A CancelledError the handler did not ask for (work it awaited was cancelled by another task) is a
+    bug of the service, not the caller leaving: INTERNAL with the traceback logged, not UNKNOWN."""
+    caplog.set_level(logging.INFO, logger="cdp.grpc")
+    async with serving(CdpInterceptor(observed.telemetry), Recorder()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await channel.unary_unary("/test.Svc/Lost")(b"", timeout=30)
+        await eventually(observed.durations, timeout=30)
+
+    assert lost.value.code() == grpc.StatusCode.INTERNAL
+    assert observed.durations() == {("/test.Svc/Lost", "INTERNAL"): 1}
+    unhandled, failed = [r for r in caplog.records if r.name == "cdp.grpc"]
+    assert unhandled.levelname == "ERROR" and isinstance(unhandled.exc_info[1], asyncio.CancelledError)
+    assert (failed.getMessage(), failed.status) == ("grpc call failed", "INTERNAL")
 
 
 async def test_a_status_the_handler_set_itself_passes_through(observed):
