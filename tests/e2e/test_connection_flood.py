@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import resource
 import socket
+import urllib.request
 
 import grpc
 import nats
@@ -20,10 +22,13 @@ import pytest
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
+from cdp_kit.natsserver import free_port
 from cdp_testing.processes import CollectorProcess
+from cdp_testing.waiting import eventually
 
 WRITE_KEY = "wk_flood_0123456789abcdef"
 FILES = 256  # the collector's open-file limit: it may hold 128 HTTP connections (the default cap)
+CAP = FILES // 2
 FLOOD = 600  # connections opened to it and held, more than it may open files
 GIVE_UP = 60.0
 
@@ -70,6 +75,18 @@ async def stored_ids(url: str) -> set[str]:
         await nc.close()
 
 
+async def refused_for_cap(metrics_port: int) -> int:
+    """HTTP connections the collector refused for its cap (`cdp.collector.http.refused`, reason
+    `max_connections`), from its /metrics."""
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+            return answer.read().decode()
+
+    pattern = r'^cdp_collector_http_refused_total\{[^}]*reason="max_connections"[^}]*\} (\S+)$'
+    return sum(int(float(m.group(1))) for m in re.finditer(pattern, await asyncio.to_thread(scrape), re.M))
+
+
 @pytest.mark.timeout(180)
 async def test_a_connection_flood_leaves_the_collector_serving(nats_server, tmp_path):
     from segment.analytics import Client
@@ -78,18 +95,31 @@ async def test_a_connection_flood_leaves_the_collector_serving(nats_server, tmp_
     # The flood's idle connections outlast the test's patience: what is served is served during the flood.
     collector.env["CDP_COLLECTOR_HTTP_HEADER_TIMEOUT"] = "120"
     collector.env["CDP_LOG_FORMAT"] = "json"
+    metrics_port = free_port()
+    collector.env["CDP_METRICS_PORT"] = str(metrics_port)
     with open_file_limit(FILES):
         collector.start()
     held: list[socket.socket] = []
     try:
         held = await asyncio.to_thread(flood, collector.http_port)
+
+        # The collector has taken every connection of the flood: its cap's worth held, the rest refused.
+        async def flood_taken() -> int:
+            return (count := await refused_for_cap(metrics_port)) >= FLOOD - CAP and count
+
+        before = await eventually(flood_taken, timeout=GIVE_UP)
         # Meanwhile the gRPC port serves (it has its own cap, a quarter of the limit).
         assert await collect(collector.grpc_address, "grpc-during-flood") == 1
         errors: list = []
         sdk = Client(WRITE_KEY, host=f"http://127.0.0.1:{collector.http_port}", on_error=lambda e, _b: errors.append(e))
         sdk.track("u-1", "Order Completed", message_id="sdk-during-flood")
         sdk.flush_at = 1
-        await asyncio.sleep(1)  # the SDK is turned away meanwhile: told to come back in 5 s
+
+        # The SDK is turned away meanwhile (told to come back in 5 s): its connection is one more refused.
+        async def sdk_refused() -> bool:
+            return await refused_for_cap(metrics_port) > before
+
+        await eventually(sdk_refused, timeout=GIVE_UP)
         for sock in held:  # the flood ends
             sock.close()
         await asyncio.wait_for(asyncio.to_thread(sdk.shutdown), GIVE_UP)
