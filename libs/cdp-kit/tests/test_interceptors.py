@@ -353,6 +353,9 @@ async def test_an_unexpected_error_is_internal_and_names_only_the_trace(observed
     assert (failed.levelname, failed.getMessage(), failed.status) == ("ERROR", "grpc call failed", "INTERNAL")
 
 
+DEADLINE = 3.0
+
+
 async def test_a_call_its_caller_gave_up_on_is_deadline_exceeded_or_cancelled_never_unknown(observed, caplog):
     """A pipeline benchmark: crm's BatchGetProfiles calls (a 30 s deadline) to a profile service far behind
     were logged `grpc call failed` UNKNOWN at ERROR when the deadline passed - grpc.aio cancels the
@@ -361,11 +364,16 @@ async def test_a_call_its_caller_gave_up_on_is_deadline_exceeded_or_cancelled_ne
     caplog.set_level(logging.INFO, logger="cdp.grpc")
     recorder = Recorder()
     async with serving(CdpInterceptor(observed.telemetry), recorder) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as late:
-            await channel.unary_unary("/test.Svc/Wait")(b"", timeout=0.5)
-        with pytest.raises(grpc.aio.AioRpcError) as late_stream:
-            async for _ in channel.unary_stream("/test.Svc/Trickle")(b"", timeout=0.5):
+
+        async def trickled():
+            async for _ in channel.unary_stream("/test.Svc/Trickle")(b"", timeout=DEADLINE):
                 pass
+
+        # Both at once; the deadline leaves a busy machine time to start the handlers (a call whose deadline
+        # passes before its handler runs is answered by grpc alone).
+        late, late_stream = await asyncio.gather(
+            channel.unary_unary("/test.Svc/Wait")(b"", timeout=DEADLINE), trickled(), return_exceptions=True
+        )
         call = channel.unary_unary("/test.Svc/Wait")(b"")
         # Cancelled once its handler runs (the second call of Wait the recorder sees).
         await eventually(lambda: [name for name, *_ in recorder.calls].count("Wait") == 2, timeout=30)
@@ -378,7 +386,8 @@ async def test_a_call_its_caller_gave_up_on_is_deadline_exceeded_or_cancelled_ne
         # The server records a call as its handler ends, after the caller has its answer.
         await eventually(lambda: observed.durations() == ended, timeout=30)
 
-    assert late.value.code() == late_stream.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(late, grpc.aio.AioRpcError) and isinstance(late_stream, grpc.aio.AioRpcError)
+    assert late.code() == late_stream.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     lines = sorted((r.levelname, r.getMessage(), r.method, r.status) for r in caplog.records if r.name == "cdp.grpc")
     assert lines == [
         ("INFO", "grpc call cancelled by the caller", "/test.Svc/Wait", "CANCELLED"),

@@ -111,12 +111,22 @@ def _call_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _ended_by_caller(context) -> grpc.StatusCode | None:
-    """DEADLINE_EXCEEDED or CANCELLED for a call grpc.aio cancelled; None for one it did not."""
+# The caller's own clock ends a call at its deadline (it cancels the call) a moment before ours would: our
+# deadline counts from when the request arrived. A call cancelled within this many seconds of our deadline,
+# or in the last DEADLINE_SHARE of the time it had, was ended by its deadline.
+DEADLINE_SLACK = 1.0
+DEADLINE_SHARE = 0.05
+
+
+def _ended_by_caller(context, elapsed: float) -> grpc.StatusCode | None:
+    """DEADLINE_EXCEEDED or CANCELLED for a call grpc.aio cancelled `elapsed` seconds after it began; None
+    for one it did not."""
     if not _call_cancelled():
         return None
     remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    if remaining is not None and remaining <= max(DEADLINE_SLACK, DEADLINE_SHARE * (remaining + elapsed)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class _StrGetter(Getter[dict[str, str]]):
@@ -444,7 +454,7 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             elapsed_ms = (perf_counter() - started) * 1000
             code = context.code()
             if code is None:
-                code = (_ended_by_caller(context) or _UNKNOWN) if failed else _OK
+                code = (_ended_by_caller(context, elapsed_ms / 1000) or _UNKNOWN) if failed else _OK
             if code is _OK:
                 self._duration.record(elapsed_ms, method.ok_attributes)
                 span.set_attribute("rpc.grpc.status_code", 0)
