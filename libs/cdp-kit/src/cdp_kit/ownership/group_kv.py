@@ -33,6 +33,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
+from cdp_kit.bus.setup import answered
 from cdp_kit.errors import Unavailable
 
 # How long an abandoned scan consumer lives on the server (nanoseconds in the API).
@@ -51,7 +52,8 @@ class GroupKv(KeyValue):
         """The bucket, created when missing (with direct gets: one key is read by its own subject)."""
         stream = f"KV_{bucket}"
         try:
-            info = await js.stream_info(stream)
+            # Asked again while a stalled server does not answer in time (a look-up: idempotent).
+            info = await answered(js, f"stream {stream}", lambda: js.stream_info(stream))
             direct = bool(info.config.allow_direct)
         except nats.js.errors.NotFoundError:
             # Two members racing to create the bucket both succeed: the configuration is the same. Under a
