@@ -28,6 +28,9 @@ import nats.js.errors
 import pytest
 from stories import Story, eventually, start_platform
 
+from cdp.profile.v1 import profile_pb2
+from cdp_testing.waiting import until
+
 PREFIX = "atk3-5c0e"  # every id of this module holds it
 
 
@@ -89,6 +92,24 @@ async def _carrying(story: Story, stream: str, marker: bytes) -> int:
         await nc.close()
 
 
+async def _published(story: Story, person_id: str) -> bool:
+    """Whether PROFILES holds a change of `person_id` (read by the operator, newest first)."""
+    nc = await nats.connect(story.platform.run["nats"])
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("PROFILES")
+        for seq in range(info.state.last_seq, info.state.first_seq - 1, -1) if info.state.messages else ():
+            try:
+                message = await js.get_msg("PROFILES", seq)
+            except nats.js.errors.NotFoundError:  # deleted
+                continue
+            if any(c.person_id == person_id for c in profile_pb2.ProfileChangedBatch.FromString(message.data).changes):
+                return True
+        return False
+    finally:
+        await nc.close()
+
+
 async def _attack(address: str, credentials: dict, configs: dict[str, dict], marker: bytes) -> tuple[dict, list]:
     intruder = await nats.connect(
         address,
@@ -102,7 +123,7 @@ async def _attack(address: str, credentials: dict, configs: dict[str, dict], mar
     async def keep(message) -> None:
         spied.append(message)
 
-    await intruder.subscribe("_INBOX.collector.spy.>", cb=keep)
+    watching = await intruder.subscribe("_INBOX.collector.spy.>", cb=keep)
     await intruder.flush()
     raw = configs["EVENTS_RAW"]
     ownership = configs.get("KV_CDP_OWNERSHIP", {"name": "KV_CDP_OWNERSHIP", "subjects": ["$KV.CDP_OWNERSHIP.>"]})
@@ -135,7 +156,7 @@ async def _attack(address: str, credentials: dict, configs: dict[str, dict], mar
     refused = {what: await _request(intruder, subject, body) is None for what, (subject, body) in attempts.items()}
     # What the collector may publish, forged: an event whose payload a republish would have carried on.
     await intruder.jetstream().publish("events.raw.0", marker, timeout=5)
-    return refused, [intruder, spied]
+    return refused, [intruder, spied, watching]
 
 
 def test_the_collectors_user_cannot_reconfigure_a_stream_to_read_or_forge(story):
@@ -146,16 +167,23 @@ def test_the_collectors_user_cannot_reconfigure_a_stream_to_read_or_forge(story)
     marker = f"{PREFIX}-forged-{uuid.uuid4().hex}".encode()
 
     async def attack_and_watch() -> tuple[dict, int]:
-        refused, (intruder, spied) = await _attack(address, credentials, configs, marker)
+        refused, (intruder, spied, watching) = await _attack(address, credentials, configs, marker)
         try:
             # A person identified after the attack: their profile changes must not reach the attacker.
             user = f"{PREFIX}-victim"
             await asyncio.to_thread(
                 story.send, {"type": "identify", "userId": user, "traits": {"email": f"{user}@example.com"}}
             )
-            await asyncio.to_thread(eventually, lambda: story.profile(user), 30)
-            await asyncio.sleep(2)
-            return refused, len(spied)
+            victim = await asyncio.to_thread(eventually, lambda: story.profile(user), 30)
+            # Past the point where a stream reconfigured by the attacker would have republished the victim's
+            # changes: PROFILES holds one (profile publishes it after its store has it, so the profile can be
+            # read first), the server has sourced what PROFILES and EVENTS_RESOLVED hold into ORCHESTRATION
+            # (stream sourcing, as the attacker's would be) and orchestration applied it. Then whatever the
+            # server sent the intruder before is in (a ping answered after it): read, or still queued.
+            await until(lambda: _published(story, victim.person_id), "the victim's profile change on PROFILES")
+            await asyncio.to_thread(story.orchestration_caught_up)
+            await intruder.flush()
+            return refused, len(spied) + watching.pending_msgs
         finally:
             await intruder.close()
 
