@@ -71,10 +71,21 @@ class Ingestor:
         write key's, whose trust each event is stamped with (None: left as the event has it)."""
         if not events:
             return []
-        if source is not None:
-            for event in events:
+        # One pass: each event's trust stamped, then its message (to_message's work, inline).
+        by_partition = self._subjects
+        partition = self._partition
+        messages = []
+        for event in events:
+            if source is not None:
                 trust_of(source, event)
-        results: list[PubResult] = await self.publisher.publish_batch([self.to_message(e) for e in events])
+            messages.append(
+                OutMessage(
+                    by_partition[partition(partition_key(event))],
+                    event.SerializeToString(),
+                    f"{event.source_id}:{event.message_id}",
+                )
+            )
+        results: list[PubResult] = await self.publisher.publish_batch(messages)
         failed = [r for r in results if not r.ok]
         if any(r.refused for r in failed):
             self._refused_at = time.monotonic()
