@@ -155,12 +155,6 @@ def _plain_dict(value: dict, depth: int) -> bool:
     return _plain_values(value.values(), depth, depth + 1)
 
 
-def _plain_list(value: list, depth: int) -> bool:
-    if depth + 1 > MAX_DEPTH:
-        return False
-    return _plain_values(value, depth + 1, depth + 2)
-
-
 def _plain_values(values: Any, list_depth: int, dict_depth: int) -> bool:
     """`list_depth`/`dict_depth`: the depth `_check_list`/`_check_dict` would be given for a list/dict
     among these values."""
@@ -171,6 +165,9 @@ def _plain_values(values: Any, list_depth: int, dict_depth: int) -> bool:
             return text.isascii() or _valid_text(text)
         if kinds == _INT:
             return min(values) >= INT64_MIN and max(values) <= INT64_MAX
+    # The kinds by how often documents hold them (records are mostly strings, times and absent values),
+    # and a nested dict or list checked here rather than in a call of its own: documents are mostly
+    # small dicts and lists, where the call was much of the cost.
     for item in values:
         kind = type(item)
         if kind is str:
@@ -179,25 +176,30 @@ def _plain_values(values: Any, list_depth: int, dict_depth: int) -> bool:
         elif kind is float:
             if not isfinite(item):
                 return False
+        elif item is None:
+            pass
         elif kind is dict:
-            if not _plain_dict(item, dict_depth):
+            # `_plain_dict` inline
+            if dict_depth > MAX_DEPTH:
+                return False
+            try:
+                names = "".join(item)
+            except TypeError:  # a key that is not a string
+                return False
+            if not names.isascii() or "$" in names or "\x00" in names:
+                return False
+            if item and not _plain_values(item.values(), dict_depth, dict_depth + 1):
                 return False
         elif kind is list:
-            # `_plain_list` inline, and a list of strings (ids, names) checked here in one go
+            # `_plain_list` inline; a long list of strings (ids, names) is checked in one go above
             if list_depth + 1 > MAX_DEPTH:
                 return False
-            if set(map(type, item)) == _STR:
-                text = "".join(item)
-                if not text.isascii() and not _valid_text(text):
-                    return False
-            elif item and not _plain_values(item, list_depth + 1, list_depth + 2):
+            if item and not _plain_values(item, list_depth + 1, list_depth + 2):
                 return False
         elif kind is int:
             if not INT64_MIN <= item <= INT64_MAX:
                 return False
-        elif item is None or kind is bool:
-            pass
-        else:
+        elif kind is not bool:
             return False
     return True
 
