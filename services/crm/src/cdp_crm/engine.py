@@ -68,7 +68,7 @@ from cdp_crm.domain.mapping_model import SEGMENTS
 from cdp_crm.inbound.core import CollectorRefused
 from cdp_crm.inbound.salesforce import OBJECTS as SALESFORCE_OBJECTS
 from cdp_crm.inputs import Input, MappedPaths, View, action_source, decode, reads_fingerprint
-from cdp_crm.people import Fetch, Identifiers
+from cdp_crm.people import Fetch, Identifiers, unanswered
 from cdp_crm.state import (
     DEAD_LETTERED,
     DEAD_LETTERS,
@@ -403,7 +403,11 @@ class CrmLogic:
             self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
             return
         if mapping.kind == "record" and self.identifiers is not None:
-            await self.claim(mapping, changes, planned.previous, deadline)
+            changes = await self._claimed(
+                partition, mapping, changes, planned.intended, planned.previous, out, attempts, deadline
+            )
+            if not changes:
+                return
         if bulk:
             delivered = await self.deliverer.deliver_bulk(mapping, changes, deadline=deadline, progress=progress)
         else:
@@ -436,27 +440,51 @@ class CrmLogic:
             return False
         return True
 
+    async def _claimed(
+        self, partition: int, mapping: ObjectMapping, changes: list[Change],
+        intended: Mapping[str, tuple[dict[str, Any], bool | None]], previous: Mapping[str, Mapping[str, Any]],
+        out: Outcomes, attempts: Mapping[str, int], deadline: float,
+    ) -> list[Change]:  # fmt: skip
+        """`changes` once `claim` has stamped what it could: those that may be written now. The ones whose
+        CRM-made record profile could not name (it did not answer) are queued in `out` instead, as for a CRM
+        that is down: the retrier claims and writes them once it answers."""
+        waiting = await self.claim(mapping, changes, previous, deadline)
+        if not waiting:
+            return changes
+        self.record_outcome(partition, mapping, Delivered(pending=waiting), intended, previous, out, attempts)
+        held = {id(c) for c in waiting}
+        return [c for c in changes if id(c) not in held]
+
     async def claim(
         self, mapping: ObjectMapping, changes: list[Change], previous: Mapping[str, Mapping[str, Any]], deadline: float
-    ) -> int:
+    ) -> list[Change]:
         """Before a record the connector never wrote is upserted by its match key: when the person came from
         a record of this CRM a CRM user made (their identifiers hold its id: `anonymous_id:<kind>:<account>:
         <id>` as the inbound side posts it, or `<kind>_id:<id>`), stamp the match key on that record, so the
-        upsert writes to it instead of creating a second one. How many were stamped."""
+        upsert writes to it instead of creating a second one. Returns the changes that must not be written
+        now: those of records never written when the profile service did not answer (UNAVAILABLE,
+        DEADLINE_EXCEEDED, unreachable) - upserted by the match key, a CRM-made record of theirs would get a
+        second. A refusal (any other code) writes them as before, by the match key; a person profile does
+        not know has no CRM-made record to find."""
         new = [
             c for c in changes
             if c.op == UPSERT and c.person_id and len(c.key) == 1 and not accepted(previous.get(c.record))
         ]  # fmt: skip
         if not new or self.identifiers is None:
-            return 0
+            return []
         try:
             found = await self.identifiers(sorted({c.person_id for c in new}))
-        except Exception as exc:  # the profile service down: written as before (by the match key)
+        except Exception as exc:
+            if unanswered(exc):
+                log.warning(
+                    "reading persons' crm ids failed; their new records wait for the profile service",
+                    extra={"mapping": mapping.name, "error": type(exc).__name__, "records": len(new)},
+                )
+                return new
             log.warning("reading persons' crm ids failed", extra={"mapping": mapping.name, "error": type(exc).__name__})
-            return 0
+            return []
         connection = self.connections[mapping.connection]
         prefixes = (f"anonymous_id:{connection.kind}:{connection.account}:".lower(), f"{connection.kind}_id:")
-        stamped = 0
         for change in new:
             crm_ids = [
                 ident[len(prefix) :]
@@ -467,10 +495,9 @@ class CrmLogic:
             field, value = change.key[0]
             for crm_id in dict.fromkeys(crm_ids):
                 if await self.deliverer.claim(mapping, crm_id, field, value, deadline):
-                    stamped += 1
                     log.info("crm record made in the crm claimed", extra={"mapping": mapping.name})
                     break
-        return stamped
+        return []
 
     def record_outcome(
         self,
@@ -839,8 +866,17 @@ class CrmLogic:
                 taken = 0
                 for name in names:
                     mapping, changes = self.mappings[name], by_mapping[name]
-                    if not await self.read_first(mapping, changes, self.clock() + min(5.0, self.deliverer.retry_for)):
+                    deadline = self.clock() + min(5.0, self.deliverer.retry_for)
+                    if not await self.read_first(mapping, changes, deadline):
                         continue  # still queued: the CRM's news first
+                    if mapping.kind == "record" and self.identifiers is not None:
+                        # A queued record never written may be one a CRM user made (its person's identifiers
+                        # name it): claimed first, as in a batch; still queued while profile does not answer.
+                        changes = await self._claimed(
+                            partition, mapping, changes, intended, prev, out, attempts, deadline
+                        )
+                        if not changes:
+                            continue
                     # A few seconds for the budget: a backlog waits its turn in the account's window rather
                     # than failing the round at once (the pipeline is idle; a new batch waits at most this long).
                     retry_for = min(5.0, self.deliverer.retry_for)

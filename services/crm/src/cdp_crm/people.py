@@ -11,6 +11,10 @@ the connector decodes no profile document of its own. Segments come from the con
 `ConnectorView` - the persons the connector has seen change (`crm_persons`), with the fields it keeps:
 what a backfill reads when no profile service is configured.
 
+A page whose fields the profile service did not answer for (UNAVAILABLE, DEADLINE_EXCEEDED: far behind,
+restarting) raises `Unavailable` with the time to wait; the backfill asks again from its last page
+(runs.py). A refusal (any other code) raises `ProfileRefused`: asking again will not help.
+
 Both page through their listing in key order and say, with each page, the last listing key it covered:
 a backfill keeps that as its resume point (`after`), so one resumed after a crash reads on from the page
 after the last it finished (and reading a page again is harmless: every write is an upsert, what is
@@ -36,6 +40,15 @@ from cdp_kit.storage.port import encode_cursor
 PROFILE_COLLECTION = "profiles"
 # Persons per BatchGetProfiles call (the profile service takes at most 500).
 FETCH_BATCH = 500
+
+# What the profile service says when it did not answer a call, rather than refused it: far behind under
+# load (a read past its deadline), restarting or unreachable, or shedding load. Asked again later, such a
+# call may well be answered; any other code (a refused token, a bad request) will be answered the same way.
+UNANSWERED = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+# Seconds before a call the profile service did not answer is worth asking again.
+RETRY_AFTER = 5.0
 
 Fetch = Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]]]]
 # person id -> the identifiers the profile holds for them ("type:value"), by the profile service's
@@ -118,9 +131,22 @@ class ProfileDirectory:
             cursor = page.next_cursor
 
 
-def _batch_get(channel: grpc.aio.Channel, token: str, timeout: float, read: Callable[[Any], Any]):
+class ProfileRefused(Exception):
+    """The profile service refused a call (a code other than `UNANSWERED`): asking again will not help."""
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether `exc` says the profile service did not answer (`Unavailable`, from `_batch_get`; a timeout or
+    a connection error from another reader), so the same call may succeed later."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in UNANSWERED
+    return isinstance(exc, Unavailable | TimeoutError | ConnectionError)
+
+
+def _batch_get(channel: grpc.aio.Channel, token: str, timeout: float, read: Callable[[Any], Any], retry_after: float):
     """Person ids -> `read(profile)`, through the profile service's BatchGetProfiles, FETCH_BATCH at a time;
-    Unavailable when the service does not answer."""
+    `Unavailable(retry_after)` when the service does not answer (`UNANSWERED`), `ProfileRefused` when it
+    refuses."""
     stub = profile_pb2_grpc.ProfileServiceStub(channel)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -131,7 +157,9 @@ def _batch_get(channel: grpc.aio.Channel, token: str, timeout: float, read: Call
             try:
                 answer = await stub.BatchGetProfiles(request, metadata=metadata, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"profile service: {exc.code().name}", retry_after=5.0) from None
+                if exc.code() in UNANSWERED:
+                    raise Unavailable(f"profile service: {exc.code().name}", retry_after=retry_after) from None
+                raise ProfileRefused(f"profile service: {exc.code().name}") from None
             for profile in answer.profiles:
                 found[profile.person_id] = read(profile)
         return found
@@ -139,11 +167,15 @@ def _batch_get(channel: grpc.aio.Channel, token: str, timeout: float, read: Call
     return get
 
 
-def profile_fetch(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0) -> Fetch:
+def profile_fetch(
+    channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0, retry_after: float = RETRY_AFTER
+) -> Fetch:
     """`Fetch` through the profile service's BatchGetProfiles: person id -> flat fields."""
-    return _batch_get(channel, token, timeout, profile_fields)
+    return _batch_get(channel, token, timeout, profile_fields, retry_after)
 
 
-def profile_identifiers(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0) -> Identifiers:
+def profile_identifiers(
+    channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0, retry_after: float = RETRY_AFTER
+) -> Identifiers:
     """`Identifiers` through the profile service's BatchGetProfiles: person id -> their identifiers."""
-    return _batch_get(channel, token, timeout, lambda profile: list(profile.identifiers))
+    return _batch_get(channel, token, timeout, lambda profile: list(profile.identifiers), retry_after)

@@ -23,6 +23,12 @@ unchanged or updated; the counters and `processed` move with `after`, a whole pa
 run over is a compare-and-set, so one replica does. A run whose mappings changed since is not resumed: a
 new one starts from the beginning.
 
+A page of people the profile service did not answer (people.py: `Unavailable`) is asked again after the
+time it named, the listing read on from the last page read, up to `PAGE_TRIES` times, each logged at
+WARNING (run, page of this reading, people processed) and named in the run's `error` meanwhile; past
+that the run stops where it got, `cancelled` as a stopped one is, and is resumed from there (`watch`). A
+failure asking again cannot mend (the profile service refusing) fails it as before.
+
 Each page of people is read and projected (a pure function of the page, record keys hashed once) while
 the page before it is being delivered; each partition's share of it is then planned, delivered and its
 outcome written while that partition is settled (`CrmLogic.settled`), so it never interleaves with a
@@ -54,7 +60,7 @@ from cdp_crm.people import ConnectorView, People
 from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
 from cdp_crm.writes import accepted
 from cdp_kit.bus import partition_for
-from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
 from cdp_kit.stopping import cancel_and_wait
 from cdp_kit.storage import Delete, VersionConflict
 
@@ -74,6 +80,9 @@ HOLD_UNITS = 2  # persons projected between two turns of the event loop
 # A running backfill whose progress (written after every page and every poll of a bulk job) is older than
 # this has lost its connector (killed): a replica resumes it.
 STALE_AFTER = 120.0
+# Times a page of people the profile service did not answer (far behind, restarting) is asked again, each
+# after the `retry_after` it named (5 s: a minute in all), before the run is left to resume (`watch`).
+PAGE_TRIES = 12
 
 
 def new_run(kind: str, connection: str, mapping: str, now: float) -> dict[str, Any]:
@@ -101,6 +110,11 @@ class Unit:
     partition: int
     persons: list[str] = field(default_factory=list)
     projected: list[tuple[ObjectMapping, Any, str, Input, str | None]] = field(default_factory=list)
+
+
+class PeopleUnanswered(Unavailable):
+    """The listing of people still did not answer a page after `PAGE_TRIES` tries: the run stops where it
+    got, to be resumed from there (`cancelled`, as a stopped one), not failed."""
 
 
 def fingerprint(mappings: list[ObjectMapping]) -> str:
@@ -238,6 +252,9 @@ class Runs:
         except asyncio.CancelledError:
             await self._finish(run_id, "cancelled", "the connector stopped; it resumes when the connector starts")
             raise
+        except PeopleUnanswered as exc:
+            log.warning("crm backfill stopped until its people can be read", extra={"run": run_id, "error": str(exc)})
+            await self._finish(run_id, "cancelled", f"{exc}; it resumes from there")
         except Exception as exc:
             log.error("crm run failed", extra={"run": run_id, "error": type(exc).__name__})
             await self._finish(run_id, "failed", type(exc).__name__)
@@ -272,15 +289,52 @@ class Runs:
                 run["doc"] = {**run["doc"], "after": after}
                 await self.store.put(RUNS, run_id, run["doc"])
 
-        pages = self._projected(mappings, self.bulk_page if bulk else PAGE, doc.get("after"))
+        size = self.bulk_page if bulk else PAGE
+        pages = self._projected(mappings, size, doc.get("after"))
         # The next page is read and projected (outside any partition's lock, as the page itself always was)
         # while this one is delivered: a bulk job mostly waits for the CRM meanwhile.
         following = asyncio.ensure_future(anext(pages, None))
+        read = {"after": doc.get("after"), "pages": 0}  # the last page read, and how many this run has read
+
+        async def next_page() -> tuple[list[Unit], str] | None:
+            """The page `following` reads, and the read of the one after it begun. A page the profile service
+            did not answer (Unavailable) is asked again after the time it named, up to `PAGE_TRIES` times,
+            the listing read on from the last page read; then the run stops, resumable (PeopleUnanswered)."""
+            nonlocal pages, following
+            tries = 0
+            while True:
+                try:
+                    page = await following
+                except Unavailable as exc:
+                    tries += 1
+                    where = f"page {read['pages'] + 1}"  # of this run's reading: a place, no person's value
+                    if tries >= PAGE_TRIES:
+                        raise PeopleUnanswered(f"{where} not answered after {tries} tries ({exc})") from None
+                    log.warning(
+                        "crm backfill page not answered; asked again",
+                        extra={"run": run_id, "page": read["pages"] + 1, "processed": run["doc"]["processed"],
+                               "try": tries, "retry_after": exc.retry_after, "error": str(exc)},
+                    )  # fmt: skip
+                    error = f"{where} not answered ({exc}): asked again, try {tries + 1} of {PAGE_TRIES}"
+                    run["doc"] = {**run["doc"], "heartbeat": self.clock(), "error": error}
+                    await self.store.put(RUNS, run_id, run["doc"])
+                    await pages.aclose()
+                    await asyncio.sleep(exc.retry_after)
+                    pages = self._projected(mappings, size, read["after"])
+                    following = asyncio.ensure_future(anext(pages, None))
+                    continue
+                if page is None:
+                    return None
+                if run["doc"].get("error"):
+                    run["doc"] = {**run["doc"], "error": ""}  # answered again
+                read["after"], read["pages"] = page[1], read["pages"] + 1
+                following = asyncio.ensure_future(anext(pages, None))
+                return page
+
         held: dict[int, Held] = {}
         unsettled: deque[tuple[list[tuple[asyncio.Task[Outcomes], int]], str]] = deque()
         try:
-            while (page := await following) is not None:
-                following = asyncio.ensure_future(anext(pages, None))
+            while (page := await next_page()) is not None:
                 units, after = page
                 writes = []
                 for unit in units:
