@@ -185,8 +185,9 @@ async def test_a_restart_between_attempts_continues_the_count(site):
     async with LocalWebhookReceiver(secret=SECRET) as receiver:
         receiver.fail_next(1_000, status=500)
         await site.publish("act-restart", receiver.url())
-        # A second between attempts; a delivery cut short by the stop comes back after two.
-        async with site.dispatching(webhook(), max_attempts=4, backoff=(1.0,), ack_wait=2.0):
+        # Three seconds between attempts, so the stop comes between the second and the third however slow the
+        # machine; a delivery cut short by the stop comes back after two.
+        async with site.dispatching(webhook(), max_attempts=4, backoff=(3.0,), ack_wait=2.0):
             await eventually(lambda: receiver.attempts == 2, timeout=10)
             record = await eventually(lambda: _with(site, "act-restart", attempts=2), timeout=5)
             await asyncio.sleep(0.3)
