@@ -264,8 +264,10 @@ class Story:
     def wait_scored(self, timeout: float = 60) -> None:
         """Until the profile holds the scores of every change its events made so far (call it once the
         profiles show those events). Each step is the durable consumers of one stream holding nothing
-        unread or unacknowledged, and the kit's engine acknowledges a batch only once what it made is
-        published: profile's events consumers (its changes are on PROFILES), then scoring's (the scores
+        unread or unacknowledged. The kit's engine acknowledges a batch once what it made is committed
+        (in its outbox) and then publishes it, the acknowledgements and the messages in one socket write;
+        only a publish JetStream refused and the engine tries again comes later (a test that must see a
+        message, not its absence, waits for the message itself): profile's events consumers (its changes are on PROFILES), then scoring's (the scores
         of those changes are on SCORES), then profile's scores consumers (it stored them). Each step is
         waited for after the one before, so it covers everything the earlier one published."""
         for stream, consumers in (
