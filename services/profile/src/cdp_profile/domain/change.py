@@ -53,6 +53,46 @@ class ProfileChange:
     # profile, and `profiles.changed` says so (`created`), so a reader meeting the person needs no read.
     created: bool = False
 
+    def __init__(
+        self,
+        person_id: str,
+        traits: dict[str, Any] | None = None,
+        groups: dict[str, Any] | None = None,
+        computed: dict[str, Any] | None = None,
+        consent: dict[str, bool] | None = None,
+        scores: dict[str, float] | None = None,
+        timeline_added: list[TimelineEntry] | None = None,
+        timeline_removed: list[TimelineEntry] | None = None,
+        event_ids: list[str] | None = None,
+        relisted: list[str] | None = None,
+        relisted_after: list[int] | None = None,
+        merged: list[str] | None = None,
+        split: list[str] | None = None,
+        merged_into: str = "",
+        split_from: str = "",
+        removed: bool = False,
+        created: bool = False,
+    ) -> None:
+        # Written out rather than the dataclass's (which calls a factory per field): one change is made per
+        # event and per scored person, and its dozen empty containers were most of what that cost.
+        self.person_id = person_id
+        self.traits = {} if traits is None else traits
+        self.groups = {} if groups is None else groups
+        self.computed = {} if computed is None else computed
+        self.consent = {} if consent is None else consent
+        self.scores = {} if scores is None else scores
+        self.timeline_added = [] if timeline_added is None else timeline_added
+        self.timeline_removed = [] if timeline_removed is None else timeline_removed
+        self.event_ids = [] if event_ids is None else event_ids
+        self.relisted = [] if relisted is None else relisted
+        self.relisted_after = [] if relisted_after is None else relisted_after
+        self.merged = [] if merged is None else merged
+        self.split = [] if split is None else split
+        self.merged_into = merged_into
+        self.split_from = split_from
+        self.removed = removed
+        self.created = created
+
     def __bool__(self) -> bool:
         return bool(
             self.traits

@@ -12,7 +12,7 @@ from bisect import bisect_right, insort
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from cdp_kit.errors import InvalidArgument
 
@@ -80,9 +80,11 @@ class ConsentState:
         return ConsentState(self.granted, self.source, self.at, self.event_id, tuple(history))
 
 
-@dataclass(slots=True, frozen=True)
-class Score:
-    """A model's output written back to the profile. The newest (at, model, version) wins; no history."""
+class Score(NamedTuple):
+    """A model's output written back to the profile. The newest (at, model, version) wins; no history.
+
+    A named tuple (immutable like a frozen dataclass, made in a third of the time): every scores batch makes
+    one per score of each person it names."""
 
     value: float
     model: str
