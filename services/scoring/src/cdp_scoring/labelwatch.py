@@ -39,6 +39,7 @@ from nats.js.errors import NotFoundError
 from cdp.events.v1 import events_pb2
 from cdp_kit.bus import Bus, ConsumerSpec, Delivery, subjects
 from cdp_kit.bus.consumer import describe_error
+from cdp_kit.bus.setup import answered
 
 log = logging.getLogger("cdp.scoring.quality")
 
@@ -133,12 +134,13 @@ def consumer_spec() -> ConsumerSpec:
 async def _create_delivering_new(bus: Bus, spec: ConsumerSpec) -> None:
     """Create the consumer, when it does not exist, at the stream's end (the kit's runner then finds it and
     keeps where it starts)."""
+    what = f"consumer {spec.durable} of stream {spec.stream}"  # asked again while a stalled server is silent
     try:
-        await bus.js.consumer_info(spec.stream, spec.durable)
+        await answered(bus.js, what, lambda: bus.js.consumer_info(spec.stream, spec.durable))
     except NotFoundError:
         config = spec.config()
         config.deliver_policy = api.DeliverPolicy.NEW
-        await bus.js.add_consumer(spec.stream, config)
+        await answered(bus.js, what, lambda: bus.js.add_consumer(spec.stream, config))
 
 
 async def follow(bus: Bus, on_resolved: Callable[[bytes], None]) -> None:

@@ -20,6 +20,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
+from cdp_kit.bus.setup import answered
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
 from cdp_kit.ownership.group_kv import missing_bucket
 
@@ -83,7 +84,10 @@ class ObjectModelStore:
     async def _obs(self):
         if self._store is None:
             try:
-                self._store = await self.js.object_store(self.bucket)
+                # A look-up, asked again while a stalled server does not answer in time.
+                self._store = await answered(
+                    self.js, f"bucket {self.bucket}", lambda: self.js.object_store(self.bucket)
+                )
             except (BucketNotFoundError, NotFoundError):
                 try:
                     self._store = await self.js.create_object_store(
