@@ -115,7 +115,6 @@ from cdp_kit.storage.port import (
     encode_document,
     index_mismatch,
     index_token,
-    keys_by_collection,
     make_page,
     plan_bulk,
     undeclared_field,
@@ -489,47 +488,58 @@ class SqliteStore(Store):
                     check_indexed_fields(op, fields, index if many else None)
                 encoded[index] = encode_document(op, index if many else None).decode("utf-8")
         self._writes += 1
-        fresh = self._fresh_candidates(ops)
+        named, fresh = self._fresh_candidates(ops)
         steps = None
         if fresh:
-            steps = self._transaction(ops, encoded, many, fresh)
+            steps = self._transaction(ops, named, encoded, many, fresh)
         if steps is None:  # no key is taken for new, or one taken for new was stored after all
-            steps = self._transaction(ops, encoded, many, None)
+            steps = self._transaction(ops, named, encoded, many, None)
         assert steps is not None
         self._after_commit()
         return bulk_result(steps)
 
-    def _fresh_candidates(self, ops: list[WriteOp]) -> dict[str, dict[str, int]] | None:
-        """The keys of `ops` written without reading their versions first, per collection, each with the
-        version it is taken to be at (0: absent): a Put whose key no other op of `ops` names, of a
-        collection whose unread puts have all held lately. One without an expected version (or expecting
-        none) is taken for new - most are (timeline entries, outbox records); one expecting version n is
-        taken to be at n - it is unless someone else wrote first. One that does not hold sends the whole
-        write down the usual path."""
+    def _fresh_candidates(
+        self, ops: list[WriteOp]
+    ) -> tuple[dict[str, dict[str, None]], dict[str, dict[str, int]] | None]:
+        """The keys `ops` name per collection (in order, once each), and the keys of `ops` written without
+        reading their versions first, per collection, each with the version it is taken to be at (0:
+        absent): a Put whose key no other op of `ops` names, of a collection whose unread puts have all
+        held lately. One without an expected version (or expecting none) is taken for new - most are
+        (timeline entries, outbox records); one expecting version n is taken to be at n - it is unless
+        someone else wrote first. One that does not hold sends the whole write down the usual path."""
         stale = self._stale
         writes = self._writes
         fresh: dict[str, dict[str, int]] = {}
-        named: dict[str, dict[str, int]] = {}
+        named: dict[str, dict[str, None]] = {}
+        repeated: list[tuple[str, str]] = []  # keys named more than once: never taken for new
         for op in ops:
             collection = op.collection
             seen = named.get(collection)
             if seen is None:
                 seen = named[collection] = {}
             key = op.key
-            seen[key] = seen.get(key, 0) + 1
+            if key in seen:
+                repeated.append((collection, key))
+            else:
+                seen[key] = None
             if type(op) is Put and stale.get(collection, 0) <= writes:
                 keys = fresh.get(collection)
                 if keys is None:
                     keys = fresh[collection] = {}
                 keys[key] = op.expected_version or 0
-        for collection, keys in fresh.items():
-            seen = named[collection]
-            for key in [key for key in keys if seen[key] > 1]:
-                del keys[key]
-        return {collection: keys for collection, keys in fresh.items() if keys} or None
+        for collection, key in repeated:
+            keys = fresh.get(collection)
+            if keys is not None:
+                keys.pop(key, None)
+        return named, {collection: keys for collection, keys in fresh.items() if keys} or None
 
     def _transaction(
-        self, ops: list[WriteOp], encoded: dict[int, str], many: bool, fresh: dict[str, dict[str, int]] | None
+        self,
+        ops: list[WriteOp],
+        named: dict[str, dict[str, None]],
+        encoded: dict[int, str],
+        many: bool,
+        fresh: dict[str, dict[str, int]] | None,
     ) -> list[Step] | None:
         """Write `ops` in one transaction and return their steps. With `fresh` (see _fresh_candidates)
         those keys are written without a version read: None, and nothing written, when one of them was
@@ -538,7 +548,7 @@ class SqliteStore(Store):
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            versions, rowids = self._read_versions(ops, fresh)
+            versions, rowids = self._read_versions(named, fresh)
             try:
                 steps = plan_bulk(ops, versions)
             except VersionConflict:
@@ -573,20 +583,25 @@ class SqliteStore(Store):
             self._checkpointer.after_commit(self._wconn)
 
     def _read_versions(
-        self, ops: list[WriteOp], fresh: dict[str, dict[str, int]] | None = None
+        self, named: dict[str, dict[str, None]], fresh: dict[str, dict[str, int]] | None = None
     ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
-        """The version and the rowid of every key of `ops` stored now, per collection (absent: not stored),
-        but for the `fresh` keys, which are not read: taken to be at their version there."""
+        """The version and the rowid of every key `named` (per collection) stored now (absent: not stored),
+        but for the `fresh` keys, which are not read: taken to be at their version there (0: absent, which
+        plan_bulk reads the same as a key not in the mapping)."""
         versions = {}
         rowids = {}
         execute = self._wconn.execute
-        for collection, keys in keys_by_collection(ops).items():
-            found: dict[str, int] = {}
+        for collection, seen in named.items():
             where: dict[str, int] = {}
             skipped = fresh.get(collection) if fresh else None
             if skipped:
-                keys = [key for key in keys if key not in skipped]
-                found.update((key, version) for key, version in skipped.items() if version)
+                # both made in C: the keys to read (in no particular order: each lands in a mapping) and
+                # the versions the unread keys are taken to be at
+                keys: Sequence[str] = list(seen.keys() - skipped.keys())
+                found = dict(skipped)
+            else:
+                keys = list(seen)
+                found = {}
             for chunk in _chunks(keys):
                 rows = execute(
                     f"SELECT key, version, rowid FROM documents WHERE collection = '{collection}' AND {_KEYS_IN}",
