@@ -94,15 +94,17 @@ class ProfileChange:
         self.created = created
 
     def __bool__(self) -> bool:
+        # What most changes hold first (an applied event lists its id; a score change holds scores): it is
+        # asked several times per change (folding, writing, publishing) and stops at the first that holds.
         return bool(
-            self.traits
-            or self.groups
-            or self.computed
-            or self.consent
+            self.event_ids
             or self.scores
+            or self.computed
+            or self.traits
+            or self.groups
+            or self.consent
             or self.timeline_added
             or self.timeline_removed
-            or self.event_ids
             or self.merged
             or self.split
             or self.merged_into
