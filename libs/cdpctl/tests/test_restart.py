@@ -80,10 +80,11 @@ def test_waits_until_each_service_runs_on_a_new_process_and_serves(tmp_path):
 
     thread = threading.Thread(target=supervisor)
     thread.start()
-    result = CliRunner().invoke(main, ["--home", str(ws.root), "restart", "profile", "--timeout", "30"])
+    result = CliRunner().invoke(main, ["--home", str(ws.root), "restart", "profile", "--timeout", "60"])
+    seen_at_return = list(seen)  # the command returned after the service served, not at its new pid
     thread.join()
     assert result.exit_code == 0, result.output
-    assert seen == ["asked", "serving"]
+    assert seen_at_return == ["asked", "serving"]
     assert "profile restarted: pid 101, serving" in result.output
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from cdp_kit.ports import spare_port
 from cdpctl.supervise import (
     Backoff,
     Exited,
@@ -61,9 +62,9 @@ time.sleep(60)
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port below the kernel's ephemeral range that no other test worker picks (bind(0) hands out one any
+    outgoing connection on the machine may be given before the child listens)."""
+    return spare_port("127.0.0.1")
 
 
 def _client_on(port: int, server: socket.socket) -> socket.socket:
@@ -92,6 +93,14 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _until_listening(supervisor: Supervisor, port: int) -> list:
+    """The supervisor's events until its child listens on `port` (a Python start takes seconds on a loaded
+    machine: the wait is a guard, and not listening by then fails here, not in a later step)."""
+    events = _tick_until(supervisor, lambda _: _listening(port), 60)
+    assert _listening(port), "the child did not listen"
+    return events
+
+
 @pytest.fixture
 def server():
     with socket.socket() as s:
@@ -112,7 +121,7 @@ def test_a_port_an_outgoing_connection_took_while_the_child_was_down_delays_its_
     supervisor.start(
         "svc", [sys.executable, "-c", LISTENER, str(port)], dict(os.environ), tmp_path / "svc.log", (port,)
     )
-    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    assert _until_listening(supervisor, port) == []
     supervisor.process("svc").kill()
     supervisor.process("svc").wait()
     client = _client_on(port, server)  # before the supervisor noticed the exit
@@ -121,7 +130,7 @@ def test_a_port_an_outgoing_connection_took_while_the_child_was_down_delays_its_
     assert [e.crashes for e in events if isinstance(e, Exited)] == [1]  # the kill, nothing since
     assert [e for e in events if isinstance(e, PortsTaken)] == [PortsTaken("svc", (port,))]  # said once
     client.close()
-    events = _tick_until(supervisor, lambda _: _listening(port))
+    events = _tick_until(supervisor, lambda _: _listening(port), 60)
     assert _listening(port), (tmp_path / "svc.log").read_text()
     assert not any(isinstance(e, (Exited, GaveUp)) for e in events)
     supervisor.stop(["svc"], 5)
@@ -133,13 +142,13 @@ def test_while_a_child_is_down_no_outgoing_connection_can_be_given_its_port(tmp_
     supervisor.start(
         "svc", [sys.executable, "-c", LISTENER, str(port)], dict(os.environ), tmp_path / "svc.log", (port,)
     )
-    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    assert _until_listening(supervisor, port) == []
     supervisor.process("svc").kill()
     supervisor.process("svc").wait()
     assert [type(e) for e in supervisor.tick()] == [Exited]
     with pytest.raises(OSError):  # held by the supervisor until the restart
         _client_on(port, server)
-    assert _tick_until(supervisor, lambda _: _listening(port))
+    assert _until_listening(supervisor, port)  # the restart, once the hold ended
     supervisor.stop(["svc"], 5)
 
 
@@ -162,7 +171,7 @@ def _stubborn(tmp_path, supervisor: Supervisor, ignore_term: bool) -> tuple[int,
     port = _free_port()
     argv = [sys.executable, "-c", STUBBORN, str(port), "ignore" if ignore_term else "obey"]
     supervisor.start("svc", argv, dict(os.environ), tmp_path / "svc.log", (port,))
-    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    assert _until_listening(supervisor, port) == []
     return port, supervisor.process("svc").pid
 
 
@@ -173,12 +182,12 @@ def test_an_asked_restart_starts_the_child_again_at_once_and_counts_no_crash(tmp
     pids = [first]
     for _ in range(3):
         supervisor.restart("svc", grace=10)
-        events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 10)
+        events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 60)
         assert [type(e) for e in events] == [Stopped, Restarted], events
         assert events[0] == Stopped("svc", "killed by SIGTERM", killed=False)
         assert events[1].pid == supervisor.process("svc").pid not in pids
         pids.append(events[1].pid)
-        assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+        assert _until_listening(supervisor, port) == []
     # None of those counted: a crash now is the first in a row, restarted after the first delay.
     supervisor.process("svc").kill()
     supervisor.process("svc").wait()
@@ -190,10 +199,10 @@ def test_a_child_that_does_not_stop_within_the_grace_is_killed_and_started_again
     supervisor = Supervisor(RestartPolicy(first_delay=30.0))
     port, first = _stubborn(tmp_path, supervisor, ignore_term=True)
     supervisor.restart("svc", grace=0.5)
-    events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 10)
+    events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 60)
     assert events[0] == Stopped("svc", "killed by SIGKILL", killed=True), events
     assert isinstance(events[1], Restarted) and events[1].pid != first
-    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    assert _until_listening(supervisor, port) == []
     supervisor.stop(["svc"], 1)
 
 
@@ -204,7 +213,7 @@ def test_an_asked_restart_of_a_child_waiting_out_its_crash_delay_starts_it_at_on
     supervisor.process("svc").wait()
     assert [type(e) for e in supervisor.tick()] == [Exited]  # due again in 30 s
     supervisor.restart("svc", grace=10)
-    events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 5)
+    events = _tick_until(supervisor, lambda ev: any(isinstance(e, Restarted) for e in ev), 60)
     assert [type(e) for e in events] == [Restarted], events
-    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    assert _until_listening(supervisor, port) == []
     supervisor.stop(["svc"], 5)
