@@ -303,10 +303,16 @@ async def test_promote_and_rollback_switch_what_is_published(setup, nats_server)
     await engine.deploy(logistic_model(version="2.0.0", weights=[1.0, 1.0]), role=None)
     assert engine.registry.get("churn_risk").versions["2.0.0"].role != LIVE
     await engine.promote("churn_risk", "2.0.0")
+    await engine.held_scored()  # nobody held yet: nothing published
     await stream.feed(changed([change("p1", orders=1, sessions=1)]))
     await engine.rollback("churn_risk")
+    await engine.held_scored()  # p1, held, is published under the version made live again (deployments.py)
     await stream.feed(changed([change("p1", orders=2)]))
-    assert [u.version for u in await published(nats_server.url)] == ["2.0.0", "1.0.0"]
+    updates = await published(nats_server.url)
+    assert [u.version for u in updates] == ["2.0.0", "1.0.0", "1.0.0"]
+    assert [u.scores["churn_risk"] for u in updates] == pytest.approx(
+        [expected([1, 1], [1, 1]), expected(W, [1, 1]), expected(W, [2, 1])], abs=1e-6
+    )
 
 
 async def test_fields_come_back_from_the_snapshot_plus_a_replay_of_the_stream(setup, tmp_path, nats_server):
@@ -463,8 +469,10 @@ async def test_an_upgrade_keeps_the_snapshot_taken_before_the_engine(nats_server
             await engine.deploy(logistic_model(weights=W), role=None)
             assert engine.fields["p1"] == fields
             assert (await store.get(SNAPSHOTS, subjects.profiles_changed(0))).doc["stream_seq"] == 2
+            await engine.held_scored()  # the model's first version scores p1, held from the snapshot
             await stream.feed(changed([change("p1", sessions=5, at=T0 + 1)]))
-            [update] = await published(nats_server.url)
+            first, update = await published(nats_server.url)
+            assert first.scores["churn_risk"] == pytest.approx(expected(W, [3, 2]), abs=1e-6)
             assert update.at == pytest.approx(T0 + 1)
             assert update.scores["churn_risk"] == pytest.approx(expected(W, [3, 5]), abs=1e-6)
         finally:
@@ -495,7 +503,8 @@ async def test_a_new_version_publishes_equal_scores_under_its_own_version(setup,
     await engine.deploy(logistic_model(version="2.0.0", weights=W), role=None)
     await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 4)]))
     await engine.promote("churn_risk", "2.0.0")
-    await stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 5)]))  # the same value, from the new version
+    await engine.held_scored()  # p1 published under the version made live: the same value (deployments.py)
+    await stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 5)]))  # the same value: not news
     updates = await published(nats_server.url)
     assert [u.version for u in updates] == ["1.0.0", "2.0.0"]
     assert updates[0].scores == updates[1].scores

@@ -250,26 +250,16 @@ async def _prepare_models(engine: ScoringEngine, ship: bool) -> None:
     computed traits (it may still be starting, or have lost them with its store): keep trying.
 
     The partitions are served meanwhile, so at a first start persons may be held before the shipped models
-    are live; nothing would score them until they change again. Once deployed, each new model scores the
-    persons already held (as `ScoreAll` does, published)."""
+    are live: each one deployed live scores the persons held, as every version made live does (on this
+    replica and, told by its announcement, on the others: `Deployments.score_held`)."""
     files = [path.read_bytes() for path in shipped_models()] if ship else []
-    unscored: list[str] = []
     delay = 0.5
     while True:
         try:
             deployed = await engine.ensure_shipped(files)
             if deployed:
                 log.info("shipped models deployed", extra={"models": [v.spec.key for v in deployed]})
-                unscored += [v.spec.name for v in deployed if v.role == LIVE]
             await engine.ensure_traits()
-            while unscored:
-                persons = 0
-                async for progress in engine.score_all(unscored[0], publish=True):
-                    persons = progress["total"]
-                log.info(
-                    "held persons scored with a newly deployed model", extra={"model": unscored[0], "persons": persons}
-                )
-                unscored.pop(0)
             return
         except (FailedPrecondition, Unavailable) as exc:
             log.warning("models not ready yet (%s); retrying in %.0fs", exc.message, delay)

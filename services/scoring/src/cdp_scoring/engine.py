@@ -140,6 +140,9 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self._round: list[tuple[int, dict[str, set[str]], dict[str, float], asyncio.Future, float]] = []
         self._round_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # Models whose live version is to score the persons held (deployments.py: score_held), in order.
+        self._held_pending: dict[str, None] = {}
+        self._held_task: asyncio.Task | None = None
         meter = telemetry.meter
         self._m_rows = meter.create_counter(
             "cdp.scoring.rows", unit="{row}", description="rows scored, by model, version and role"
@@ -232,9 +235,12 @@ class ScoringEngine(Deployments, Rounds, Requests):
         await self.store.put(SNAPSHOTS, EPOCH_KEY, {"epoch": epoch})
         self.published.epoch = epoch
 
-    def background(self, coro, name: str) -> None:
+    def background(self, coro, name: str) -> asyncio.Task:
         """A task that lives no longer than the engine (it may finish early, unlike a runtime loop)."""
-        self._tasks.append(asyncio.create_task(coro, name=name))
+        self._tasks = [task for task in self._tasks if not task.done()]
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
 
     async def stop(self) -> None:
         """After the stream has released its partitions (their last snapshot is written then)."""

@@ -1,0 +1,114 @@
+"""A version that becomes live (deployed as a model's first version, promoted, rolled back) scores the persons
+every replica holds, once, published as `ScoreAll` publishes: not only on the replica the call reached, and
+not only when each person next changes. The other replicas learn of it from the announcement on
+`scoring.models.changed` (deployments.py). Without it, a model deployed or promoted through one replica left
+the persons the others held - and the ones it held itself - with no score or the old version's until they
+changed again: a dormant customer, the one a churn model is for, could keep them for months."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import nats
+import pytest
+
+from cdp.profile.v1 import profile_pb2
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_kit.bus import Bus, partition_for, profiles_stream, subjects
+from cdp_kit.service import serving
+from cdp_scoring.__main__ import setup
+from cdp_testing.onnx_models import logistic_model
+
+from .conftest import settings
+
+PARTITIONS = 2
+FEATURES = ({"name": "orders", "path": "computed.orders_90d", "default": 0},)
+# Three persons held by each replica (static ownership: partition p on replica p % 2).
+PERSONS = {
+    ordinal: [f"p_{ordinal}_{n}" for n in range(100) if partition_for(f"p_{ordinal}_{n}", PARTITIONS) == ordinal][:3]
+    for ordinal in (0, 1)
+}
+
+
+def model(version: str, weight: float) -> bytes:
+    return logistic_model(version=version, features=FEATURES, weights=[weight], bias=0.0)
+
+
+def replica(nats_server, tmp_path, ordinal: int):
+    # One registry and one model bucket, shared: a change made through one replica is announced to the other.
+    return settings(
+        nats_server, tmp_path, partitions=PARTITIONS, replicas=2, pod_ordinal=ordinal,
+        model_store="nats://cdp-models-new-live", store_url=f"sqlite:///{tmp_path / 'shared.db'}",
+    )  # fmt: skip
+
+
+async def last_published(nats_url: str) -> dict[str, str]:
+    """The churn_risk version last published on SCORES, by person."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.SCORES)
+        found: dict[str, str] = {}
+        if info.state.messages:
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                batch = scoring_pb2.ScoresUpdatedBatch.FromString((await js.get_msg(subjects.SCORES, seq)).data)
+                for part in (batch, *batch.more):
+                    if part.model == "churn_risk":
+                        found.update(dict.fromkeys(part.person_ids, part.version))
+        return found
+    finally:
+        await nc.close()
+
+
+async def until_published(nats_url: str, persons: list[str], version: str) -> None:
+    """Until every one of `persons` was last published under churn_risk `version` (nobody changes meanwhile)."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = await last_published(nats_url)
+        if all(found.get(person) == version for person in persons):
+            return
+        assert time.monotonic() < deadline, f"{version} not the last published for everyone: {found}"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+async def test_a_version_made_live_through_one_replica_scores_every_held_person_on_both(nats_server, tmp_path):
+    everyone = PERSONS[0] + PERSONS[1]
+    async with Bus.connect(nats_server.url, name="new-live-test") as bus:
+        await bus.ensure_streams(profiles_stream())
+        async with (
+            serving(replica(nats_server, tmp_path, 0), setup) as r0,
+            serving(replica(nats_server, tmp_path, 1), setup) as r1,
+        ):
+            engines = [r0.parts["engine"], r1.parts["engine"]]
+            for n, person in enumerate(everyone):
+                change = profile_pb2.ProfileChanged(person_id=person, cause="event")
+                change.at.GetCurrentTime()
+                change.computed["orders_90d"].number_value = n
+                batch = profile_pb2.ProfileChangedBatch(changes=[change])
+                await bus.js.publish(
+                    subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
+                )
+            deadline = time.monotonic() + 15
+            while not all(set(PERSONS[i]) <= set(engines[i].fields) for i in (0, 1)):
+                assert time.monotonic() < deadline, "the changes were not applied"
+                await asyncio.sleep(0.02)
+            assert await last_published(nats_server.url) == {}  # held, and no model to score them with
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{r0.grpc.port}") as channel:
+                stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+                # A model's first version goes live: every held person gets its score, on both replicas.
+                await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=model("1.0.0", 0.5)))
+                await until_published(nats_server.url, everyone, "1.0.0")
+                # A later version deployed inactive is scored for nobody; promoted, it reaches everyone.
+                await stub.DeployModel(
+                    scoring_pb2.DeployModelRequest(onnx=model("2.0.0", -0.5), role=scoring_pb2.ROLE_INACTIVE)
+                )
+                await stub.Promote(scoring_pb2.PromoteRequest(name="churn_risk", version="2.0.0"))
+                await until_published(nats_server.url, everyone, "2.0.0")
+                # A rollback brings the version before it back to everyone.
+                await stub.Rollback(scoring_pb2.RollbackRequest(name="churn_risk"))
+                await until_published(nats_server.url, everyone, "1.0.0")
+            assert [engine.registry.get("churn_risk").live.version for engine in engines] == ["1.0.0", "1.0.0"]
