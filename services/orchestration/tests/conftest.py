@@ -51,9 +51,17 @@ SOURCED = {
 
 class World:
     def __init__(
-        self, bus: Bus, store: Store, rules: Rules, clock_offset: float, hot_persons: int, meter: Any = None
+        self,
+        bus: Bus,
+        store: Store,
+        rules: Rules,
+        clock_offset: float,
+        hot_persons: int,
+        meter: Any = None,
+        profile_fetch: Any = None,
     ) -> None:
         self.meter = meter  # an OpenTelemetry meter the engine records into (None: the global one)
+        self.profile_fetch = profile_fetch  # the profile service's BatchGetProfiles (`reads.profile_fetch`), or None
         self.bus = bus
         self.store = store
         self.rules = rules
@@ -143,6 +151,7 @@ class World:
             clock_offset=self.clock_offset,
             hot_persons=self.hot_persons,
             meter=self.meter,
+            profile=self.profile_fetch,
         )
         spec = EngineSpec(
             service=SERVICE,
@@ -361,14 +370,18 @@ async def world_factory(nats_server, tmp_path):
     opened: list[tuple[World, Any]] = []
 
     async def make(
-        rules: Rules | None = None, clock_offset: float = 0.0, hot_persons: int = 1000, meter: Any = None
+        rules: Rules | None = None,
+        clock_offset: float = 0.0,
+        hot_persons: int = 1000,
+        meter: Any = None,
+        profile_fetch: Any = None,
     ) -> World:
         bus_cm = Bus.connect(nats_server.url, name="orchestration-test")
         bus = await bus_cm.__aenter__()
         await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), dead_letter_stream())
         await streams.ensure_streams(bus.js)
         store = open_store(f"sqlite:///{tmp_path}/orchestration-{len(opened)}.db")
-        world = World(bus, store, rules or Rules(), clock_offset, hot_persons, meter)
+        world = World(bus, store, rules or Rules(), clock_offset, hot_persons, meter, profile_fetch)
         opened.append((world, bus_cm))
         return world
 

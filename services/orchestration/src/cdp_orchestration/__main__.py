@@ -42,6 +42,7 @@ from cdp_orchestration.history import HistorySweeper
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.notices import erase_noticed, unhandled_persons
 from cdp_orchestration.privacy import PrivacyHandler, TombstoneSweeper, consumer_spec
+from cdp_orchestration.reads import profile_fetch
 from cdp_orchestration.settings import RULES_FIELD, OrchestrationSettings
 from cdp_orchestration.state import prepare_store
 
@@ -107,11 +108,13 @@ async def setup(runtime: ServiceRuntime) -> None:
     define_traits = None
     computed = None
     person_exists = None
+    fetch = None  # with the profile service: only the fields read are kept (`reads.py`)
     if settings.profile_address:
         profile_channel = client_channel(settings, settings.profile_address)
         runtime.stack.push_async_callback(profile_channel.close)
         profile = ProfileClient(profile_channel, settings.profile_token)
         computed = profile_computed_traits(profile_channel, settings.profile_token)
+        fetch = profile_fetch(profile_channel, settings.profile_token)
 
         async def define_traits(definitions) -> None:
             await profile.define(definitions, field="definition.computed_traits.{name}")
@@ -143,6 +146,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         partitions=settings.partitions,
         hot_persons=settings.hot_persons,
         meter=runtime.telemetry.meter,
+        profile=fetch,
     )
     spec = EngineSpec(
         service=SERVICE,

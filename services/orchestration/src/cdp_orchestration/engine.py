@@ -87,6 +87,7 @@ from cdp_orchestration.inputs import Input, ResolvedInput, decode
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.merges import adopt, give_back, handover, request_handovers, request_restore
 from cdp_orchestration.privacy import forget
+from cdp_orchestration.reads import Fetch, Reads
 from cdp_orchestration.state import (
     ENROLLMENTS,
     INSTANCES,
@@ -120,7 +121,10 @@ class OrchestrationLogic:
         hot_persons: int = 100_000,
         clock_offset: float = 0.0,
         meter: metrics.Meter | None = None,
+        profile: Fetch | None = None,
     ) -> None:
+        """`profile`: the profile service's BatchGetProfiles (`reads.profile_fetch`); with it, only the profile
+        fields something here reads are kept (`reads.py`); without it, every field."""
         self.store = store
         self.journeys = journeys
         self.rules = rules
@@ -133,6 +137,7 @@ class OrchestrationLogic:
         meter = meter or metrics.get_meter("cdp.orchestration")
         self.watched_events = rules.watched_events  # a property that builds the set each time it is read
         self.applier = Applier(store, journeys, rules, clock_offset=clock_offset, meter=meter)
+        self.reads = Reads(journeys, rules, profile) if profile is not None else None
         meter.create_observable_gauge(
             "cdp.orchestration.held",
             callbacks=[self._observe_held],
@@ -166,7 +171,7 @@ class OrchestrationLogic:
     def decode(self, delivery: Delivery) -> list[Input]:
         at = delivery.msg.metadata.timestamp.timestamp() + self.clock_offset
         stream, what = streams.kind_of(delivery.headers)
-        inputs = decode(stream, what, delivery.data, at)
+        inputs = decode(stream, what, delivery.data, at, self.reads.keep() if self.reads is not None else None)
         if stream == subjects.ORCHESTRATION_TIMERS and "d" in inputs[0].data:
             self.m_lateness.record(max(0.0, (at - self.clock_offset - inputs[0].data["d"]) * 1000))
         return inputs
@@ -179,7 +184,16 @@ class OrchestrationLogic:
         if not hot.stats_loaded:
             await load_stats(self.store, partition, hot)
         inputs = [i for item in items for i in item]
-        await load_persons(self.store, hot, {i.person_id for i in inputs})
+        ids = {i.person_id for i in inputs}
+        reads = self.reads
+        if reads is None:
+            await load_persons(self.store, hot, ids)
+        else:
+            # Before anything reads them: the persons kept under another set of fields are brought to this one
+            # (`reads.py`), those lacking a field read now read again from the profile service.
+            keep = reads.keep()
+            await load_persons(self.store, hot, ids, keep.fingerprint)
+            await reads.bring_up([hot.persons[p] for p in ids], keep)
         persons, touched = hot.persons, batch.touched
         for one in inputs:
             person = persons[one.person_id]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from google.protobuf import descriptor, json_format, struct_pb2
@@ -37,6 +37,9 @@ from cdp_kit.engine import Reject
 from cdp_kit.profile_fields import COMPUTED, CONSENT, SCORES, TRAITS, value_to_python
 from cdp_kit.timestamps import event_stamp, to_seconds
 from cdp_orchestration.domain.view import Event
+
+if TYPE_CHECKING:
+    from cdp_orchestration.reads import Keep
 
 
 class Input(NamedTuple):
@@ -55,8 +58,9 @@ COMMANDS = frozenset(
 )
 
 
-def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
-    """The inputs one message carries; `Reject` for one that can never be applied."""
+def decode(stream: str, what: str, data: bytes, at: float, keep: Keep | None = None) -> list[Input]:
+    """The inputs one message carries; `Reject` for one that can never be applied. `keep`: the computed traits
+    and scores a profile change's updates keep (`reads.py`; None: every field)."""
     try:
         if stream == subjects.EVENTS_RESOLVED:
             batch = events_pb2.ResolvedEventBatch.FromString(data)
@@ -76,7 +80,7 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
                     c.person_id,
                     at,
                     (
-                        change_updates(c),
+                        change_updates(c, keep),
                         c.removed,
                         c.cause,
                         c.merged[:] if c.merged else [],  # a slice is a list, made in C; most changes merge nobody
@@ -105,15 +109,18 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
     raise Reject("unknown_input", "headers", "neither sourced from a known stream nor an API command")
 
 
-def change_updates(change: profile_pb2.ProfileChanged) -> dict[str, Any]:
+def change_updates(change: profile_pb2.ProfileChanged, keep: Keep | None = None) -> dict[str, Any]:
     """The flat field updates a profile change carries (None: the field is gone), the same, in the same order,
     as `cdp_kit.profile_fields.change_fields` gives them. Every profile change is read here, most of them
     moving a few computed traits or scores: a map is read key by key (its `items()` is the generic Python
-    mapping view, about twice as slow), and a map left empty is not visited."""
+    mapping view, about twice as slow), and a map left empty is not visited. With `keep`, only the computed
+    traits and scores it names (a name not kept is not read at all)."""
     updates: dict[str, Any] = {}
-    for prefix, values in ((_COMPUTED, change.computed), (_TRAITS, change.traits)):
+    kept_computed = keep.computed if keep is not None else None
+    kept_scores = keep.scores if keep is not None else None
+    for prefix, values, kept in ((_COMPUTED, change.computed, kept_computed), (_TRAITS, change.traits, None)):
         if values:
-            for name in values:
+            for name in values if kept is None else [n for n in kept if n in values]:
                 value = values[name]
                 kind = value.WhichOneof("kind")
                 if kind == "number_value":
@@ -128,7 +135,7 @@ def change_updates(change: profile_pb2.ProfileChanged) -> dict[str, Any]:
             updates[_CONSENT + key] = consent[key]
     scores = change.scores
     if scores:
-        for name in scores:
+        for name in scores if kept_scores is None else [n for n in kept_scores if n in scores]:
             updates[_SCORES + name] = scores[name]
     return updates
 

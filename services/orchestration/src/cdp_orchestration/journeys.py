@@ -133,6 +133,8 @@ class Journeys:
         self._paused_by_event: dict[str, tuple[Journey, ...]] = {}
         self._paused_any_event: tuple[Journey, ...] = ()
         self._paused_by_segment: dict[str, tuple[Journey, ...]] = {}
+        # One more whenever `records` changes (`_index`): what reads the journeys' fields follows it (`reads.py`).
+        self.generation = 0
 
     async def load(self) -> None:
         async for stored in self.store.scan_all(JOURNEYS):
@@ -214,6 +216,7 @@ class Journeys:
         return journey is not None and (journey.id, journey.version) not in self.invalid
 
     def _index(self) -> None:
+        self.generation += 1
         live = tuple(
             r.live for r in self.records.values() if r.accepts_entries and r.live is not None and self.usable(r.live)
         )
@@ -313,6 +316,11 @@ class Journeys:
 
     def version(self, journey_id: str, version: int) -> Journey | None:
         return self._versions.get((journey_id, version))
+
+    def published(self) -> list[Journey]:
+        """Every published version read since the start, whatever its journey's state (as stored when it no
+        longer validates): any of them may have instances running."""
+        return [*self._versions.values(), *self._unloadable.values()]
 
     async def save(self, record: JourneyRecord, *, basis: Stored | None = None) -> dict[str, Any]:
         """Store the record, a change decided on `basis` (the journey as read from the store), expecting the

@@ -46,7 +46,8 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         "CDP_PROFILE_ADDRESS",
         "",
         help="profile gRPC address (host:port): a journey whose conditions read past events has the computed "
-        "traits they need defined there when it is published; empty: such a journey cannot be published",
+        "traits they need defined there when it is published, and the person copies keep only the computed traits "
+        "and scores something reads (reads.py); empty: such a journey cannot be published, and every field is kept",
     )
     profile_token: str = env(
         "CDP_PROFILE_TOKEN", "", help="bearer token for the profile service (profile:admin)", secret=True

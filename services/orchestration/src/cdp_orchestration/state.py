@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, `early` (event ids a profile change listed before the event reached the engine), the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`); a part the person lacks (empty) is left out |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, `early` (event ids a profile change listed before the event reached the engine), the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`), the fingerprint of the profile fields kept (`reads`, `reads.py`; absent: every field); a part the person lacks (empty) is left out |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id); an ended one is swept after CDP_ORCHESTRATION_HISTORY_DAYS (400) from its end or its goal window's end, whichever is later (`history.py`); a running one stays |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order (and the latest refused entry per journey, `<person>:~entry:<journey>`); swept after CDP_ORCHESTRATION_HISTORY_DAYS from its `at` (`history.py`) |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer; a decided one is swept after CDP_ORCHESTRATION_HISTORY_DAYS from its answer (`history.py`) |
@@ -128,6 +128,9 @@ class Person:
     # most, kept on the record (`early`) when it is written, so a restart or the hot cache letting the person
     # go between the change and its event does not make the event wait `profile_wait`.
     early: dict[str, float] | None = field(default=None, repr=False, compare=False)
+    # The fingerprint of the profile fields this person's copy is kept under (`reads.Keep`); None: every
+    # field (a record of an earlier build, or no profile service configured).
+    reads: str | None = None
     dirty: bool = False
     # A privacy deletion forgot the person (`privacy.forget`; a tombstone in the store): their record is
     # deleted, never written again, and what reaches the engine for them afterwards is dropped.
@@ -287,6 +290,8 @@ class Person:
             record["changed_at"] = self.changed_at
         if self.awaited is not None:
             record["awaited"] = list(self.awaited)
+        if self.reads is not None:
+            record["reads"] = self.reads
         return record
 
 
@@ -338,8 +343,9 @@ def stats_doc() -> dict[str, Any]:
     return {"entered": 0, "converted": 0, "ended": {}, "variants": {}, "decisions": {}}
 
 
-async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> None:
-    """Bring the persons not in the cache in from the store (new persons start empty)."""
+async def load_persons(store: Store, hot: Partition, person_ids: set[str], reads: str | None = None) -> None:
+    """Bring the persons not in the cache in from the store (new persons start empty, their fields kept under
+    `reads`, the fingerprint of the fields kept now: `reads.Keep`)."""
     missing = [p for p in person_ids if p not in hot.persons]
     if not missing:
         return
@@ -349,9 +355,10 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
     instances = await store.get_many(INSTANCES, live_ids) if live_ids else {}
     for person_id in missing:
         record = stored.get(person_id)
-        person = Person(person_id, state=PersonState(person_id), forgotten=person_id in tombstones)
+        person = Person(person_id, state=PersonState(person_id), forgotten=person_id in tombstones, reads=reads)
         if record is not None and not person.forgotten:
             doc = record.doc
+            person.reads = doc.get("reads")  # none: every field was kept
             # A part the person did not have is absent (`Person.record`); records written before that hold
             # every part, empty or not.
             person.fields = dict(doc["fields"])

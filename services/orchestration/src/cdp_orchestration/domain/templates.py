@@ -232,6 +232,35 @@ def compile_template(source: Any, field: str) -> Template:
     return Template(dict(source), frozenset(fields) - entry, entry, parts)
 
 
+def whole_roots(template: Template) -> frozenset[str]:
+    """The profile roots a template may read any field of: a root named other than as `root.name` or
+    `root["name"]` (`{% for k, v in scores.items() %}`, `computed[traits.key]`, `{% set s = scores %}`).
+    `Template.fields` cannot list what those read, so whoever keeps only the fields read keeps the whole
+    root. A part that does not parse (a refused template) counts as reading every root."""
+    found: set[str] = set()
+    for part, text in template.source.items():
+        env = _HTML_ENV if part in HTML_PARTS else _ENV
+        try:
+            tree = env.parse(text)
+        except Exception:
+            return frozenset(ROOTS)
+        named: dict[str, int] = {}
+        for node in tree.find_all(nodes.Name):
+            if node.name in ROOTS:
+                named[node.name] = named.get(node.name, 0) + 1
+        for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+            base = node.node
+            if not (isinstance(base, nodes.Name) and base.name in ROOTS):
+                continue
+            if isinstance(node, nodes.Getattr):
+                if not hasattr(_Fields, node.attr):  # `scores.items` is the mapping's method, no field
+                    named[base.name] -= 1
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                named[base.name] -= 1
+        found.update(root for root, count in named.items() if count > 0)
+    return frozenset(found)
+
+
 def _free_names(tree: nodes.Template) -> set[str]:
     from jinja2 import meta
 
