@@ -1197,3 +1197,105 @@ async def test_a_partition_a_lease_moves_in_while_a_build_goes_live_goes_live_wi
     with contextlib.suppress(AssertionError):
         await until(serves_all_with_its_members, "b serves every partition with the segment's members")
     assert b.engine.members["high"] == inside
+
+
+async def test_calls_are_answered_while_a_large_build_goes_live_and_a_batch_waits_for_its_end(
+    world, nats_server, monkeypatch
+):
+    """A build's go-live handles the persons a slice at a time (the population's size: its whole
+    difference used to be made on the event loop in one stretch, and every call and the stream waited).
+    A call made once the go-live is logged is answered before the go-live publishes anything; a change
+    sent meanwhile is applied after the go-live, its transition after every one of the build's. The
+    build's transitions are exactly the difference, once each, exits then entries in person order."""
+    from cdp_segmentation import builds
+
+    monkeypatch.setattr(builds, "GOLIVE_SLICE", 4)  # this population is many slices
+    js = world.js
+    one = await world.replica("one", ownership="static")
+    levels = {f"p{i:02d}": float(i % 3) for i in range(60)}
+    await applied([one], await send_levels(js, levels, T0))
+    await define(one, "high", "traits.level > 1")  # p02, p05...: they leave as `high` is updated
+    await one.engine.snapshot()
+    engine = one.engine
+    log_live, publish = engine.log_live, engine._publish_durably
+    answered = asyncio.Event()
+    seen: list[bool] = []
+    calls: list[asyncio.Task] = []
+
+    async def call() -> None:
+        engine.membership("p01")
+        engine.list_members("high", after="", limit=10)
+        answered.set()
+
+    async def log_live_then_call(live, partitions) -> None:
+        await log_live(live, partitions)
+        if live["segment"] == "high" and live["golive"] and live["version"] == 2:
+            # p01 enters through the build; this change, sent as it goes live, makes it leave again.
+            await send_levels(js, {"p01": 0.0}, T0 + 1)
+            calls.append(asyncio.create_task(call()))
+
+    async def publish_noted(messages) -> None:
+        if any(b"high" in m.payload and b"updated" in m.payload for m in messages):
+            seen.append(answered.is_set())
+        await publish(messages)
+
+    engine.log_live, engine._publish_durably = log_live_then_call, publish_noted
+    await engine.update("high", parse("traits.level > 0"))
+    await engine.wait_live("high")
+    await asyncio.gather(*calls)
+    assert seen and seen[0], "the call waited for the go-live to publish"
+
+    async def change_published() -> bool:
+        return any(e.reason == "event" for e in await transitions(nats_server.url))
+
+    await until(change_published, "the change sent during the go-live published")
+    await asyncio.sleep(0.3)  # nothing more comes
+    events = await transitions(nats_server.url)
+    built = [e for e in events if e.reason == "updated"]
+    assert len({e.id for e in built}) == len(built)
+    for partition in range(PARTITIONS):
+        mine = [(e.entered, e.person_id) for e in built if partition_for(e.person_id, PARTITIONS) == partition]
+        assert mine == sorted(mine), partition  # exits then entries, each in person order
+    assert sorted((e.person_id, e.entered) for e in built) == sorted(
+        (p, True) for p, level in levels.items() if level == 1
+    )
+    change = [n for n, e in enumerate(events) if e.reason == "event"]
+    assert [(events[n].person_id, events[n].entered) for n in change] == [("p01", False)]
+    assert change[0] > max(n for n, e in enumerate(events) if e.reason == "updated")
+    assert sorted(engine.members["high"]) == sorted(p for p, level in levels.items() if level > 0 and p != "p01")
+
+
+async def test_a_go_live_cut_short_between_two_partitions_publishes_each_transition_once_after_a_restart(
+    world, nats_server
+):
+    """The go-live publishes a partition's transitions at a time; the process dies after the first one's:
+    the restart publishes the others', and nothing twice."""
+    js, clock = world.js, world.clock
+    first = await world.replica("one", ownership="static")
+    levels = {f"p{i:02d}": float(i % 3) for i in range(40)}
+    await applied([first], await send_levels(js, levels, T0))
+    await first.engine.snapshot()
+    die, publish, published = Dies(), first.engine._publish_durably, []
+
+    async def publish_then_die(messages) -> None:
+        await publish(messages)
+        published.append(len(messages))
+        if len(published) == 1:
+            await die()  # never returns: the crash below ends the process here
+
+    first.engine._publish_durably = publish_then_die
+    await first.engine.create("high", parse("traits.level > 0"))
+    await die.wait()
+    partial = await transitions(nats_server.url)
+    await crash_while_building(first)
+    clock.advance(30)
+
+    second = await world.replica("two", ownership="static")
+    second.engine.resume_builds()
+    await second.engine.wait_live("high")
+    await asyncio.sleep(0.3)
+    inside = {p for p, level in levels.items() if level > 0}
+    assert 0 < len(partial) < len(inside)
+    counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+    assert counts == {("high", p, True): 1 for p in inside}
+    assert second.engine.members["high"] == inside

@@ -3,7 +3,10 @@
 The vectorised evaluator runs over columns built from the held fields, a step of persons at a time in a
 worker thread (the event loop serves the stream and calls meanwhile), with progress on the segment; the
 difference from the current membership is published with the reason ("created",
-"updated") under the definition version's ids, and the segment goes live. Persons evaluated since the
+"updated") under the definition version's ids, and the segment goes live. The go-live yields to the event
+loop between slices of persons (`GOLIVE_SLICE`), its messages made in a worker thread and published a
+partition at a time, each durable before the next is made: calls are answered meanwhile; the stream waits
+(`_quiet`) and no partition arrives (`_arrivals`). Persons evaluated since the
 population was (a change, a timer, a round) and those of a partition that arrived meanwhile are
 evaluated one by one, so the answer for every person is the definition's as of the population's instant,
 which is what bringing a partition's persons to it one by one finds (`_adopt_now`); the segments
@@ -82,6 +85,8 @@ FIRST_STEP = 1024
 STEP_SECONDS = 0.05
 MIN_STEP = 64
 CHUNK = 65_536
+# Persons a build's go-live handles between two yields to the event loop (a few ms to a few tens of ms).
+GOLIVE_SLICE = 4096
 
 
 @dataclass(slots=True)
@@ -152,18 +157,32 @@ class Builds:
                     # a round: their inputs may have moved) and those of a partition that arrived meanwhile
                     # (not in the population), evaluated one by one. That is what bringing each partition's
                     # persons to it one by one finds (`_adopt_now`), which is how a replay makes it live.
+                    # A slice of persons at a time (`GOLIVE_SLICE`), yielding between two: the calls (a
+                    # Health check, a GetMembership) are answered meanwhile. Nothing else changes the held
+                    # state in between: no batch is applied (`_quiet`), no partition arrives (`_arrivals`),
+                    # no other build goes live (`_lifecycle_lock`); no snapshot copies it (`mutating`).
                     held = self.persons
-                    new = {persons[i] for i in np.flatnonzero(inside) if persons[i] in held}
+                    hits = np.flatnonzero(inside).tolist()
+                    new: set[str] = set()
+                    for start in range(0, len(hits), GOLIVE_SLICE):
+                        new.update(p for i in hits[start : start + GOLIVE_SLICE] if (p := persons[i]) in held)
+                        await asyncio.sleep(0)
                     evaluated = set(persons)
-                    again = touched | {
-                        p for p, person in held.items() if p not in evaluated or person.evaluated_at >= evaluated_at
-                    }
-                    for person_id in again:
+                    again = set(touched)
+                    listed = list(held)
+                    for start in range(0, len(listed), GOLIVE_SLICE):
+                        for p in listed[start : start + GOLIVE_SLICE]:
+                            if p not in evaluated or held[p].evaluated_at >= evaluated_at:
+                                again.add(p)
+                        await asyncio.sleep(0)
+                    for n, person_id in enumerate(again, 1):
                         person = held.get(person_id)
                         if person is not None and compiled.predicate(person.fields, person.members, evaluated_at):
                             new.add(person_id)
                         else:
                             new.discard(person_id)
+                        if not n % GOLIVE_SLICE:
+                            await asyncio.sleep(0)
                     current = self.members.get(segment.id, set())
                     entered, exited = sorted(new - current), sorted(current - new)
                     # Logged first, with each partition's position: a crash before the snapshot that follows
@@ -183,20 +202,21 @@ class Builds:
                         sorted(self.active),
                     )
                     by_partition: dict[int, list[Transition]] = {}
-                    for person_id, flag in [(p, False) for p in exited] + [(p, True) for p in entered]:
-                        by_partition.setdefault(self._partition(person_id), []).append(
-                            Transition(person_id, segment.id, flag, segment.updated_at, reason, version, f"v{version}")
-                        )
-                    for person_id in exited:
-                        person = held.get(person_id)
-                        if person is not None:
-                            person.members.pop(segment.id, None)
-                            self.held.mark(person_id)
-                    for person_id in entered:
-                        person = held.get(person_id)
-                        if person is not None:
-                            person.members[segment.id] = segment.updated_at
-                            self.held.mark(person_id)
+                    partition_of, at = self._partition, segment.updated_at
+                    for flag, moved in ((False, exited), (True, entered)):
+                        for start in range(0, len(moved), GOLIVE_SLICE):
+                            for person_id in moved[start : start + GOLIVE_SLICE]:
+                                by_partition.setdefault(partition_of(person_id), []).append(
+                                    Transition(person_id, segment.id, flag, at, reason, version, f"v{version}")
+                                )
+                                person = held.get(person_id)
+                                if person is not None:
+                                    if flag:
+                                        person.members[segment.id] = at
+                                    else:
+                                        person.members.pop(segment.id, None)
+                                    self.held.mark(person_id)
+                            await asyncio.sleep(0)
                     self.members[segment.id] = new
                     replaced = segment.compiled
                     segment.serve(compiled, version)
@@ -207,13 +227,21 @@ class Builds:
                     if segment.timed:
                         # Every person's timer, members or not, changed or not: time alone may move any of
                         # them, and a timer of the previous version may come too late for this one.
-                        self._schedule_evaluated(segment, held, evaluated_at)
+                        for start in range(0, len(listed), GOLIVE_SLICE):
+                            self._schedule_evaluated(segment, listed[start : start + GOLIVE_SLICE], evaluated_at)
+                            await asyncio.sleep(0)
                     # The segments referring to this one, for the persons it moved (as `_adopt_now` does).
-                    self._readers_after(segment, sorted(entered + exited), now, by_partition)
+                    moved = sorted(entered + exited)
+                    for start in range(0, len(moved), GOLIVE_SLICE):
+                        self._readers_after(segment, moved[start : start + GOLIVE_SLICE], now, by_partition)
+                        await asyncio.sleep(0)
                     self._forget_touched(touched)
-                    await self._publish_durably(
-                        [m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)]
-                    )
+                    # A partition's messages at a time, each durable before the next is made: made in a worker
+                    # thread (encoding them is most of the go-live's work), the same messages as made at once,
+                    # so a go-live a crash cut short is found again under the same ids by the replay.
+                    for partition, transitions in sorted(by_partition.items()):
+                        messages = await asyncio.to_thread(self._messages, partition, transitions)
+                        await self._publish_durably(messages)
                 await self.snapshot()
                 await self.store.put(SEGMENTS, segment.id, segment.doc())
                 if replaced is not compiled:
