@@ -484,7 +484,13 @@ async def _up_private(
 
 
 @click.command()
-@click.option("--startup-timeout", default=60.0, show_default=True, help="seconds every service gets to become healthy")
+@click.option(
+    "--startup-timeout",
+    default=60.0,
+    show_default=True,
+    envvar="CDP_UP_STARTUP_TIMEOUT",
+    help="seconds every service gets to become healthy",
+)
 @click.option("--restart-limit", default=5, show_default=True, help="crashes in a row before giving up on a service")
 @click.option(
     "--no-companions",
