@@ -47,7 +47,8 @@ def open_file_limit(files: int):
 def flood(port: int) -> list[socket.socket]:
     held = []
     for _ in range(FLOOD):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        # A guard, not a figure: a stalled collector (a loaded machine) accepts late.
+        sock = socket.create_connection(("127.0.0.1", port), timeout=GIVE_UP)
         sock.setblocking(False)
         held.append(sock)
     return held
