@@ -35,7 +35,7 @@ from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
 from cdp_kit.engine import Reject
 from cdp_kit.profile_fields import COMPUTED, CONSENT, SCORES, TRAITS, value_to_python
-from cdp_kit.timestamps import event_stamp, to_seconds
+from cdp_kit.timestamps import NANOS, event_stamp, to_seconds
 from cdp_orchestration.domain.view import Event
 
 if TYPE_CHECKING:
@@ -74,23 +74,28 @@ def decode(stream: str, what: str, data: bytes, at: float, keep: Keep | None = N
             ]
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
-            return [
-                Input(
-                    "profile",
-                    c.person_id,
-                    at,
-                    (
-                        change_updates(c, keep),
-                        c.removed,
-                        c.cause,
-                        c.merged[:] if c.merged else [],  # a slice is a list, made in C; most changes merge nobody
-                        c.split_from,
-                        c.event_ids[:],
-                        to_seconds(c.at),
-                    ),
+            changes = []
+            for c in batch.changes:
+                # Each submessage or repeated field read makes a Python object: read once each. A slice is a
+                # list, made in C; most changes merge nobody, and score changes list no event.
+                stamp, event_ids = c.at, c.event_ids
+                changes.append(
+                    Input(
+                        "profile",
+                        c.person_id,
+                        at,
+                        (
+                            change_updates(c, keep),
+                            c.removed,
+                            c.cause,
+                            c.merged[:] if c.merged else [],
+                            c.split_from,
+                            event_ids[:] if event_ids else [],
+                            stamp.seconds + stamp.nanos / NANOS,  # `to_seconds`, inline
+                        ),
+                    )
                 )
-                for c in batch.changes
-            ]
+            return changes
         if stream == subjects.ORCHESTRATION_TIMERS:
             body = orjson.loads(data)
             kind = "wake" if "w" in body else "slot" if "s" in body else "timer"
@@ -118,7 +123,8 @@ def change_updates(change: profile_pb2.ProfileChanged, keep: Keep | None = None)
     updates: dict[str, Any] = {}
     kept_computed = keep.computed if keep is not None else None
     kept_scores = keep.scores if keep is not None else None
-    for prefix, values, kept in ((_COMPUTED, change.computed, kept_computed), (_TRAITS, change.traits, None)):
+    computed = change.computed if kept_computed is None or kept_computed else None  # none kept: not read
+    for prefix, values, kept in ((_COMPUTED, computed, kept_computed), (_TRAITS, change.traits, None)):
         if values:
             for name in values if kept is None else [n for n in kept if n in values]:
                 value = values[name]
