@@ -214,3 +214,37 @@ def test_the_stored_histories_follow_every_change_of_traits_groups_and_consent(e
         "free",
         "pro",
     ]
+
+
+def test_a_windowed_state_with_many_entries_is_encoded_as_it_is_after_every_kind_of_change():
+    # Past a few entries the array's bytes are kept and later entries added at its end: every encoding
+    # must still be exactly `to_doc()`'s, and read back to the same state.
+    state = ComputedState("unique", 10 * DAY, "sig")
+    now = NOW
+
+    def check() -> None:
+        encoded = orjson.dumps(state.encoded())
+        assert encoded == orjson.dumps(state.to_doc())
+        assert orjson.dumps(ComputedState.from_doc(orjson.loads(encoded)).to_doc()) == encoded
+
+    for i in range(40):
+        now += HOUR
+        state.add(now, f"e{i:02d}", {"section": f"s{i % 7}", "n": i}, now)
+        check()
+        state.encoded()  # encoded again unchanged: the same
+        check()
+    state.add(now - 30 * HOUR, "late", "before the end", now)  # inserted, not appended
+    check()
+    for i in range(40, 45):
+        now += HOUR
+        state.add(now, f"e{i:02d}", i, now)
+    check()
+    state.remove_entry("e03")
+    check()
+    state.add(now + 1, "after-removal", 1, now + 1)
+    check()
+    assert state.prune(now + 10 * DAY - 20 * HOUR)  # the oldest go
+    check()
+    state.add(now + 2, "after-prune", 2, now + 2)
+    check()
+    assert [entry[1] for entry in state.entries][-2:] == ["after-removal", "after-prune"]
