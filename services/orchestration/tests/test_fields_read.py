@@ -51,9 +51,12 @@ class ProfileService(profile_pb2_grpc.ProfileServiceServicer):
     def __init__(self) -> None:
         self.people: dict[str, dict[str, dict[str, float]]] = {}
         self.asked: list[str] = []
+        self.down = False  # answers UNAVAILABLE
 
     async def BatchGetProfiles(self, request, context):
         self.asked.extend(request.person_ids)
+        if self.down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
         answer = profile_pb2.BatchGetProfilesResponse()
         for person in request.person_ids:
             if person not in self.people:
@@ -195,7 +198,7 @@ async def test_a_record_written_before_without_a_fingerprint_is_used_as_it_is(wo
     assert stored["reads"]
 
 
-async def test_a_template_reading_a_whole_root_or_a_crm_task_without_signals_keeps_that_root():
+async def test_a_template_reading_a_whole_root_keeps_that_root_and_a_crm_task_without_signals_no_score():
     async with open_store("memory://") as store:
         journeys = Journeys(store)
         assert (read_set(journeys, Rules()).computed, read_set(journeys, Rules()).scores) == (frozenset(), frozenset())
@@ -214,7 +217,9 @@ async def test_a_template_reading_a_whole_root_or_a_crm_task_without_signals_kee
         ]  # fmt: skip
         await journeys.save(lifecycle.publish(lifecycle.create(parse_journey(task))))
         keep = read_set(journeys, Rules())
-        assert (keep.computed, keep.scores) == (None, None)
+        # Its task carries the person's top scores, read from the profile service when it is sent (a test
+        # below): only the score its condition reads is kept.
+        assert (keep.computed, keep.scores) == (None, frozenset({"churn"}))
 
 
 def test_whole_roots_names_a_root_read_other_than_field_by_field():
@@ -226,3 +231,66 @@ def test_whole_roots_names_a_root_read_other_than_field_by_field():
     }
     for body, roots in cases.items():
         assert whole_roots(compile_template({"subject": "s", "body": body}, "template")) == roots, body
+
+
+# A CRM task naming no signals: it carries the person's top scores (`signals.top_signals`).
+TASK = journey("call", "Call", 'traits.first_name = "Fay"')
+TASK.pop("entry")
+TASK["entry"] = {"segment": "at_risk", "on": "entered"}
+TASK["nodes"] = [
+    {"id": "task", "type": "action", "channel": "crm", "purpose": "Service", "category": "transactional",
+     "template": {"kind": "task", "subject": "Call {{ traits.first_name }}"}},
+]  # fmt: skip
+
+
+async def _task(world, person: str):
+    async def sent():
+        found = [a for a in await world.actions() if a.person_id == person]
+        return found[0] if found else None
+
+    return await world.eventually(sent)
+
+
+async def test_a_crm_task_naming_no_signals_carries_the_top_scores_the_profile_service_holds_when_it_is_sent(
+    world_factory, profile_service
+):
+    service, fetch = profile_service
+    world = await world_factory(profile_fetch=fetch)
+    await world.publish_journey(TASK)
+    await world.start()
+    await changed(world, "fay", traits={"first_name": "Fay"}, consent={"purpose:Service": True}, scores={"churn": 0.2})
+    first = await world.eventually(lambda: record(world, "fay"))
+    # No score is kept for the task: a change moving only scores writes nothing.
+    assert first.doc["fields"] == {"traits.first_name": "Fay", "consent.purpose:Service": True}
+    await changed(world, "fay", scores={"churn": 0.9, "upsell": 0.3})
+    await world.eventually(world.settled)
+    assert (await record(world, "fay")).version == first.version
+    service.people = {"fay": {"scores": {"churn": 0.9, "upsell": 0.3, "nps": 7.0}}}
+
+    await world.segment("fay", "at_risk")
+    task = await _task(world, "fay")
+    assert task.content["subject"] == "Call Fay"
+    assert [(s.name, s.value) for s in task.signals] == [
+        ("scores.nps", "7"),
+        ("scores.churn", "0.9"),
+        ("scores.upsell", "0.3"),
+    ]
+    assert service.asked == ["fay"]
+
+
+async def test_a_crm_task_is_sent_without_the_scores_when_the_profile_service_does_not_answer(
+    world_factory, profile_service
+):
+    service, fetch = profile_service
+    service.down = True
+    world = await world_factory(profile_fetch=fetch)
+    await world.publish_journey(TASK)
+    await world.start()
+    await changed(world, "gus", traits={"first_name": "Fay"}, consent={"purpose:Service": True}, scores={"churn": 0.2})
+    await world.eventually(lambda: record(world, "gus"))
+    await world.segment("gus", "at_risk")
+    # Context helps the task, it never holds it back (`signals.py`): sent, with the scores held here (none).
+    task = await _task(world, "gus")
+    assert task.content["subject"] == "Call Fay" and list(task.signals) == []
+    assert service.asked == ["gus"]
+    assert [d["kind"] for d in await world.decisions("gus")] == ["sent"]

@@ -10,7 +10,9 @@
 - publishes a sent action as `actions.<channel>.<p>` (message id = action id, so a batch applied again
   publishes a JetStream duplicate), rendered from the action's own journey version, with the address
   read from the profile (`ADDRESS_FIELDS`) and the identifier outcome events go back in under; a `crm`
-  action also carries the person's top signals (`signals.top_signals`), the context of its task or case;
+  action also carries the person's top signals (`signals.top_signals`), the context of its task or case
+  (a node naming none: the person's top scores, read from the profile service when orchestration does not
+  keep every score, `reads.Reads.scores`);
 - tells the instance the outcome of its action (`ActionOutcome`), which may step it on.
 
 Outcomes of sends made before the person had an identifier: an action carries the identifier outcome
@@ -43,6 +45,7 @@ from cdp_orchestration.domain.instance import ActionOutcome
 from cdp_orchestration.domain.journey import Action
 from cdp_orchestration.domain.signals import top_signals
 from cdp_orchestration.domain.templates import MissingField, TemplateFailed, TemplateTooCostly
+from cdp_orchestration.domain.view import PersonView
 from cdp_orchestration.state import APPROVALS, DECISIONS, Batch, Partition, Person, decision_key
 
 if TYPE_CHECKING:
@@ -260,7 +263,13 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
     )
     if decision.channel == "crm":
         message.crm_kind = content.get("kind", "task")
-        for name, value in top_signals(node, view):
+        signals_view = view
+        if not node.signals and applier.scores is not None:
+            # Its top scores, which are not all kept here: as the profile service holds them now (`reads.py`).
+            scores = await applier.scores(person.person_id)
+            if scores is not None:
+                signals_view = PersonView(person.person_id, scores, frozenset())
+        for name, value in top_signals(node, signals_view):
             message.signals.add(name=name, value=value)
     if address is not None and isinstance(to, str) and to:
         message.address[address[0]] = to

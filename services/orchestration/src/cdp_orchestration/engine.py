@@ -138,6 +138,8 @@ class OrchestrationLogic:
         self.watched_events = rules.watched_events  # a property that builds the set each time it is read
         self.applier = Applier(store, journeys, rules, clock_offset=clock_offset, meter=meter)
         self.reads = Reads(journeys, rules, profile) if profile is not None else None
+        if self.reads is not None:
+            self.applier.scores = self.reads.scores
         meter.create_observable_gauge(
             "cdp.orchestration.held",
             callbacks=[self._observe_held],

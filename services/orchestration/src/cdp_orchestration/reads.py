@@ -4,8 +4,11 @@ Every profile change reaches orchestration, and most move a computed trait or a 
 reads; keeping them all made a person-record write of most changes (~2 KB each). With a profile service to
 read a person from (`CDP_PROFILE_ADDRESS`), a change's computed traits and scores are kept only when read
 (`Keep`): by a journey version (conditions, templates, CRM signals, `rank_by`: `Journey.fields_read`; a
-template that reads a root other than as `root.name`, or a CRM action naming no signals, reads the whole
-root) or by the arbiter's rules (suppression conditions). Traits and consent are always kept whole: small,
+template that reads a root other than as `root.name` reads the whole root) or by the arbiter's rules
+(suppression conditions). A CRM action naming no signals carries the person's top scores: those are read
+from the profile service when it is sent (`Reads.scores`), not kept here (each score update of every
+person rewrote their record for a task a few of them get); should the profile service not answer, the
+task goes with the scores held here (context helps a task, it never holds it back: `signals.py`). Traits and consent are always kept whole: small,
 rarely changing, and read by the arbiter (time zone, consent), the channels (addresses) and the
 dispatchers' consent check. Every published version read since the start counts, whatever its journey's
 state (`Journeys.published`): an older version's running instances read what it reads.
@@ -32,7 +35,7 @@ import grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.errors import Unavailable
 from cdp_kit.profile_fields import COMPUTED, SCORES, profile_fields
-from cdp_orchestration.domain.journey import CRM, Action
+from cdp_orchestration.domain.journey import Action
 from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.domain.templates import whole_roots
 from cdp_orchestration.journeys import Journeys
@@ -85,8 +88,7 @@ def read_set(journeys: Journeys, rules: Rules) -> Keep:
         for node in journey.nodes.values():
             if isinstance(node, Action):
                 whole |= whole_roots(node.template)
-                if node.channel == CRM and not node.signals:
-                    whole.add(SCORES)  # its task carries the person's top scores (`signals.top_signals`)
+                # A CRM action naming no signals: its task's top scores are read when it is sent (`Reads.scores`).
     computed = None if COMPUTED in whole else frozenset(f[len(_COMPUTED) :] for f in fields if f.startswith(_COMPUTED))
     scores = None if SCORES in whole else frozenset(f[len(_SCORES) :] for f in fields if f.startswith(_SCORES))
     return Keep(computed, scores)
@@ -116,6 +118,19 @@ class Reads:
             self._keep = self.known.setdefault(keep.fingerprint, keep)
             self._generation = generation
         return self._keep
+
+    async def scores(self, person_id: str) -> dict[str, Any] | None:
+        """The person's scores (flat `scores.*` fields) as the profile service holds them, for a CRM task naming
+        no signals (`signals.top_signals`); None when every score is kept here (the copy held is complete) or
+        the profile service did not answer (logged; the task goes with the scores held here)."""
+        if self.keep().scores is None:
+            return None
+        try:
+            fetched = await self.fetch([person_id])
+        except Unavailable as exc:
+            log.warning("a crm task's scores not read from the profile service (%s): the scores held are sent", exc)
+            return None
+        return {k: v for k, v in (fetched.get(person_id) or {}).items() if k.startswith(_SCORES)}
 
     async def bring_up(self, persons: Iterable[Any], keep: Keep) -> None:
         """Each person kept under another set is brought to `keep` (see the module docstring): pruned when
