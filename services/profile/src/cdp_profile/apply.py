@@ -103,7 +103,7 @@ def apply_events(
     for person in out.changes:
         profile = hot.profiles.get(person)
         if profile is not None:
-            hot.expiries.schedule(profile)
+            hot.expiries.schedule_applied(profile)
     return out
 
 

@@ -35,6 +35,18 @@ class ExpirySchedule:
             self._due[profile.person_id] = due
             heapq.heappush(self._heap, (due, profile.person_id))
 
+    def schedule_applied(self, profile: Profile) -> None:
+        """`schedule` after events were applied to `profile`, without walking its states when it is on the
+        schedule already: its time then stays at or before the expiry of every state the events did not
+        add to, so only the entries they added can bring it earlier (`Profile.take_added_due`)."""
+        added = profile.take_added_due()
+        scheduled = self._due.get(profile.person_id)
+        if scheduled is None:
+            self.schedule(profile)
+        elif added is not None and added < scheduled:
+            self._due[profile.person_id] = added
+            heapq.heappush(self._heap, (added, profile.person_id))
+
     def pop_due(self, now: float) -> list[str]:
         """The persons whose time has come (each once), taken off the schedule."""
         persons: list[str] = []

@@ -391,7 +391,7 @@ def _replayed(trait: ComputedTrait, entry: TimelineEntry) -> Any:
 class Profile:
     """One person's unified profile. Not thread-safe: one partition owner applies its events in order."""
 
-    __slots__ = ("_owners", "_root", "merges", "parts", "person_id", "retention")
+    __slots__ = ("_added_due", "_owners", "_root", "merges", "parts", "person_id", "retention")
 
     def __init__(
         self,
@@ -411,6 +411,8 @@ class Profile:
         self._root = self.parts[person_id]
         self.merges: list[MergeRecord] = merges if merges is not None else []
         self._owners: dict[str, str] | None = None  # identifier -> origin; built only for merged profiles
+        # The earliest time a windowed entry added by `apply` leaves its window, since `take_added_due`.
+        self._added_due: float | None = None
 
     @classmethod
     def new(cls, person_id: str, *, retention: Retention = DEFAULT_RETENTION) -> Profile:
@@ -728,6 +730,16 @@ class Profile:
                 change.computed[name] = after
         change.timeline_removed = self._enforce_retention(now, defs)
         return change
+
+    def take_added_due(self) -> float | None:
+        """The earliest time an entry `apply` added to a windowed state leaves it, of those added since the
+        last call (None: none added). Only `apply` lowers a state's expiry without a walk of `next_expiry`
+        after it (merges, splits, backfills and loads schedule the whole profile; a prune or removal only
+        delays an expiry), so a schedule already at or before every state's expiry stays so when given
+        this (`ExpirySchedule.schedule_applied`)."""
+        due = self._added_due
+        self._added_due = None
+        return due
 
     def next_expiry(self) -> float | None:
         """The earliest time a windowed computed value changes with no new event (None: never)."""
@@ -1088,6 +1100,12 @@ class Profile:
                     state = computed[name] = ComputedState.for_trait(trait)
                 state.add(at, event_id, value, now)
                 after = self._computed_value(name)
+            window = state.window
+            if window is not None:
+                # The expiry this entry brings (one aged out already was not added: its due is past).
+                due = at + window
+                if due > now and ((added := self._added_due) is None or due < added):
+                    self._added_due = due
             if before is MISSING or _changed(before, after):
                 out[name] = after
 
