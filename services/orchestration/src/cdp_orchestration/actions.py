@@ -261,20 +261,21 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
         content=content,
         decided_at=from_seconds(decision.at),
     )
+    unsigned = False
     if decision.channel == "crm":
         message.crm_kind = content.get("kind", "task")
-        signals_view = view
-        if not node.signals and applier.scores is not None:
-            # Its top scores, which are not all kept here: as the profile service holds them now (`reads.py`).
-            scores = await applier.scores(person.person_id)
-            if scores is not None:
-                signals_view = PersonView(person.person_id, scores, frozenset())
-        for name, value in top_signals(node, signals_view):
-            message.signals.add(name=name, value=value)
+        # Its top scores, when not all of them are kept here: read from the profile service at the end of the
+        # batch, with the other tasks' (`add_top_scores`).
+        unsigned = not node.signals and applier.scores is not None
+        if not unsigned:
+            for name, value in top_signals(node, view):
+                message.signals.add(name=name, value=value)
     if address is not None and isinstance(to, str) and to:
         message.address[address[0]] = to
     _identify(message, person)
     applier.m_actions.add(1, {"channel": decision.channel})
+    if unsigned:
+        batch.unsigned.append((len(batch.messages), message, node, view))
     batch.messages.append(
         OutMessage(
             subject=subjects.actions(decision.channel, batch.partition),
@@ -283,3 +284,24 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
         )
     )
     return None
+
+
+async def add_top_scores(applier: Applier, batch: Batch) -> None:
+    """The batch's CRM tasks and cases whose node names no signals get the person's top scores as the profile
+    service holds them (`reads.Reads.scores`, one read for the batch's persons), or, should it not answer,
+    the scores held here when the action was decided (context never holds a task back: `signals.py`)."""
+    unsigned = batch.unsigned
+    if not unsigned or applier.scores is None:
+        return
+    batch.unsigned = []
+    found = await applier.scores(list(dict.fromkeys(view.person_id for _, _, _, view in unsigned)))
+    for index, message, node, view in unsigned:
+        scores = found.get(view.person_id) if found is not None else None
+        signals_view = PersonView(view.person_id, scores, frozenset()) if scores is not None else view
+        for name, value in top_signals(node, signals_view):
+            message.signals.add(name=name, value=value)
+        if message.signals:
+            sent = batch.messages[index]
+            batch.messages[index] = OutMessage(
+                subject=sent.subject, payload=message.SerializeToString(), msg_id=sent.msg_id, headers=sent.headers
+            )

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from opentelemetry import metrics
@@ -125,9 +125,9 @@ class Applier:
         self.journeys = journeys
         self.rules = rules
         self.clock_offset = clock_offset
-        # The person's scores as the profile service holds them, for a CRM task naming no signals, when not
-        # every score is kept here (`reads.Reads.scores`); None: the scores held are read.
-        self.scores: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None
+        # Persons' scores as the profile service holds them, for the CRM tasks naming no signals, when not
+        # every score is kept here (`reads.Reads.scores`, `actions.add_top_scores`); None: the scores held.
+        self.scores: Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]] | None]] | None = None
         meter = meter or metrics.get_meter("cdp.orchestration")
         self.m_decisions = meter.create_counter(
             "cdp.orchestration.decisions", unit="{decision}", description="arbiter decisions, by kind"

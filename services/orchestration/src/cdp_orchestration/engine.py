@@ -213,6 +213,7 @@ class OrchestrationLogic:
             if person.dirty:
                 batch.put(PERSONS, person.person_id, person.record())
                 person.dirty = False
+        await actions.add_top_scores(self.applier, batch)
         for key in batch.stats:
             # A copy: the counters go on changing in memory while this write is on its way.
             batch.put(STATS, key, orjson.loads(orjson.dumps(hot.stats[key])))

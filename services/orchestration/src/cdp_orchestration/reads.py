@@ -6,7 +6,7 @@ read a person from (`CDP_PROFILE_ADDRESS`), a change's computed traits and score
 (`Keep`): by a journey version (conditions, templates, CRM signals, `rank_by`: `Journey.fields_read`; a
 template that reads a root other than as `root.name` reads the whole root) or by the arbiter's rules
 (suppression conditions). A CRM action naming no signals carries the person's top scores: those are read
-from the profile service when it is sent (`Reads.scores`), not kept here (each score update of every
+from the profile service when it is sent (`Reads.scores`, the tasks of one batch together), not kept here (each score update of every
 person rewrote their record for a task a few of them get); should the profile service not answer, the
 task goes with the scores held here (context helps a task, it never holds it back: `signals.py`). Traits and consent are always kept whole: small,
 rarely changing, and read by the arbiter (time zone, consent), the channels (addresses) and the
@@ -119,18 +119,22 @@ class Reads:
             self._generation = generation
         return self._keep
 
-    async def scores(self, person_id: str) -> dict[str, Any] | None:
-        """The person's scores (flat `scores.*` fields) as the profile service holds them, for a CRM task naming
-        no signals (`signals.top_signals`); None when every score is kept here (the copy held is complete) or
-        the profile service did not answer (logged; the task goes with the scores held here)."""
+    async def scores(self, person_ids: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+        """Each person's scores (flat `scores.*` fields; none for a person the profile service lacks) as the
+        profile service holds them, for CRM tasks naming no signals (`actions.add_top_scores`); None when every
+        score is kept here (the copy held is complete) or the profile service did not answer (logged; the
+        tasks go with the scores held here)."""
         if self.keep().scores is None:
             return None
         try:
-            fetched = await self.fetch([person_id])
+            fetched = await self.fetch(person_ids)
         except Unavailable as exc:
-            log.warning("a crm task's scores not read from the profile service (%s): the scores held are sent", exc)
+            log.warning("crm tasks' scores not read from the profile service (%s): the scores held are sent", exc)
             return None
-        return {k: v for k, v in (fetched.get(person_id) or {}).items() if k.startswith(_SCORES)}
+        return {
+            person: {k: v for k, v in (fetched.get(person) or {}).items() if k.startswith(_SCORES)}
+            for person in person_ids
+        }
 
     async def bring_up(self, persons: Iterable[Any], keep: Keep) -> None:
         """Each person kept under another set is brought to `keep` (see the module docstring): pruned when
