@@ -9,6 +9,8 @@ every field is kept. On a real nats-server and a sqlite store, the profile servi
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -276,6 +278,26 @@ async def test_a_crm_task_naming_no_signals_carries_the_top_scores_the_profile_s
         ("scores.upsell", "0.3"),
     ]
     assert service.asked == ["fay"]
+
+
+async def test_a_crm_task_is_not_held_back_by_a_profile_service_that_never_answers(world_factory, profile_service):
+    # A read with no deadline of its own (a hung connection): the batch waits a bounded time for the scores,
+    # then the task goes with the scores held here, as when the service answers UNAVAILABLE.
+    service, _fetch = profile_service
+
+    async def hung(person_ids):
+        service.asked.extend(person_ids)
+        await asyncio.Event().wait()
+
+    world = await world_factory(profile_fetch=hung)
+    await world.publish_journey(TASK)
+    await world.start()
+    await changed(world, "gus", traits={"first_name": "Fay"}, consent={"purpose:Service": True}, scores={"churn": 0.2})
+    await world.eventually(lambda: record(world, "gus"))
+    await world.segment("gus", "at_risk")
+    task = await _task(world, "gus")
+    assert task.content["subject"] == "Call Fay" and list(task.signals) == []
+    assert service.asked == ["gus"]
 
 
 async def test_a_crm_task_is_sent_without_the_scores_when_the_profile_service_does_not_answer(

@@ -25,6 +25,7 @@ every field: it is complete, and only pruned. Without a profile service every fi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -46,6 +47,8 @@ log = logging.getLogger("cdp.orchestration")
 Fetch = Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]]]]
 
 FETCH_BATCH = 100  # persons per BatchGetProfiles call
+# Seconds a batch with CRM tasks naming no signals waits for their scores from the profile service.
+SCORES_WAIT = 2.0
 _COMPUTED, _SCORES = COMPUTED + ".", SCORES + "."
 
 
@@ -127,9 +130,12 @@ class Reads:
         if self.keep().scores is None:
             return None
         try:
-            fetched = await self.fetch(person_ids)
-        except Unavailable as exc:
-            log.warning("crm tasks' scores not read from the profile service (%s): the scores held are sent", exc)
+            # Bounded well below a read that must answer (`bring_up`): the batch waits for it, and the tasks
+            # go without these scores rather than late.
+            fetched = await asyncio.wait_for(self.fetch(person_ids), SCORES_WAIT)
+        except (Unavailable, TimeoutError) as exc:
+            reason = str(exc) if isinstance(exc, Unavailable) else f"no answer in {SCORES_WAIT:g} s"
+            log.warning("crm tasks' scores not read from the profile service (%s): the scores held are sent", reason)
             return None
         return {
             person: {k: v for k, v in (fetched.get(person) or {}).items() if k.startswith(_SCORES)}
