@@ -76,13 +76,13 @@ def test_a_score_change_reencodes_no_computed_state_and_an_event_only_those_it_f
     )
     profile.to_json()
     encoded: list[str] = []
-    to_doc = ComputedState.to_doc
+    encode = ComputedState._encode
 
-    def counting(state: ComputedState) -> dict:
+    def counting(state: ComputedState) -> bytes:
         encoded.append(state.op)
-        return to_doc(state)
+        return encode(state)
 
-    monkeypatch.setattr(ComputedState, "to_doc", counting)
+    monkeypatch.setattr(ComputedState, "_encode", counting)
     profile.set_scores({"churn": 0.5}, model="m", version="1", at=NOW)
     profile.to_json()
     assert encoded == []
@@ -98,13 +98,13 @@ def test_a_contribution_already_out_of_its_window_reencodes_nothing(ev, defs_of,
     profile = profile_of([ev("o1", "track", "Order Completed", NOW - HOUR, properties={"total": 10})], defs, now=NOW)
     stored = profile.to_json()
     encoded: list[str] = []
-    to_doc = ComputedState.to_doc
+    encode = ComputedState._encode
 
-    def counting(state: ComputedState) -> dict:
+    def counting(state: ComputedState) -> bytes:
         encoded.append(state.op)
-        return to_doc(state)
+        return encode(state)
 
-    monkeypatch.setattr(ComputedState, "to_doc", counting)
+    monkeypatch.setattr(ComputedState, "_encode", counting)
     late = ev("o0", "track", "Order Completed", NOW - 3 * DAY, properties={"total": 5})
     profile.apply(late, defs, now=NOW)
     written = orjson.loads(profile.to_json())

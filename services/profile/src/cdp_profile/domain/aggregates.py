@@ -658,6 +658,11 @@ def _agg_from_doc(op: str, doc: list[Any]) -> Any:
 _KEPT_ENTRIES_MIN = 16
 
 
+# The start of a state's encoding up to its aggregate ('{"op":...,"window":...,"sig":...,"agg":'), by
+# (op, window, signature): one per definition met.
+_HEADS: dict[tuple[str, float | None, str, type], bytes] = {}
+
+
 class ComputedState:
     """One computed trait's summary for one part; windowed ones also keep their in-window entries.
 
@@ -796,31 +801,42 @@ class ComputedState:
     def encoded(self) -> orjson.Fragment:
         """`to_doc()` as JSON, for a writer that embeds it (orjson): made once per change of the state."""
         encoded = self._encoded
-        if encoded is not None:
-            return encoded
-        entries = self.entries
-        if entries is None or len(entries) < _KEPT_ENTRIES_MIN:
-            # A copy: the bytes orjson returns keep its whole output buffer (4 KiB at least), and profiles
-            # hold thousands of these.
-            self._raw = None
-            encoded = self._encoded = orjson.Fragment(bytes(memoryview(orjson.dumps(self.to_doc()))))
-            return encoded
-        # The same bytes as `to_doc()`'s ("entries" is its last key): the head, then the entries array, kept
-        # (`_raw`) for the next encoding after entries added at the end.
-        head = orjson.dumps({"op": self.op, "window": self.window, "sig": self.signature, "agg": self.agg.to_doc()})
-        raw, done, total = self._raw, self._raw_n, len(entries)
-        if raw is None or not _KEPT_ENTRIES_MIN <= done <= total:
-            parts = [memoryview(head)[:-1], b',"entries":', orjson.dumps(entries), b"}"]
-        elif done == total:
-            parts = [memoryview(head)[:-1], memoryview(raw)[self._raw_at - 11 : -1], b"}"]
-        else:
-            # The kept array without its "]", then the entries added since without their "[".
-            added = orjson.dumps(entries[done:])
-            parts = [memoryview(head)[:-1], memoryview(raw)[self._raw_at - 11 : -2], b",", memoryview(added)[1:], b"}"]
-        raw = self._raw = b"".join(parts)
-        self._raw_at, self._raw_n = len(head) + 10, total  # where the array starts: after ',"entries":'
-        encoded = self._encoded = orjson.Fragment(raw)
+        if encoded is None:
+            encoded = self._encoded = orjson.Fragment(self._encode())
         return encoded
+
+    def _encode(self) -> bytes:
+        # The same bytes as `to_doc()`'s, written in parts: the head (op, window, sig) made once per
+        # definition, then the aggregate, then the entries ("entries" is the last key). Joined into bytes of
+        # their own: the bytes orjson returns keep its whole output buffer (4 KiB at least), and profiles hold
+        # thousands of these.
+        key = (self.op, self.window, self.signature, type(self.window))  # 30 and 30.0 are written apart
+        head = _HEADS.get(key)
+        if head is None:
+            head = _HEADS[key] = orjson.dumps(
+                {"op": self.op, "window": self.window, "sig": self.signature, "agg": None}
+            )[:-5]  # without 'null}'
+        agg = orjson.dumps(self.agg.to_doc())
+        entries = self.entries
+        if entries is None:
+            raw = b"".join((head, agg, b"}"))
+        elif len(entries) < _KEPT_ENTRIES_MIN:
+            self._raw = None
+            raw = b"".join((head, agg, b',"entries":', orjson.dumps(entries), b"}"))
+        else:
+            # The entries array kept (`_raw`) for the next encoding after entries added at the end.
+            raw, done, total = self._raw, self._raw_n, len(entries)
+            if raw is None or not _KEPT_ENTRIES_MIN <= done <= total:
+                parts = (head, agg, b',"entries":', orjson.dumps(entries), b"}")
+            elif done == total:
+                parts = (head, agg, memoryview(raw)[self._raw_at - 11 : -1], b"}")
+            else:
+                # The kept array without its "]", then the entries added since without their "[".
+                added = memoryview(orjson.dumps(entries[done:]))[1:]
+                parts = (head, agg, memoryview(raw)[self._raw_at - 11 : -2], b",", added, b"}")
+            raw = self._raw = b"".join(parts)
+            self._raw_at, self._raw_n = len(head) + len(agg) + 11, total  # the array starts after ',"entries":'
+        return raw
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> ComputedState:
