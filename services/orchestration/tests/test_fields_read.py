@@ -280,16 +280,10 @@ async def test_a_crm_task_naming_no_signals_carries_the_top_scores_the_profile_s
     assert service.asked == ["fay"]
 
 
-async def test_a_crm_task_is_not_held_back_by_a_profile_service_that_never_answers(world_factory, profile_service):
-    # A read with no deadline of its own (a hung connection): the batch waits a bounded time for the scores,
-    # then the task goes with the scores held here, as when the service answers UNAVAILABLE.
-    service, _fetch = profile_service
-
-    async def hung(person_ids):
-        service.asked.extend(person_ids)
-        await asyncio.Event().wait()
-
-    world = await world_factory(profile_fetch=hung)
+async def _task_sent_past_a_silent_profile_service(world_factory, fetch):
+    """gus enters the CRM task's segment while `fetch` gives no scores: the task as sent. Context helps the
+    task, it never holds it back (`signals.py`): it goes with the scores held here (none)."""
+    world = await world_factory(profile_fetch=fetch)
     await world.publish_journey(TASK)
     await world.start()
     await changed(world, "gus", traits={"first_name": "Fay"}, consent={"purpose:Service": True}, scores={"churn": 0.2})
@@ -297,6 +291,19 @@ async def test_a_crm_task_is_not_held_back_by_a_profile_service_that_never_answe
     await world.segment("gus", "at_risk")
     task = await _task(world, "gus")
     assert task.content["subject"] == "Call Fay" and list(task.signals) == []
+    assert [d["kind"] for d in await world.decisions("gus")] == ["sent"]
+    return task
+
+
+async def test_a_crm_task_is_not_held_back_by_a_profile_service_that_never_answers(world_factory, profile_service):
+    # A read with no deadline of its own (a hung connection): the batch waits a bounded time for the scores.
+    service, _fetch = profile_service
+
+    async def hung(person_ids):
+        service.asked.extend(person_ids)
+        await asyncio.Event().wait()
+
+    await _task_sent_past_a_silent_profile_service(world_factory, hung)
     assert service.asked == ["gus"]
 
 
@@ -305,14 +312,5 @@ async def test_a_crm_task_is_sent_without_the_scores_when_the_profile_service_do
 ):
     service, fetch = profile_service
     service.down = True
-    world = await world_factory(profile_fetch=fetch)
-    await world.publish_journey(TASK)
-    await world.start()
-    await changed(world, "gus", traits={"first_name": "Fay"}, consent={"purpose:Service": True}, scores={"churn": 0.2})
-    await world.eventually(lambda: record(world, "gus"))
-    await world.segment("gus", "at_risk")
-    # Context helps the task, it never holds it back (`signals.py`): sent, with the scores held here (none).
-    task = await _task(world, "gus")
-    assert task.content["subject"] == "Call Fay" and list(task.signals) == []
+    await _task_sent_past_a_silent_profile_service(world_factory, fetch)
     assert service.asked == ["gus"]
-    assert [d["kind"] for d in await world.decisions("gus")] == ["sent"]
