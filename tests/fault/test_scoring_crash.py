@@ -29,6 +29,9 @@ from cdp_kit.bus.streams import ensure_stream
 from cdp_testing.onnx_models import expected, logistic_model
 from cdp_testing.processes import ScoringProcess
 
+# What scoring logs once a version made live has scored the persons it holds (deployments.py).
+HELD_SCORED = "held persons scored with a version made live"
+
 PARTITIONS = 4
 PERSONS = 320
 MESSAGES = 1_500  # of 1 to 6 changes each: about 5,000 changes
@@ -190,6 +193,7 @@ async def test_killed_mid_stream_publishes_every_score_and_recovers_the_fields(n
         # Longer than a restart takes, as the default (30 s) is: a batch the killed process had in flight
         # comes back after the restarted one has been given newer messages.
         CDP_SCORING_ACK_WAIT="5",
+        CDP_LOG_LEVEL="INFO",  # the deploy's scoring of the persons held is read from the log
     )
     rng = random.Random(7)
     nc = await nats.connect(nats_server.url)
@@ -202,6 +206,12 @@ async def test_killed_mid_stream_publishes_every_score_and_recovers_the_fields(n
                 scoring_pb2.DeployModelRequest(onnx=logistic_model(weights=W, bias=BIAS)), timeout=30
             )
         assert deployed.live_version == "1.0.0"
+        # A version made live scores the persons held (none yet) in the background, stamped with the
+        # service's clock: once done, the stream path alone publishes, which is what the counts below add up.
+        deadline = time.monotonic() + 60
+        while HELD_SCORED not in service.log_path.read_text():
+            assert time.monotonic() < deadline, "the deploy's scoring of the persons held never ended; see scoring.log"
+            await asyncio.sleep(0.1)
 
         positions: dict[int, list[int]] = {p: [] for p in range(PARTITIONS)}  # stream seq of each message
 
