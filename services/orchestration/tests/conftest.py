@@ -357,6 +357,22 @@ class World:
         return [r.doc async for r in self.store.scan_all(INSTANCES) if r.doc["person_id"] == person]
 
 
+def journey_document(journey_id: str, entry: dict, **more) -> dict:
+    """A minimal published journey's document: `entry`, then a 30-day delay (`nodes` in `more` replaces it),
+    every other field in `more` added or replacing the defaults."""
+    return {
+        "id": journey_id,
+        "version": 1,
+        "name": journey_id,
+        "priority": 10,
+        "category": "lifecycle",
+        "timezone": "UTC",
+        "entry": entry,
+        "nodes": [{"id": "later", "type": "delay", "duration": "30d"}],
+        **more,
+    }
+
+
 async def dispatched(bus: Bus, channel: str) -> bool:
     """Whether the channel's dispatcher consumer holds nothing unread or unacknowledged: every action on
     ACTIONS was worked through (sent, failed or dead-lettered, and acknowledged), and nothing is left to

@@ -14,21 +14,13 @@ from cdp_orchestration.domain.instance import instance_id
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.state import INSTANCES, PERSONS
 
+from .conftest import journey_document
+
 WEB, IOS = "src-web", "src-ios"
 
 
 def journey(journey_id: str, entry: dict, **rules) -> dict:
-    return {
-        "id": journey_id,
-        "version": 1,
-        "name": journey_id,
-        "priority": 10,
-        "category": "lifecycle",
-        "timezone": "UTC",
-        "entry": entry,
-        "nodes": [{"id": "later", "type": "delay", "duration": "30d"}],
-        **rules,
-    }
+    return journey_document(journey_id, entry, **rules)
 
 
 async def refusal(world, person: str, journey_id: str) -> pb.Decision | None:

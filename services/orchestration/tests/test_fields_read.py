@@ -26,19 +26,11 @@ from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.reads import profile_fetch, read_set
 from cdp_orchestration.state import PERSONS
 
+from .conftest import journey_document
+
 
 def journey(journey_id: str, event: str, condition: str, **more) -> dict:
-    return {
-        "id": journey_id,
-        "version": 1,
-        "name": journey_id,
-        "priority": 10,
-        "category": "lifecycle",
-        "timezone": "UTC",
-        "entry": {"event": event, "if": condition},
-        "nodes": [{"id": "later", "type": "delay", "duration": "30d"}],
-        **more,
-    }
+    return journey_document(journey_id, {"event": event, "if": condition}, **more)
 
 
 # What the shipped journeys read: traits (and consent, which the arbiter reads).

@@ -13,21 +13,11 @@ from cdp_orchestration.domain import lifecycle
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.state import DECISIONS
 
-LATER = [{"id": "later", "type": "delay", "duration": "30d"}]
+from .conftest import journey_document
 
 
 def journey(journey_id: str, entry: dict, **rules) -> dict:
-    return {
-        "id": journey_id,
-        "version": 1,
-        "name": journey_id,
-        "priority": 10,
-        "category": "lifecycle",
-        "timezone": "UTC",
-        "entry": entry,
-        "nodes": LATER,
-        **rules,
-    }
+    return journey_document(journey_id, entry, **rules)
 
 
 async def listed(world, person: str, **filters) -> list[pb.Decision]:
