@@ -14,7 +14,7 @@ from cdp_identity.domain.rules import MergeRules
 from cdp_identity.engine import OUTBOX, IdentityEngine
 from cdp_identity.export import export_person
 from cdp_identity.matching_service import MatchingService, load_match_config
-from cdp_identity.notices import apply_notices
+from cdp_identity.notices import apply_notices, events_retention
 from cdp_identity.privacy import PrivacyHandler
 from cdp_identity.settings import IdentitySettings
 from cdp_identity.writer import OneWriter
@@ -87,7 +87,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     matching = MatchingService(engine, store, match_config)
     await matching.start()
     # Before any event is resolved: the suppressions, and the deletions a restored store brought back.
-    events_max_age = (await bus.js.stream_info(subjects.EVENTS_RAW)).config.max_age or 0.0
+    events_max_age = await events_retention(bus.js)
     await engine.load_forgotten(events_max_age)
     await apply_notices(engine, matching, bus.js)
     # One durable consumer per partition (the kit's partitioned engine, identity's logic): each

@@ -24,12 +24,22 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_identity.engine import PERSONS, IdentityEngine
 from cdp_identity.matching_service import MatchingService
 from cdp_identity.privacy import deletion_times
+from cdp_kit.bus import subjects
 from cdp_kit.bus.notices import read_deletions, requests_named
+from cdp_kit.bus.setup import answered
 
 log = logging.getLogger("cdp.identity")
 
 #: Persons looked up in the store at once.
 LOOKUP_CHUNK = 1000
+
+
+async def events_retention(js) -> float:
+    """How long EVENTS_RAW keeps an event, in seconds (0: no limit): how long a suppression must drop the
+    events received before it. Asked again while a stalled nats-server does not answer (`answered`), as
+    every other start-up request is."""
+    info = await answered(js, f"stream {subjects.EVENTS_RAW}", lambda: js.stream_info(subjects.EVENTS_RAW))
+    return info.config.max_age or 0.0
 
 
 async def apply_notices(engine: IdentityEngine, matching: MatchingService, js) -> int:
