@@ -24,11 +24,13 @@ from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, canary_bucket
 from cdp_scoring.engine import CHANGED_AT, CHECKPOINTS, FIELDS, SNAPSHOTS, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
+from cdp_scoring.published import STAMP
 from cdp_scoring.stream import ScoringStream, scoring_stream
 from cdp_testing.fakes import T0, Clock
 from cdp_testing.onnx_models import expected, logistic_model
 
 W = [0.5, -0.25]
+T0_MS = round(T0 * 1000)  # T0 as `at_ms` carries it
 
 
 def changed(changes: list[profile_pb2.ProfileChanged]) -> profile_pb2.ProfileChangedBatch:
@@ -326,8 +328,16 @@ async def test_fields_come_back_from_the_snapshot_plus_a_replay_of_the_stream(se
     before = len(await published(nats_server.url))
     again, again_stream = await make_engine(store, bus, tmp_path, clock)
     try:
-        # The snapshot (p1 as of the first message), then the two messages after it, not scored again.
-        assert again.fields == {"p1": {"computed.orders_90d": 5.0, "computed.sessions_30d": 4.0, CHANGED_AT: T0}}
+        # The snapshot (p1 as of the first message, with the stamp of its update), then the two messages
+        # after it, not scored again.
+        assert again.fields == {
+            "p1": {
+                "computed.orders_90d": 5.0,
+                "computed.sessions_30d": 4.0,
+                CHANGED_AT: T0,
+                STAMP + "churn_risk": T0_MS,
+            }
+        }
         assert again.registry.get("churn_risk").live.version == "1.0.0"
         [result] = await again.score_person("p1")
         assert result.scores["churn_risk"] == pytest.approx(expected(W, [5, 4]), abs=1e-6)

@@ -9,9 +9,14 @@ service when it is deployed (and again on every start, `ensure_traits`: the prof
 lost them with its store).
 
 A version that becomes live on a replica - deployed as a model's first version, promoted, rolled back,
-there or announced by another replica - scores the persons that replica holds, once, published as
-`ScoreAll` publishes (`score_held`): every replica holds its own partitions' persons, so each does it for
-its own. Otherwise a person who does not change keeps no score, or the replaced version's, until they do.
+there or announced by another replica - or a canary deployed (its share of persons moves to it) scores
+the persons that replica holds, once, published as `ScoreAll` publishes (`score_held`): every replica
+holds its own partitions' persons, so each does it for its own. Otherwise a person who does not change
+keeps no score, or the replaced version's, until they do. Each partition's record
+(`scoring_snapshots/$held_scored.<p>`) says which versions (`_routing`) its persons were last scored with;
+a partition that arrives (a start, a partition moved here) with another record than what is live now -
+the version was made live while its replica was down, or before its new owner had scored it - scores the
+persons held the same way (`score_held_if_stale`).
 
 `Deployments` is the part of `ScoringEngine` that owns this; the state it reads is set up in the
 engine's `__init__`.
@@ -33,6 +38,14 @@ from cdp_scoring.runtime import LoadedModel, load_model
 log = logging.getLogger("cdp.scoring.engine")
 
 MODELS = "scoring_models"
+# engine.py's SNAPSHOTS (it imports this module): beside the positions of the fields' snapshots, each
+# partition's record of the versions its persons were last scored with (`held_record_key`).
+SNAPSHOTS = "scoring_snapshots"
+
+
+def held_record_key(partition: int) -> str:
+    """The record of the versions (per model, `Deployments._routing`) partition's persons were scored with."""
+    return f"$held_scored.{partition}"
 
 
 class Deployments:
@@ -70,6 +83,7 @@ class Deployments:
             )
             if existing is not None:
                 return existing
+            before = self._routing(spec.name)
             # The file first: a version is never listed, promoted or trained beside before its file is there.
             await self.model_store.put(spec.name, spec.version, data)
             version, created = self.registry.deploy(
@@ -101,21 +115,21 @@ class Deployments:
             extra={"model": spec.name, "version": spec.version, "role": version.role, "sha256": loaded.sha256[:16]},
         )
         await self._announce(spec.name)
-        if version.role == LIVE:
+        if self._routing(spec.name) != before:  # a first version, a new live one, or a canary
             self.score_held(spec.name)
         return version
 
     async def promote(self, name: str, version: str) -> ModelEntry:
         async with self._registry_lock:
             target = self.registry.version(name, version)
-            before = self._live_version(name)
+            before = self._routing(name)
             await self._load_session(target)
             self.registry.promote(name, version)
             await self._save_entry(name)
             self._reindex()
         log.info("model promoted", extra={"model": name, "version": version})
         await self._announce(name)
-        if self._live_version(name) != before:  # promoting the live version changes nothing
+        if self._routing(name) != before:  # promoting the live version changes nothing
             self.score_held(name)
         return self.registry.get(name)
 
@@ -125,13 +139,13 @@ class Deployments:
             previous = next((entry.versions.get(v) for v in reversed(entry.previous) if v in entry.versions), None)
             if previous is not None:
                 await self._load_session(previous)
-            before = self._live_version(name)
+            before = self._routing(name)
             restored = self.registry.rollback(name)
             await self._save_entry(name)
             self._reindex()
         log.info("model rolled back", extra={"model": name, "version": restored.version})
         await self._announce(name)
-        if self._live_version(name) != before:
+        if self._routing(name) != before:
             self.score_held(name)
         return self.registry.get(name)
 
@@ -160,9 +174,10 @@ class Deployments:
 
     async def reload(self, name: str) -> None:
         """Another replica changed a model: read its entry again and load the sessions it needs. A version
-        live now that was not before scores the persons held here, as on the replica that made it live."""
+        live now that was not before (or another canary) scores the persons held here, as on the replica
+        that made it so."""
         async with self._registry_lock:
-            before = self._live_version(name)
+            before = self._routing(name)
             await self._reload_entry(name)
             entry = self.registry.models.get(name)
             if entry is not None:
@@ -170,14 +185,22 @@ class Deployments:
                     if version.role in (LIVE, SHADOW, CANARY):
                         await self._load_session(version)
             self._reindex()
-        live = self._live_version(name)
-        if live is not None and live != before:
+        routing = self._routing(name)
+        if routing is not None and routing != before:
             self.score_held(name)
 
-    def _live_version(self, name: str) -> str | None:
+    def _routing(self, name: str) -> list[Any] | None:
+        """Which version each person's scores of model `name` are published under: [live version, canary
+        version or None, the canary's share] (None: no live version, nothing published). As stored in the
+        partitions' records of what their persons were scored with (JSON: a list)."""
         entry = self.registry.models.get(name)
         live = entry.live if entry is not None else None
-        return live.version if live is not None else None
+        if live is None:
+            return None
+        canary = entry.canary
+        return (
+            [live.version, canary.version, canary.canary_percent] if canary is not None else [live.version, None, 0.0]
+        )
 
     # --- the persons held, scored with a version that became live ---------------------------------------
 
@@ -202,8 +225,12 @@ class Deployments:
             del self._held_pending[name]
             try:
                 persons = published = 0
+                routing, ready = self._routing(name), set(self.ready)
                 async for progress in self.score_all(name, publish=True):
                     persons, published = progress["total"], progress["published"]
+                # The partitions held throughout: their persons were scored under `routing` (one that arrived
+                # meanwhile checked its own record, and one that left and came back did too).
+                await self._held_scored_with(name, routing, ready & self.ready)
             except (FailedPrecondition, NotFound) as exc:  # no live version, or no model, any more
                 log.info("held persons not scored with model %s: %s", name, exc.message)
             except Unavailable as exc:  # JetStream did not store them: everything again, later
@@ -219,6 +246,39 @@ class Deployments:
                     "held persons scored with a version made live",
                     extra={"model": name, "persons": persons, "published": published},
                 )
+
+    async def score_held_if_stale(self, partition: int) -> None:
+        """`partition` has arrived (start, or moved here): score the persons held with each model whose
+        routing (`_routing`) is not the one the partition's record says its persons were last scored with -
+        a version made live, or a canary deployed, while the partition was held nowhere (its replica down)
+        or by a replica that had not scored it yet. A partition with no record (one restored from before the
+        records) counts as scored with nothing, unless it holds nobody: then it starts its record."""
+        record = await self.store.get(SNAPSHOTS, held_record_key(partition))
+        scored = record.doc.get("models", {}) if record is not None else None
+        routings = {
+            entry.name: routing for entry in self.registry if (routing := self._routing(entry.name)) is not None
+        }
+        if scored is None and not any(self._partition(person) == partition for person in self.fields):
+            await self.store.put(SNAPSHOTS, held_record_key(partition), {"models": routings})
+            return
+        stale = [name for name, routing in routings.items() if (scored or {}).get(name) != routing]
+        if stale:
+            log.info("partition's persons scored under other versions than live: scoring them", extra={
+                "partition": partition, "models": stale})  # fmt: skip
+        for name in stale:
+            self.score_held(name)
+
+    async def _held_scored_with(self, name: str, routing: list[Any] | None, partitions: Iterable[int]) -> None:
+        """Record that the persons of `partitions` were scored with model `name` under `routing`."""
+        if routing is None:
+            return
+        for partition in sorted(partitions):
+            key = held_record_key(partition)
+            record = await self.store.get(SNAPSHOTS, key)
+            models = dict(record.doc.get("models", {})) if record is not None else {}
+            if models.get(name) != routing:
+                models[name] = routing
+                await self.store.put(SNAPSHOTS, key, {"models": models})
 
     async def ensure_shipped(self, files: Iterable[bytes]) -> list[Version]:
         """Deploy the shipped models that no version of is registered yet (first start)."""

@@ -42,7 +42,7 @@ from cdp_scoring.deployments import MODELS, Deployments
 from cdp_scoring.domain.registry import ModelEntry, Registry
 from cdp_scoring.drift import DriftMonitor
 from cdp_scoring.modelstore import ModelStore
-from cdp_scoring.published import EPOCH_KEY, PUBLISHED, LastPublished
+from cdp_scoring.published import EPOCH_KEY, PUBLISHED, STAMP, LastPublished
 from cdp_scoring.requests import Requests
 from cdp_scoring.requests import ScoreResult as ScoreResult  # re-exported: the API reads it from here
 from cdp_scoring.rounds import Rounds, VersionStats
@@ -256,7 +256,14 @@ class ScoringEngine(Deployments, Rounds, Requests):
         position that snapshot includes."""
         subject = subjects.profiles_changed(partition)
         self.ready.discard(partition)
-        self.held.forget(lambda person: self._partition(person) == partition)
+        partition_of = self._partition
+        stamps = {
+            person: held_stamps
+            for person, held in self.fields.items()
+            if partition_of(person) == partition
+            and (held_stamps := {k: v for k, v in held.items() if k.startswith(STAMP)})
+        }
+        self.held.forget(lambda person: partition_of(person) == partition)
         self.held.applied.pop(subject, None)
         record = await self.store.get(SNAPSHOTS, subject)
         position = record.doc.get("stream_seq", 0) if record is not None else 0
@@ -267,6 +274,19 @@ class ScoringEngine(Deployments, Rounds, Requests):
             if self._partition(record.key) == partition:
                 self.fields[record.key] = decode(record.doc)
                 self.held.versions[record.key] = record.version
+        # A partition rebuilt here (a failed batch) keeps the stamps it held: updates stamped after the
+        # snapshot (a ScoreAll's, the batches before the checkpoint) are published, and the replay does not
+        # bring their stamps back (published.py: stamps never go backwards).
+        for person, held in stamps.items():
+            fields = self.fields.get(person)
+            if fields is not None:
+                raised = False
+                for key, at in held.items():
+                    if fields.get(key, -1) < at:
+                        fields[key] = at
+                        raised = True
+                if raised:
+                    self.held.mark(person)
         return position
 
     def forget_partition(self, partition: int) -> None:

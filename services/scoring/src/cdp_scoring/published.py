@@ -16,17 +16,36 @@ and dropped with a partition that leaves. What keeps it true:
   entries are) plus the stream up to the checkpoint, and the replay drops the entry of every person it
   touches (`forget`), whose scores may have been published after the snapshot. Such a person's next
   update is published whatever it holds: a replay may publish more than the first attempt did, never
-  less, and what it publishes is derived from the stream alone (same fields, same messages, same ids).
+  less, and what it publishes is derived from the stream and the person's stamps (same fields,
+  same messages, same ids, unless an update outside the stream - a ScoreAll - stamped them later).
 - **ScoreAll** publishes outside the partitions' pipelines: it first raises the stored epoch
   (`scoring_snapshots/$published_epoch`), so no entry written before it counts after a restart or a
   move (an entry is valid only under the epoch it was written with), then records what JetStream
-  stored.
+  stored. While a person's update is in flight their entry of the model is dropped (the stream path
+  publishes whatever it scores meanwhile), and it is recorded only if the stream path published no
+  update of theirs since: that one, stamped later and computed on fields as new, is what the profile
+  keeps.
 - **The profile says otherwise.** A `scores.<name>` value arriving on `profiles.changed` that is not
   the entry's (a merge brought another person's newer score, an older update landed late) drops the
   model's entry: the next update is published. Comparing with the profile's copy alone would not do:
   it lags the updates in flight.
 - **A new version is news**: the profile keeps each score's model version, so a promotion, a rollback
   or a person moving into a canary's share publishes even equal values.
+
+**Stamps never go backwards.** The profile keeps a score only if its `(at, model, version)` is not older
+than the one it holds. A score is stamped with the time of the change it scores (the stream path) or with
+scoring's clock (`ScoreAll`, and the persons held scored when a version is made live or a canary moves
+persons: deployments.py). Those two clocks cross: a change the profile applied at t1 that scoring had
+not applied yet when a promotion published the person's score at t2 > t1 would be scored, on fields that
+now hold it, at t1 - and refused, the person keeping the promotion's score, computed without the change,
+until their next change. So each person's fields keep, per model, the last stamp handed to an update of
+theirs (`$stamp.<model>`: milliseconds, as `at_ms` carries it), and an update is stamped
+max(its own time, that stamp + 1 ms): a person's updates reach the profile in the order scoring computed
+them. The stamp is a plain field: outside the epoch (it is a lower bound, still true when what was
+published is not known), kept by `forget`, snapshotted with the fields (a ScoreAll marks the persons it
+stamps), and absent in fields written before it (their next update keeps its own time). A ScoreAll
+takes its persons' stamps before it reads their fields (`reserve`): a change scored after that is stamped
+after it, one scored before is in the fields it reads.
 
 `CDP_SCORING_RESOLUTION` (decimal places; empty: off) rounds published scores first: probabilities to
 4 places, CLV to 1e-4 currency units. A threshold segment then decides on the rounded value - exactly, so
@@ -42,6 +61,8 @@ import numpy as np
 
 PUBLISHED = "$published"
 EPOCH = "$epoch"
+# A person's field holding the last stamp (ms) handed to an update of the model: STAMP + model name.
+STAMP = "$stamp."
 # The epoch record's key in the snapshots collection.
 EPOCH_KEY = "$published_epoch"
 
@@ -82,24 +103,43 @@ class LastPublished:
         else:
             fields[PUBLISHED] = {**published, model: entry}
 
-    def news(self, person: str, model: str, entry: Entry) -> bool:
-        """Whether `entry` is news for the person's model (`entry` is not the one last published); if it
-        is, it is recorded as `record` does. One lookup of the person where `entry` then `record` take two:
-        the stream path asks for every person of every model it scored."""
+    def news(self, person: str, model: str, entry: Entry, at_ms: int, key: str) -> int | None:
+        """The stamp to publish `entry` with, if it is news for the person's model (not the entry last
+        published; it is then recorded as `record` does, and so is the stamp: `at_ms`, or the person's last
+        one (field `key`: STAMP + model) + 1 ms if that is not older); None if it is not news. One lookup of
+        the person: the stream path asks for every person of every model it scored."""
         fields = self.persons.get(person)
         if fields is None:
-            return True  # removed meanwhile: nothing to remember it by
+            return at_ms  # removed meanwhile: nothing to remember it by
         published = fields.get(PUBLISHED)
         if published is None or published.get(EPOCH) != self.epoch:
             fields[PUBLISHED] = {EPOCH: self.epoch, model: entry}
         elif published.get(model) == entry:
-            return False
+            return None
         else:
             fields[PUBLISHED] = {**published, model: entry}  # a new dict: a snapshot's copy shares the old one
-        return True
+        last = fields.get(key)
+        if last is not None and at_ms <= last:
+            at_ms = last + 1
+        fields[key] = at_ms
+        return at_ms
+
+    def reserve(self, person: str, key: str, at_ms: int) -> int | None:
+        """The stamp of an update of the person's model published whatever it holds (ScoreAll): `at_ms`, or
+        their last stamp + 1 ms if that is not older; recorded at once, so that an update the stream path
+        computes from now on is stamped after it. None: the person is not held."""
+        fields = self.persons.get(person)
+        if fields is None:
+            return None
+        last = fields.get(key)
+        if last is not None and at_ms <= last:
+            at_ms = last + 1
+        fields[key] = at_ms
+        return at_ms
 
     def forget(self, person: str, model: str | None = None) -> None:
-        """What was published for the person (one model, or all) is unknown: the next update goes out."""
+        """What was published for the person (one model, or all) is unknown: the next update goes out. Their
+        stamps stay: a lower bound of what was published is still one."""
         fields = self.persons.get(person)
         published = fields.get(PUBLISHED) if fields is not None else None
         if published is None:

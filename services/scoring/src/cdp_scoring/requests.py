@@ -21,6 +21,7 @@ import numpy as np
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_scoring.domain.registry import Version
+from cdp_scoring.published import STAMP
 from cdp_scoring.runtime import LoadedModel
 
 
@@ -149,7 +150,13 @@ class Requests:
         return target, scores, missing
 
     async def score_all(self, model: str = "", *, publish: bool, chunk: int = 1024) -> AsyncIterator[dict[str, Any]]:
-        """Re-score every held person with one model (or every model); yields progress after each chunk."""
+        """Re-score every held person with one model (or every model); yields progress after each chunk.
+
+        Published, each person's update is stamped with this call's clock, or after the person's last stamp
+        of the model (published.py: stamps never go backwards). The stamps of a chunk are taken before its
+        fields are read: a change the stream path scores after that is stamped after this update, one it
+        scored before is in the fields read. The persons stamped are marked, so that their stamps are in the
+        next snapshot (a restart or a move keeps them)."""
         entries = [self.registry.get(model)] if model else [e for e in self.registry if e.live is not None]
         for entry in entries:
             if entry.live is None:
@@ -157,34 +164,58 @@ class Requests:
         persons = sorted(self.fields)
         started = time.perf_counter()
         published = 0
-        raised = False
         total = len(persons)
         now = self.clock()
+        now_ms = round(now * 1000)
+        last = self.published
+        fields = self.fields
+        if publish and total:
+            # Published outside the partitions' pipelines: no last-published entry written before this counts
+            # any more (published.py), even after a crash before the next snapshot.
+            await self.raise_published_epoch()
         for offset in range(0, total, chunk):
-            members = [p for p in persons[offset : offset + chunk] if p in self.fields]
+            members = [p for p in persons[offset : offset + chunk] if p in fields]
+            # model -> person -> the stamp of this update (published only)
+            stamps: dict[str, dict[str, int]] = {}
+            if publish:
+                # Before the fields are read (published.py): the stream path stamps what it scores from now on
+                # after these updates, and publishes it whatever was published before (the entry is dropped:
+                # this update, in flight, is not in it). The persons are marked: the next snapshot keeps their
+                # stamps. Every member is held: nothing was awaited since they were picked.
+                reserve, forget, mark = last.reserve, last.forget, self.held.mark
+                for entry in entries:
+                    key, name = STAMP + entry.name, entry.name
+                    reserved = stamps[name] = {}
+                    for person in members:
+                        reserved[person] = reserve(person, key, now_ms) or now_ms
+                        forget(person, name)
+                for person in members:
+                    mark(person)
             rows: dict = {}
             scored = []
             for entry in entries:
                 for version, scored_persons, scores in await self._run_entry(entry, members, now, rows):
-                    scored.append((version, scored_persons, scores, [now] * len(scored_persons)))
+                    of = stamps.get(entry.name)
+                    at_ms = [of[p] for p in scored_persons] if of is not None else [now_ms] * len(scored_persons)
+                    scored.append((version, scored_persons, scores, at_ms))
             if publish and scored:
-                if not raised:
-                    # Published outside the partitions' pipelines: no last-published entry written before
-                    # this counts any more (published.py), even after a crash before the next snapshot.
-                    await self.raise_published_epoch()
-                    raised = True
                 messages = self._messages(scored)
                 results = await self.publisher.publish_batch(messages)
                 failed = [r for r in results if not r.ok]
-                last = self.published
                 if failed:
                     for _v, scored_persons, _s, _t in scored:
                         for person in scored_persons:
                             last.forget(person)  # some of it may be stored: unknown
                     raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
-                for version, scored_persons, scores, _t in scored:
-                    for person, row in zip(scored_persons, last.rows(scores), strict=True):
-                        last.record(person, version.spec.name, [version.version, *row])
+                for version, scored_persons, scores, at_ms in scored:
+                    name = version.spec.name
+                    key = STAMP + name
+                    for person, row, at in zip(scored_persons, last.rows(scores), at_ms, strict=True):
+                        held = fields.get(person)
+                        # Unless the stream path published an update of the person since (stamped after this
+                        # one, computed on fields as new or newer): its entry is the one the profile keeps.
+                        if held is not None and held.get(key) == at:
+                            last.record(person, name, [version.version, *row])
                 published += sum(len(scored_persons) for _v, scored_persons, _s, _t in scored)
             yield {
                 "done": min(total, offset + chunk),

@@ -25,6 +25,7 @@ import numpy as np
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import OutMessage, subjects
 from cdp_scoring.domain.registry import ModelEntry, Version
+from cdp_scoring.published import STAMP
 from cdp_scoring.runtime import THREAD_ROWS
 
 MAX_UPDATES_PER_MESSAGE = 2000
@@ -94,7 +95,7 @@ class Rounds:
         self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float]
     ) -> list[tuple[Version, list[str], np.ndarray, list[float]]]:
         """Score each touched person once per model whose inputs changed: (version, persons, scores,
-        change times) per version to publish."""
+        change times in ms) per version to publish."""
         readers = self._readers
         by_model: dict[str, list[str]] = {}
         for person, paths in touched.items():
@@ -122,7 +123,7 @@ class Rounds:
             # Every call runs here (`_run`): one after the other, without a task per model.
             results = [await self._run_entry(e, by_model[e.name], changed_at, rows) for e in entries]
         return [
-            (version, members, scores, [changed_at.get(p, 0.0) for p in members])
+            (version, members, scores, [round(changed_at.get(p, 0.0) * 1000) for p in members])
             for result in results
             for version, members, scores in result
         ]
@@ -224,13 +225,14 @@ class Rounds:
             self.drift.observe(version, matrix, scores)
         return scores
 
-    def _messages(self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]) -> list[OutMessage]:
-        """Every person's scores, news or not (ScoreAll: `score_all` records them once stored)."""
+    def _messages(self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[int]]]) -> list[OutMessage]:
+        """Every person's scores, news or not, stamped as given (ScoreAll: `score_all` reserved the stamps and
+        records the scores once stored)."""
         return [m for messages in self._messages_by_partition(scored, news_only=False).values() for m in messages]
 
     def _messages_by_partition(
         self,
-        scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]],
+        scored: Sequence[tuple[Version, list[str], np.ndarray, list[int]]],
         partition_of: Mapping[str, int] | None = None,
         *,
         news_only: bool = True,
@@ -242,7 +244,9 @@ class Rounds:
 
         `news_only` (the stream path): a person whose version and values are those last published for
         the model (published.py) is left out, and what goes out is recorded as last published - it is
-        committed with the batch, and a batch that is not is applied again on rebuilt fields."""
+        committed with the batch, and a batch that is not is applied again on rebuilt fields. Its rows are
+        stamped with their change time (ms), or after the person's last stamp of the model (published.py:
+        stamps never go backwards); the others as `scored` stamps them."""
         # partition -> model versions' columns: (model, version, score names, person ids, values, at_ms)
         columns: dict[int, list[tuple]] = {}
         partition = self._partition
@@ -250,14 +254,19 @@ class Rounds:
         news = last.news
         for version, persons, scores, times in scored:
             model, name = version.spec.name, version.version
+            key = STAMP + model
             values = last.rows(scores)
             # partition -> this version's columns there (ids, values, times), filled in one pass
             parts: dict[int, tuple[list[str], list[float], list[int]]] = {}
             kept = 0
             for i, person in enumerate(persons):
                 row = values[i]
-                if news_only and not news(person, model, [name, *row]):
-                    continue
+                if news_only:
+                    at = news(person, model, [name, *row], times[i], key)
+                    if at is None:
+                        continue
+                else:
+                    at = times[i]
                 kept += 1
                 p = partition_of[person] if partition_of is not None else partition(person)
                 found = parts.get(p)
@@ -265,7 +274,7 @@ class Rounds:
                     found = parts[p] = ([], [], [])
                 found[0].append(person)
                 found[1].extend(row)
-                found[2].append(round(times[i] * 1000))
+                found[2].append(at)
             names = version.spec.score_names
             for p, (ids, row_values, at_ms) in parts.items():
                 columns.setdefault(p, []).append((model, name, names, ids, row_values, at_ms))

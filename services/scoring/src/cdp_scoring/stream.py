@@ -19,7 +19,9 @@ and the engine's checkpoint says up to where their scores are durable. Hence:
   snapshot and `profiles.changed.<p>` is replayed from the snapshot's position *up to the engine's
   checkpoint*, without scoring (those scores were published, or wait in the outbox); then the persons
   PRIVACY's deletion notices name are erased from it (notices.py: a store file restored from before a
-  deletion must not bring the person back), before its pipeline starts. Whatever comes
+  deletion must not bring the person back), and a model whose live version (or canary) is not the one
+  the partition's record says its persons were scored with scores the persons held (deployments.py),
+  before its pipeline starts. Whatever comes
   after the checkpoint is delivered by the engine and scored. Replaying past the checkpoint would apply
   changes whose scores may never have been made durable, and then score nothing when they come again.
 - **A failed batch** (`recover`): the partition is rebuilt the same way, so the batches redelivered
@@ -196,6 +198,16 @@ class ScoringStream(PartitionedEngine):
         if partition in self.pipelines:
             return
         await self.logic.restore(partition)
+        try:
+            # A version made live (or a canary) while the partition was held nowhere, or by a replica that
+            # had not scored its persons yet: they are scored now (deployments.py), in the background.
+            await self.logic.engine.score_held_if_stale(partition)
+        except Exception as exc:
+            log.warning(
+                "could not check which versions partition %d's persons were scored with: %s",
+                partition,
+                describe_error(exc),
+            )
         await super().start_partition(partition)
 
     def __init__(self, *args, **kwargs) -> None:
