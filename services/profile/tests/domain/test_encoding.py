@@ -117,6 +117,53 @@ def test_a_contribution_already_out_of_its_window_reencodes_nothing(ev, defs_of,
     assert written == _fresh(profile)
 
 
+def test_an_event_that_leaves_an_all_time_first_max_or_min_as_it_was_reencodes_none_of_them(
+    ev, defs_of, profile_of, monkeypatch
+):
+    # A returning customer's later orders do not displace their first order, and most do not beat their
+    # largest: those states are written as they were, not encoded again on every order.
+    defs = defs_of(
+        {"name": "first_sku", "op": "first", "event_names": ["Order Completed"], "property": "sku"},
+        {"name": "last_sku", "op": "last", "event_names": ["Order Completed"], "property": "sku"},
+        {"name": "max_total", "op": "max", "event_names": ["Order Completed"], "property": "total"},
+        {"name": "min_total", "op": "min", "event_names": ["Order Completed"], "property": "total"},
+        {"name": "orders", "op": "count", "event_names": ["Order Completed"]},
+    )
+    profile = profile_of(
+        [
+            ev("o1", "track", "Order Completed", NOW - 3 * HOUR, properties={"sku": "a", "total": 10}),
+            ev("o2", "track", "Order Completed", NOW - 2 * HOUR, properties={"sku": "b", "total": 50}),
+        ],
+        defs,
+        now=NOW,
+    )
+    profile.to_json()
+    encoded: list[str] = []
+    encode = ComputedState._encode
+
+    def counting(state: ComputedState) -> bytes:
+        encoded.append(state.op)
+        return encode(state)
+
+    monkeypatch.setattr(ComputedState, "_encode", counting)
+    profile.apply(ev("o3", "track", "Order Completed", NOW - HOUR, properties={"sku": "c", "total": 20}), defs, now=NOW)
+    written = orjson.loads(profile.to_json())
+    assert sorted(encoded) == ["count", "last"]  # first, max and min kept their values
+    assert written == _fresh(profile)
+    encoded.clear()
+    # A new largest, a new smallest and an earlier first order: each is encoded again, with its new value.
+    profile.apply(
+        ev("o0", "track", "Order Completed", NOW - 4 * HOUR, properties={"sku": "z", "total": 5}), defs, now=NOW
+    )
+    profile.apply(ev("o4", "track", "Order Completed", NOW, properties={"sku": "d", "total": 90}), defs, now=NOW)
+    written = orjson.loads(profile.to_json())
+    assert sorted(encoded) == ["count", "first", "last", "max", "min"]
+    assert written == _fresh(profile)
+    computed = {name: state["agg"] for name, state in written["parts"][0]["computed"].items()}
+    assert computed["first_sku"][2] == "z" and computed["last_sku"][2] == "d"
+    assert computed["max_total"] == [90] and computed["min_total"] == [5] and computed["orders"] == [5]
+
+
 def test_the_stored_ids_without_a_timeline_entry_follow_retention_writes_and_merges(ev, defs_of, profile_of):
     # The ids applied whose entries retention dropped (and API writes, which have none) are stored in `seen`;
     # the profile keeps that list as it changes rather than walking its timeline on every write.

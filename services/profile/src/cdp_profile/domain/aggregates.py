@@ -158,9 +158,11 @@ class MinAgg:
     def __init__(self, best: Any = None) -> None:
         self.best = best
 
-    def add(self, at: float, event_id: str, value: Any) -> None:
+    def add(self, at: float, event_id: str, value: Any) -> bool:
         if self.best is None or value < self.best:
             self.best = value
+            return True
+        return False  # unchanged: the state keeps its encoding (`ComputedState.add`)
 
     def remove(self, at: float, event_id: str, value: Any) -> bool:
         return value != self.best  # removing the minimum needs a rebuild from the remaining entries
@@ -182,9 +184,11 @@ class MinAgg:
 class MaxAgg(MinAgg):
     __slots__ = ()
 
-    def add(self, at: float, event_id: str, value: Any) -> None:
+    def add(self, at: float, event_id: str, value: Any) -> bool:
         if self.best is None or value > self.best:
             self.best = value
+            return True
+        return False
 
 
 class FirstAgg:
@@ -200,9 +204,11 @@ class FirstAgg:
     def _wins(self, at: float, event_id: str) -> bool:
         return self.at is None or (at, event_id) < (self.at, self.event_id)
 
-    def add(self, at: float, event_id: str, value: Any) -> None:
+    def add(self, at: float, event_id: str, value: Any) -> bool:
         if self._wins(at, event_id):
             self.at, self.event_id, self.value = at, event_id, value
+            return True
+        return False
 
     def remove(self, at: float, event_id: str, value: Any) -> bool:
         return event_id != self.event_id
@@ -508,9 +514,11 @@ class TrueCountAgg:
     def __init__(self, n: int = 0) -> None:
         self.n = n
 
-    def add(self, at: float, event_id: str, value: Any) -> None:
+    def add(self, at: float, event_id: str, value: Any) -> bool:
         if value:
             self.n += 1
+            return True
+        return False
 
     def remove(self, at: float, event_id: str, value: Any) -> bool:
         if value:
@@ -669,7 +677,8 @@ class ComputedState:
     The state keeps its own stored form (`encoded`), made on the first write after it changed: a profile
     is written whole on every change, and most changes (a score, an event feeding a few of the traits)
     leave most states as they were, whose encoding is then reused rather than made again. Every change
-    goes through the methods below, each of which forgets the encoding; nothing outside this class
+    goes through the methods below, each of which forgets the encoding (an all-time `add` only when the
+    aggregate's `add` does not answer False: it kept its summary as it was); nothing outside this class
     changes `agg` or `entries` (they are read only).
 
     A windowed state's entries are most of its encoding, and an event adds one at their end: such an add
@@ -703,8 +712,11 @@ class ComputedState:
 
     def add(self, at: float, event_id: str, value: Any, now: float) -> None:
         if self.window is None:
-            self._encoded = None
-            self.agg.add(at, event_id, value)
+            # An aggregate whose `add` says False kept its summary (a `first` that a later event does not
+            # displace, a `max` not beaten): its stored form is as it was, and so is its encoding (most
+            # orders of a returning customer leave their `first_order_*` and `max_order` traits alone).
+            if self.agg.add(at, event_id, value) is not False:
+                self._encoded = None
             return
         if at + self.window <= now:
             # Already aged out: it only proves the trait exists (its value is the empty one). The state is
