@@ -18,7 +18,10 @@ from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.bus import Bus, partition_for, profiles_stream, subjects
 from cdp_kit.service import serving
+from cdp_kit.storage import open_store
 from cdp_scoring.__main__ import setup
+from cdp_scoring.engine import ScoringEngine
+from cdp_scoring.modelstore import FolderModelStore
 from cdp_testing.onnx_models import logistic_model
 
 from .conftest import settings
@@ -112,3 +115,63 @@ async def test_a_version_made_live_through_one_replica_scores_every_held_person_
                 await stub.Rollback(scoring_pb2.RollbackRequest(name="churn_risk"))
                 await until_published(nats_server.url, everyone, "1.0.0")
             assert [engine.registry.get("churn_risk").live.version for engine in engines] == ["1.0.0", "1.0.0"]
+
+
+async def versions_published(nats_url: str) -> list[tuple[str, str]]:
+    """Every (person, churn_risk version) published on SCORES, in stream order."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.SCORES)
+        found = []
+        if info.state.messages:
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                batch = scoring_pb2.ScoresUpdatedBatch.FromString((await js.get_msg(subjects.SCORES, seq)).data)
+                for part in (batch, *batch.more):
+                    found.extend((person, part.version) for person in part.person_ids)
+        return found
+    finally:
+        await nc.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_replica_down_when_a_version_was_made_live_scores_its_persons_once_when_it_starts(
+    nats_server, tmp_path
+):
+    """Its partitions keep a record of the versions their persons were scored with (deployments.py): one whose
+    record is not what is live now when it arrives scores the persons held. Its two partitions are taken one
+    after the other, and scored in one pass."""
+    everyone = PERSONS[0] + PERSONS[1]  # both partitions, on the one replica
+    one = settings(nats_server, tmp_path, partitions=PARTITIONS)
+    async with Bus.connect(nats_server.url, name="down-test") as bus:
+        await bus.ensure_streams(profiles_stream())
+        async with serving(one, setup) as running:
+            engine = running.parts["engine"]
+            await engine.deploy(model("1.0.0", 0.5), role=None)
+            await engine.deploy(model("2.0.0", -0.5), role=None)  # inactive
+            for n, person in enumerate(everyone):
+                change = profile_pb2.ProfileChanged(person_id=person, cause="event")
+                change.at.GetCurrentTime()
+                change.computed["orders_90d"].number_value = n
+                batch = profile_pb2.ProfileChangedBatch(changes=[change])
+                await bus.js.publish(
+                    subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
+                )
+            await until_published(nats_server.url, everyone, "1.0.0")
+        # While it is down, 2.0.0 is promoted through another replica, which holds none of these persons.
+        async with open_store(one.store_url) as store:
+            other = ScoringEngine(
+                store, FolderModelStore(tmp_path / "models"), bus.publisher, partitions=PARTITIONS,
+                telemetry=bus.telemetry,
+            )  # fmt: skip
+            await other.start()
+            await other.promote("churn_risk", "2.0.0")
+            await other.held_scored()
+            await other.stop()
+        assert {v for _p, v in await versions_published(nats_server.url)} == {"1.0.0"}
+        async with serving(one, setup) as running:
+            # Nobody changes: the start scores them.
+            await until_published(nats_server.url, everyone, "2.0.0")
+            await running.parts["engine"].held_scored()
+        published = await versions_published(nats_server.url)
+        assert sorted(p for p, v in published if v == "2.0.0") == sorted(everyone), "each person once"

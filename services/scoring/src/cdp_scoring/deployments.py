@@ -25,8 +25,9 @@ engine's `__init__`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
@@ -218,9 +219,26 @@ class Deployments:
         while self._held_task is not None and not self._held_task.done():
             await asyncio.wait([self._held_task])
 
+    @contextlib.asynccontextmanager
+    async def arriving(self) -> AsyncIterator[None]:
+        """Around a partition's arrival (its restore, `score_held_if_stale`, its pipeline started): no pass
+        over the persons held starts meanwhile. A pass reads the persons held when it starts, so one started
+        between two partitions taken one after the other (a start: nothing is awaited between them) would
+        have to run again for the second."""
+        self._arriving += 1
+        self._arrived.clear()
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            if not self._arriving:
+                self._arrived.set()
+
     async def _score_held(self) -> None:
         delay = 0.5
         while self._held_pending:
+            while self._arriving:  # the event may be cleared again before this runs: check the count
+                await self._arrived.wait()
             name = next(iter(self._held_pending))
             del self._held_pending[name]
             try:

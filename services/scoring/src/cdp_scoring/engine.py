@@ -143,6 +143,12 @@ class ScoringEngine(Deployments, Rounds, Requests):
         # Models whose live version is to score the persons held (deployments.py: score_held), in order.
         self._held_pending: dict[str, None] = {}
         self._held_task: asyncio.Task | None = None
+        # Partitions being restored and checked (stream.py's start_partition): a pass over the persons held
+        # waits for none to be (deployments.py: `arriving`), so that partitions taken one after the other
+        # (a start) are scored in one pass, not one pass each.
+        self._arriving = 0
+        self._arrived = asyncio.Event()
+        self._arrived.set()
         meter = telemetry.meter
         self._m_rows = meter.create_counter(
             "cdp.scoring.rows", unit="{row}", description="rows scored, by model, version and role"

@@ -197,18 +197,20 @@ class ScoringStream(PartitionedEngine):
     async def start_partition(self, partition: int) -> None:
         if partition in self.pipelines:
             return
-        await self.logic.restore(partition)
-        try:
-            # A version made live (or a canary) while the partition was held nowhere, or by a replica that
-            # had not scored its persons yet: they are scored now (deployments.py), in the background.
-            await self.logic.engine.score_held_if_stale(partition)
-        except Exception as exc:
-            log.warning(
-                "could not check which versions partition %d's persons were scored with: %s",
-                partition,
-                describe_error(exc),
-            )
-        await super().start_partition(partition)
+        engine = self.logic.engine
+        async with engine.arriving():
+            await self.logic.restore(partition)
+            try:
+                # A version made live (or a canary) while the partition was held nowhere, or by a replica that
+                # had not scored its persons yet: they are scored now (deployments.py), in the background.
+                await engine.score_held_if_stale(partition)
+            except Exception as exc:
+                log.warning(
+                    "could not check which versions partition %d's persons were scored with: %s",
+                    partition,
+                    describe_error(exc),
+                )
+            await super().start_partition(partition)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
