@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import partition_key
-from cdp_collector.sources import Source, trust_of
+from cdp_collector.sources import CLIENT, SERVER, Source, trust_of
 from cdp_kit.bus import OutMessage, Partitioner, Publisher, PubResult, subjects
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry
@@ -66,26 +66,36 @@ class Ingestor:
             f"{event.source_id}:{event.message_id}",
         )
 
+    def messages(self, events: Sequence[events_pb2.Event], source: Source | None = None) -> list[OutMessage]:
+        """Each event stamped with `source`'s trust (None: left as the event has it), then its message: what
+        `store` publishes. One pass, `trust_of`, `partition_key` and `to_message` inlined (per event)."""
+        by_partition = self._subjects
+        partition = self._partition
+        # An event without context.extra has no userHash to take out, and its trust is its source's kind's
+        # (`trust_of` for a server source, or a client one without identity_secret): set without the call.
+        plain = None if source is None else _plain_trust(source)
+        messages = []
+        append = messages.append
+        for event in events:
+            if plain is not None and not event.context.HasField("extra"):
+                event.source_trust = plain
+            elif source is not None:
+                trust_of(source, event)
+            append(
+                OutMessage(
+                    by_partition[partition(event.user_id or event.anonymous_id)],
+                    event.SerializeToString(),
+                    f"{event.source_id}:{event.message_id}",
+                )
+            )
+        return messages
+
     async def store(self, events: Sequence[events_pb2.Event], source: Source | None = None) -> list[Stored]:
         """Store every event durably or raise Unavailable; returns stream positions in order. `source`: the
         write key's, whose trust each event is stamped with (None: left as the event has it)."""
         if not events:
             return []
-        # One pass: each event's trust stamped, then its message (to_message's work, inline).
-        by_partition = self._subjects
-        partition = self._partition
-        messages = []
-        for event in events:
-            if source is not None:
-                trust_of(source, event)
-            messages.append(
-                OutMessage(
-                    by_partition[partition(partition_key(event))],
-                    event.SerializeToString(),
-                    f"{event.source_id}:{event.message_id}",
-                )
-            )
-        results: list[PubResult] = await self.publisher.publish_batch(messages)
+        results: list[PubResult] = await self.publisher.publish_batch(self.messages(events, source))
         failed = [r for r in results if not r.ok]
         if any(r.refused for r in failed):
             self._refused_at = time.monotonic()
@@ -99,3 +109,11 @@ class Ingestor:
                 retry_after=2.0,
             )
         return [Stored(r.seq, r.duplicate) for r in results]
+
+
+def _plain_trust(source: Source) -> int | None:
+    """The trust `trust_of` gives every event of `source` that carries no context.userHash; None when it
+    depends on the event (a client source that verifies its users' hashes)."""
+    if source.kind != "client":
+        return SERVER
+    return CLIENT if source.identity_secret is None else None

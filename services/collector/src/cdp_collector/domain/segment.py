@@ -89,11 +89,12 @@ from cdp_collector.domain.limits import (
 from cdp_collector.domain.storable import id_problems, struct_problems
 from cdp_collector.domain.structs import fill_struct
 from cdp_collector.domain.traits import group_dict, person_dict
-from cdp_kit.timestamps import datetime_to_ns, set_ns
+from cdp_kit.timestamps import NANOS, datetime_to_ns, set_ns
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(
     {"track": TRACK, "identify": IDENTIFY, "alias": ALIAS, "page": PAGE, "screen": SCREEN, "group": GROUP}
 )
+_TYPES = dict(EVENT_TYPES)  # read once per event: a plain dict's `get` is the cheaper
 #: The `kind`s parse_request understands: the path segment after /v1/.
 KINDS = frozenset({"batch", *EVENT_TYPES})
 
@@ -313,6 +314,9 @@ def _parse_batch(
 
     parsed = ParsedRequest(write_key=write_key)
     merge = bool(shared or shared_context or shared_integrations)
+    # ParsedRequest.add inlined: this loop runs for every event of every batch.
+    events, errors, all_errors, message_ids = parsed.events, parsed.errors, parsed.all_errors, parsed.message_ids
+    dumps, encode_error = orjson.dumps, orjson.JSONEncodeError
     for index, item in enumerate(items):
         base = f"batch[{index}]"
         if type(item) is not dict:
@@ -323,9 +327,13 @@ def _parse_batch(
             continue
         if merge:
             item = _merge(item, shared, shared_context, shared_integrations)
+        try:
+            size = len(dumps(item))
+        except encode_error:
+            size = _measure(item)
         event, problems = _convert(
             item,
-            size=_measure(item),
+            size=size,
             expected=None,
             has_nul=has_nul,
             base=base,
@@ -335,7 +343,13 @@ def _parse_batch(
             source_id=source_id,
             limits=limits,
         )
-        parsed.add(event, problems, item)
+        if event is not None:
+            events.append(event)
+            errors.append(None)
+            all_errors.append(())
+            message_ids.append(event.message_id)
+        else:
+            parsed.add(None, problems, item)
     return parsed
 
 
@@ -365,9 +379,8 @@ def _convert(
     source_id: str,
     limits: Limits,
 ) -> tuple[events_pb2.Event | None, tuple[FieldError, ...]]:
-    too_large = check_event_bytes(size, base, limits, measured=_MEASURED)
-    if too_large is not None:
-        return None, (too_large,)
+    if size > limits.max_event_bytes:
+        return None, (check_event_bytes(size, base, limits, measured=_MEASURED),)  # type: ignore[arg-type]
 
     # One pass over the keys: each value is checked and converted where it is met (this is the hot loop).
     values: list = list(_UNSET)
@@ -427,7 +440,10 @@ def _convert(
             continue
         values[slot] = value
 
-    event_type = _event_type(values[_TYPE], expected, base, spelled, errors)
+    said = values[_TYPE]
+    event_type = _TYPES.get(said, 0) if expected is None and type(said) is str else 0
+    if not event_type:  # sent with the endpoint's type, or another case _event_type sorts out and names
+        event_type = _event_type(said, expected, base, spelled, errors)
     message_id = values[_MESSAGE_ID]
     if not message_id:
         message_id = new_message_id()
@@ -505,27 +521,32 @@ def _convert(
     if event_type == IDENTIFY and values[_TRAITS] is None and event.context.HasField("traits"):
         event.traits.CopyFrom(event.context.traits)
 
+    # set_ns inlined (three Timestamps an event).
     if sent_ns is not None:
-        set_ns(event.sent_at, sent_ns)
+        stamp = event.sent_at
+        stamp.seconds, stamp.nanos = divmod(sent_ns, NANOS)
+    stamp = event.timestamp
     if client_ns is None:
-        set_ns(event.timestamp, received_ns)
+        stamp.seconds, stamp.nanos = divmod(received_ns, NANOS)
     else:
-        set_ns(event.original_timestamp, client_ns)
+        original = event.original_timestamp
+        original.seconds, original.nanos = divmod(client_ns, NANOS)
         try:
             if replayed_ns is not None:
-                set_ns(event.timestamp, corrected_ns(received_at=received_ns, sent_at=None, client_time=replayed_ns))
+                at = corrected_ns(received_at=received_ns, sent_at=None, client_time=replayed_ns)
             else:
-                set_ns(event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns))
+                at = corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns)
+            stamp.seconds, stamp.nanos = divmod(at, NANOS)
         except TimestampError as exc:
             errors.append(FieldError(Code.INVALID_TIMESTAMP, _path(base, spelled, _TIMESTAMP), str(exc)))
 
+    plain = not errors and _plainly_valid(event_type, message_id, values, context, limits)
+    if plain and not has_nul:  # the common event
+        return event, ()
     names = JSON_NAMES
     if spelled is not None:
         names = {**JSON_NAMES, **{_PROTO[slot]: spelled[slot] for slot in range(len(_CAMEL))}}
-    if errors or not _plainly_valid(event_type, message_id, values, event, limits):
-        problems = validate_event(event, limits=limits, base=base, names=names)
-    else:
-        problems = []
+    problems = [] if plain else validate_event(event, limits=limits, base=base, names=names)
     if has_nul:
         problems += id_problems(event, base=base, names=names)
     if errors:
@@ -543,7 +564,7 @@ def _convert(
     return event, ()
 
 
-def _plainly_valid(event_type: int, message_id: str, values: list, event: events_pb2.Event, limits: Limits) -> bool:
+def _plainly_valid(event_type: int, message_id: str, values: list, context: dict | None, limits: Limits) -> bool:
     """True only when `validate_event` would find nothing wrong, judged on the Python values the event was
     built from instead of reading each field back from the protobuf (the common event: validation is then
     skipped). False means "look closer": validate_event finds and names the problems, if any."""
@@ -558,7 +579,7 @@ def _plainly_valid(event_type: int, message_id: str, values: list, event: events
     max_id = limits.max_id_chars
     if len(user_id) > max_id or len(anonymous_id) > max_id or len(previous_id) > max_id or len(group_id) > max_id:
         return False
-    if values[_CONTEXT] and len(event.context.group_id) > max_id:
+    if context and len(context.get("group_id", "")) > max_id:  # context_parts' typed fields
         return False
     if event_type == TRACK:
         name = values[_EVENT]
