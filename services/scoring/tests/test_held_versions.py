@@ -146,7 +146,7 @@ async def test_a_partition_taken_over_after_a_promotion_is_scored_by_its_new_rep
         await other.stop()
 
 
-async def test_a_canary_deployed_publishes_its_share_of_the_held_persons_without_a_change(setup, nats_server):
+async def test_a_canary_deployed_publishes_its_share_of_the_held_persons_and_nobody_else(setup, nats_server):
     engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
     persons = [f"p{i}" for i in range(40)]
@@ -157,9 +157,27 @@ async def test_a_canary_deployed_publishes_its_share_of_the_held_persons_without
     last = {u.person_id: u for u in updates}
     share = [p for p in persons if canary_bucket(p, "churn_risk") < 50]
     assert 5 < len(share) < 35
+    # Only the persons whose version moved are published again, once each.
+    assert sorted(u.person_id for u in updates[len(persons) :]) == sorted(share)
     for person in persons:
         version = "2.0.0" if person in share else "1.0.0"
         assert last[person].version == version, person
         assert held_by_profile(updates, person) == pytest.approx(
             expected(W2 if person in share else W, [1, 1]), abs=1e-6
         )
+
+
+async def test_what_was_published_for_the_persons_a_canary_leaves_alone_still_counts(setup, nats_server):
+    """Also for the other models: the entries held are still true after the canary's pass (published.py)."""
+    engine, stream, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await engine.deploy(logistic_model("buy_propensity", weights=W), role=None)
+    persons = [f"p{i}" for i in range(40)]
+    await stream.feed(changed([change(p, orders=1, sessions=1, at=T0 + 1) for p in persons]))
+    await engine.deploy(logistic_model(version="2.0.0", weights=W2), role=CANARY, canary_percent=50)
+    await engine.held_scored()
+    before = len(await published(nats_server.url))
+    outside = next(p for p in persons if canary_bucket(p, "churn_risk") >= 50)
+    # W weighs orders +0.5 and sessions -0.25: orders +1 with sessions +2 leaves both scores where they were.
+    await stream.feed(changed([change(outside, orders=2, sessions=3, at=T0 + 2)]))
+    assert len(await published(nats_server.url)) == before, "an unchanged score of an unmoved person is not news"

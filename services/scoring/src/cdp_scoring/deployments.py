@@ -10,8 +10,9 @@ lost them with its store).
 
 A version that becomes live on a replica - deployed as a model's first version, promoted, rolled back,
 there or announced by another replica - or a canary deployed (its share of persons moves to it) scores
-the persons that replica holds, once, published as `ScoreAll` publishes (`score_held`): every replica
-holds its own partitions' persons, so each does it for its own. Otherwise a person who does not change
+the persons that replica holds whose version moves, once, published as `ScoreAll` publishes
+(`score_held`; `score_all(moved_only=True)`: the others publish nothing, and what was last published for
+them still counts): every replica holds its own partitions' persons, so each does it for its own. Otherwise a person who does not change
 keeps no score, or the replaced version's, until they do. Each partition's record
 (`scoring_snapshots/$held_scored.<p>`) says which versions (`_routing`) its persons were last scored with;
 a partition that arrives (a start, a partition moved here) with another record than what is live now -
@@ -206,8 +207,9 @@ class Deployments:
     # --- the persons held, scored with a version that became live ---------------------------------------
 
     def score_held(self, name: str) -> None:
-        """Score the persons held here with the live version of model `name`, once, published (`score_all`,
-        which keeps the last-published rules: published.py), in the background: one model at a time, in
+        """Score the persons held here whose version of model `name` (live, or the canary for its share) is not
+        the one last published for them, once, published (`score_all(moved_only=True)`, which keeps the
+        last-published rules: published.py), in the background: one model at a time, in
         chunks between which the stream path runs. A model asked for again while it is being scored is
         scored again after (the version it started with may be live no more)."""
         self._held_pending[name] = None
@@ -244,7 +246,7 @@ class Deployments:
             try:
                 persons = published = 0
                 routing, ready = self._routing(name), set(self.ready)
-                async for progress in self.score_all(name, publish=True):
+                async for progress in self.score_all(name, publish=True, moved_only=True):
                     persons, published = progress["total"], progress["published"]
                 # The partitions held throughout: their persons were scored under `routing` (one that arrived
                 # meanwhile checked its own record, and one that left and came back did too).

@@ -137,6 +137,18 @@ class LastPublished:
         fields[key] = at_ms
         return at_ms
 
+    def carry(self, epoch: int) -> None:
+        """The epoch was just raised (from `epoch`) by updates published outside the stream path that leave
+        most persons' scores as they were (a version made live, a canary deployed: only the persons whose
+        version moves are published, and their entries of the model were dropped first). What is held here
+        under `epoch` is still what was published: it counts under the new one too. A snapshot written
+        before the raise still holds the old epoch's entries, which count no more after a restart."""
+        current = self.epoch
+        for fields in self.persons.values():
+            published = fields.get(PUBLISHED)
+            if published is not None and published.get(EPOCH) == epoch:
+                fields[PUBLISHED] = {**published, EPOCH: current}
+
     def forget(self, person: str, model: str | None = None) -> None:
         """What was published for the person (one model, or all) is unknown: the next update goes out. Their
         stamps stay: a lower bound of what was published is still one."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,8 +149,50 @@ class Requests:
         scores = session.run(matrix) if rows else np.empty((0, len(target.spec.outputs)))
         return target, scores, missing
 
-    async def score_all(self, model: str = "", *, publish: bool, chunk: int = 1024) -> AsyncIterator[dict[str, Any]]:
+    def _moved(self, entries: Sequence[Any], persons: Iterable[str], chosen: dict[str, set[str]]) -> None:
+        """Per model, those of `persons` held whose version (live, or the canary for its share) is not the one
+        last published for them, or not known."""
+        route, entry_of, fields = self.registry.route, self.published.entry, self.fields
+        for entry in entries:
+            name, moved = entry.name, set()
+            for person in persons:
+                if person not in fields:
+                    continue
+                version = route(entry, person)
+                if version is None:
+                    continue
+                last = entry_of(person, name)
+                if last is None or last[0] != version.version:
+                    moved.add(person)
+            chosen[name] = moved
+
+    def _reserve(
+        self,
+        entries: Sequence[Any],
+        persons: Mapping[str, Iterable[str]],
+        now_ms: int,
+        stamps: dict[str, dict[str, int]],
+    ) -> None:
+        """Before the persons' fields are read for updates published outside the stream path (published.py):
+        the stream path stamps what it scores from now on after these updates, and publishes it whatever was
+        published before (the model's entry is dropped: this update, in flight, is not in it). The persons are
+        marked: the next snapshot keeps their stamps (and not the entry dropped)."""
+        last, mark = self.published, self.held.mark
+        reserve, forget = last.reserve, last.forget
+        for entry in entries:
+            key, name = STAMP + entry.name, entry.name
+            reserved = stamps.setdefault(name, {})
+            for person in persons[name]:
+                reserved[person] = reserve(person, key, now_ms) or now_ms
+                forget(person, name)
+                mark(person)
+
+    async def score_all(
+        self, model: str = "", *, publish: bool, chunk: int = 1024, moved_only: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """Re-score every held person with one model (or every model); yields progress after each chunk.
+        `moved_only` (a version made live, a canary deployed: deployments.py): only the persons whose version
+        is not the one last published for them (or not known) are scored and published.
 
         Published, each person's update is stamped with this call's clock, or after the person's last stamp
         of the model (published.py: stamps never go backwards). The stamps of a chunk are taken before its
@@ -169,32 +211,35 @@ class Requests:
         now_ms = round(now * 1000)
         last = self.published
         fields = self.fields
+        # model -> the persons it scores (moved_only), and their stamps (published)
+        chosen: dict[str, set[str]] = {}
+        stamps: dict[str, dict[str, int]] = {}
         if publish and total:
             # Published outside the partitions' pipelines: no last-published entry written before this counts
             # any more (published.py), even after a crash before the next snapshot.
+            before = last.epoch
             await self.raise_published_epoch()
+            if moved_only:
+                # Nothing awaited from here to the first chunk's fields read (no snapshot copies the fields in
+                # between). The entries held here stay true under the new epoch (`carry`), but for the persons
+                # this publishes: theirs are dropped, and they are stamped and marked (`_reserve`) for the whole
+                # pass at once.
+                last.carry(before)
+                self._moved(entries, persons, chosen)
+                self._reserve(entries, chosen, now_ms, stamps)
+        elif moved_only:
+            self._moved(entries, persons, chosen)
         for offset in range(0, total, chunk):
             members = [p for p in persons[offset : offset + chunk] if p in fields]
-            # model -> person -> the stamp of this update (published only)
-            stamps: dict[str, dict[str, int]] = {}
-            if publish:
-                # Before the fields are read (published.py): the stream path stamps what it scores from now on
-                # after these updates, and publishes it whatever was published before (the entry is dropped:
-                # this update, in flight, is not in it). The persons are marked: the next snapshot keeps their
-                # stamps. Every member is held: nothing was awaited since they were picked.
-                reserve, forget, mark = last.reserve, last.forget, self.held.mark
-                for entry in entries:
-                    key, name = STAMP + entry.name, entry.name
-                    reserved = stamps[name] = {}
-                    for person in members:
-                        reserved[person] = reserve(person, key, now_ms) or now_ms
-                        forget(person, name)
-                for person in members:
-                    mark(person)
+            if publish and not moved_only:
+                # Before the fields are read. Every member is held: nothing was awaited since they were picked.
+                self._reserve(entries, dict.fromkeys((e.name for e in entries), members), now_ms, stamps)
             rows: dict = {}
             scored = []
             for entry in entries:
-                for version, scored_persons, scores in await self._run_entry(entry, members, now, rows):
+                of_model = chosen.get(entry.name)
+                persons_of = members if of_model is None else [p for p in members if p in of_model]
+                for version, scored_persons, scores in await self._run_entry(entry, persons_of, now, rows):
                     of = stamps.get(entry.name)
                     at_ms = [of[p] for p in scored_persons] if of is not None else [now_ms] * len(scored_persons)
                     scored.append((version, scored_persons, scores, at_ms))
