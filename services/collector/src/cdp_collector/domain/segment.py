@@ -465,20 +465,34 @@ def _convert(
     context = values[_CONTEXT]
     if context:
         context, context_traits, context_rest = context_parts(context)
-    event = events_pb2.Event(
-        context=context or None,
-        message_id=message_id,
-        type=event_type,
-        user_id=values[_USER_ID],
-        anonymous_id=values[_ANONYMOUS_ID],
-        previous_id=values[_PREVIOUS_ID],
-        group_id=values[_GROUP_ID],
-        event=values[_EVENT],
-        name=values[_NAME],
-        category=values[_CATEGORY],
-        source_id=source_id,
-        received_at=received,
-    )
+    # Each argument costs upb a field lookup even when it is "" (unset), a third of the constructor's time
+    # for a track call: the four string fields most events leave empty are passed only when one is set.
+    if values[_PREVIOUS_ID] or values[_GROUP_ID] or values[_NAME] or values[_CATEGORY]:
+        event = events_pb2.Event(
+            context=context or None,
+            message_id=message_id,
+            type=event_type,
+            user_id=values[_USER_ID],
+            anonymous_id=values[_ANONYMOUS_ID],
+            previous_id=values[_PREVIOUS_ID],
+            group_id=values[_GROUP_ID],
+            event=values[_EVENT],
+            name=values[_NAME],
+            category=values[_CATEGORY],
+            source_id=source_id,
+            received_at=received,
+        )
+    else:
+        event = events_pb2.Event(
+            context=context or None,
+            message_id=message_id,
+            type=event_type,
+            user_id=values[_USER_ID],
+            anonymous_id=values[_ANONYMOUS_ID],
+            event=values[_EVENT],
+            source_id=source_id,
+            received_at=received,
+        )
     max_depth = limits.max_depth
     value = values[_PROPERTIES]
     if value:
