@@ -588,9 +588,11 @@ async def test_score_all_publishes_everyone_and_what_was_remembered_before_it_co
     await engine.deploy(logistic_model(weights=W), role=None)
     await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 17)]))
     await stream.snapshot()  # remembers the score published for p1
-    progress = [p async for p in engine.score_all("churn_risk", publish=True)]
-    assert progress[-1]["published"] == 1  # an explicit refresh publishes even an unchanged score
-    stream.partitioned.abort()  # a crash before the next snapshot
+    progress = engine.score_all("churn_risk", publish=True)
+    assert (await anext(progress))["published"] == 1  # an explicit refresh publishes even an unchanged score
+    # A crash before the next snapshot: before the pass has ended (as it ends, it takes one).
+    stream.partitioned.abort()
+    await progress.aclose()
     again, again_stream = await make_engine(store, bus, tmp_path, clock)
     try:
         assert again.published.entry("p1", "churn_risk") is None  # written before the ScoreAll

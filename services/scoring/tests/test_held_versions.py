@@ -181,3 +181,26 @@ async def test_what_was_published_for_the_persons_a_canary_leaves_alone_still_co
     # W weighs orders +0.5 and sessions -0.25: orders +1 with sessions +2 leaves both scores where they were.
     await stream.feed(changed([change(outside, orders=2, sessions=3, at=T0 + 2)]))
     assert len(await published(nats_server.url)) == before, "an unchanged score of an unmoved person is not news"
+
+
+async def test_the_stamps_of_a_score_all_hold_after_a_crash_right_after_it(setup, tmp_path, nats_server):
+    """A pass snapshots the stamps it handed out as it ends (requests.py): the setup's stream takes no periodic
+    snapshot, and the crash comes before any. (A process SIGKILLed after a promotion's pass:
+    test_held_versions_killed.py.)"""
+    engine, stream, store, bus, clock, _defined = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=1, sessions=1, at=T0 + 1)]))
+    clock.now = T0 + 10
+    assert [p async for p in engine.score_all("churn_risk", publish=True)][-1]["published"] == 1
+    stream.partitioned.abort()  # a crash right after the pass
+    again, again_stream = await make_engine(store, bus, tmp_path, clock)
+    try:
+        # The change the profile applied at T0 + 5, before the ScoreAll, applied by scoring after its restart.
+        await again_stream.feed(changed([change("p1", orders=7, at=T0 + 5)]))
+        updates = await published(nats_server.url)
+        assert len(updates) == 3
+        assert updates[2].at > updates[1].at, "the change's score is stamped after the ScoreAll's"
+        assert held_by_profile(updates, "p1") == pytest.approx(expected(W, [7, 1]), abs=1e-6)
+    finally:
+        await again_stream.stop()
+        await again.stop()

@@ -149,6 +149,10 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self._arriving = 0
         self._arrived = asyncio.Event()
         self._arrived.set()
+        # A snapshot of the fields copied from the call on, written (stream.py's `snapshot_since`, set by
+        # `scoring_stream`; None: no stream, nothing to snapshot): a pass that publishes outside the stream
+        # path takes one, so that the stamps it hands out outlive a crash (requests.py: `_stamps_durable`).
+        self.snapshot_fields: Callable[[], Awaitable[bool]] | None = None
         meter = telemetry.meter
         self._m_rows = meter.create_counter(
             "cdp.scoring.rows", unit="{row}", description="rows scored, by model, version and role"

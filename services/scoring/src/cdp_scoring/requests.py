@@ -12,6 +12,7 @@ it started with, so a model changed meanwhile never fails it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavai
 from cdp_scoring.domain.registry import Version
 from cdp_scoring.published import STAMP
 from cdp_scoring.runtime import LoadedModel
+
+log = logging.getLogger("cdp.scoring.engine")
 
 
 @dataclass(slots=True)
@@ -187,6 +190,17 @@ class Requests:
                 forget(person, name)
                 mark(person)
 
+    async def _stamps_durable(self) -> None:
+        """The stamps a pass reserved (`_reserve`: the persons were marked) are in memory until the next
+        snapshot, every few seconds: a crash before it would bring the persons back without them, and a change
+        the profile applied before the pass, scored only after the restart, would be stamped with its own time
+        - before the pass's update - and refused by the profile, the person keeping the pass's score computed
+        without the change. One snapshot now writes them (the stream's `snapshot_since`; none without a
+        stream)."""
+        snapshot = self.snapshot_fields
+        if snapshot is not None and not await snapshot():
+            log.warning("the stamps of a scoring pass are not in a snapshot yet; the next periodic one takes them")
+
     async def score_all(
         self, model: str = "", *, publish: bool, chunk: int = 1024, moved_only: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
@@ -197,8 +211,11 @@ class Requests:
         Published, each person's update is stamped with this call's clock, or after the person's last stamp
         of the model (published.py: stamps never go backwards). The stamps of a chunk are taken before its
         fields are read: a change the stream path scores after that is stamped after this update, one it
-        scored before is in the fields read. The persons stamped are marked, so that their stamps are in the
-        next snapshot (a restart or a move keeps them)."""
+        scored before is in the fields read. The persons stamped are marked and their stamps snapshotted
+        (`_stamps_durable`), so that a crash keeps them: with `moved_only`, before any of them is published (a
+        crash at any point of the pass keeps every stamp it published, and the partitions' records, written
+        after the pass, then still say it is to be done: deployments.py); otherwise as the pass ends (a crash
+        during the pass loses those of the chunks published so far)."""
         entries = [self.registry.get(model)] if model else [e for e in self.registry if e.live is not None]
         for entry in entries:
             if entry.live is None:
@@ -220,13 +237,15 @@ class Requests:
             before = last.epoch
             await self.raise_published_epoch()
             if moved_only:
-                # Nothing awaited from here to the first chunk's fields read (no snapshot copies the fields in
-                # between). The entries held here stay true under the new epoch (`carry`), but for the persons
-                # this publishes: theirs are dropped, and they are stamped and marked (`_reserve`) for the whole
-                # pass at once.
+                # Nothing awaited from here to `_reserve` (no snapshot copies the fields in between). The entries
+                # held here stay true under the new epoch (`carry`), but for the persons this publishes: theirs
+                # are dropped, and they are stamped and marked (`_reserve`) for the whole pass at once. Then a
+                # snapshot writes those stamps before any of them is published (`_stamps_durable`).
                 last.carry(before)
                 self._moved(entries, persons, chosen)
                 self._reserve(entries, chosen, now_ms, stamps)
+                if any(stamps.values()):
+                    await self._stamps_durable()
         elif moved_only:
             self._moved(entries, persons, chosen)
         for offset in range(0, total, chunk):
@@ -270,6 +289,8 @@ class Requests:
                 "elapsed": time.perf_counter() - started,
             }
             await asyncio.sleep(0)  # the stream path runs between chunks
+        if publish and not moved_only and any(stamps.values()):
+            await self._stamps_durable()  # taken chunk by chunk: written once, as the pass ends
         yield {
             "done": total,
             "total": total,

@@ -14,7 +14,9 @@ and the engine's checkpoint says up to where their scores are durable. Hence:
 - **Snapshots** are taken at the engine's quiescent points (every applied batch durable and
   acknowledged), where the two positions are equal: the copy of the fields is taken there, with each
   partition's checkpoint as its snapshot position, and written while batches are applied again. A
-  snapshot never holds a change whose scores could still be lost.
+  snapshot never holds a change whose scores could still be lost. Besides the periodic ones, a pass that
+  publishes outside the stream path takes one (`snapshot_since`; requests.py: `_stamps_durable`), so that
+  the stamps it hands out outlive a crash.
 - **A partition arrives** (start, or an ownership's acquire): its persons are loaded from the last
   snapshot and `profiles.changed.<p>` is replayed from the snapshot's position *up to the engine's
   checkpoint*, without scoring (those scores were published, or wait in the outbox); then the persons
@@ -66,6 +68,9 @@ class ScoringLogic:
         # checkpoint may lag it until its pipeline has read the store)
         self.restored_at: dict[int, int] = {}
         self._writing: asyncio.Task | None = None
+        # Snapshots copied at a cut (numbered from 1), and the latest of them written whole (`snapshot_since`).
+        self.cuts = 0
+        self.cuts_written = 0
         # One snapshot at a time: `PartitionedEngine.quiescent` holds every pipeline through one gate.
         self.lock = asyncio.Lock()
         self.outbox = outbox_collection(SERVICE)
@@ -124,10 +129,22 @@ class ScoringLogic:
         await asyncio.sleep(0)
 
     async def _write(self) -> None:
+        engine, cut = self.engine, 0
+
+        def copied() -> None:
+            # Called right where the copy was taken, or found not needed (nothing dirty): at the cut still. A
+            # batch applied before that ended the cut, and nothing was copied (`behind`).
+            nonlocal cut
+            if engine.at_cut:
+                self.cuts += 1
+                cut = self.cuts
+
         try:
-            await self.engine.held.snapshot()
+            await engine.held.snapshot(copied=copied)
         except Exception as exc:  # kept dirty: the next snapshot writes them; a restart replays further
             log.warning("fields snapshot failed: %s", describe_error(exc))
+            return
+        self.cuts_written = max(self.cuts_written, cut)
 
     async def written(self) -> None:
         """Wait until the snapshot being written (if any) has landed or failed."""
@@ -269,6 +286,25 @@ class ScoringStream(PartitionedEngine):
         await self.snapshot()
         await self.logic.written()
 
+    async def snapshot_since(self, timeout: float = 30.0) -> bool:
+        """Until a snapshot whose copy of the fields is taken from now on is written (False: none within
+        `timeout`; the periodic ones go on). A quiescent point is waited for as the periodic snapshot waits,
+        once: the stream path pauses no longer than for one of those. A snapshot may be skipped (one still
+        being written, a partition being restored or released, a commit not recovered yet, a failed write):
+        then again, shortly after."""
+        logic = self.logic
+        wanted = logic.cuts + 1  # a copy taken before now may predate what the caller changed
+        deadline = asyncio.get_running_loop().time() + timeout
+        delay = 0.05
+        while True:
+            await self.snapshot_now()
+            if logic.cuts_written >= wanted:
+                return True
+            if asyncio.get_running_loop().time() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
 
 def scoring_stream(
     engine: ScoringEngine, bus: Bus, *, partitions: int, batch_size: int, ack_wait: float, snapshot_every: float
@@ -285,4 +321,7 @@ def scoring_stream(
         snapshot_every=snapshot_every,
         description="scoring: re-score persons whose model inputs changed",
     )
-    return ScoringStream(ScoringLogic(engine, bus), spec, bus=bus, store=engine.store)
+    stream = ScoringStream(ScoringLogic(engine, bus), spec, bus=bus, store=engine.store)
+    # A pass that publishes outside the stream path snapshots the stamps it hands out (requests.py).
+    engine.snapshot_fields = stream.snapshot_since
+    return stream
