@@ -164,6 +164,38 @@ def test_an_event_that_leaves_an_all_time_first_max_or_min_as_it_was_reencodes_n
     assert computed["max_total"] == [90] and computed["min_total"] == [5] and computed["orders"] == [5]
 
 
+def test_an_all_time_mismatch_count_is_encoded_again_only_when_an_event_differs(ev, defs_of, profile_of, monkeypatch):
+    # mismatch_count's aggregate answers False to an event whose values agree (the count stays): its state
+    # keeps its encoding then, and only then - a differing event must reach the stored count.
+    defs = defs_of(
+        {"name": "mismatches", "op": "mismatch_count", "event_names": ["Order Completed"], "property": "card",
+         "compare": "ship"},
+    )  # fmt: skip
+    profile = profile_of(
+        [ev("o1", "track", "Order Completed", NOW - 3 * HOUR, properties={"card": "DE", "ship": "FR"})], defs
+    )
+    profile.to_json()
+    encoded: list[str] = []
+    encode = ComputedState._encode
+
+    def counting(state: ComputedState) -> bytes:
+        encoded.append(state.op)
+        return encode(state)
+
+    monkeypatch.setattr(ComputedState, "_encode", counting)
+    agree = ev("o2", "track", "Order Completed", NOW - 2 * HOUR, properties={"card": "DE", "ship": " de "})
+    profile.apply(agree, defs, now=NOW)
+    written = orjson.loads(profile.to_json())
+    assert encoded == []
+    assert written == _fresh(profile)
+    differ = ev("o3", "track", "Order Completed", NOW - HOUR, properties={"card": "DE", "ship": "US"})
+    profile.apply(differ, defs, now=NOW)
+    written = orjson.loads(profile.to_json())
+    assert encoded == ["mismatch_count"]
+    assert written == _fresh(profile)
+    assert written["parts"][0]["computed"]["mismatches"]["agg"] == [2]
+
+
 def test_the_stored_ids_without_a_timeline_entry_follow_retention_writes_and_merges(ev, defs_of, profile_of):
     # The ids applied whose entries retention dropped (and API writes, which have none) are stored in `seen`;
     # the profile keeps that list as it changes rather than walking its timeline on every write.
