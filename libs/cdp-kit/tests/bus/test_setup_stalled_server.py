@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
 from cdp_kit.bus import Bus, ConsumerSpec, StreamSpec, partition_count, subjects
-from cdp_kit.bus.setup import SetupUnanswered, answered
+from cdp_kit.bus.setup import SetupUnanswered, answered, consumer_exists
 from cdp_kit.errors import Unavailable
 
 # Longer than nats-py's 5 s request timeout: what the audit forced.
@@ -75,3 +76,21 @@ async def test_a_server_silent_for_longer_than_the_patience_is_an_error_naming_t
             await answered(bus.js, "stream EVENTS_RAW", lambda: bus.js.stream_info(subjects.EVENTS_RAW), patience=0.1)
     assert "JetStream did not answer while setting up stream EVENTS_RAW" in str(silent.value)
     assert "asked 1 times" in str(silent.value)
+
+
+async def test_whether_a_consumer_exists_is_told_after_a_server_stall(nats_server, caplog):
+    # Profile looks up the consumer an older release drained merges with, creating none; the look-up, asked
+    # while nats-server stalls, was a bare TimeoutError that stopped the start.
+    caplog.set_level(logging.INFO, logger="cdp.bus")
+    async with Bus.connect(nats_server.url, name="test", connect_timeout=10) as bus:
+        await bus.ensure_streams(_stream())
+        await bus.js.add_consumer(subjects.EVENTS_RAW, durable_name="old-durable")
+        with nats_server.paused():
+            found = asyncio.create_task(consumer_exists(bus.js, subjects.EVENTS_RAW, "old-durable"))
+            deadline = time.monotonic() + 60
+            while "asking again" not in caplog.text and not found.done():  # stalled past one request's 5 s
+                assert time.monotonic() < deadline, "the look-up was neither answered nor asked again"
+                await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(found, 60) is True
+        assert "consumer old-durable of stream EVENTS_RAW" in caplog.text
+        assert await consumer_exists(bus.js, subjects.EVENTS_RAW, "never-made") is False

@@ -15,8 +15,6 @@ from __future__ import annotations
 import gc
 import logging
 
-from nats.js.errors import NotFoundError
-
 from cdp.identity.v1 import identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2_grpc
@@ -33,6 +31,7 @@ from cdp_kit.bus import (
     subjects,
 )
 from cdp_kit.bus.notices import named_persons, read_deletions
+from cdp_kit.bus.setup import consumer_exists
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
@@ -114,11 +113,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     # published unpartitioned is drained by this replica's durable of then, if it has one; none is
     # created (a new one would replay every stored merge, re-merging persons unmerged since).
     legacy = subjects.replica_durable(SERVICE, "identity", settings.pod_ordinal)
-    try:
-        await bus.js.consumer_info(subjects.IDENTITY, legacy)
-    except NotFoundError:
-        pass
-    else:
+    if await consumer_exists(bus.js, subjects.IDENTITY, legacy):
         identity_runner = bus.consumer(
             ConsumerSpec(
                 stream=subjects.IDENTITY,

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import nats.errors
+import nats.js.errors
 from nats.js.client import JetStreamContext
 
 from cdp_kit.errors import Unavailable
@@ -96,3 +97,13 @@ async def answered(
 def _server(nc) -> str:
     url = getattr(nc, "connected_url", None)
     return f"server {url.hostname}:{url.port}" if url is not None else "no server"
+
+
+async def consumer_exists(js: JetStreamContext, stream: str, durable: str) -> bool:
+    """Whether the durable consumer `durable` of `stream` exists (a look-up that creates nothing: a service
+    that drains what an older release left behind), asked again while a stalled server does not answer."""
+    try:
+        await answered(js, f"consumer {durable} of stream {stream}", lambda: js.consumer_info(stream, durable))
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
