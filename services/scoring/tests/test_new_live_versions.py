@@ -8,6 +8,7 @@ changed again: a dormant customer, the one a churn model is for, could keep them
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -136,7 +137,7 @@ async def versions_published(nats_url: str) -> list[tuple[str, str]]:
 
 @pytest.mark.timeout(120)
 async def test_a_replica_down_when_a_version_was_made_live_scores_its_persons_once_when_it_starts(
-    nats_server, tmp_path
+    nats_server, tmp_path, caplog
 ):
     """Its partitions keep a record of the versions their persons were scored with (deployments.py): one whose
     record is not what is live now when it arrives scores the persons held. Its two partitions are taken one
@@ -169,9 +170,15 @@ async def test_a_replica_down_when_a_version_was_made_live_scores_its_persons_on
             await other.held_scored()
             await other.stop()
         assert {v for _p, v in await versions_published(nats_server.url)} == {"1.0.0"}
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="cdp.scoring.engine")
         async with serving(one, setup) as running:
             # Nobody changes: the start scores them.
             await until_published(nats_server.url, everyone, "2.0.0")
             await running.parts["engine"].held_scored()
         published = await versions_published(nats_server.url)
         assert sorted(p for p, v in published if v == "2.0.0") == sorted(everyone), "each person once"
+        # In one pass over both partitions: a pass per partition publishes each person once too (only the
+        # persons whose version moves are published), but reads and checks every person held each time.
+        passes = [r for r in caplog.records if r.getMessage() == "held persons scored with a version made live"]
+        assert [(r.persons, r.published) for r in passes] == [(len(everyone), len(everyone))], "one pass"
