@@ -348,6 +348,8 @@ def test_stored_bytes_are_unchanged_for_a_varied_corpus(fixed_message_ids: None)
     digests = _digests()
     if os.environ.get("CDP_RECORD_STORED_BYTES"):
         GOLDEN.write_text(json.dumps(digests, indent=1) + "\n")
+        # Never green while recording (a CI with the variable set would check nothing): run again without it.
+        pytest.fail(f"recorded the digests in {GOLDEN.name}; run again without CDP_RECORD_STORED_BYTES to check them")
     expected = json.loads(GOLDEN.read_text())
     changed = [group for group in expected if digests.get(group) != expected[group]]
     assert not changed, f"what is stored or answered changed for corpus {changed}: see this module's docstring"
