@@ -27,6 +27,19 @@ def _fresh(profile: Profile) -> dict:
     return orjson.loads(orjson.dumps(profile.to_doc()))
 
 
+def _counted_encodings(monkeypatch) -> list[str]:
+    """From now on, the op of every computed state encoded (in order): which states a write made again."""
+    encoded: list[str] = []
+    encode = ComputedState._encode
+
+    def counting(state: ComputedState) -> bytes:
+        encoded.append(state.op)
+        return encode(state)
+
+    monkeypatch.setattr(ComputedState, "_encode", counting)
+    return encoded
+
+
 def test_the_stored_form_follows_every_change_of_the_computed_states(ev, defs_of, profile_of):
     defs = defs_of(*DEFS)
     ann = profile_of(
@@ -75,14 +88,7 @@ def test_a_score_change_reencodes_no_computed_state_and_an_event_only_those_it_f
         now=NOW,
     )
     profile.to_json()
-    encoded: list[str] = []
-    encode = ComputedState._encode
-
-    def counting(state: ComputedState) -> bytes:
-        encoded.append(state.op)
-        return encode(state)
-
-    monkeypatch.setattr(ComputedState, "_encode", counting)
+    encoded = _counted_encodings(monkeypatch)
     profile.set_scores({"churn": 0.5}, model="m", version="1", at=NOW)
     profile.to_json()
     assert encoded == []
@@ -97,14 +103,7 @@ def test_a_contribution_already_out_of_its_window_reencodes_nothing(ev, defs_of,
     defs = defs_of(*DEFS)
     profile = profile_of([ev("o1", "track", "Order Completed", NOW - HOUR, properties={"total": 10})], defs, now=NOW)
     stored = profile.to_json()
-    encoded: list[str] = []
-    encode = ComputedState._encode
-
-    def counting(state: ComputedState) -> bytes:
-        encoded.append(state.op)
-        return encode(state)
-
-    monkeypatch.setattr(ComputedState, "_encode", counting)
+    encoded = _counted_encodings(monkeypatch)
     late = ev("o0", "track", "Order Completed", NOW - 3 * DAY, properties={"total": 5})
     profile.apply(late, defs, now=NOW)
     written = orjson.loads(profile.to_json())
@@ -138,14 +137,7 @@ def test_an_event_that_leaves_an_all_time_first_max_or_min_as_it_was_reencodes_n
         now=NOW,
     )
     profile.to_json()
-    encoded: list[str] = []
-    encode = ComputedState._encode
-
-    def counting(state: ComputedState) -> bytes:
-        encoded.append(state.op)
-        return encode(state)
-
-    monkeypatch.setattr(ComputedState, "_encode", counting)
+    encoded = _counted_encodings(monkeypatch)
     profile.apply(ev("o3", "track", "Order Completed", NOW - HOUR, properties={"sku": "c", "total": 20}), defs, now=NOW)
     written = orjson.loads(profile.to_json())
     assert sorted(encoded) == ["count", "last"]  # first, max and min kept their values
@@ -175,14 +167,7 @@ def test_an_all_time_mismatch_count_is_encoded_again_only_when_an_event_differs(
         [ev("o1", "track", "Order Completed", NOW - 3 * HOUR, properties={"card": "DE", "ship": "FR"})], defs
     )
     profile.to_json()
-    encoded: list[str] = []
-    encode = ComputedState._encode
-
-    def counting(state: ComputedState) -> bytes:
-        encoded.append(state.op)
-        return encode(state)
-
-    monkeypatch.setattr(ComputedState, "_encode", counting)
+    encoded = _counted_encodings(monkeypatch)
     agree = ev("o2", "track", "Order Completed", NOW - 2 * HOUR, properties={"card": "DE", "ship": " de "})
     profile.apply(agree, defs, now=NOW)
     written = orjson.loads(profile.to_json())
