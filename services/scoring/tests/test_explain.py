@@ -45,6 +45,7 @@ pb = scoring_pb2
 ADMIN = [("authorization", "Bearer admin-token")]
 READER = [("authorization", "Bearer reader-token")]
 PROFILE_ONLY = [("authorization", "Bearer profile-token")]
+PROFILE_READER = [("authorization", "Bearer profile-reader-token")]
 DAY = 86_400.0
 
 # The logistic model: sigmoid(0.5 orders - 0.25 sessions + 0.75 plan_index - 0.2 tenure), plan a category.
@@ -112,6 +113,7 @@ def write_tokens(tmp_path):
             ("admin", "admin-token", ["*"]),
             ("reader", "reader-token", ["scoring:read"]),
             ("profile", "profile-token", ["profile:read"]),
+            ("profile-reader", "profile-reader-token", ["scoring:read", "profile:read"]),
         ],
     )
     return tokens
@@ -250,7 +252,9 @@ async def test_the_person_score_is_scores_and_the_baseline_score_is_the_model_on
     }
 
     answer = await explain(stub, "churn_risk", "p_bob")
-    [scored] = (await stub.Score(pb.ScoreRequest(person_id="p_bob", model="churn_risk"), metadata=READER)).results
+    [scored] = (
+        await stub.Score(pb.ScoreRequest(person_id="p_bob", model="churn_risk"), metadata=PROFILE_READER)
+    ).results
 
     [explained] = answer.scores
     assert explained.value == scored.scores["churn_risk"]  # row 0 of the run is what Score gives, bit for bit
@@ -329,9 +333,20 @@ async def test_the_answer_holds_no_value_of_the_persons(scoring):
         assert struct.pack("<d", value) not in raw and struct.pack("<f", value) not in raw, value
         assert repr(value).encode() not in raw
     assert b"pro" not in raw.replace(b"probability", b"")
-    # Score, by contrast, returns the feature vector (its `features`); ExplainScore leaves it out.
+    # Score returns a person's feature vector (their profile's values) only to a caller that may also read
+    # the profile; to scoring:read alone, the scores without it, as ExplainScore answers.
     scored = await stub.Score(pb.ScoreRequest(person_id="p_gus", model="churn_risk"), metadata=READER)
+    assert scored.results[0].scores and not scored.results[0].features
+    raw = scored.SerializeToString()
+    for value in (17.375, 13.625, now - 4.5 * DAY):
+        assert struct.pack("<d", value) not in raw, value
+    scored = await stub.Score(pb.ScoreRequest(person_id="p_gus", model="churn_risk"), metadata=PROFILE_READER)
     assert 17.375 in scored.results[0].features
+    # A vector the caller sent comes back to any scoring:read caller: it is theirs, not a person's.
+    sent = await stub.Score(
+        pb.ScoreRequest(model="churn_risk", features=list(scored.results[0].features)), metadata=READER
+    )
+    assert list(sent.results[0].features) == list(scored.results[0].features)
 
 
 # --- versions -----------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@ from google.protobuf import json_format
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
+from cdp_kit.interceptors import current_caller
 from cdp_kit.storage.port import check_key
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, INACTIVE, LIVE, SHADOW, ModelEntry, Version
 from cdp_scoring.drift import DriftReport
 from cdp_scoring.engine import ScoreResult, ScoringEngine
 from cdp_scoring.explain import Explainer
+
+#: What a caller of `Score` for a person needs besides scoring:read to get the person's feature vector.
+PERSON_FEATURES_SCOPE = "profile:read"
 
 SCOPES = {
     "Score": "scoring:read",
@@ -86,9 +90,12 @@ def model_message(engine: ScoringEngine, entry: ModelEntry) -> scoring_pb2.Model
     return message
 
 
-def result_message(result: ScoreResult) -> scoring_pb2.ModelScores:
+def result_message(result: ScoreResult, *, features: bool = True) -> scoring_pb2.ModelScores:
     message = scoring_pb2.ModelScores(
-        model=result.model, version=result.version, role=ROLE_TO_PB[result.role], features=result.features
+        model=result.model,
+        version=result.version,
+        role=ROLE_TO_PB[result.role],
+        features=result.features if features else (),
     )
     message.scores.update(result.scores)
     return message
@@ -169,13 +176,19 @@ class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
             raise InvalidArgument(
                 "person_id", "give exactly one of person_id, features (a raw vector) or named_features"
             )
+        features = True
         if request.person_id:
             results = await engine.score_person(request.person_id, model=request.model, version=request.version)
+            # A person's feature vector is their profile's values (order counts, spend, days since signup):
+            # returned to a caller that may read the profile, not to every holder of scoring:read.
+            features = current_caller().allows(PERSON_FEATURES_SCOPE)
         else:
             _check_finite(request.features, "features")
             row = dict(request.named_features) if request.named_features else list(request.features)
             results = [await engine.score_vector(request.model, request.version, row)]
-        return scoring_pb2.ScoreResponse(person_id=request.person_id, results=[result_message(r) for r in results])
+        return scoring_pb2.ScoreResponse(
+            person_id=request.person_id, results=[result_message(r, features=features) for r in results]
+        )
 
     async def ScoreBatch(self, request: scoring_pb2.ScoreBatchRequest, context) -> scoring_pb2.ScoreBatchResponse:
         engine = self.engine
