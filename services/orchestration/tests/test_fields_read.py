@@ -162,6 +162,25 @@ async def test_a_journey_published_later_reads_a_computed_trait_and_a_score_from
     await world.eventually(lambda: _holds(world, "cy", "computed.orders", 7.0))
 
 
+async def test_a_person_the_profile_service_does_not_have_keeps_the_fields_held_here(world_factory, profile_service):
+    # Read again for a journey published since, the profile service answers that it does not have them (a
+    # store restored from an older copy): what orchestration held and still reads stays, so ORDERS starts.
+    service, fetch = profile_service
+    world = await world_factory(profile_fetch=fetch)
+    await world.publish_journey(ORDERS)
+    await world.start()
+    await changed(world, "di", traits={"plan": "free"}, computed={"orders": 5.0}, scores={"churn": 0.9})
+    await world.eventually(lambda: _holds(world, "di", "computed.orders", 5.0))
+    await world.publish_journey(CHURN)  # reads scores.churn, which di's record was not kept with
+    await world.event("di", "Go", "go-di")
+    assert await world.eventually(lambda: started(world, "di", "orders")) == 1
+    await world.eventually(world.settled)
+    assert service.asked == ["di"]
+    assert await started(world, "di", "churn") == 0  # its score was never held here and is not known
+    stored = (await record(world, "di")).doc
+    assert stored["fields"] == {"traits.plan": "free", "computed.orders": 5.0}
+
+
 async def test_without_a_profile_service_every_field_is_kept(world_factory):
     world = await world_factory()
     await world.publish_journey(PLAN)

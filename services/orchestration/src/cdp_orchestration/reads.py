@@ -19,7 +19,7 @@ lack a field read now (a journey published since reads `computed.x`): before any
 applied, the person is read again from the profile service (BatchGetProfiles, the persons of one batch in a
 few calls) and their computed traits and scores taken from it (`Reads.bring_up`); until that answers, the
 batch is not applied (it is retried), so no condition reads a field as missing that the person has. A
-record without a fingerprint (written by an earlier build, or while no profile service was configured) kept
+person the profile service does not have keeps what is held here and read now. A record without a fingerprint (written by an earlier build, or while no profile service was configured) kept
 every field: it is complete, and only pruned. Without a profile service every field is kept, as before.
 """
 
@@ -159,15 +159,28 @@ class Reads:
         if not stale:
             return
         fetched = await self.fetch([p.person_id for p in stale])
+        missing = 0
         for person in stale:
             fields = person.fields
-            for key in [k for k in fields if k.startswith((_COMPUTED, _SCORES))]:
-                del fields[key]
-            for key, value in (fetched.get(person.person_id) or {}).items():
-                if key.startswith((_COMPUTED, _SCORES)) and keep.keeps(key):
-                    fields[key] = value
+            found = fetched.get(person.person_id)
+            if found is None:
+                # The profile service does not have them (a store restored from an older copy, say): what is
+                # held here and read now stays; a field read now that was not kept is not known.
+                missing += 1
+                _prune(fields, keep)
+            else:
+                for key in [k for k in fields if k.startswith((_COMPUTED, _SCORES))]:
+                    del fields[key]
+                for key, value in found.items():
+                    if key.startswith((_COMPUTED, _SCORES)) and keep.keeps(key):
+                        fields[key] = value
             person.reads, person.dirty = keep.fingerprint, True
-        log.info("persons read again from the profile service for the fields kept now: %d", len(stale))
+        log.info(
+            "persons read again from the profile service for the fields kept now: %d (%d it does not have: their "
+            "fields held here kept)",
+            len(stale),
+            missing,
+        )
 
 
 def _prune(fields: dict[str, Any], keep: Keep) -> None:
