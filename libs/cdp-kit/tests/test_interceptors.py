@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -144,12 +144,32 @@ def generic_handler(recorder):
     )
 
 
+class _OpenServerSpans(SpanProcessor):
+    """How many server spans (one a call, begun and ended by the interceptor) are open, in this process.
+
+    grpc.aio sends an aborted call's status before the handler's interceptor has logged it, counted it and
+    ended its span: the caller may read the spans first (CI, a loaded worker: no span). `serving` waits for
+    none to be open before stopping the server, which would cancel those handlers."""
+
+    open = 0
+
+    def on_start(self, span, parent_context=None) -> None:
+        if span.kind == SpanKind.SERVER:
+            _OpenServerSpans.open += 1
+
+    def on_end(self, span) -> None:
+        if span.kind == SpanKind.SERVER:
+            _OpenServerSpans.open -= 1
+
+
 class Observed:
     """A Telemetry whose spans and metrics the test can read."""
 
     def __init__(self):
         self.spans = InMemorySpanExporter()
         tracer_provider = TracerProvider()
+        _OpenServerSpans.open = 0  # an earlier test's call may have been cancelled with its server
+        tracer_provider.add_span_processor(_OpenServerSpans())
         tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
         self.metrics = InMemoryMetricReader()
         meter_provider = MeterProvider(metric_readers=[self.metrics])
@@ -201,6 +221,10 @@ async def serving(interceptor, recorder):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield channel
+            # Every call answered has ended its span (see _OpenServerSpans); one still running (a handler
+            # that never answers) is cancelled by the stop.
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: _OpenServerSpans.open <= 0, timeout=10)
     finally:
         await server.stop(None)
 
