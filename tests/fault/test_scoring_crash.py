@@ -208,10 +208,7 @@ async def test_killed_mid_stream_publishes_every_score_and_recovers_the_fields(n
         assert deployed.live_version == "1.0.0"
         # A version made live scores the persons held (none yet) in the background, stamped with the
         # service's clock: once done, the stream path alone publishes, which is what the counts below add up.
-        deadline = time.monotonic() + 60
-        while HELD_SCORED not in service.log_path.read_text():
-            assert time.monotonic() < deadline, "the deploy's scoring of the persons held never ended; see scoring.log"
-            await asyncio.sleep(0.1)
+        await service.logged(HELD_SCORED)
 
         positions: dict[int, list[int]] = {p: [] for p in range(PARTITIONS)}  # stream seq of each message
 
@@ -363,10 +360,7 @@ async def test_a_change_redelivered_after_newer_ones_does_not_take_the_fields_ba
             )
             # The deploy scores p_x (held: the first change was given again at the start) with the service's
             # clock; the next change is published once that is done, so that its score is news.
-            deadline = time.monotonic() + 60
-            while HELD_SCORED not in service.log_path.read_text():
-                assert time.monotonic() < deadline, "the deploy's scoring of the persons held never ended"
-                await asyncio.sleep(0.1)
+            await service.logged(HELD_SCORED)
             await js.publish("profiles.changed.0", orders(2, T0_MS + 2))
             deadline = time.monotonic() + 60
             while not await drained(js, {0: 2}):  # the redelivered first change included

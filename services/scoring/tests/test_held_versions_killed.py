@@ -57,12 +57,6 @@ async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_serv
         CDP_LOG_LEVEL="INFO",  # the promotion's scoring of the persons held is read from the log
     )
 
-    def passes() -> int:
-        return service.log_path.read_text().count(HELD_SCORED) if service.log_path.exists() else 0
-
-    async def passes_reach(count: int) -> bool:
-        return passes() >= count
-
     def scored(count: int):
         async def enough() -> bool:
             return len(await published(nats_server.url)) >= count
@@ -77,7 +71,7 @@ async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_serv
         async with grpc.aio.insecure_channel(service.grpc_address) as channel:
             stub = scoring_pb2_grpc.ScoringServiceStub(channel)
             await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=logistic_model(weights=W)), timeout=30)
-            await until(lambda: passes_reach(1), "the deploy's scoring of the persons held never ended")
+            await service.logged(HELD_SCORED)  # the deploy's scoring of the persons held
             await js.publish("profiles.changed.0", orders_and_sessions(1, 1, T0_MS + 1000))
 
             await until(scored(1), "p1's change was never scored")
@@ -87,11 +81,11 @@ async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_serv
                 ),
                 timeout=30,
             )
-            before = passes()
+            before = service.logged_count(HELD_SCORED)
             # The profile applies p1's next change at T0 + 5 s; scoring has not applied it yet when 2.0.0 is
             # promoted and the persons held are scored with the service's clock (later): p1 without the change.
             await stub.Promote(scoring_pb2.PromoteRequest(name="churn_risk", version="2.0.0"), timeout=30)
-            await until(lambda: passes_reach(before + 1), "the promotion's scoring of the persons held never ended")
+            await service.logged(HELD_SCORED, before + 1)  # the promotion's
         service.kill()  # before any periodic snapshot: an hour away
         updates = await published(nats_server.url)
         assert [(u.person_id, u.version) for u in updates] == [("p1", "1.0.0"), ("p1", "2.0.0")]

@@ -3,6 +3,7 @@ SIGKILL and restartable on the same ports."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -35,6 +36,19 @@ class ServiceProcess:
     @property
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    def logged_count(self, text: str) -> int:
+        """How many times `text` is in the process's log so far (every start's)."""
+        return self.log_path.read_text().count(text) if self.log_path.exists() else 0
+
+    async def logged(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        """Until `text` is in the log `count` times; fails after `timeout` seconds, naming the log."""
+        deadline = time.monotonic() + timeout
+        while self.logged_count(text) < count:
+            assert time.monotonic() < deadline, (
+                f"{text!r} not logged {count} times in {timeout:g} s; see {self.log_path}"
+            )
+            await asyncio.sleep(0.1)
 
     def start(self, timeout: float = 30) -> None:
         first = self.proc is None
