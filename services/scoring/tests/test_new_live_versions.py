@@ -77,6 +77,16 @@ async def until_published(nats_url: str, persons: list[str], version: str) -> No
         await asyncio.sleep(0.2)
 
 
+async def changed_orders(bus, persons) -> None:
+    """A profile change of each person (computed.orders_90d = their position), on their partition."""
+    for n, person in enumerate(persons):
+        change = profile_pb2.ProfileChanged(person_id=person, cause="event")
+        change.at.GetCurrentTime()
+        change.computed["orders_90d"].number_value = n
+        batch = profile_pb2.ProfileChangedBatch(changes=[change])
+        await bus.js.publish(subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString())
+
+
 @pytest.mark.timeout(120)
 async def test_a_version_made_live_through_one_replica_scores_every_held_person_on_both(nats_server, tmp_path):
     everyone = PERSONS[0] + PERSONS[1]
@@ -87,14 +97,7 @@ async def test_a_version_made_live_through_one_replica_scores_every_held_person_
             serving(replica(nats_server, tmp_path, 1), setup) as r1,
         ):
             engines = [r0.parts["engine"], r1.parts["engine"]]
-            for n, person in enumerate(everyone):
-                change = profile_pb2.ProfileChanged(person_id=person, cause="event")
-                change.at.GetCurrentTime()
-                change.computed["orders_90d"].number_value = n
-                batch = profile_pb2.ProfileChangedBatch(changes=[change])
-                await bus.js.publish(
-                    subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
-                )
+            await changed_orders(bus, everyone)
             deadline = time.monotonic() + 15
             while not all(set(PERSONS[i]) <= set(engines[i].fields) for i in (0, 1)):
                 assert time.monotonic() < deadline, "the changes were not applied"
@@ -150,14 +153,7 @@ async def test_a_replica_down_when_a_version_was_made_live_scores_its_persons_on
             engine = running.parts["engine"]
             await engine.deploy(model("1.0.0", 0.5), role=None)
             await engine.deploy(model("2.0.0", -0.5), role=None)  # inactive
-            for n, person in enumerate(everyone):
-                change = profile_pb2.ProfileChanged(person_id=person, cause="event")
-                change.at.GetCurrentTime()
-                change.computed["orders_90d"].number_value = n
-                batch = profile_pb2.ProfileChangedBatch(changes=[change])
-                await bus.js.publish(
-                    subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
-                )
+            await changed_orders(bus, everyone)
             await until_published(nats_server.url, everyone, "1.0.0")
         # While it is down, 2.0.0 is promoted through another replica, which holds none of these persons.
         async with open_store(one.store_url) as store:
