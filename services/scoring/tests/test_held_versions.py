@@ -76,6 +76,16 @@ async def test_the_stamps_of_a_promotion_hold_after_a_restart(setup, tmp_path, n
         await again.stop()
 
 
+async def other_replica(store, bus, tmp_path, clock) -> ScoringEngine:
+    """Another replica on the same store and models, holding no partition (no stream), started."""
+    other = ScoringEngine(
+        store, FolderModelStore(tmp_path / "models"), bus.publisher, partitions=1, telemetry=bus.telemetry,
+        clock=clock,
+    )  # fmt: skip
+    await other.start()
+    return other
+
+
 async def test_a_version_made_live_while_a_replica_was_down_scores_its_persons_when_it_starts(
     setup, tmp_path, nats_server
 ):
@@ -86,11 +96,7 @@ async def test_a_version_made_live_while_a_replica_was_down_scores_its_persons_w
     await stream.stop()
     await engine.stop()
     # Another replica, holding none of these persons, promotes 2.0.0 while this one is down.
-    other = ScoringEngine(
-        store, FolderModelStore(tmp_path / "models"), bus.publisher, partitions=1, telemetry=bus.telemetry,
-        clock=clock,
-    )  # fmt: skip
-    await other.start()
+    other = await other_replica(store, bus, tmp_path, clock)
     try:
         clock.now = T0 + 10
         await other.promote("churn_risk", "2.0.0")
@@ -126,11 +132,7 @@ async def test_a_partition_taken_over_after_a_promotion_is_scored_by_its_new_rep
     await engine.stop()
     # The replica that takes it over promoted 2.0.0 while holding nobody (its scoring of the held persons
     # scored none), then acquires the partition.
-    other = ScoringEngine(
-        store, FolderModelStore(tmp_path / "models"), bus.publisher, partitions=1, telemetry=bus.telemetry,
-        clock=clock,
-    )  # fmt: skip
-    await other.start()
+    other = await other_replica(store, bus, tmp_path, clock)
     other_stream = test_engine.Stream(other, bus)
     try:
         clock.now = T0 + 10
