@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
-from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, Retention
+from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileChange, Retention
+from cdp_profile.records import decode_entry, decode_profile, encode_entry, encode_profile, timeline_key
 
 DAY = 86400.0
 NOW = 100 * DAY
@@ -166,3 +167,50 @@ def test_a_split_moves_the_identifiers_identity_gave_back_to_the_restored_person
     assert restored.view(now=NOW).identifiers == {"anonymous_id:b1", "anonymous_id:tablet"}
     # The event itself stays where it was applied: it was attributed to ann when it came.
     assert [e.event_id for e in ann.timeline()] == ["a1", "a2", "t1"]
+
+
+def _stored_after(changes, records=None):
+    """The timeline records a store holds after writing `changes` as the engine does (`Engine.writes`: a
+    Put per entry added, a Delete per entry removed, keyed by the entry's origin)."""
+    records = {} if records is None else records
+    for change in changes:
+        for entry in change.timeline_added:
+            records[timeline_key(entry)] = encode_entry(entry)
+        for entry in change.timeline_removed:
+            records.pop(timeline_key(entry), None)
+    return records
+
+
+def test_a_duplicate_the_merge_took_out_leaves_the_store_too(ev):
+    """The loser's copy of an event both persons had is taken off its timeline by the merge; its stored
+    entry must go with it, or the profile loaded again holds the event twice (ListEvents, export) and a
+    backfill counts it twice."""
+    ann, bob = two_people(ev)
+    shared = order(ev, "dup", NOW - 3 * DAY, 100, "anonymous_id:b1")
+    bob.apply(shared, DEFS, now=NOW)
+    ann.apply(shared, DEFS, now=NOW)
+    # every entry both hold, as their event batches wrote them
+    records = _stored_after([ProfileChange(p.person_id, timeline_added=p.timeline()) for p in (ann, bob)])
+    _stored_after([ann.merge(bob, merge_id="m1", at=NOW, defs=DEFS, now=NOW)], records)
+    loaded = decode_profile(encode_profile(ann), [decode_entry(doc) for doc in records.values()], ann.retention)
+    assert [e.event_id for e in loaded.timeline()] == [e.event_id for e in ann.timeline()]
+    assert [e.event_id for e in loaded.timeline()].count("dup") == 1
+    loaded.backfill(DEFS.get("orders"), now=NOW)
+    assert loaded.view(now=NOW).computed["orders"] == ann.view(now=NOW).computed["orders"] == 3
+    assert not loaded.apply(order(ev, "dup", NOW - 3 * DAY, 100), DEFS, now=NOW)  # still applied once
+
+
+def test_a_batch_of_merges_deletes_each_losers_copy_of_an_event_they_shared(ev):
+    """Two merges folded into one write (one batch of identity notices): carl's copy of the event bob's
+    part brought in is deleted, not cancelled against bob's entry of the same event id."""
+    ann = Profile.new("ann")
+    bob, carl = Profile.new("bob"), Profile.new("carl")
+    shared = order(ev, "e5", NOW - DAY, 5)
+    records = _stored_after([bob.apply(shared, DEFS, now=NOW), carl.apply(shared, DEFS, now=NOW)])
+    records = _stored_after([ann.apply(order(ev, "a1", NOW - 2 * DAY, 1), DEFS, now=NOW)], records)
+    folded = ann.merge(bob, merge_id="m1", at=NOW, defs=DEFS, now=NOW)
+    folded.combine(ann.merge(carl, merge_id="m2", at=NOW, defs=DEFS, now=NOW))
+    _stored_after([folded], records)
+    assert sorted(records) == sorted(timeline_key(entry) for entry in ann.timeline())
+    loaded = decode_profile(encode_profile(ann), [decode_entry(doc) for doc in records.values()], ann.retention)
+    assert [e.event_id for e in loaded.timeline()] == ["a1", "e5"]

@@ -185,10 +185,14 @@ def _fold_timeline(same: list[TimelineEntry], opposite: list[TimelineEntry], lat
     if not opposite:
         same.extend(later)
         return
-    cancelled = {entry.event_id for entry in opposite} & {entry.event_id for entry in later}
+    # An entry is its record, keyed by its origin too: a merge deletes the loser's copy of an event whose
+    # entry another part holds (the same event id), and the two must not cancel out.
+    cancelled = {(entry.origin, entry.event_id) for entry in opposite} & {
+        (entry.origin, entry.event_id) for entry in later
+    }
     if cancelled:
-        opposite[:] = [entry for entry in opposite if entry.event_id not in cancelled]
-    same.extend(entry for entry in later if entry.event_id not in cancelled)
+        opposite[:] = [entry for entry in opposite if (entry.origin, entry.event_id) not in cancelled]
+    same.extend(entry for entry in later if (entry.origin, entry.event_id) not in cancelled)
 
 
 @dataclass(slots=True)

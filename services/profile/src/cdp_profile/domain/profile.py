@@ -638,7 +638,7 @@ class Profile:
                 f"persons {sorted(clash)} are already part of profile {self.person_id!r}; split them out first"
             )
         before = self._view(None)  # what was last reported: windows as of their last prune
-        self._retract_duplicates(loser, defs)
+        retracted = self._retract_duplicates(loser, defs)
         incoming = [entry for part in loser.parts.values() for entry in part.timeline]
         self.parts.update(loser.parts)
         self.merges.extend(loser.merges)
@@ -649,7 +649,9 @@ class Profile:
         incoming_ids = {id(entry) for entry in incoming}
         dropped_ids = {id(entry) for entry in dropped}
         change.timeline_added = sorted(entry for entry in incoming if id(entry) not in dropped_ids)
-        change.timeline_removed = [entry for entry in dropped if id(entry) not in incoming_ids]
+        # The loser's copies of events this profile had go from the store too (their records are keyed by
+        # the loser's origin): loaded again, the profile would hold such an event twice.
+        change.timeline_removed = retracted + [entry for entry in dropped if id(entry) not in incoming_ids]
         _diff(before, self._view(None), change)
         change.merged = list(loser.parts)
         loser.parts = {loser.person_id: Part(loser.person_id)}
@@ -1265,15 +1267,18 @@ class Profile:
                 elif state.window is not None:
                     state.prune(now)
 
-    def _retract_duplicates(self, loser: Profile, defs: ComputedTraits) -> None:
+    def _retract_duplicates(self, loser: Profile, defs: ComputedTraits) -> list[TimelineEntry]:
         """Events applied to both persons before the merge reached the profile count once: the loser's
-        copy is taken out (its timeline entry says what to subtract; without it, windows still drop it)."""
+        copy is taken out (its timeline entry says what to subtract; without it, windows still drop it).
+        Returns the loser's timeline entries taken out (their stored records are to be deleted)."""
         mine = set().union(*(part.seen for part in self.parts.values()))
+        retracted: list[TimelineEntry] = []
         for part in loser.parts.values():
             duplicates = mine & part.seen.keys()
             if not duplicates:
                 continue
             entries = {entry.event_id: entry for entry in part.timeline if entry.event_id in duplicates}
+            retracted.extend(entries.values())
             part.timeline = [entry for entry in part.timeline if entry.event_id not in duplicates]
             part._extra = None  # ids leave `seen` below
             for event_id in duplicates:
@@ -1299,6 +1304,7 @@ class Profile:
                             histories[key] = kept
                         else:
                             del histories[key]
+        return retracted
 
 
 def _insort_entry(timeline: list[TimelineEntry], entry: TimelineEntry) -> None:
