@@ -61,3 +61,61 @@ async def test_an_entry_still_false_with_the_events_change_is_recorded_as_not_en
     assert await started(world, "fay", "pro") == 0
     assert (refused.kind, refused.rule) == (pb.DECISION_KIND_NOT_ENTERED, "entry_if")
     assert 'entry condition `traits.plan = "pro"` was false' in refused.reason
+
+
+async def test_a_change_listing_the_event_and_moving_no_field_decides_the_parked_entry(world_factory):
+    # The event's change moves nothing (the plan stays "free"): it is applied without `_handle`
+    # (`OrchestrationLogic._quick`), and it still ends the fields' lag behind the event, so the parked entry
+    # is decided on it, not left parked.
+    world = await world_factory()
+    await world.publish_journey(PRO)
+    await world.start()
+    await world.profile("gus", plan="free")
+    await world.event("gus", "Plan Changed", "pc-3", profiled=False, to="pro")
+    api = OrchestrationApi(journeys=Journeys(world.store), store=world.store, bus=None, partitions=2)
+    request = pb.ListDecisionsRequest(person_id="gus", journey_id="pro")
+
+    async def decided() -> list:
+        return list((await api.ListDecisions(request, None)).decisions)
+
+    async def event_applied() -> bool:  # before its change (sources interleave): the entry is parked
+        info = await world.bus.js.stream_info("ORCHESTRATION")
+        consumers = await world.bus.js.consumers_info("ORCHESTRATION")
+        return info.state.messages >= 2 and all(not c.num_pending and not c.num_ack_pending for c in consumers)
+
+    await world.eventually(event_applied)
+    assert await decided() == []
+    await world.profile_applied("gus", ["pc-3"])
+    [refused] = await world.eventually(decided)
+    assert await started(world, "gus", "pro") == 0
+    assert (refused.kind, refused.rule) == (pb.DECISION_KIND_NOT_ENTERED, "entry_if")
+
+
+async def test_an_event_whose_change_came_first_decides_the_entry_parked_before_it(world_factory):
+    # The change listing "x-1" came before x-1 itself; the person's next event parked an entry; then x-1
+    # comes: the profile applied it after the parked one (a person's events in order), so the fields cover
+    # that one too and the entry is decided. x-1 starts nothing and is applied without `_handle`
+    # (`OrchestrationLogic._quick`): the release is still its part.
+    world = await world_factory()
+    await world.publish_journey(PRO)
+    await world.start()
+    api = OrchestrationApi(journeys=Journeys(world.store), store=world.store, bus=None, partitions=2)
+    request = pb.ListDecisionsRequest(person_id="hal", journey_id="pro")
+
+    async def decided() -> list:
+        return list((await api.ListDecisions(request, None)).decisions)
+
+    async def applied(messages: int) -> bool:
+        info = await world.bus.js.stream_info("ORCHESTRATION")
+        consumers = await world.bus.js.consumers_info("ORCHESTRATION")
+        return info.state.messages >= messages and all(not c.num_pending and not c.num_ack_pending for c in consumers)
+
+    await world.profile("hal", plan="free")
+    await world.profile_applied("hal", ["x-1"])
+    await world.eventually(lambda: applied(2))
+    await world.event("hal", "Plan Changed", "pc-5", profiled=False, to="pro")
+    await world.eventually(lambda: applied(3))
+    assert await decided() == []
+    await world.event("hal", "Ping", "x-1", profiled=False)
+    [refused] = await world.eventually(decided)
+    assert (refused.kind, refused.rule) == (pb.DECISION_KIND_NOT_ENTERED, "entry_if")
