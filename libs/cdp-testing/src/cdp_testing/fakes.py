@@ -64,6 +64,7 @@ class Delivery:
         self.reason = ""
         self.detail = ""
         self.delay: float | None = None
+        self.parts: dict[int, tuple[bytes, str, str]] | None = None
 
     @property
     def msg_id(self) -> str | None:
@@ -79,3 +80,10 @@ class Delivery:
         if not self.allow_reject:
             raise AssertionError(f"message {self.stream_seq} on {self.subject} rejected: {reason} {detail}")
         self.outcome, self.reason, self.detail = "reject", reason, detail
+
+    def reject_part(self, index: int, data: bytes, reason: str, detail: str = "") -> None:
+        if not self.allow_reject:
+            raise AssertionError(f"part {index} of message {self.stream_seq} on {self.subject} rejected: {reason}")
+        if self.parts is None:
+            self.parts = {}
+        self.parts[index] = (data, reason, detail)

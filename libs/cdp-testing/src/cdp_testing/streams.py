@@ -13,6 +13,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from cdp_kit.bus import subjects
+from cdp_kit.bus.rawevents import events_of
+
 BATCH = 1000
 
 
@@ -42,3 +45,13 @@ async def stream_messages(js: JetStreamContext, stream: str, *, timeout: float =
         await subscription.unsubscribe()
         await js.delete_consumer(stream, consumer)
     return [msg for msg in out if msg.metadata.sequence.stream <= last]
+
+
+async def raw_events(js: JetStreamContext, *, timeout: float = 30.0) -> list[bytes]:
+    """Every event stored in EVENTS_RAW now, serialized, in stream order: a message of several events
+    (`cdp_kit.bus.rawevents`) gives each of them, in its order."""
+    return [
+        event
+        for msg in await stream_messages(js, subjects.EVENTS_RAW, timeout=timeout)
+        for event in events_of(msg.data, msg.headers)
+    ]

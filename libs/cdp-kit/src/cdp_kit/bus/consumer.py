@@ -92,7 +92,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from cdp_kit.bus import subjects
+from cdp_kit.bus import rawevents, subjects
 from cdp_kit.bus.setup import answered
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.stopping import raise_if_cancelling
@@ -111,6 +111,11 @@ DLQ_CONSUMER = "Cdp-Dlq-Consumer"
 DLQ_DELIVERIES = "Cdp-Dlq-Deliveries"
 DLQ_TIME = "Cdp-Dlq-Time"
 DLQ_DETAIL_MAX = 512
+#: On the dead letter of one part of a message that carries several (`Delivery.reject_part`): its index.
+#: The letter's body is that part alone; `Cdp-Dlq-Stream-Seq` names the whole message.
+DLQ_PART = "Cdp-Dlq-Part"
+# A part's dead letter is one event, not the batch: the header that marks a batch is not copied to it.
+PART_DROPPED_HEADERS = frozenset({rawevents.EVENTS_HEADER})
 # JetStream's API error code for "consumer not found" (the stream exists; code 10059 is a missing stream).
 CONSUMER_NOT_FOUND = 10014
 
@@ -230,7 +235,7 @@ class ConsumerSpec:
 class Delivery:
     """One delivered message and the outcome the handler chose for it."""
 
-    __slots__ = ("delay", "detail", "msg", "outcome", "reason")
+    __slots__ = ("delay", "detail", "msg", "outcome", "parts", "reason")
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
@@ -238,6 +243,9 @@ class Delivery:
         self.reason = ""
         self.detail = ""
         self.delay: float | None = None
+        # Parts of a message that carries several (`cdp_kit.bus.rawevents`) rejected on their own:
+        # index -> (the part's bytes, reason, detail). Dead-lettered alone; the message is acknowledged.
+        self.parts: dict[int, tuple[bytes, str, str]] | None = None
 
     @property
     def data(self) -> bytes:
@@ -272,6 +280,14 @@ class Delivery:
     def reject(self, reason: str, detail: str = "") -> None:
         """Permanently unprocessable: goes to the dead-letter stream with this reason."""
         self.outcome, self.reason, self.detail = "reject", reason, detail
+
+    def reject_part(self, index: int, data: bytes, reason: str, detail: str = "") -> None:
+        """One part of a message that carries several (its `index` and bytes) can never be applied: it
+        goes to the dead-letter stream alone, with this reason; the rest of the message is applied and
+        the message acknowledged. Rejecting the same part again (the message handled again) keeps one."""
+        if self.parts is None:
+            self.parts = {}
+        self.parts[index] = (data, reason, detail)
 
 
 Handler = Callable[[Sequence[Delivery]], Awaitable[None]]
@@ -765,6 +781,10 @@ class ConsumerRunner:
         ack_last = self._ack_all and final
         for d in deliveries:
             try:
+                if d.parts and error is None and d.outcome == "ack":
+                    # Its rejected parts are stored as dead letters before the message is acknowledged:
+                    # if that fails, the message comes again and so do they (one copy each: `_dead_letter`).
+                    counts["dead_letter"] += await self._dead_letter_parts(d)
                 if ack_last and error is None and d.outcome == "ack":
                     counts["ack"] += 1
                     if d is deliveries[-1]:
@@ -811,15 +831,44 @@ class ConsumerRunner:
         )
         await d.msg.term()
 
+    async def _dead_letter_parts(self, d: Delivery) -> int:
+        """Store each rejected part of `d` as a dead letter of its own; how many were stored now."""
+        stored = 0
+        for index, (data, reason, detail) in sorted((d.parts or {}).items()):
+            stored += await self.publish_dead_letter(
+                data=data,
+                headers={k: v for k, v in d.headers.items() if k not in PART_DROPPED_HEADERS},
+                subject=d.subject,
+                seq=d.stream_seq,
+                deliveries=d.num_delivered,
+                reason=reason,
+                detail=detail,
+                part=index,
+            )
+        return stored
+
     async def publish_dead_letter(
-        self, *, data: bytes, headers: dict[str, str], subject: str, seq: int, deliveries: int, reason: str, detail: str
+        self,
+        *,
+        data: bytes,
+        headers: dict[str, str],
+        subject: str,
+        seq: int,
+        deliveries: int,
+        reason: str,
+        detail: str,
+        part: int | None = None,
     ) -> bool:
-        """Store the dead letter; False when it was stored before (the same position, by another path)."""
+        """Store the dead letter; False when it was stored before (the same position, by another path).
+        `part`: the letter is that part of the message at `seq`, not the whole message (`reject_part`)."""
         dlq_headers = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
+        position = str(seq) if part is None else f"{seq}:{part}"
+        if part is not None:
+            dlq_headers[DLQ_PART] = str(part)
         dlq_headers.update(
             {
                 # Keyed on the original position so a retried dead-lettering stores one copy.
-                "Nats-Msg-Id": f"dlq:{self.spec.stream}:{self.spec.durable}:{seq}",
+                "Nats-Msg-Id": f"dlq:{self.spec.stream}:{self.spec.durable}:{position}",
                 DLQ_REASON: reason or "unspecified",
                 DLQ_DETAIL: (detail or "")[:DLQ_DETAIL_MAX].replace("\r", " ").replace("\n", " "),
                 DLQ_SUBJECT: subject,
@@ -838,7 +887,10 @@ class ConsumerRunner:
         # stays out of the log.
         if getattr(ack, "duplicate", False):
             return False
-        log.warning("dead-lettered message %d of %s: %s", seq, self.spec.durable, reason)
+        if part is None:
+            log.warning("dead-lettered message %d of %s: %s", seq, self.spec.durable, reason)
+        else:
+            log.warning("dead-lettered part %d of message %d of %s: %s", part, seq, self.spec.durable, reason)
         return True
 
     async def _on_max_deliveries(self, msg: Msg) -> None:

@@ -16,7 +16,8 @@ and the kit does the rest, per owned partition p (`pipeline`):
 1. fetch a batch from the durable ordered consumer `<service>-p<p>` of `<prefix>.<p>`;
 2. skip positions at or below the last one applied (redeliveries after a crash or a failed commit:
    the checkpoint, not the service, decides); `decode` each other message, a `Reject` dead-letters
-   that message alone (reason and field, never a value);
+   that message alone (reason and field, never a value); a message carrying several items decodes to
+   `Many(items)`, and a part of it rejected alone (`Delivery.reject_part`) is dead-lettered alone;
 3. `apply` the items in stream order to hot state; it returns `Effects(writes, messages)`;
 4. submit one `bulk_write`: the writes, an outbox record holding the messages, and the checkpoint
    `Put(<service>_checkpoints, <prefix>.<p>, {"stream_seq": last position})` - then fetch and apply
@@ -106,7 +107,7 @@ whose span is not).
 
 from cdp_kit.engine.chain import EarlierWriteFailed, WriteChain
 from cdp_kit.engine.engine import EngineSpec, PartitionedEngine
-from cdp_kit.engine.logic import Effects, Logic, Reject
+from cdp_kit.engine.logic import Effects, Logic, Many, Reject
 from cdp_kit.engine.outbox import outbox_collection
 
 __all__ = [
@@ -114,6 +115,7 @@ __all__ = [
     "Effects",
     "EngineSpec",
     "Logic",
+    "Many",
     "PartitionedEngine",
     "Reject",
     "WriteChain",

@@ -22,6 +22,15 @@ class Reject(Exception):
         self.problem = problem
 
 
+class Many(list):
+    """What `decode` returns for one message that carries several items (a batch on the wire,
+    `cdp_kit.bus.rawevents`): the items, in order, each applied as if it had come alone. A part that can
+    never be applied is left out and rejected on its own (`Delivery.reject_part`); `Reject` still rejects
+    the whole message."""
+
+    __slots__ = ()
+
+
 @dataclass(slots=True)
 class Effects:
     """What applying a batch changed: the store writes (committed in one `bulk_write` with the stream
@@ -37,7 +46,8 @@ class Effects:
 class Logic(Protocol):
     """A service's domain logic.
 
-    - `decode(delivery)`: one message to the service's item, or `Reject`. Pure: no I/O, no state.
+    - `decode(delivery)`: one message to the service's item, or `Reject`. Pure: no I/O, no state. A
+      message that carries several items decodes to `Many(items)`.
     - `apply(partition, items)`: apply the items (decoded, in stream order, none applied before) to hot
       state and return what must become durable. The engine calls it for the next batch while earlier
       batches' effects are still being written, so hot state runs ahead of the store; it never calls

@@ -42,7 +42,7 @@ from cdp_kit.bus import Delivery, OutMessage, subjects
 from cdp_kit.bus.consumer import ConsumerRunner, PullLost, StandingPull, _raise_if_cancelling, describe_error
 from cdp_kit.engine import outbox
 from cdp_kit.engine.chain import WriteChain
-from cdp_kit.engine.logic import Reject
+from cdp_kit.engine.logic import Many, Reject
 from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Put, WriteOp
 
@@ -562,13 +562,19 @@ class PartitionPipeline:
         # starts at or below the position (a redelivery after a crash or a failed commit).
         check = deliveries[0].stream_seq <= feed.position
         items = []
+        append, decode = items.append, feed.logic.decode
         for delivery in deliveries:
             if check and delivery.stream_seq <= feed.position:
                 continue  # applied before: acknowledged with the batch
             try:
-                items.append(feed.logic.decode(delivery))
+                item = decode(delivery)
             except Reject as bad:
                 delivery.reject(bad.reason, str(bad))
+                continue
+            if type(item) is Many:
+                items.extend(item)
+            else:
+                append(item)
         return items
 
     async def _apply(self, rounds: list[list[Delivery]]) -> _Batch:
