@@ -29,6 +29,7 @@ from cdp_kit.bus import events_raw_stream, partition_for, subjects
 from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.natsserver import NatsServer
 from cdp_testing.processes import CollectorProcess
+from cdp_testing.streams import raw_events
 
 BATCH = 500
 IN_FLIGHT = 8
@@ -177,7 +178,7 @@ async def bench_grpc(collector: CollectorProcess, nats_url: str, requests: list[
     seconds, latencies = await run_load(send, requests[WARMUP // BATCH :], in_flight=IN_FLIGHT)
     rate = (len(requests) - WARMUP // BATCH) * BATCH / seconds
     half_rate_latencies = await run_paced(send, paced, per_second=rate / 2 / BATCH)
-    stored = (await nc.jetstream().stream_info(subjects.EVENTS_RAW)).state.messages
+    stored = len(await raw_events(nc.jetstream(), timeout=120.0))  # events (a message may carry several)
     await channel.close()
     await nc.close()
     return {"rate": rate, "latencies": latencies, "half_rate_latencies": half_rate_latencies, "stored": stored}

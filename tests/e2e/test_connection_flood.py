@@ -22,6 +22,7 @@ import pytest
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
+from cdp_kit.bus.rawevents import events_of
 from cdp_kit.natsserver import free_port
 from cdp_testing.processes import CollectorProcess
 from cdp_testing.waiting import eventually
@@ -70,7 +71,8 @@ async def stored_ids(url: str) -> set[str]:
         info = await js.stream_info("EVENTS_RAW")
         ids = set()
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            ids.add(events_pb2.Event.FromString((await js.get_msg("EVENTS_RAW", seq)).data).message_id)
+            msg = await js.get_msg("EVENTS_RAW", seq)
+            ids.update(events_pb2.Event.FromString(e).message_id for e in events_of(msg.data, msg.headers))
         return ids
     finally:
         await nc.close()

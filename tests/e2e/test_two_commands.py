@@ -237,11 +237,15 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
 
     import nats
 
+    from cdp_testing.streams import raw_events
+
     async def stored() -> int:
         nc = await nats.connect(run["nats"])
-        info = await nc.jetstream().stream_info("EVENTS_RAW")
-        await nc.close()
-        return info.state.messages
+        try:
+            # Events, not messages: one message may carry several of a request's (cdp_kit.bus.rawevents).
+            return len(await raw_events(nc.jetstream()))
+        finally:
+            await nc.close()
 
     assert asyncio.run(stored()) == 10_004
 

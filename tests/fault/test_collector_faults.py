@@ -15,6 +15,7 @@ import pytest
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
+from cdp_kit.bus.rawevents import events_of
 from cdp_testing.processes import CollectorProcess
 from cdp_testing.streams import stream_messages
 
@@ -64,7 +65,9 @@ async def stream_ids(url: str) -> list[str]:
     nc = await nats.connect(url)
     try:
         return [
-            events_pb2.Event.FromString(m.data).message_id for m in await stream_messages(nc.jetstream(), "EVENTS_RAW")
+            events_pb2.Event.FromString(event).message_id
+            for m in await stream_messages(nc.jetstream(), "EVENTS_RAW")
+            for event in events_of(m.data, m.headers)
         ]
     finally:
         await nc.close()

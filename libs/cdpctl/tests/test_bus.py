@@ -6,7 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream, profiles_stream
+from cdp_kit.bus import (
+    Bus,
+    ConsumerSpec,
+    OutMessage,
+    dead_letter_stream,
+    events_raw_stream,
+    profiles_stream,
+    rawevents,
+)
 
 
 async def until(predicate, timeout=10.0):
@@ -264,3 +272,53 @@ async def test_a_dead_letter_whose_original_was_erased_goes_back_only_where_its_
         replayed = await bus.js.get_last_msg("ACTIONS", "actions.email.1")
         assert replayed.data == b"the-action" and replayed.headers["Cdp-Action"] == "a1"
         assert (await bus.js.stream_info("PRIVACY")).state.messages == 0
+
+
+async def test_a_dead_lettered_event_of_a_message_of_several_is_replayed_alone(bus_cli):
+    """The collector stores a request's events on one partition as one message (cdp_kit.bus.rawevents);
+    identity dead-letters one unusable event of it alone. The replay sends that event back alone, in the
+    single-event form: the others were applied and are not sent again."""
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(events_raw_stream(), dead_letter_stream())
+        parts = [b"good-0", b"bad-1", b"good-2"]
+        handled: list[bytes] = []
+        rejected_once: set[bytes] = set()
+
+        async def handle(batch):
+            for d in batch:
+                for index, part in enumerate(rawevents.events_of(d.data, d.headers)):
+                    if part.startswith(b"bad") and part not in rejected_once:
+                        rejected_once.add(part)  # "fixed" by the time of the replay
+                        d.reject_part(index, part, "invalid_identifier", "email: cannot be stored")
+                    else:
+                        handled.append(part)
+
+        spec = ConsumerSpec(
+            stream="EVENTS_RAW", durable="identity-p0", filter_subjects=("events.raw.>",), fetch_timeout=0.2
+        )
+        task = asyncio.create_task(bus.consumer(spec, handle).run())
+        await bus.publisher.publish_batch(
+            [OutMessage("events.raw.0", rawevents.join(parts), "eb_1", {rawevents.EVENTS_HEADER: "3"})]
+        )
+
+        async def dead_lettered():
+            return (await bus.js.stream_info("DLQ")).state.messages == 1
+
+        await until(dead_lettered)
+        (letter,) = json.loads((await bus_cli.run("dlq", "--json")).output)["dead_letters"]
+        assert (letter["original_seq"], letter["part"], letter["reason"]) == (1, 1, "invalid_identifier")
+
+        result = await bus_cli.run("dlq", "--replay")
+        assert result.exit_code == 0 and "replayed 1 of 1" in result.output, result.output
+
+        async def handled_after_replay():
+            return b"bad-1" in handled
+
+        await until(handled_after_replay)
+        assert handled == [b"good-0", b"good-2", b"bad-1"], "the good events were not sent again"
+        replayed = await bus.js.get_last_msg("EVENTS_RAW", "events.raw.0")
+        assert replayed.data == b"bad-1" and replayed.headers["Nats-Msg-Id"] == "replay:EVENTS_RAW:identity-p0:1:1"
+        assert rawevents.EVENTS_HEADER not in replayed.headers
+        assert (await bus.js.stream_info("DLQ")).state.messages == 0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -12,6 +12,7 @@ import pytest
 from cdp.events.v1 import events_pb2
 from cdp_collector.__main__ import setup
 from cdp_collector.settings import CollectorSettings
+from cdp_kit.bus.rawevents import events_of
 from cdp_kit.service import ServiceRuntime, serving
 
 WRITE_KEY = "wk_test_0123456789abcdef"
@@ -32,7 +33,11 @@ class RunningCollector:
         return f"http://127.0.0.1:{self.runtime.ports['http']}"
 
     async def stored(self, expected: int | None = None) -> list[tuple[str, events_pb2.Event]]:
-        """Every event in events.raw, in stream order, as (subject, event)."""
+        """Every event in events.raw, in stream order (a message's events in its order), as (subject, event)."""
+        return [(subject, event) for _, subject, event in await self.stored_at(expected)]
+
+    async def stored_at(self, expected: int | None = None) -> list[tuple[int, str, events_pb2.Event]]:
+        """`stored`, each event with the stream position of the message that holds it."""
         nc = await nats.connect(self.nats_url)
         try:
             js = nc.jetstream()
@@ -41,7 +46,8 @@ class RunningCollector:
             first = info.state.first_seq if info.state.messages else info.state.last_seq + 1
             for seq in range(first, info.state.last_seq + 1):
                 msg = await js.get_msg("EVENTS_RAW", seq)
-                out.append((msg.subject, events_pb2.Event.FromString(msg.data)))
+                # Either form (cdp_kit.bus.rawevents): one event, or several of one request's in one message.
+                out.extend((seq, msg.subject, events_pb2.Event.FromString(e)) for e in events_of(msg.data, msg.headers))
             if expected is not None:
                 assert len(out) == expected, f"stored {len(out)} events, expected {expected}"
             return out

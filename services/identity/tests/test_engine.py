@@ -62,6 +62,7 @@ class StreamDelivery:
     def __init__(self, event: events_pb2.Event, subject: str, seq: int) -> None:
         self.data = event.SerializeToString()
         self.msg_id = f"test:{event.message_id}"
+        self.headers = {"Nats-Msg-Id": self.msg_id}  # one event: not marked as several
         self.subject = subject
         self.stream_seq = seq
 

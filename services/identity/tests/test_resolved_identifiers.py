@@ -21,6 +21,7 @@ class Delivery:
     def __init__(self, event: events_pb2.Event, seq: int) -> None:
         self.data = event.SerializeToString()
         self.msg_id = f"web:{event.message_id}"
+        self.headers = {"Nats-Msg-Id": self.msg_id}  # one event: not marked as several
         self.subject = "events.raw.0"
         self.stream_seq = seq
 

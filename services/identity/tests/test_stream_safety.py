@@ -17,7 +17,8 @@ from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.privacy.v1 import privacy_pb2
 from cdp_identity.__main__ import setup
 from cdp_identity.settings import IdentitySettings
-from cdp_kit.bus.consumer import DLQ_DETAIL, DLQ_REASON
+from cdp_kit.bus import rawevents
+from cdp_kit.bus.consumer import DLQ_DETAIL, DLQ_PART, DLQ_REASON
 from cdp_kit.service import serving
 
 
@@ -142,6 +143,47 @@ async def test_one_poison_event_is_dead_lettered_alone_and_its_neighbours_are_re
     for i in range(20):
         assert await service.person("anonymous_id", f"anon-{i}") == await service.person("user_id", f"user-{i}")
     assert await resolved_event_ids(js) == {e.message_id for e in good}
+
+
+@pytest.mark.parametrize("poison", sorted(set(POISON) - {"too_large"}))
+async def test_one_poison_event_in_a_message_of_several_is_dead_lettered_alone(service, nats_client, poison):
+    """The collector's form for a request's events on one partition (cdp_kit.bus.rawevents): the poison
+    event is the message's 11th of 21. It alone is dead-lettered (its own bytes, the part it was, the
+    reason and field); the other twenty are resolved and the message acknowledged. (`too_large` cannot
+    ride in a message of several: the message would be over the server's limit, and the collector sends
+    an event that large alone, the test above's form.)"""
+    js = nats_client.jetstream()
+    dead_letters = await js.subscribe("dlq.EVENTS_RAW.identity-p0", stream="DLQ")
+    make, reason, field = POISON[poison]
+    event = make(nats_client.max_payload)
+    good = [identify(f"good-{i}", user_id=f"user-{i}", anonymous_id=f"anon-{i}") for i in range(20)]
+    parts = [e.SerializeToString() for e in [*good[:10], event, *good[10:]]]
+    await js.publish(
+        "events.raw.0", rawevents.join(parts), headers={"Nats-Msg-Id": "eb_test", rawevents.EVENTS_HEADER: "21"}
+    )
+
+    await until(lambda: service.runner.handled + service.runner.dead_lettered >= 2, "the message handled")
+    assert (service.runner.handled, service.runner.dead_lettered) == (1, 1)
+    letter = await dead_letters.next_msg(timeout=5)
+    assert letter.data == event.SerializeToString()
+    assert letter.headers[DLQ_PART] == "10" and letter.headers[DLQ_REASON] == reason
+    assert letter.headers[DLQ_DETAIL].startswith(f"{field}: ")
+    for i in range(20):
+        assert await service.person("anonymous_id", f"anon-{i}") == await service.person("user_id", f"user-{i}")
+    assert await resolved_event_ids(js) == {e.message_id for e in good}
+
+
+async def test_a_message_marked_as_several_that_is_not_a_batch_is_dead_lettered_whole(service, nats_client):
+    js = nats_client.jetstream()
+    dead_letters = await js.subscribe("dlq.EVENTS_RAW.identity-p0", stream="DLQ")
+    good = identify("good-0", user_id="user-0")
+    await js.publish("events.raw.0", b"\x12\x03abc", headers={"Nats-Msg-Id": "eb_bad", rawevents.EVENTS_HEADER: "1"})
+    await publish_batch(js, [good])
+    await until(lambda: service.runner.handled + service.runner.dead_lettered >= 2, "both handled")
+    letter = await dead_letters.next_msg(timeout=5)
+    assert letter.headers[DLQ_REASON] == "invalid_event" and DLQ_PART not in letter.headers
+    assert letter.headers[DLQ_DETAIL].startswith("event: not a cdp.events.v1.EventBatch")
+    assert await resolved_event_ids(js) == {"good-0"}
 
 
 # Every identifier value the flow below sends; none may appear in a log record.

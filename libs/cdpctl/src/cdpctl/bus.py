@@ -9,7 +9,9 @@ rendered actions) goes back from its own copy only to a subject its writer may p
 carries the `Nats-Msg-Id` `replay:<stream>:<consumer>:<original seq>`: a fresh id (the original one
 could still be inside the stream's duplicate window and be dropped as a duplicate), the same for a retried
 replay of the same dead letter, and a new one if the replayed message fails again (it has a new position).
-Every consumer of that stream sees the message again; consumers are idempotent. A listing or a replay
+Every consumer of that stream sees the message again; consumers are idempotent. A dead letter of one
+event of an `events.raw` message of several (`Cdp-Dlq-Part`: the others were applied) replays that event
+alone, as a message of its own, with `:<part>` after the sequence in its id. A listing or a replay
 reads the DLQ only up to its last message when the command started: a replayed message that fails again
 is a new dead letter, left for the operator, never replayed again by the same command. A STREAM or
 CONSUMER that names nothing (a misspelling, the wrong case) is refused naming it, rather than shown as
@@ -43,11 +45,12 @@ import nats
 from nats.js.errors import NotFoundError
 from rich.table import Table
 
-from cdp_kit.bus import subjects
+from cdp_kit.bus import rawevents, subjects
 from cdp_kit.bus.consumer import (
     DLQ_CONSUMER,
     DLQ_DELIVERIES,
     DLQ_DETAIL,
+    DLQ_PART,
     DLQ_REASON,
     DLQ_SEQ,
     DLQ_STREAM,
@@ -62,7 +65,17 @@ from cdpctl.platform import Workspace
 DLQ = subjects.DLQ
 # Characters of a dead letter's detail the table shows (the kit keeps up to 512); `--wide` shows all.
 DETAIL_SHOWN = 200
-_DLQ_HEADERS = (DLQ_REASON, DLQ_DETAIL, DLQ_SUBJECT, DLQ_STREAM, DLQ_SEQ, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_TIME)
+_DLQ_HEADERS = (
+    DLQ_REASON,
+    DLQ_DETAIL,
+    DLQ_SUBJECT,
+    DLQ_STREAM,
+    DLQ_SEQ,
+    DLQ_PART,
+    DLQ_CONSUMER,
+    DLQ_DELIVERIES,
+    DLQ_TIME,
+)
 
 
 @dataclass
@@ -77,6 +90,9 @@ class DeadLetter:
     deliveries: int
     at: str
     size: int
+    # The letter is this part of the original message, which carries several (`cdp_kit.bus.rawevents`);
+    # None: the whole message. A replay sends that part alone.
+    part: int | None = None
 
 
 def _dead_letter(msg) -> DeadLetter:
@@ -92,6 +108,7 @@ def _dead_letter(msg) -> DeadLetter:
         deliveries=int(headers.get(DLQ_DELIVERIES, "0") or 0),
         at=headers.get(DLQ_TIME, ""),
         size=len(msg.data or b""),
+        part=int(headers[DLQ_PART]) if headers.get(DLQ_PART, "").isdigit() else None,
     )
 
 
@@ -235,6 +252,19 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
     try:
         original = await js.get_msg(stream, letter.original_seq)
         subject, data, kept = original.subject, original.data, original.headers
+        if letter.part is not None:
+            # One event of a message of several: that event alone goes back (the others were applied).
+            try:
+                parts = rawevents.events_of(data or b"", kept)
+            except rawevents.NotABatch:
+                parts = []
+            if not rawevents.is_batch(kept) or letter.part >= len(parts):
+                return _left(
+                    letter,
+                    f"it names part {letter.part} of {stream} message {letter.original_seq}, which has no such part",
+                )
+            data = parts[letter.part]
+            kept = {k: v for k, v in (kept or {}).items() if k != rawevents.EVENTS_HEADER}
     except NotFoundError:
         # Gone from its stream: aged out, or erased on purpose (orchestration erases a rendered message
         # once its outcome is recorded, a failure included). The dead letter's own copy may go back only
@@ -247,7 +277,8 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
             )
         subject, data, kept = letter.subject, msg.data, msg.headers
     headers = {k: v for k, v in (kept or {}).items() if k not in _DLQ_HEADERS}
-    headers["Nats-Msg-Id"] = f"replay:{stream}:{durable}:{letter.original_seq}"
+    position = letter.original_seq if letter.part is None else f"{letter.original_seq}:{letter.part}"
+    headers["Nats-Msg-Id"] = f"replay:{stream}:{durable}:{position}"
     await js.publish(subject, data or b"", headers=headers)
     await js.delete_msg(DLQ, letter.seq)
     return True
@@ -350,7 +381,8 @@ def dlq(
     table.add_column("at")
     for d in letters:
         detail = d.detail if wide else shown_detail(d.detail)
-        row = (d.seq, d.stream, d.consumer, d.subject, d.original_seq, d.deliveries, d.reason, detail, d.at)
+        original = d.original_seq if d.part is None else f"{d.original_seq} (part {d.part})"
+        row = (d.seq, d.stream, d.consumer, d.subject, original, d.deliveries, d.reason, detail, d.at)
         table.add_row(*(str(v) for v in row))
     out.print(table)
     if replay:

@@ -53,7 +53,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     follower = SuppressionFollower(bus.nc, bus.js, suppression)
     runtime.stack.push_async_callback(follower.stop)
     await follower.load(settings.suppression_load_timeout)
-    ingestor = Ingestor(bus.publisher, settings.partitions, runtime.telemetry)
+    ingestor = Ingestor(bus.publisher, settings.partitions, runtime.telemetry, duplicate_window=settings.dedup_window)
     # Each source's own limits (its entry in the sources file), one bucket a source for both front doors.
     limiter = SourceLimiter(runtime.telemetry)
     runtime.stack.callback(limiter.close)

@@ -73,8 +73,9 @@ from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
 from cdp_identity.forgotten import SUPPRESSED, Forgotten
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
-from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
-from cdp_kit.engine import Effects, Reject, WriteChain, outbox
+from cdp_kit.bus import Delivery, OutMessage, Partitioner, rawevents, subjects
+from cdp_kit.bus.rawevents import EVENTS_HEADER
+from cdp_kit.engine import Effects, Many, Reject, WriteChain, outbox
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Delete, Put, Record, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
@@ -265,18 +266,40 @@ class IdentityEngine:
 
     # --- the stream path (cdp_kit.engine.Logic) ---------------------------------------------------
 
-    def decode(self, delivery: Delivery) -> _Item:
+    def decode(self, delivery: Delivery) -> _Item | Many:
         """One `events.raw` message, checked on its own (intake.py): one that could make the batch's
-        write or publish fail is rejected alone, naming the field."""
+        write or publish fail is rejected alone, naming the field. A message of several events
+        (`cdp_kit.bus.rawevents`) gives each as an item, and an event of it that is unusable is rejected
+        alone (`Delivery.reject_part`): the others are applied."""
         max_payload = getattr(getattr(self.publisher, "nc", None), "max_payload", None) or DEFAULT_MAX_PAYLOAD
+        if EVENTS_HEADER in delivery.headers:
+            return self._decode_several(delivery, max_payload)
         try:
             event = parse_event(delivery.data)
             event_id = delivery.msg_id or f"{event.source_id}:{event.message_id}"
-            item = self._item(delivery, event, event_id)
+            item = self._item(delivery, event, event_id, delivery.data)
             check_size(item.raw, [i.key for i in item.identifiers], max_payload)
         except Unusable as unusable:
             raise Reject(unusable.reason, unusable.field, unusable.problem) from None
         return item
+
+    def _decode_several(self, delivery: Delivery, max_payload: int) -> Many:
+        try:
+            parts = rawevents.split(delivery.data)
+        except rawevents.NotABatch as bad:
+            raise Reject("invalid_event", "event", f"not a cdp.events.v1.EventBatch ({bad})") from None
+        items = Many()
+        for index, raw in enumerate(parts):
+            try:
+                event = parse_event(raw)
+                # Each event's own id (the message's is the batch's): what the collector would have used.
+                item = self._item(delivery, event, f"{event.source_id}:{event.message_id}", raw)
+                check_size(raw, [i.key for i in item.identifiers], max_payload)
+            except Unusable as unusable:
+                delivery.reject_part(index, raw, unusable.reason, str(unusable))
+                continue
+            items.append(item)
+        return items
 
     async def apply(self, partition: int, items: list[_Item]) -> Effects:
         """Resolve a batch (none of it applied before) and say what to write and publish."""
@@ -300,9 +323,14 @@ class IdentityEngine:
         items: list[_Item] = []
         for delivery in batch:
             try:
-                items.append(self.decode(delivery))
+                item = self.decode(delivery)
             except Reject as bad:
                 delivery.reject(bad.reason, str(bad))
+                continue
+            if isinstance(item, Many):
+                items.extend(item)
+            else:
+                items.append(item)
         if not items:
             return
         subject = batch[0].subject
@@ -319,7 +347,7 @@ class IdentityEngine:
             # The state is durable; redelivery re-resolves read-only and publishes again (deduplicated).
             raise Unavailable(f"{len(failed)} resolved events not stored by JetStream: {failed[0]}")
 
-    def _item(self, delivery: Delivery | None, event: events_pb2.Event, event_id: str) -> _Item:
+    def _item(self, delivery: Delivery | None, event: events_pb2.Event, event_id: str, raw: bytes = b"") -> _Item:
         pairs = self.extractor.extract(event)
         at, received = check_event(event, pairs)
         previous = None
@@ -341,7 +369,7 @@ class IdentityEngine:
             identifiers=identifiers,
             rejected=rejected,
             previous=previous,
-            raw=delivery.data if delivery is not None else b"",
+            raw=raw,
             received=received,
             unverified=trust == CLIENT_UNVERIFIED,
             source=event.source_id,
