@@ -198,8 +198,10 @@ class Budget:
         # so it can neither free window units early nor roll the day back.
         now = max(now, self.last_seen)
         self.last_seen = now
-        # An open grant stays until released, or until `hold` says its sender is gone.
-        self.grants = [g for g in self.grants if (g.at + self.hold if g.open else g.at) > now - self.span]
+        # An open grant stays until released, or until `hold` says its sender is gone. (Every change passes
+        # here, over a window of up to `burst` grants: the bounds are read once, a grant's `open` inline.)
+        hold, since = self.hold, now - self.span
+        self.grants = [g for g in self.grants if (g.at + hold if g.ticket else g.at) > since]
         day = int(now // DAY)
         if day > self.day:
             # What is still on its way may reach the CRM after midnight: it counts in the new day too.
