@@ -237,15 +237,17 @@ class OrchestrationLogic:
         dispatch, was about a tenth of what applying one cost): an event of a person no instance of whom waits
         on anything, under a name no journey enters on and the arbiter does not watch, and a profile change
         of a person with no live instance moving no field kept here (a score or a computed trait nothing here
-        reads: most of them). Each does what `_handle` does for it, in the same order. `_DONE` when that was
-        all; else how far it got, for `_handle` to go on from: None (nothing done), `_SEEN` (an event noted by
-        `saw_event`, its identifiers learnt), `_RELEASED` (an event noted, or a profile change applied, that
-        ended the fields' lag: what waited for them is to be decided)."""
+        reads: most of them). Each does what `_handle` does for it, in the same order; the fields catching up
+        with the person's events (most profile changes of an event do: its event set the lag) releases
+        nothing when nothing waits for them (`_waiting`). `_DONE` when that was all; else how far it got, for
+        `_handle` to go on from: None (nothing done), `_SEEN` (an event noted by `saw_event`, its identifiers
+        learnt), `_RELEASED` (an event noted, or a profile change applied, that ended the fields' lag while
+        something waits for them: it is to be decided)."""
         now = one.at
         if one.kind == "event":
             resolved: ResolvedInput = one.data
             # Until the profile's change for this event arrives, the fields lag behind it (see "Ordering" above).
-            if person.saw_event(resolved.profile_id, now):
+            if person.saw_event(resolved.profile_id, now) and _waiting(person):
                 return _RELEASED
             self._learn_ids(batch, person, resolved)
             name = resolved.name
@@ -264,7 +266,7 @@ class OrchestrationLogic:
         caught_up = person.profile_applied(event_ids, now) if event_ids else False
         if person.change_seen(change_at):
             caught_up = person.pending is None
-        if caught_up:
+        if caught_up and _waiting(person):
             return _RELEASED
         self._after(hot, batch, person, now)
         return _DONE
@@ -502,6 +504,13 @@ class OrchestrationLogic:
                 person.dirty = True
         if not named and actions.named(person):
             actions.attribute_sends(batch, person)
+
+
+def _waiting(person: Person) -> bool:
+    """Whether anything of the person waits for the fields to catch up with their events: an entry parked
+    (`_release_parked`) or an action held for the profile (`_release_held`); both do nothing otherwise."""
+    state = person.state
+    return bool(person.parked) or (state is not None and any(held.profile for held in state.deferred))
 
 
 _QUICK = frozenset({"event", "profile"})  # the kinds `OrchestrationLogic._quick` may apply
