@@ -50,7 +50,7 @@ MAX_BATCH_MESSAGE_BYTES = 256 * 1024
 #: newer ones) then carries other messages than the first try, which JetStream would store again; its
 #: events this replica stored are answered "duplicate" and not published. A retry that reaches another
 #: replica is stored again, and applied once downstream.
-RECENT_IDS = 200_000
+RECENT_IDS = 100_000
 BATCH_HEADROOM_BYTES = 8 * 1024
 
 
