@@ -9,6 +9,7 @@ from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, event
 from cdp_kit.bus import consumer as consumer_module
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_testing.metrics import MetricsCapture
+from cdp_testing.streams import next_dead_letters
 
 
 @pytest.fixture
@@ -36,11 +37,7 @@ async def until(predicate, timeout=10.0):
 
 
 async def dead_letters(bus, expected):
-    sub = await bus.js.pull_subscribe("dlq.>", durable="dlq-reader", stream="DLQ")
-    got = []
-    while len(got) < expected:
-        got += await sub.fetch(expected - len(got), timeout=5)
-    return got
+    return await next_dead_letters(bus.js, expected)
 
 
 async def run(runner):

@@ -10,6 +10,7 @@ import pytest
 from cdp.events.v1 import events_pb2
 from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream, rawevents
 from cdp_kit.bus import consumer as consumer_module
+from cdp_testing.streams import next_dead_letters
 
 
 def event(n: int, size: int = 10) -> bytes:
@@ -62,11 +63,7 @@ async def bus(nats_server):
 
 
 async def dead_letters(bus, expected):
-    sub = await bus.js.pull_subscribe("dlq.>", durable="dlq-reader", stream="DLQ")
-    got = []
-    while len(got) < expected:
-        got += await sub.fetch(expected - len(got), timeout=5)
-    return got
+    return await next_dead_letters(bus.js, expected)
 
 
 @pytest.mark.parametrize("ordered", [False, True], ids=["explicit acks", "ordered"])

@@ -7,6 +7,7 @@ import asyncio
 from engine_toy import CheckedStore, applied, engine, outputs, publish_inputs, until
 
 from cdp_kit.bus import partition_for
+from cdp_testing.streams import next_dead_letters
 
 
 def keys_in(partition: int, partitions: int, n: int) -> list[str]:
@@ -114,11 +115,7 @@ async def test_the_checkpoint_never_passes_a_failed_commit(bus):
 
 
 async def dead_letters(bus, expected):
-    sub = await bus.js.pull_subscribe("dlq.>", durable="dlq-reader", stream="DLQ")
-    got = []
-    while len(got) < expected:
-        got += await sub.fetch(expected - len(got), timeout=5)
-    return got
+    return await next_dead_letters(bus.js, expected)
 
 
 async def test_a_poison_message_is_dead_lettered_alone(bus):

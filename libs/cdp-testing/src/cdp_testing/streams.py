@@ -55,3 +55,13 @@ async def raw_events(js: JetStreamContext, *, timeout: float = 30.0) -> list[byt
         for msg in await stream_messages(js, subjects.EVENTS_RAW, timeout=timeout)
         for event in events_of(msg.data, msg.headers)
     ]
+
+
+async def next_dead_letters(js: JetStreamContext, expected: int, *, timeout: float = 5.0) -> list:
+    """The next `expected` dead letters, read through one durable pull consumer of the DLQ (`dlq-reader`):
+    each call returns the ones after the last call's. A wait longer than `timeout` for one fails."""
+    subscription = await js.pull_subscribe("dlq.>", durable="dlq-reader", stream=subjects.DLQ)
+    got: list = []
+    while len(got) < expected:
+        got += await subscription.fetch(expected - len(got), timeout=timeout)
+    return got
