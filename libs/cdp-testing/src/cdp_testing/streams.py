@@ -60,7 +60,7 @@ async def raw_events(js: JetStreamContext, *, timeout: float = 30.0) -> list[byt
 async def next_dead_letters(js: JetStreamContext, expected: int, *, timeout: float = 5.0) -> list:
     """The next `expected` dead letters, read through one durable pull consumer of the DLQ (`dlq-reader`):
     each call returns the ones after the last call's. A wait longer than `timeout` for one fails."""
-    subscription = await js.pull_subscribe("dlq.>", durable="dlq-reader", stream=subjects.DLQ)
+    subscription = await js.pull_subscribe(subjects.dead_letter_filter(), durable="dlq-reader", stream=subjects.DLQ)
     got: list = []
     while len(got) < expected:
         got += await subscription.fetch(expected - len(got), timeout=timeout)
