@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from cdp_profile.domain import Profile
+from cdp_scoring import requests
 from cdp_scoring.domain.registry import CANARY, canary_bucket
 from cdp_scoring.engine import ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
@@ -203,6 +204,41 @@ async def test_the_stamps_of_a_score_all_hold_after_a_crash_right_after_it(setup
         assert len(updates) == 3
         assert updates[2].at > updates[1].at, "the change's score is stamped after the ScoreAll's"
         assert held_by_profile(updates, "p1") == pytest.approx(expected(W, [7, 1]), abs=1e-6)
+    finally:
+        await again_stream.stop()
+        await again.stop()
+
+
+async def test_the_stamps_of_the_chunks_a_score_all_published_hold_after_a_crash_partway(
+    setup, tmp_path, nats_server, monkeypatch
+):
+    """A ScoreAll snapshots the stamps of each block of chunks before it publishes any of them (requests.py:
+    STAMPED_AHEAD persons, two chunks of one here): a crash after three chunks were published, before the pass
+    ends, keeps the stamps of both blocks' published persons. The pass is held where its progress is not asked
+    for further, so the crash comes exactly there; the setup's stream takes no periodic snapshot. (A process
+    SIGKILLed partway: test_held_versions_killed.py.)"""
+    monkeypatch.setattr(requests, "STAMPED_AHEAD", 2, raising=False)
+    engine, stream, store, bus, clock, _defined = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    persons = ["p1", "p2", "p3", "p4", "p5"]
+    await stream.feed(changed([change(p, orders=1, sessions=1, at=T0 + 1) for p in persons]))
+    clock.now = T0 + 10
+    progress = engine.score_all("churn_risk", publish=True, chunk=1)
+    done = [(p["done"], p["published"], p["finished"]) for p in [await anext(progress) for _ in range(3)]]
+    assert done == [(1, 1, False), (2, 2, False), (3, 3, False)]
+    stream.partitioned.abort()  # a crash partway: p1, p2 (the first block) and p3 (the second) published
+    await progress.aclose()
+    assert [u.person_id for u in await published(nats_server.url)] == [*persons, "p1", "p2", "p3"]
+    again, again_stream = await make_engine(store, bus, tmp_path, clock)
+    try:
+        # The changes the profile applied at T0 + 5, before the ScoreAll, applied by scoring after its restart.
+        await again_stream.feed(changed([change(p, orders=7, at=T0 + 5) for p in ("p1", "p3")]))
+        updates = await published(nats_server.url)
+        assert [u.person_id for u in updates[8:]] == ["p1", "p3"]
+        for person in ("p1", "p3"):
+            theirs = [u for u in updates if u.person_id == person]
+            assert theirs[-1].at > theirs[-2].at, f"{person}'s change is stamped after the ScoreAll's update"
+            assert held_by_profile(updates, person) == pytest.approx(expected(W, [7, 1]), abs=1e-6)
     finally:
         await again_stream.stop()
         await again.stop()

@@ -10,11 +10,13 @@ pass took itself: the kill never races a timer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import grpc
 import nats
 import pytest
+from nats.js import api
 
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
@@ -99,6 +101,95 @@ async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_serv
         assert updates[2].scores["churn_risk"] == pytest.approx(expected(W2, [7, 1]), abs=1e-6)
         assert updates[2].at > updates[1].at, "the change's score is stamped after the promotion's"
         assert held_by_profile(updates, "p1") == pytest.approx(expected(W2, [7, 1]), abs=1e-6)
+    finally:
+        service.stop()
+        await nc.close()
+
+
+@pytest.mark.timeout(180)
+async def test_the_stamps_of_the_chunks_a_score_all_published_survive_a_kill_partway(nats_server, tmp_path):
+    """A ScoreAll run by hand snapshots the stamps of each block of chunks before it publishes any of them
+    (requests.py: STAMPED_AHEAD persons, eight chunks of 1,024): killed after chunks of two blocks were
+    published and before the pass ends, the process comes back with their stamps, and a change the profile
+    applied before the ScoreAll, scored after the restart, is stamped after the ScoreAll's update and kept -
+    for a person of the first block and one of the second.
+
+    The pass is held partway without timing: once scoring has started, scores.updated takes nine messages
+    more and refuses the next (discard new). Nine chunks are published (one message each), the tenth is
+    refused and the call fails; the process is SIGKILLed then, before any periodic snapshot (an hour away),
+    and the stream's limit lifted before it starts again."""
+    persons = [f"p{n:05d}" for n in range(10_300)]  # eleven chunks of the 1,024 ScoreAll reads at a time
+    service = ScoringProcess(
+        nats_server.url,
+        tmp_path,
+        store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
+        partitions=1,
+        CDP_SCORING_SHIP_MODELS="false",
+        CDP_SCORING_SNAPSHOT_SECONDS="3600",
+        CDP_LOG_LEVEL="INFO",
+    )
+
+    def scored(count: int):
+        async def enough() -> bool:
+            return len(await published(nats_server.url)) >= count
+
+        return enough
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        await ensure_stream(js, profiles_stream())
+        service.start()
+        async with grpc.aio.insecure_channel(service.grpc_address) as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=logistic_model(weights=W)), timeout=30)
+            await service.logged(HELD_SCORED)
+            for start in range(0, len(persons), 500):
+                batch = profile_pb2.ProfileChangedBatch()
+                for person in persons[start : start + 500]:
+                    change = batch.changes.add(person_id=person, cause="event")
+                    change.computed["orders_90d"].number_value = 1
+                    change.computed["sessions_30d"].number_value = 1
+                    change.at.FromMilliseconds(T0_MS + 1000)
+                await js.publish("profiles.changed.0", batch.SerializeToString())
+            await until(scored(len(persons)), "the persons' changes were never scored")
+
+            config = (await js.stream_info("SCORES")).config
+            state = (await js.stream_info("SCORES")).state
+            await js.update_stream(
+                dataclasses.replace(config, max_msgs=state.messages + 9, discard=api.DiscardPolicy.NEW)
+            )
+            progress = []
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for message in stub.ScoreAll(scoring_pb2.ScoreAllRequest(publish=True), timeout=60):
+                    progress.append(message)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            done = [(p.persons_done, p.scores_published, p.done) for p in progress]
+            assert done == [(n * 1024, n * 1024, False) for n in range(1, 10)]
+        service.kill()  # before any periodic snapshot: an hour away
+        await js.update_stream(config)
+        updates = await published(nats_server.url)
+        passed = updates[len(persons) :]
+        assert [u.person_id for u in passed] == persons[: 9 * 1024], "nine chunks published; no other"
+        assert passed[0].at > T0_MS / 1000 + 5, "the ScoreAll is stamped with the service's clock"
+
+        service.start()
+        # The profile applied these persons' changes at T0 + 5 s, before the ScoreAll; scoring applies them only
+        # now. p00000 is of the pass's first block, p08192 the first of its second.
+        batch = profile_pb2.ProfileChangedBatch()
+        for person in ("p00000", "p08192"):
+            change = batch.changes.add(person_id=person, cause="event")
+            change.computed["orders_90d"].number_value = 7
+            change.at.FromMilliseconds(T0_MS + 5000)
+        await js.publish("profiles.changed.0", batch.SerializeToString())
+        await until(scored(len(updates) + 2), "the changes in flight were never scored after the restart")
+        after = await published(nats_server.url)
+        assert sorted(u.person_id for u in after[len(updates) :]) == ["p00000", "p08192"]
+        for person in ("p00000", "p08192"):
+            theirs = [u for u in after if u.person_id == person]
+            assert theirs[-1].scores["churn_risk"] == pytest.approx(expected(W, [7, 1]), abs=1e-6)
+            assert theirs[-1].at > theirs[-2].at, f"{person}'s change is stamped after the ScoreAll's update"
+            assert held_by_profile(theirs, person) == pytest.approx(expected(W, [7, 1]), abs=1e-6)
     finally:
         service.stop()
         await nc.close()

@@ -43,9 +43,10 @@ theirs (`$stamp.<model>`: milliseconds, as `at_ms` carries it), and an update is
 max(its own time, that stamp + 1 ms): a person's updates reach the profile in the order scoring computed
 them. The stamp is a plain field: outside the epoch (it is a lower bound, still true when what was
 published is not known), kept by `forget`, snapshotted with the fields (a ScoreAll marks the persons it
-stamps and snapshots them: a version made live before publishing any, a ScoreAll as it ends), and absent in fields written before it (their next update keeps its own time). A ScoreAll
-takes its persons' stamps before it reads their fields (`reserve`): a change scored after that is stamped
-after it, one scored before is in the fields it reads.
+stamps and snapshots them before it publishes any of their updates: a version made live all at once, a
+ScoreAll run by hand a block of chunks at a time), and absent in fields written before it (their next
+update keeps its own time). A ScoreAll takes its persons' stamps before it reads their fields (`reserve`):
+a change scored after that is stamped after it, one scored before is in the fields it reads.
 
 `CDP_SCORING_RESOLUTION` (decimal places; empty: off) rounds published scores first: probabilities to
 4 places, CLV to 1e-4 currency units. A threshold segment then decides on the rounded value - exactly, so
