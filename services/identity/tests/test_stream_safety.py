@@ -18,7 +18,7 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_identity.__main__ import setup
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.bus import rawevents
-from cdp_kit.bus.consumer import DLQ_DETAIL, DLQ_PART, DLQ_REASON
+from cdp_kit.bus.consumer import DLQ_DETAIL, DLQ_PART, DLQ_REASON, REPLAY_PREFIX
 from cdp_kit.service import serving
 
 
@@ -267,3 +267,22 @@ async def test_no_identifier_value_reaches_the_logs(service, nats_client, caplog
     text = logged_text(caplog.records)
     assert "dead-lettered" in text and "privacy deletion applied" in text  # the flow was logged at all
     assert [value for value in VALUES if value.lower() in text] == []
+
+
+async def test_an_event_sent_back_from_the_dead_letters_is_named_by_its_own_id(service, nats_client):
+    """`cdpctl dlq --replay` sends a dead letter back with an id of its own (`replay:<stream>:<consumer>:
+    <seq>`). The merge it causes names the event as the collector did (`<source>:<messageId>`), which an
+    operator can follow to the profile's timeline, not the replay's id."""
+    js = nats_client.jetstream()
+    first = identify("first", user_id="returning-user", source_id="web")
+    second = identify("later", anonymous_id="returning-laptop", source_id="web")
+    back = identify("signin", user_id="returning-user", anonymous_id="returning-laptop", source_id="web")
+    await publish_batch(js, [first, second])
+    await js.publish(
+        "events.raw.0", back.SerializeToString(), headers={"Nats-Msg-Id": f"{REPLAY_PREFIX}EVENTS_RAW:identity-p0:7"}
+    )
+    await until(lambda: service.runner.handled >= 3, "the three events handled")
+    person = await service.person("user_id", "returning-user")
+    assert person == await service.person("anonymous_id", "returning-laptop")
+    graph = await service.stub.GetGraph(identity_pb2.GetGraphRequest(person_id=person))
+    assert [m.cause.event_id for m in graph.merges] == ["web:signin"]

@@ -56,6 +56,7 @@ from cdp_kit.bus.consumer import (
     DLQ_STREAM,
     DLQ_SUBJECT,
     DLQ_TIME,
+    REPLAY_PREFIX,
     oldest_unacknowledged,
 )
 from cdp_kit.natsroles import ORDINAL, PARTITION, ROLES
@@ -278,7 +279,7 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
         subject, data, kept = letter.subject, msg.data, msg.headers
     headers = {k: v for k, v in (kept or {}).items() if k not in _DLQ_HEADERS}
     position = letter.original_seq if letter.part is None else f"{letter.original_seq}:{letter.part}"
-    headers["Nats-Msg-Id"] = f"replay:{stream}:{durable}:{position}"
+    headers["Nats-Msg-Id"] = f"{REPLAY_PREFIX}{stream}:{durable}:{position}"
     await js.publish(subject, data or b"", headers=headers)
     await js.delete_msg(DLQ, letter.seq)
     return True

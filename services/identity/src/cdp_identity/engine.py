@@ -74,6 +74,7 @@ from cdp_identity.extract import Extractor
 from cdp_identity.forgotten import SUPPRESSED, Forgotten
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, rawevents, subjects
+from cdp_kit.bus.consumer import REPLAY_PREFIX
 from cdp_kit.bus.rawevents import EVENTS_HEADER
 from cdp_kit.engine import Effects, Many, Reject, WriteChain, outbox
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -276,8 +277,13 @@ class IdentityEngine:
             return self._decode_several(delivery, max_payload)
         try:
             event = parse_event(delivery.data)
-            event_id = delivery.msg_id or f"{event.source_id}:{event.message_id}"
-            item = self._item(delivery, event, event_id, delivery.data)
+            # The collector's id for it (`<source>:<message_id>`); not a replay's own (`cdpctl dlq --replay`
+            # sends a dead letter back as `replay:<stream>:<consumer>:<seq>`), which names no event an
+            # operator could follow to its profile.
+            msg_id = delivery.msg_id
+            if not msg_id or msg_id.startswith(REPLAY_PREFIX):
+                msg_id = f"{event.source_id}:{event.message_id}"
+            item = self._item(delivery, event, msg_id, delivery.data)
             check_size(item.raw, [i.key for i in item.identifiers], max_payload)
         except Unusable as unusable:
             raise Reject(unusable.reason, unusable.field, unusable.problem) from None

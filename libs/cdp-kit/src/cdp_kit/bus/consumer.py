@@ -111,6 +111,10 @@ DLQ_CONSUMER = "Cdp-Dlq-Consumer"
 DLQ_DELIVERIES = "Cdp-Dlq-Deliveries"
 DLQ_TIME = "Cdp-Dlq-Time"
 DLQ_DETAIL_MAX = 512
+#: How a dead letter sent back to its stream (`cdpctl dlq --replay`) begins its `Nats-Msg-Id`:
+#: `replay:<stream>:<consumer>:<seq>[:<part>]`. Not the original's id (which the duplicate window may still
+#: hold), and not an event's: a consumer that names events by their message id takes the event's own.
+REPLAY_PREFIX = "replay:"
 #: On the dead letter of one part of a message that carries several (`Delivery.reject_part`): its index.
 #: The letter's body is that part alone; `Cdp-Dlq-Stream-Seq` names the whole message.
 DLQ_PART = "Cdp-Dlq-Part"
