@@ -47,23 +47,36 @@ async def until(condition, what: str, timeout: float = 60) -> None:
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.timeout(180)
-async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_server, tmp_path):
-    service = ScoringProcess(
+def killable_scoring(nats_server, tmp_path) -> ScoringProcess:
+    """One partition on SQLite, snapshots an hour apart (the only snapshot a restart finds is one a pass
+    took itself), INFO logs (the scoring of the persons held is read from the log)."""
+    return ScoringProcess(
         nats_server.url,
         tmp_path,
         store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
         partitions=1,
         CDP_SCORING_SHIP_MODELS="false",
         CDP_SCORING_SNAPSHOT_SECONDS="3600",
-        CDP_LOG_LEVEL="INFO",  # the promotion's scoring of the persons held is read from the log
+        CDP_LOG_LEVEL="INFO",
     )
+
+
+def scored_at_least(nats_url: str):
+    """`scored(n)`: a condition for `until`, true once scores.updated holds at least n updates."""
 
     def scored(count: int):
         async def enough() -> bool:
-            return len(await published(nats_server.url)) >= count
+            return len(await published(nats_url)) >= count
 
         return enough
+
+    return scored
+
+
+@pytest.mark.timeout(180)
+async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_server, tmp_path):
+    service = killable_scoring(nats_server, tmp_path)
+    scored = scored_at_least(nats_server.url)
 
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
@@ -119,21 +132,8 @@ async def test_the_stamps_of_the_chunks_a_score_all_published_survive_a_kill_par
     refused and the call fails; the process is SIGKILLed then, before any periodic snapshot (an hour away),
     and the stream's limit lifted before it starts again."""
     persons = [f"p{n:05d}" for n in range(10_300)]  # eleven chunks of the 1,024 ScoreAll reads at a time
-    service = ScoringProcess(
-        nats_server.url,
-        tmp_path,
-        store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
-        partitions=1,
-        CDP_SCORING_SHIP_MODELS="false",
-        CDP_SCORING_SNAPSHOT_SECONDS="3600",
-        CDP_LOG_LEVEL="INFO",
-    )
-
-    def scored(count: int):
-        async def enough() -> bool:
-            return len(await published(nats_server.url)) >= count
-
-        return enough
+    service = killable_scoring(nats_server, tmp_path)
+    scored = scored_at_least(nats_server.url)
 
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
