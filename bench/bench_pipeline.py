@@ -56,6 +56,12 @@ pipeline-latency     event -> action p99 at 1,000 events/s (ms); baseline: the s
     .venv/bin/python bench/bench_pipeline.py --quick      # 2-3 minutes: steps 1,000 and 5,000 of 8 s each
     .venv/bin/python bench/bench_pipeline.py --rates 1000,3000,5000,7000 --step-seconds 20
 
+Where a slow probe lost its time: `--trace DIR` also stamps each probe on events.raw, events.resolved and
+actions.webhook and writes every probe's stages by step to DIR/trace.json (and the services' logs to
+DIR/logs); run under `PYTHONPATH=bench/stallwatch CDP_STALLWATCH_DIR=DIR` every Python process of the
+platform also records its event-loop stalls, garbage collections and slow store writes there
+(stallwatch/sitecustomize.py), and `bench/stall_report.py DIR` lines the slowest probes up with them.
+
 Full size: steps 1,000 ... 10,000 events/s of 30 s each, 10,000 people; after the first step that is not
 sustained only the latency rates (1,000 and 5,000) still run. Both sizes write the same result files
 (`params.size` says which); pipeline-latency's figure needs 1,000 among the rates.
@@ -70,6 +76,7 @@ import datetime as dt
 import json
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -160,6 +167,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--scoring-resolution",
         help="CDP_SCORING_RESOLUTION for the scoring service (decimal places; 'off': none); default: the platform's",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="a folder: every probe's stages (also seen on events.raw, events.resolved, actions.webhook) by step "
+        "in trace.json, and the services' logs (run the benchmark with PYTHONPATH=bench/stallwatch and "
+        "CDP_STALLWATCH_DIR=<folder> to add each process' loop stalls and GC pauses there)",
     )
     parser.add_argument(
         "--score-moves",
@@ -299,6 +313,12 @@ class Observer:
         self.profile_at: dict[int, float] = {}
         self.person_of: dict[int, str] = {}
         self.segment_at: dict[str, float] = {}
+        # --trace: when each probe was first seen on events.raw and events.resolved, and its person's first
+        # message on actions.webhook (the stream the dispatcher reads), stamped on arrival here
+        self.trace = False
+        self.raw_at: dict[int, float] = {}
+        self.resolved_at: dict[int, float] = {}
+        self.webhook_at: dict[str, float] = {}
 
     async def start(self, nats_url: str) -> None:
         import nats
@@ -308,6 +328,30 @@ class Observer:
         await self.nc.subscribe(subjects.every_partition(subjects.SEGMENTS_ENTERED_PREFIX), cb=self._segment)
         if self.score_moves:
             await self.nc.subscribe(subjects.every_partition(subjects.SCORES_UPDATED_PREFIX), cb=self._scores)
+        if self.trace:
+            await self.nc.subscribe(subjects.every_partition(subjects.EVENTS_RAW_PREFIX), cb=self._stamper(self.raw_at))
+            resolved = subjects.every_partition(subjects.EVENTS_RESOLVED_PREFIX)
+            await self.nc.subscribe(resolved, cb=self._stamper(self.resolved_at))
+            await self.nc.subscribe(subjects.actions_of("webhook"), cb=self._webhook)
+
+    def _stamper(self, into: dict[int, float]):
+        """A callback stamping each probe id its message's bytes name (only messages that hold one are read)."""
+
+        async def stamp(msg) -> None:
+            if b"probe-" not in msg.data:
+                return
+            now = time.time()
+            for found in PROBE_ID.finditer(msg.data.decode("latin-1")):
+                into.setdefault(int(found.group(1)), now)
+
+        return stamp
+
+    async def _webhook(self, msg) -> None:
+        now = time.time()
+        data = msg.data.decode("latin-1")
+        for person in self.person_of.values():
+            if person not in self.webhook_at and person in data:
+                self.webhook_at[person] = now
 
     async def _scores(self, msg) -> None:
         """Each published update, per model: would a resolution of 4 (3) places have left it out? That is,
@@ -600,6 +644,17 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
             if person in calls:
                 to_action.append((calls[person] - accepted_at) * 1000)
                 split["segment_to_action"].append((calls[person] - obs.segment_at[person]) * 1000)
+    # --trace: every probe's stages on this machine's clock (epoch seconds; None: not seen)
+    trace = []
+    if obs.trace:
+        for n in probes:
+            person = obs.person_of.get(n)
+            trace.append({
+                "n": n, "accepted": sent["accepted_at"].get(n), "raw": obs.raw_at.get(n),
+                "resolved": obs.resolved_at.get(n), "profile": obs.profile_at.get(n),
+                "segment": obs.segment_at.get(person), "webhook": obs.webhook_at.get(person),
+                "action": calls.get(person),
+            })  # fmt: skip
     refused = sum(n for status, n in sent["statuses"].items() if not 200 <= status < 300)
     achieved = len(bodies) * load.batch / sent["offered_seconds"] if sent["offered_seconds"] else 0.0
     second_half = [lag for t, lag in lags if t >= sent["offered_seconds"] / 2]
@@ -655,6 +710,7 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
         "to_action": latency_summary(to_action),
         "probe_split": {k: latency_summary(v) for k, v in split.items()},
         "services": services,
+        "trace": trace,
     }
 
 
@@ -739,6 +795,7 @@ async def main_async(args: argparse.Namespace) -> None:
         env["CDP_SCORING_RESOLUTION"] = "" if args.scoring_resolution == "off" else args.scoring_resolution
     with tempfile.TemporaryDirectory() as tmp, RunningPlatform(Path(tmp), env=env) as platform:
         pipe = Pipeline(platform, args.score_moves)
+        pipe.observer.trace = args.trace is not None
         pipe.set_up()
         await pipe.observer.start(platform.nats_url)
         try:
@@ -773,6 +830,11 @@ async def main_async(args: argparse.Namespace) -> None:
             crm_ms = [(t - pipe.accepted_at[n]) * 1000 for n, t in tasks.items() if n in pipe.accepted_at]
         finally:
             await pipe.observer.stop()
+            if args.trace is not None:
+                args.trace.mkdir(parents=True, exist_ok=True)
+                traced = [{"rate": s["rate"], "probes": s["trace"]} for s in steps]
+                (args.trace / "trace.json").write_text(json.dumps({"steps": traced}))
+                shutil.copytree(platform.home / "logs", args.trace / "logs", dirs_exist_ok=True)
     write_results(args, base, steps, crm_ms)
 
 
@@ -812,7 +874,7 @@ def write_results(args, base: dict, steps: list[dict], crm_ms: list[float]) -> N
         params={
             **params,
             "sustained_rates": sustained,
-            "steps": [{k: v for k, v in s.items() if k != "services"} for s in steps],
+            "steps": [{k: v for k, v in s.items() if k not in ("services", "trace")} for s in steps],
             "baseline_parts": {k: base[k] for k in ("http_events_per_s", "jetstream_events_per_s")},
             "baseline": "1 / (1/HTTP + 3/JetStream): a bare aiohttp server taking the same batches as fast as 8 "
             "senders post, and a bare JetStream stream (publish, pull consumer fetch + ack) per stream every event "
