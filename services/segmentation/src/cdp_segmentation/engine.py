@@ -20,7 +20,10 @@ kit commits with the batch's checkpoint (its outbox) and publishes before acknow
 Durability follows cdp_kit.held: nothing is written per person per change. Fields, memberships and each
 person's stream position are snapshotted every few seconds at a quiescent point, then the partition
 positions they include (`segmentation_snapshots`); a partition's start loads them and replays
-`profiles.changed` from there up to where the engine had got, publishing again what the replay finds.
+`profiles.changed` from there up to where the engine had got, publishing again what the replay finds
+after what is on the bus already: the engine's checkpoint (its outbox published first) and the newest
+person loaded. A snapshot a crash cut short holds persons past its positions, which skip a message
+the others apply again: the replay would find part of a message's transitions, a message of a new id.
 Snapshots also record, per partition, the definition versions its memberships are of; a partition
 arriving with another version of a live segment (or none) is brought to it before it is served. A
 segment going live, or persons brought to it, between a snapshot and a crash is replayed where it
@@ -193,6 +196,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         # partition -> the versions of the snapshot its persons were loaded from: a live segment of another
         # version (or none) is adopted when it arrives (`_adopt_arrived`)
         self._built_base: dict[int, dict[str, int]] = {}
+        # partition -> the stream position up to which every message's transitions are on the bus already
+        # (or in the engine's outbox, published before the replay's): its replay applies them, publishes
+        # none of them (`replay`). Set when the partition is loaded (`_load`), raised when it arrives.
+        self._published: dict[int, int] = {}
         # partition -> (round, values) of the snapshot its persons were loaded from: where its replay starts
         self._percentile_base: dict[int, tuple[int, dict[str, float | None]]] = {}
         # partition -> the generation of the round log its held state includes: its snapshot's, or of the
@@ -373,11 +380,27 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             self._built_base[partition] = built.get(f"{BUILT}.{partition}", built.get(BUILT, {}))
         loaded: list[str] = []
         decode = self._decode_person
+        # A snapshot writes its persons before the positions they include (cdp_kit.held): one a crash cut
+        # short left persons newer than the positions, and the replay from there would find only some of
+        # a message's transitions (`replay`). A person is written only by a snapshot taken once everything
+        # up to its position was published, so the newest one loaded says how far that goes.
+        published = {p: self.applied.get(subjects.profiles_changed(p), 0) for p in partitions}
         async for record in self.store.scan_all(self.held.collection, page_size=2000):
-            if self._partition(record.key) in partitions:
-                self.persons[record.key] = decode(record.doc)
+            partition = self._partition(record.key)
+            if partition in partitions:
+                person = self.persons[record.key] = decode(record.doc)
                 self.held.versions[record.key] = record.version
                 loaded.append(record.key)
+                if person.seq > published[partition]:
+                    published[partition] = person.seq
+        for partition, seq in sorted(published.items()):
+            position = self.applied.get(subjects.profiles_changed(partition), 0)
+            if seq > position:
+                log.info(
+                    "snapshot cut short: persons past its position; the replay publishes nothing up to theirs",
+                    extra={"partition": partition, "position": position, "persons_position": seq},
+                )
+        self._published.update(published)
         now = self.clock()
         for person_id in loaded:
             person = self.persons[person_id]
@@ -428,6 +451,12 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             # Deleted persons a restored store file brings back: erased before the replay, the adoption and
             # the pipeline publish anything (notices.py).
             await erase_noticed(self, self.deleted_by_partition.get(partition, {}), partition)
+            if self.stream is not None:
+                # The engine's checkpoint: what a crash cut short of the snapshot deleted (a person gone
+                # leaves no position behind) is below it; its outbox is published first, before what the
+                # replay finds after it.
+                published = await self.stream.published_through(partition, self._publish_durably)
+                self._published[partition] = max(self._published.get(partition, 0), published)
             subject = subjects.profiles_changed(partition)
             replayed = await self.replay(history(self.applied.get(subject, 0)), partitions=(partition,))
             await self._adopt_arrived(partition)
@@ -478,6 +507,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._percentile_base.pop(partition, None)
         self._generation.pop(partition, None)
         self._built_base.pop(partition, None)
+        self._published.pop(partition, None)
         leaving = {p for p in self.persons if self._partition(p) == partition}
         for person_id in leaving:
             self._due.pop(person_id, None)
@@ -537,12 +567,19 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         in stream order, evaluating as the stream path does, and publish what it finds (what was
         published before keeps its id: JetStream drops it as a duplicate). Returns the changes applied.
 
+        Except a message at or below the partition's published position (`_published`): its transitions
+        are on the bus, and the replay may not find them all. A snapshot cut short holds some persons past
+        the positions, which skip the message (their state includes it), and the persons it deleted, which
+        it would evaluate as new, empty profiles; the others' transitions alone would be a message of
+        another id (a message's id comes from all of its events: `_messages`), published twice.
+
         Percentile rounds logged after the snapshot run again where they ran (percentiles.py), so each
         change is evaluated with the values it was first evaluated with; then each partition replayed (and
         each of `partitions`) catches up with the live values."""
         now = self.clock()
         for_subject: dict[str, list[Transition]] = {}
         plans: dict[int, Replayed] = {}
+        published = self._published
 
         async def plan(partition: int) -> Replayed:
             if partition not in plans:
@@ -558,8 +595,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 message = profile_pb2.ProfileChangedBatch.FromString(data)
             except DecodeError:
                 return 0  # dead-lettered when it came
+            # On the bus already (a round's transitions above are published: each is its own message).
+            found = out if seq > published.get(partition, 0) else []
             with self.replaying(replayed):
-                await self._apply_message(partition, seq, message, now, out)
+                await self._apply_message(partition, seq, message, now, found)
             return len(message.changes)
 
         applied = await self.held.replay(messages, apply)

@@ -15,9 +15,12 @@ whose transition the bus may not get; the pipelines go on once the cut is copied
 
 A partition that arrives (`start_partition`: start-up, or a lease moving here) is loaded from the
 snapshot and brought up to the engine's checkpoint (or further: what its consumer was given) by
-replaying `profiles.changed` before its pipeline applies anything; what the replay finds is published
-again under the same ids (JetStream drops the duplicates). A partition that leaves (`stop_partition`)
-is drained, snapshotted, and dropped. A failed commit (`recover`) reloads the partition the same way.
+replaying `profiles.changed` before its pipeline applies anything; what the replay finds past the
+engine's checkpoint is published under the ids it had (JetStream drops the duplicates), after the
+partition's outbox (`published_through`); what is at or below it is on the bus already, and a snapshot
+a crash cut short could make the replay find only part of it (engine.py, `replay`). A partition that
+leaves (`stop_partition`) is drained, snapshotted, and dropped. A failed commit (`recover`) reloads the
+partition the same way.
 
 Timers (time conditions): due timers of a partition fire in its next `apply`, before its changes, so
 their transitions go out in the partition's order, committed with the batch in the outbox. A partition
@@ -35,16 +38,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 from nats.js.errors import NotFoundError
 
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus import Bus, Delivery, subjects
+from cdp_kit.bus import Bus, Delivery, OutMessage, subjects
 from cdp_kit.bus.consumer import describe_error
-from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine, Reject, WriteChain
+from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine, Reject, WriteChain, outbox
 from cdp_kit.storage import Store
 from cdp_segmentation.engine import SegmentationEngine
 
@@ -183,6 +186,20 @@ class SegmentationStream(PartitionedEngine):
         a time: a snapshot half-way would mark every served partition as done)."""
         async with self._snapshotting:
             yield
+
+    async def published_through(
+        self, partition: int, publish: Callable[[Sequence[OutMessage]], Awaitable[None]]
+    ) -> int:
+        """Before a partition's replay: publish what its outbox holds (batches committed, not yet
+        published), and return its checkpoint, up to which every message's transitions are then on the
+        bus. The pipeline publishes the outbox again when it starts (duplicates) and deletes it; the
+        replay publishes nothing at or below the checkpoint (engine.py, `replay`), and what it finds
+        after it goes out after the outbox, in stream order."""
+        subject = subjects.profiles_changed(partition)
+        record = await self.store.get(self.checkpoints, subject)
+        async for held in self.store.scan_all(self.outbox, prefix=outbox.partition_prefix(partition)):
+            await publish(outbox.messages_of(held))
+        return record.doc.get("stream_seq", 0) if record is not None else 0
 
     def history(self, partition: int):
         """A function of the position the held state includes: the partition's messages after it, up to
