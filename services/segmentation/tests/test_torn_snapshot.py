@@ -228,6 +228,32 @@ async def test_a_person_a_torn_snapshot_deleted_is_not_replayed_as_a_new_profile
     assert len({e.id for e in published}) == len(published) == len(before)
 
 
+async def test_a_go_live_whose_snapshot_a_crash_cut_short_is_published_once(world):
+    """`high` goes live over 150 persons of a partition: one message of 150 entries (`v1`). The snapshot
+    the build takes after it is cut short after 100 persons; the restart replays the logged go-live (the
+    positions and marks were not written), where 100 persons hold the membership already."""
+    replica, js = world
+    first = await replica()
+    crowd = in_partition(CROWD, 0, "p")
+    await applied(first, await send(js, *(change(p, T0 + 1, level=1) for p in crowd)))
+    await first.engine.snapshot()
+    torn = DiesAtSecondChunk(first.store)
+    first.engine.held.store = torn
+    creating = asyncio.create_task(first.engine.create("high", parse("traits.level > 0")))
+    await asyncio.wait_for(torn.reached.wait(), 20)
+    assert len(await events(js)) == CROWD
+    await first.crash(creating)
+
+    second = await replica()
+    second.engine.resume_builds()
+    await second.engine.wait_live("high")
+    assert second.engine.members["high"] == set(crowd)
+    published = await events(js)
+    twice = [key for key, n in collections.Counter(e.id for e in published).items() if n > 1]
+    assert not twice, f"{len(twice)} transitions published twice, e.g. {twice[:3]}"
+    assert len(published) == CROWD
+
+
 async def test_a_torn_snapshot_of_an_engine_without_the_stream_is_replayed_without_publishing_twice(nats_server):
     """The same without the partitioned engine (tools, the in-process benchmark): no checkpoint to go by,
     the persons the snapshot wrote say how far the stream had been published."""

@@ -483,11 +483,13 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             now, order = self.clock(), {segment_id: n for n, segment_id in enumerate(self.index.order)}
             # Logged first, in the order they are brought: a crash before the next snapshot replays the
             # partition's changes after this with them, and this here, under the same ids.
+            logged = []
             for segment in sorted(stale, key=lambda s: order.get(s.id, len(order))):
-                await self.log_live(live_entry(*as_live(segment), golive=False, now=now), [partition])
+                logged += await self.log_live(live_entry(*as_live(segment), golive=False, now=now), [partition])
             moved = self._adopt_now(stale, in_partition, now=now)
             done.update({s.id: s.version for s in stale})
             await self._publish_durably(self._messages(partition, moved.get(partition, [])))
+            await self.live_published(logged)
 
     def _built_marks(self) -> dict[str, dict[str, Any]]:
         versions = {"versions": {s.id: s.version for s in self.segments.values() if s.serving}}

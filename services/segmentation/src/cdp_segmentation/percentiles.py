@@ -89,12 +89,13 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cdp_kit.bus import subjects
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.storage import Delete, Put
 from cdp_lang.percentiles import PercentileSpec, numbers_of, population_percentiles, value_at
 from cdp_segmentation.evaluation import Transition
@@ -211,12 +212,12 @@ class Percentiles:
         if ops:
             await self.store.bulk_write(ops)
 
-    async def log_live(self, live: Mapping[str, Any], partitions: Iterable[int]) -> None:
+    async def log_live(self, live: Mapping[str, Any], partitions: Iterable[int]) -> list[Put]:
         """Durably, before anything is published: a segment went live, or the persons of `partitions` were
         brought to it (`live`, builds.py), at each partition's current position. Its place among the moves
         is just after the last one (`percentile_round` + 1, before the next boundary's round), so a snapshot
         after it includes it, and a replay from one before it makes it live there, as the move before it
-        and the round after it were run."""
+        and the round after it were run. Returns the records, for `live_published`."""
         place = self.percentile_round + 1
         values, cause, at = dict(self.percentiles), self.percentile_cause, self.percentile_at
         # (A key of its own: a catch-up logs a move under the last place's key.)
@@ -228,6 +229,24 @@ class Percentiles:
             await self.store.bulk_write(ops)
             self.percentile_round = place
             self.held.marks_dirty = True  # the next snapshot's marks include it (and delete its records)
+        return ops
+
+    async def live_published(self, logged: Sequence[Put]) -> None:
+        """What `log_live` logged has been published: said in its records, before the `mutating` block that
+        logged and published it ends (so before any snapshot copies a person it moved).
+
+        A replay of the entry then publishes nothing of it (builds.py, `replay_live`). A snapshot that a
+        crash cut short holds some persons brought to it and not others: the replay would find only some
+        of its transitions, a message of another id than the one published (its id comes from all of
+        them). Without the mark no snapshot came after it, and the replay finds them all, under their ids.
+        A failed write leaves the entry unmarked, as before it (logged, not raised: the go-live is done)."""
+        if not logged:
+            return
+        ops = [Put(op.collection, op.key, {**op.doc, "live": {**op.doc["live"], "published": True}}) for op in logged]
+        try:
+            await self.store.bulk_write(ops)
+        except Exception as exc:
+            log.warning("go-live not marked published in the round log (%s)", describe_error(exc))
 
     def _logged(
         self,
