@@ -372,6 +372,13 @@ async def api_call(nc, subject: str, body: dict | None = None) -> dict | None:
     return json.loads(reply.data)
 
 
+async def api_calls(nc, attempts: dict[str, tuple[str, dict | None]]) -> dict[str, dict | None]:
+    """`api_call` for each of `attempts` (what -> (subject, body)), all at once: a refusal is a timeout, and
+    waiting them out one after another would cost a second each."""
+    replies = await asyncio.gather(*(api_call(nc, subject, body) for subject, body in attempts.values()))
+    return dict(zip(attempts, replies, strict=True))
+
+
 def test_only_a_streams_owner_may_reconfigure_it():
     """`configures` means STREAM.UPDATE: retention, limits, subjects. A service that merely reads a stream
     (or sources it) creates it when missing and never changes it, or any of them could shrink the
@@ -416,8 +423,10 @@ async def test_the_edge_configures_its_own_stream_and_no_other(users):
         configs = {s: (await profile.js.stream_info(s)).config.as_dict() for s in (subjects.DLQ, subjects.PRIVACY)}
     async with Bus.connect(users.server.url, name="collector", security=users.security("collector")) as collector:
         await collector.ensure_streams(events_raw_stream())
-        for stream, config in configs.items():
-            assert await api_call(collector.nc, f"$JS.API.STREAM.UPDATE.{stream}", {**config, "max_msgs": 1}) is None
+        updates = {
+            stream: (f"$JS.API.STREAM.UPDATE.{stream}", {**config, "max_msgs": 1}) for stream, config in configs.items()
+        }
+        assert await api_calls(collector.nc, updates) == dict.fromkeys(configs)
     assert ROLES["collector"].configures == (subjects.EVENTS_RAW,)
 
 
@@ -441,8 +450,7 @@ async def test_the_edge_cannot_touch_another_services_consumer_of_privacy(users)
             "fetch": ("$JS.API.CONSUMER.MSG.NEXT.PRIVACY.identity-privacy-0", {"batch": 1, "expires": 200_000_000}),
             "delete": ("$JS.API.CONSUMER.DELETE.PRIVACY.identity-privacy-0", None),
         }
-        for what, (subject, body) in attempts.items():
-            assert await api_call(nc, subject, body) is None, what
+        assert await api_calls(nc, attempts) == dict.fromkeys(attempts)
     nc = await users.operator()
     try:
         info = await nc.jetstream().consumer_info(subjects.PRIVACY, "identity-privacy-0")
@@ -491,8 +499,7 @@ async def test_a_service_cannot_touch_another_services_consumer_of_a_shared_stre
                     "info": (f"$JS.API.CONSUMER.INFO.{stream}.{name}", None),
                     "delete": (f"$JS.API.CONSUMER.DELETE.{stream}.{name}", None),
                 }
-                for what, (subject, body) in attempts.items():
-                    assert await api_call(nc, subject, body) is None, (other, what, name)
+                assert await api_calls(nc, attempts) == dict.fromkeys(attempts), (other, name)
                 before = len(violations(users.server))
                 await nc.publish(delivered.reply, b"+ACK")  # acknowledge what the owner was given
                 await nc.flush()
@@ -521,16 +528,19 @@ async def test_no_service_may_reconfigure_the_dead_letters_and_every_consumer_wr
     for service in ("profile", "scoring", "segmentation", "orchestration", "crm"):
         async with Bus.connect(users.server.url, name=service, security=users.security(service)) as bus:
             await bus.ensure_read_streams(dead_letter_stream())  # as it starts: created if missing, no more
-            shrunk = {**config, "max_msgs": 1}
-            assert await api_call(bus.nc, f"$JS.API.STREAM.UPDATE.{subjects.DLQ}", shrunk) is None, service
-            purge = await api_call(bus.nc, f"$JS.API.STREAM.PURGE.{subjects.DLQ}")
-            assert purge is None, service
             first = ROLES[service].consumers[0]  # a per-partition or per-replica name: its first one
             stream, name = first.stream, first.name.replace("{partition}", "0").replace("{ordinal}", "0")
             ack = await bus.js.publish(subjects.dead_letter(stream, name), b"gave up", timeout=5)
             assert ack.stream == subjects.DLQ
-            with pytest.raises(nats.errors.TimeoutError):  # not another service's consumer's
-                await bus.js.publish(subjects.dead_letter(subjects.EVENTS_RAW, "identity-p0"), b"forged", timeout=1)
+            refusals = {
+                "shrink": (f"$JS.API.STREAM.UPDATE.{subjects.DLQ}", {**config, "max_msgs": 1}),
+                "purge": (f"$JS.API.STREAM.PURGE.{subjects.DLQ}", None),
+            }
+            # Not another service's consumer's dead letters either (waited for beside the refusals above).
+            forged = bus.js.publish(subjects.dead_letter(subjects.EVENTS_RAW, "identity-p0"), b"forged", timeout=1)
+            answered, forging = await asyncio.gather(api_calls(bus.nc, refusals), forged, return_exceptions=True)
+            assert answered == dict.fromkeys(refusals), service
+            assert isinstance(forging, nats.errors.TimeoutError), (service, forging)
 
 
 def test_a_consumer_granted_by_any_name_is_on_a_stream_nobody_else_consumes():

@@ -1,6 +1,6 @@
 """A provider that accepts connections and never answers (a mail relay stopped with SIGSTOP, wedged), as the
 on-call engineer relies on the dispatcher then: every action goes through its CDP_ORCHESTRATION_MAX_ATTEMPTS
-attempts on the documented back-off and ends as a dead letter saying `timeout` - the dispatcher does not
+attempts on its back-off and ends as a dead letter saying `timeout` - the dispatcher does not
 wait out the adapter's timeout on each of them - and once the provider answers again each action goes out
 once. A real SMTP listener (a socket server here that accepts and says nothing) and a real nats-server."""
 
@@ -129,12 +129,13 @@ async def test_a_relay_that_accepts_and_never_answers_costs_each_email_its_attem
     bus, store, metrics = site
     caplog.set_level(logging.INFO, logger="cdp.orchestration.channels.email")
     # More than a fetched batch (32) and than the actions in flight (16), as the cart journey made them;
-    # the channel's timeouts are its defaults (30 s a command) but for the greeting's, shortened.
+    # the channel's timeouts are its defaults (30 s a command) but for the greeting's, shortened, and so is
+    # the back-off between attempts: the documented one (0.5, 2, 10, 30 s) would make the test wait 42.5 s
+    # for the same attempts, the same breaker and the same dead letters.
     count = 40
     async with SilentRelay() as relay:
         ids = await publish(bus, "email", count)
-        async with dispatching(bus, store, email(relay.port, CDP_SMTP_CONNECT_TIMEOUT="1")):
-            # The documented back-off (0.5, 2, 10, 30 s) between the five attempts is 42.5 s.
+        async with dispatching(bus, store, email(relay.port, CDP_SMTP_CONNECT_TIMEOUT="1"), backoff=(0.5, 1, 2, 4)):
             letters = await eventually(
                 lambda: _all(dead_letters(bus, "orchestration-dispatch-email"), ids), timeout=90, every=0.5
             )

@@ -19,7 +19,7 @@ from cdp_kit.natsauth import OWNERSHIP_BUCKET
 from cdp_kit.ownership.nats_kv import NatsKvLeaseStore, nats_kv_ownership
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_natsauth import Users, api_call, violations
+from test_natsauth import Users, api_call, api_calls, violations
 
 KV_STREAM = f"KV_{OWNERSHIP_BUCKET}"
 PROFILE_KEYS = f"$KV.{OWNERSHIP_BUCKET}.profile"
@@ -56,10 +56,21 @@ async def test_another_services_leases_cannot_be_listed_read_or_followed(users):
         watch = {"deliver_subject": inbox, "deliver_policy": "last_per_subject", "ack_policy": "none"}
         # A watch (nats.py's kv.watch / keys): the nameless create, its filter in the body.
         nameless = {"stream_name": KV_STREAM, "config": {**watch, "filter_subject": f"{PROFILE_KEYS}.>"}}
-        assert await api_call(nc, f"$JS.API.CONSUMER.CREATE.{KV_STREAM}", nameless) is None
         # A named scan of profile's keys: the filter in the subject is profile's.
         named = {"stream_name": KV_STREAM, "config": {**watch, "name": "s1", "filter_subject": f"{PROFILE_KEYS}.>"}}
-        assert await api_call(nc, f"$JS.API.CONSUMER.CREATE.{KV_STREAM}.s1.{PROFILE_KEYS}.>", named) is None
+        # A get with the key in the body (any key), and a direct get of profile's key.
+        get = {"last_by_subj": f"{PROFILE_KEYS}.partitions.0"}
+        refused = {
+            "watch": (f"$JS.API.CONSUMER.CREATE.{KV_STREAM}", nameless),
+            "named scan": (f"$JS.API.CONSUMER.CREATE.{KV_STREAM}.s1.{PROFILE_KEYS}.>", named),
+            "get, the key in the body": (f"$JS.API.STREAM.MSG.GET.{KV_STREAM}", get),
+            "direct get, the key in the body": (f"$JS.API.DIRECT.GET.{KV_STREAM}", get),
+            "direct get": (f"$JS.API.DIRECT.GET.{KV_STREAM}.{PROFILE_KEYS}.partitions.0", None),
+            # Nor another's consumer by name (a scan cut short), nor flow control on the bucket.
+            "delete a scan": (f"$JS.API.CONSUMER.DELETE.{KV_STREAM}.profile-scan-0", None),
+            "a scan's info": (f"$JS.API.CONSUMER.INFO.{KV_STREAM}.profile-scan-0", None),
+        }
+        assert await api_calls(nc, refused) == dict.fromkeys(refused)
         # Identity's own filter in the subject, profile's in the body: the server refuses the mismatch.
         own = f"$KV.{OWNERSHIP_BUCKET}.identity.>"
         answer = await api_call(
@@ -71,14 +82,6 @@ async def test_another_services_leases_cannot_be_listed_read_or_followed(users):
             nc, f"$JS.API.CONSUMER.CREATE.{KV_STREAM}.s3.{own}", {"stream_name": KV_STREAM, "config": several}
         )
         assert answer is not None and "error" in answer
-        # A get with the key in the body (any key), and a direct get of profile's key.
-        get = {"last_by_subj": f"{PROFILE_KEYS}.partitions.0"}
-        assert await api_call(nc, f"$JS.API.STREAM.MSG.GET.{KV_STREAM}", get) is None
-        assert await api_call(nc, f"$JS.API.DIRECT.GET.{KV_STREAM}", get) is None
-        assert await api_call(nc, f"$JS.API.DIRECT.GET.{KV_STREAM}.{PROFILE_KEYS}.partitions.0") is None
-        # Nor another's consumer by name (a scan cut short), nor flow control on the bucket.
-        assert await api_call(nc, f"$JS.API.CONSUMER.DELETE.{KV_STREAM}.profile-scan-0") is None
-        assert await api_call(nc, f"$JS.API.CONSUMER.INFO.{KV_STREAM}.profile-scan-0") is None
         # The kit's own reader refuses a key outside the group before asking.
         store = await NatsKvLeaseStore.open(identity.js, "identity")
         with pytest.raises(ValueError, match="not in group"):
