@@ -318,6 +318,27 @@ async def test_a_crm_task_is_not_held_back_by_a_profile_service_that_never_answe
     assert service.asked == ["gus"]
 
 
+async def test_a_crm_task_and_its_batch_wait_for_a_slow_profile_service_a_tenth_of_a_second_at_most(
+    world_factory, profile_service
+):
+    # The profile service answers, a second late (its event loop held: a garbage collection, a long batch).
+    # Every action of the batch waits with the task's scores: the task goes without them rather than hold
+    # the batch (and a webhook decided with it) that long. The answer comes after the task was sent.
+    service, fetch = profile_service
+    service.people = {"gus": {"scores": {"churn": 0.9}}}
+    answered = asyncio.Event()
+
+    async def late(person_ids):
+        await asyncio.sleep(1.0)
+        found = await fetch(person_ids)
+        answered.set()
+        return found
+
+    await _task_sent_past_a_silent_profile_service(world_factory, late)
+    assert not answered.is_set()
+    assert service.asked == []
+
+
 async def test_a_crm_task_is_sent_without_the_scores_when_the_profile_service_does_not_answer(
     world_factory, profile_service
 ):

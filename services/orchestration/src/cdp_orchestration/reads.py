@@ -47,8 +47,12 @@ log = logging.getLogger("cdp.orchestration")
 Fetch = Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]]]]
 
 FETCH_BATCH = 100  # persons per BatchGetProfiles call
-# Seconds a batch with CRM tasks naming no signals waits for their scores from the profile service.
-SCORES_WAIT = 2.0
+# Seconds a batch with CRM tasks naming no signals waits for their scores from the profile service. Every
+# action of the batch waits with them (the batch is committed and published whole): the webhook a journey
+# sends before such a task waited as long as the profile service's event loop was held (a generation-1
+# collection there held it 0.4 s; at 2 s, batches on a loaded machine waited the whole bound), and that was
+# most of the pipeline's segment -> action time. Past this the tasks go with the scores held here.
+SCORES_WAIT = 0.1
 _COMPUTED, _SCORES = COMPUTED + ".", SCORES + "."
 
 
