@@ -2,7 +2,7 @@
 the benchmark and the platform start, through PYTHONPATH=bench/stallwatch; does nothing without
 CDP_STALLWATCH_DIR). bench/stall_report.py reads what it writes.
 
-Four kinds of record, one JSON line each, in `$CDP_STALLWATCH_DIR/<service>-<pid>.jsonl`, stamped with
+Six kinds of record, one JSON line each, in `$CDP_STALLWATCH_DIR/<service>-<pid>.jsonl`, stamped with
 time.time() (the benchmark's clock, so they line up with each probe's stages):
 
 - `gc`: a collection of generation 1 or 2, or one of generation 0 that took >= 5 ms (its start, wall
@@ -14,7 +14,11 @@ time.time() (the benchmark's clock, so they line up with each probe's stages):
   a watchdog thread sampled every 10 ms while the heartbeat was overdue, counted (what ran then; a C
   call that holds the GIL shows as the frame that called it, after it returns).
 - `commit`: a write of the SQLite store that took >= 20 ms on its writer thread (its ops, the thread's CPU).
-- `cpu`: every second, the process' CPU time so far, and its collections by generation so far.
+- `timed`: a call >= 5 ms of a coroutine function named in CDP_STALLWATCH_TIME (module:function,...).
+- `exit`: as the process ends, a full collection with the frozen objects unfrozen: how many it found
+  unreachable (cyclic garbage, some of which `gc.freeze` had kept) and how long it took.
+- `cpu`: every second, the process' CPU time so far, its collections by generation so far and the
+  objects `gc.freeze` has taken out of the collections.
 """
 
 from __future__ import annotations
@@ -119,9 +123,9 @@ if _DIR:
         `commit`: its start, ms, the thread's CPU ms in it - the rest is I/O or waiting for the GIL - and its
         ops) when it takes >= 20 ms. False while the module is not imported yet."""
         module = sys.modules.get("cdp_kit.storage.sqlite")
-        if module is None:
+        cls = getattr(module, "SqliteStore", None)  # None too while the module is being imported
+        if cls is None:
             return False
-        cls = module.SqliteStore
         if getattr(cls._write_sync, "_stallwatch", False):
             return True
         original = cls._write_sync
@@ -140,6 +144,29 @@ if _DIR:
         cls._write_sync = _write_sync
         return True
 
+    # CDP_STALLWATCH_TIME="module:function,...": coroutine functions to time (`timed` records, calls >= 5 ms),
+    # patched on the module once it is imported (a caller that reads the module's attribute sees it).
+    _timed = [tuple(item.split(":", 1)) for item in os.environ.get("CDP_STALLWATCH_TIME", "").split(",") if ":" in item]
+
+    def _patch_timed() -> None:
+        for module_name, function in list(_timed):
+            module = sys.modules.get(module_name)
+            if module is None or not hasattr(module, function):  # not imported, or still being imported
+                continue
+            _timed.remove((module_name, function))
+            original = getattr(module, function)
+
+            async def timed(*args, _original=original, _name=f"{module_name}:{function}", **kwargs):
+                started, at = time.perf_counter(), time.time()
+                try:
+                    return await _original(*args, **kwargs)
+                finally:
+                    ms = (time.perf_counter() - started) * 1000
+                    if ms >= 5:
+                        _emit({"kind": "timed", "name": _name, "at": at, "ms": round(ms, 1)})
+
+            setattr(module, function, timed)
+
     def _watch() -> None:
         flushed = time.monotonic()
         patched = False
@@ -147,6 +174,8 @@ if _DIR:
             time.sleep(0.01)
             if not patched and _state["last"] is not None:
                 patched = _patch_store()
+            if _timed and _state["last"] is not None:
+                _patch_timed()
             last = _state["last"]
             if last is not None and time.perf_counter() - last[0] > _TICK + _LATE / 2:
                 frame = sys._current_frames().get(_main)
@@ -157,7 +186,8 @@ if _DIR:
             if time.monotonic() - flushed >= 1.0:
                 flushed = time.monotonic()
                 _emit({"kind": "cpu", "at": time.time(), "process_cpu_s": round(time.process_time(), 3),
-                       "gcs": list(_collections), "gc_ms": [round(ms, 1) for ms in _collected_ms]})  # fmt: skip
+                       "gcs": list(_collections), "gc_ms": [round(ms, 1) for ms in _collected_ms],
+                       "frozen": gc.get_freeze_count()})  # fmt: skip
                 with _lock:
                     lines, _out[:] = list(_out), []
                 if lines:
@@ -184,4 +214,20 @@ if _DIR:
         uvloop.new_event_loop = _wrap(uvloop.new_event_loop)
     except ImportError:
         pass
+
+    def _at_exit() -> None:
+        """What a full collection finds as the process ends, frozen objects included (`exit`: the objects
+        frozen, those found unreachable, and its wall ms): cyclic garbage that `gc.freeze` kept."""
+        frozen = gc.get_freeze_count()
+        gc.unfreeze()
+        started = time.perf_counter()
+        found = gc.collect()
+        record = {"kind": "exit", "at": time.time(), "frozen": frozen, "unreachable": found,
+                  "ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip
+        with open(_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    import atexit
+
+    atexit.register(_at_exit)
     threading.Thread(target=_watch, name="stallwatch", daemon=True).start()
