@@ -32,6 +32,8 @@ from cdp_segmentation.engine import PERSONS, SegmentationEngine
 from cdp_segmentation.stream import SegmentationStream, engine_spec
 from cdp_testing.fakes import T0, Clock, Delivery
 
+from .test_stream import until
+
 PARTITIONS = 4
 # More persons in one message than a snapshot writes at once (engine.SNAPSHOT_CHUNK, 100): the kill after
 # the first chunk leaves some of them newer than the positions and the rest older, whatever the order.
@@ -58,13 +60,6 @@ async def events(js) -> list[segmentation_pb2.SegmentEvent]:
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             out.extend(segmentation_pb2.SegmentEventBatch.FromString((await js.get_msg("SEGMENTS", seq)).data).events)
     return out
-
-
-async def until(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, f"not reached in time: {what}"
-        await asyncio.sleep(0.05)
 
 
 class DiesAtSecondChunk:
