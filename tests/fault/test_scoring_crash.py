@@ -27,7 +27,7 @@ from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.bus import ConsumerSpec, partition_for, profiles_stream
 from cdp_kit.bus.streams import ensure_stream
 from cdp_testing.onnx_models import expected, logistic_model
-from cdp_testing.processes import ScoringProcess
+from cdp_testing.processes import ScoringProcess, started_on_profiles
 
 # What scoring logs once a version made live has scored the persons it holds (deployments.py).
 HELD_SCORED = "held persons scored with a version made live"
@@ -196,11 +196,7 @@ async def test_killed_mid_stream_publishes_every_score_and_recovers_the_fields(n
         CDP_LOG_LEVEL="INFO",  # the deploy's scoring of the persons held is read from the log
     )
     rng = random.Random(7)
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    try:
-        await ensure_stream(js, profiles_stream())
-        service.start()
+    async with started_on_profiles(service, nats_server.url) as js:
         async with grpc.aio.insecure_channel(service.grpc_address) as channel:
             deployed = await scoring_pb2_grpc.ScoringServiceStub(channel).DeployModel(
                 scoring_pb2.DeployModelRequest(onnx=logistic_model(weights=W, bias=BIAS)), timeout=30
@@ -306,9 +302,6 @@ async def test_killed_mid_stream_publishes_every_score_and_recovers_the_fields(n
         service.start()
         problems = await held_fields_differ(service.grpc_address, plan)
         assert not problems, f"after a restart, {len(problems)} persons' fields differ, e.g. {problems[:5]}"
-    finally:
-        service.stop()
-        await nc.close()
 
 
 @pytest.mark.timeout(120)

@@ -17,15 +17,13 @@ import random
 import time
 
 import grpc
-import nats
 import pytest
 from nats.js.errors import NotFoundError
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_kit.bus import partition_for, profiles_stream
-from cdp_kit.bus.streams import ensure_stream
-from cdp_testing.processes import SegmentationProcess
+from cdp_kit.bus import partition_for
+from cdp_testing.processes import SegmentationProcess, started_on_profiles
 
 PARTITIONS = 4
 PERSONS = 240
@@ -146,11 +144,7 @@ async def test_killed_mid_stream_publishes_every_transition_once_and_none_that_d
         CDP_SEGMENTATION_ACK_WAIT="5",
     )
     rng = random.Random(3)
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    try:
-        await ensure_stream(js, profiles_stream())
-        service.start()
+    async with started_on_profiles(service, nats_server.url) as js:
         async with grpc.aio.insecure_channel(service.grpc_address) as channel:
             stub = segmentation_pb2_grpc.SegmentationServiceStub(channel)
             for segment_id, text in SEGMENTS.items():
@@ -205,6 +199,3 @@ async def test_killed_mid_stream_publishes_every_transition_once_and_none_that_d
         problems = await memberships_differ(service.grpc_address, inside)
         assert not problems, f"after a restart, {len(problems)} persons' memberships differ, e.g. {problems[:5]}"
         assert await published(js) == got
-    finally:
-        service.stop()
-        await nc.close()

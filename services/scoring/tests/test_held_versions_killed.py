@@ -14,16 +14,13 @@ import dataclasses
 import time
 
 import grpc
-import nats
 import pytest
 from nats.js import api
 
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.bus import profiles_stream
-from cdp_kit.bus.streams import ensure_stream
 from cdp_testing.onnx_models import expected, logistic_model
-from cdp_testing.processes import ScoringProcess
+from cdp_testing.processes import ScoringProcess, started_on_profiles
 
 from .test_engine import T0_MS, W, published
 from .test_held_versions import W2, held_by_profile
@@ -78,11 +75,7 @@ async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_serv
     service = killable_scoring(nats_server, tmp_path)
     scored = scored_at_least(nats_server.url)
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    try:
-        await ensure_stream(js, profiles_stream())
-        service.start()
+    async with started_on_profiles(service, nats_server.url) as js:
         async with grpc.aio.insecure_channel(service.grpc_address) as channel:
             stub = scoring_pb2_grpc.ScoringServiceStub(channel)
             await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=logistic_model(weights=W)), timeout=30)
@@ -114,9 +107,6 @@ async def test_the_stamps_of_a_promotion_survive_a_kill_right_after_it(nats_serv
         assert updates[2].scores["churn_risk"] == pytest.approx(expected(W2, [7, 1]), abs=1e-6)
         assert updates[2].at > updates[1].at, "the change's score is stamped after the promotion's"
         assert held_by_profile(updates, "p1") == pytest.approx(expected(W2, [7, 1]), abs=1e-6)
-    finally:
-        service.stop()
-        await nc.close()
 
 
 @pytest.mark.timeout(180)
@@ -135,11 +125,7 @@ async def test_the_stamps_of_the_chunks_a_score_all_published_survive_a_kill_par
     service = killable_scoring(nats_server, tmp_path)
     scored = scored_at_least(nats_server.url)
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    try:
-        await ensure_stream(js, profiles_stream())
-        service.start()
+    async with started_on_profiles(service, nats_server.url) as js:
         async with grpc.aio.insecure_channel(service.grpc_address) as channel:
             stub = scoring_pb2_grpc.ScoringServiceStub(channel)
             await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=logistic_model(weights=W)), timeout=30)
@@ -190,6 +176,3 @@ async def test_the_stamps_of_the_chunks_a_score_all_published_survive_a_kill_par
             assert theirs[-1].scores["churn_risk"] == pytest.approx(expected(W, [7, 1]), abs=1e-6)
             assert theirs[-1].at > theirs[-2].at, f"{person}'s change is stamped after the ScoreAll's update"
             assert held_by_profile(theirs, person) == pytest.approx(expected(W, [7, 1]), abs=1e-6)
-    finally:
-        service.stop()
-        await nc.close()

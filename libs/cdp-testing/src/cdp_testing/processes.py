@@ -9,8 +9,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import nats
+from nats.js import JetStreamContext
+
+from cdp_kit.bus import profiles_stream
+from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.natsserver import free_port, wait_for_port
 
 
@@ -89,6 +96,22 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@asynccontextmanager
+async def started_on_profiles(service: ServiceProcess, nats_url: str) -> AsyncIterator[JetStreamContext]:
+    """A crash test's frame for a service that consumes `profiles.changed`: PROFILES made as the
+    provisioner makes it, `service` started, and a JetStream context to feed it. On the way out the process
+    is stopped (whatever the test did to it meanwhile: kills, restarts) and the connection closed."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, profiles_stream())
+        service.start()
+        yield js
+    finally:
+        service.stop()
+        await nc.close()
 
 
 def _listens(proc: subprocess.Popen, port: int, timeout: float) -> bool:
