@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 
 import nats
 import pytest
@@ -29,9 +28,9 @@ from cdp_kit.storage import open_store
 from cdp_kit.timestamps import set_seconds
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import PERSONS, SegmentationEngine
-from cdp_segmentation.stream import SegmentationStream, engine_spec
 from cdp_testing.fakes import T0, Clock, Delivery
 
+from . import test_stream
 from .test_stream import until
 
 PARTITIONS = 4
@@ -83,35 +82,16 @@ class DiesAtSecondChunk:
         return await self.store.bulk_write(ops)
 
 
-class Replica:
+class Replica(test_stream.Replica):
+    """test_stream's replica, owning every partition, with a crash that also ends the tasks the test holds."""
+
     def __init__(self, store, url: str, clock: Clock) -> None:
-        self.store, self.url, self.clock = store, url, clock
-        self.stack = contextlib.AsyncExitStack()
+        super().__init__("torn", store, url, clock)
         self.crashed = False
 
     async def start(self) -> Replica:
-        self.bus = await self.stack.enter_async_context(Bus.connect(self.url, name="segmentation"))
-        self.engine = SegmentationEngine(
-            self.store,
-            self.bus.publisher,
-            partitions=PARTITIONS,
-            owned=[],
-            telemetry=self.bus.telemetry,
-            timer_resolution=0.05,
-            clock=self.clock,
-        )
-        spec = engine_spec(partitions=PARTITIONS, batch_size=16, ack_wait=30, snapshot_every=3600)
-        self.stream = SegmentationStream(self.engine, spec, bus=self.bus, store=self.store)
-        await self.engine.start()
-        owner = await self.stream.start()  # every partition arrived (replayed, published) when this returns
-        self.serving = asyncio.create_task(self.stream.serve(owner))
-        return self
-
-    async def stop(self) -> None:
-        self.serving.cancel()
-        await asyncio.gather(self.serving, return_exceptions=True)
-        await self.engine.stop()
-        await self.stack.aclose()
+        # Every partition has arrived (replayed, published) when this returns.
+        return await super().start(ownership=None)
 
     async def crash(self, *pending: asyncio.Task) -> None:
         """Gone at once: nothing drained, the snapshot under way never finishes."""
