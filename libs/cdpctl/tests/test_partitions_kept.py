@@ -97,7 +97,7 @@ async def _made_with(platform: RunningPlatform) -> tuple[set, list[str]]:
 @pytest.mark.timeout(300)
 def test_up_starts_a_new_home_with_2_partitions_everywhere(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "CDP_PARTITIONS"}
-    with RunningPlatform(tmp_path, env=env) as platform:
+    with RunningPlatform(tmp_path, env=env, companions=False) as platform:
         assert json.loads((platform.home / RECORD).read_text()) == {"partitions": 2}
         counts, consumers = asyncio.run(_made_with(platform))
         assert counts == {2, None}  # every partitioned stream records 2 (PRIVACY and DLQ have none)
@@ -123,13 +123,13 @@ async def _forget_counts(url: str) -> None:
 @pytest.mark.timeout(400)
 def test_up_keeps_8_for_a_home_from_before_the_record(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "CDP_PARTITIONS"}
-    with RunningPlatform(tmp_path, env={**env, "CDP_PARTITIONS": "8"}) as platform:
+    with RunningPlatform(tmp_path, env={**env, "CDP_PARTITIONS": "8"}, companions=False) as platform:
         home = platform.home
     # The home as cdpctl left it before it recorded the count: data, no partitions.json, no count in the streams.
     (home / RECORD).unlink()
     with NatsServer(store_dir=home / "nats") as old:
         asyncio.run(_forget_counts(old.url))
-    with RunningPlatform(tmp_path, env=env) as platform:  # CDP_PARTITIONS unset, as for a new home
+    with RunningPlatform(tmp_path, env=env, companions=False) as platform:  # CDP_PARTITIONS unset, as for a new home
         assert json.loads((home / RECORD).read_text()) == {"partitions": 8}
         counts, consumers = asyncio.run(_made_with(platform))
         assert counts == {8, None}
@@ -142,16 +142,16 @@ def test_up_on_a_home_made_with_4_before_the_record_is_refused_naming_4_then_sta
     variable it is refused by the provisioner naming the 4 its streams show, with nothing recorded; started
     as that refusal says, it runs and records 4."""
     env = {key: value for key, value in os.environ.items() if key != "CDP_PARTITIONS"}
-    with RunningPlatform(tmp_path, env={**env, "CDP_PARTITIONS": "4"}) as platform:
+    with RunningPlatform(tmp_path, env={**env, "CDP_PARTITIONS": "4"}, companions=False) as platform:
         home = platform.home
     (home / RECORD).unlink()
     with NatsServer(store_dir=home / "nats") as old:
         asyncio.run(_forget_counts(old.url))
     with pytest.raises(PlatformError) as refused:
-        RunningPlatform(tmp_path, env=env).start()
+        RunningPlatform(tmp_path, env=env, companions=False).start()
     assert "made with 4 partitions" in str(refused.value) and "CDP_PARTITIONS=4" in str(refused.value)
     assert not (home / RECORD).exists()
-    with RunningPlatform(tmp_path, env={**env, "CDP_PARTITIONS": "4"}) as platform:
+    with RunningPlatform(tmp_path, env={**env, "CDP_PARTITIONS": "4"}, companions=False) as platform:
         assert json.loads((home / RECORD).read_text()) == {"partitions": 4}
         counts, consumers = asyncio.run(_made_with(platform))
         assert counts == {4, None}

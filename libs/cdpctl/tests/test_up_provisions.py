@@ -39,7 +39,7 @@ async def _republish(platform: RunningPlatform, stream: str) -> None:
 @pytest.mark.timeout(300)
 def test_up_provisions_every_stream_with_the_services_settings_and_undoes_a_republish(tmp_path):
     env = {"CDP_SCORING_SCORES_RETENTION_DAYS": "3", "CDP_CRM_RETENTION_DAYS": "2"}
-    with RunningPlatform(tmp_path, env=env) as platform:
+    with RunningPlatform(tmp_path, env=env, companions=False) as platform:
         configs = asyncio.run(_configs(platform))
         assert configs["SCORES"].max_age == 3 * DAY
         assert configs["CRM"].max_age == 2 * DAY
@@ -48,7 +48,7 @@ def test_up_provisions_every_stream_with_the_services_settings_and_undoes_a_repu
         asyncio.run(_republish(platform, "EVENTS_RAW"))
     # The same workspace: its streams kept. Started without CDP_CRM_RETENTION_DAYS (as an upgrade run
     # without a variable the last start had), CRM's retention grows back to the default: said, with both.
-    with RunningPlatform(tmp_path, env={"CDP_SCORING_SCORES_RETENTION_DAYS": "3"}) as platform:
+    with RunningPlatform(tmp_path, env={"CDP_SCORING_SCORES_RETENTION_DAYS": "3"}, companions=False) as platform:
         log = platform.log_path.read_text()
         assert "streams provisioned (0 created, 2 updated)" in log
         assert f"updated stream CRM (max_age {2 * DAY:.1f} -> {7 * DAY:.1f})" in log
@@ -75,7 +75,7 @@ def test_a_service_that_crashed_beside_a_drifted_stream_comes_back_on_the_stream
     """The upgrade trial's D3: a stream changed by hand while the platform runs stops every service that
     verifies it at its next start; the supervisor used to restart the collector into the same refusal until
     it gave up and stopped the platform. Now the streams are put back before a crashed service starts again."""
-    with RunningPlatform(tmp_path) as platform:
+    with RunningPlatform(tmp_path, companions=False) as platform:
         asyncio.run(_shorten(platform, "EVENTS_RAW", 2 * DAY))
         platform.wait_restarted("collector", platform.kill("collector"))
         assert asyncio.run(_configs(platform))["EVENTS_RAW"].max_age == 7 * DAY
