@@ -24,6 +24,9 @@ positions they include (`segmentation_snapshots`); a partition's start loads the
 after what is on the bus already: the engine's checkpoint (its outbox published first) and the newest
 person loaded. A snapshot a crash cut short holds persons past its positions, which skip a message
 the others apply again: the replay would find part of a message's transitions, a message of a new id.
+The replay evaluates each message at the time its batch was evaluated (`batch_clock`, committed with the
+checkpoint while a time-based segment is live), after the timers due by then: at the restart's time a
+person could be found past a flip that had not come yet, and the timer that publishes it never set.
 Snapshots also record, per partition, the definition versions its memberships are of; a partition
 arriving with another version of a live segment (or none) is brought to it before it is served. A
 segment going live, or persons brought to it, between a snapshot and a crash is replayed where it
@@ -102,6 +105,9 @@ BUILT = "$built"
 MAX_EVENTS_PER_MESSAGE = 1000
 PUBLISH_BACKOFF = (0.05, 0.2, 1.0, 2.0)
 SNAPSHOT_CHUNK = 100  # persons per write of a snapshot
+# The clock each batch was evaluated with, "<partition>:<its last position, 20 digits>" -> {first, now}:
+# what a replay evaluates the positions after the snapshot with (`replay`), until a snapshot includes them.
+CLOCKS = "segmentation_batch_clocks"
 
 TraitWaiter = Callable[[Sequence[str]], Awaitable[None]]
 StreamEnds = Callable[[], Awaitable[dict[str, int]]]
@@ -232,6 +238,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._index = FieldIndex()
         self._timers: dict[int, list[tuple[float, str]]] = {}  # partition -> (due, person): a heap
         self._due: dict[str, float] = {}  # person -> its pending timer
+        # The batch clocks (`batch_clock`) in the store: the collection, and partition -> their positions
+        # not yet pruned (those a snapshot includes are deleted after it: `_prune_clocks`).
+        self.clocks = CLOCKS + namespace
+        self._clock_records: dict[int, list[int]] = {}
         # The persons PRIVACY's privacy.deleted notices name (person -> request id), read at start, and the
         # same by partition: erased from each partition as it arrives, their changes skipped (notices.py).
         self.deleted: dict[str, str] = {}
@@ -510,6 +520,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._generation.pop(partition, None)
         self._built_base.pop(partition, None)
         self._published.pop(partition, None)
+        self._clock_records.pop(partition, None)  # its next owner's replay reads them, a snapshot prunes them
         leaving = {p for p in self.persons if self._partition(p) == partition}
         for person_id in leaving:
             self._due.pop(person_id, None)
@@ -525,23 +536,31 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
 
     # --- the stream path --------------------------------------------------------------------------
 
-    async def apply_changes(self, partition: int, items: Sequence[Changes]) -> list[OutMessage]:
+    async def apply_changes(
+        self, partition: int, items: Sequence[Changes], writes: list[Put] | None = None
+    ) -> list[OutMessage]:
         """Apply a batch of `profiles.changed.<partition>` (decoded, in stream order) after the
-        partition's due timers; the transitions it finds, as the messages to publish."""
+        partition's due timers; the transitions it finds, as the messages to publish. With `writes` (the
+        stream's batch commit), the clock the batch was evaluated with goes in it while a time-based
+        segment is live (`batch_clock`)."""
         subject = subjects.profiles_changed(partition)
         applied = self.applied.get(subject, 0)
         now = self.clock()
         transitions: list[Transition] = []
         self._fire_due(partition, now, transitions)
         oldest = math.inf
+        first = 0
         for item in items:
             if item.seq <= applied:
                 continue  # applied by the replay when the partition arrived; published then
+            first = first or item.seq
             applied_at = await self._apply_message(partition, item.seq, item.message, now, transitions)
             if applied_at < oldest:
                 oldest = applied_at
         if items:
             self.applied[subject] = max(applied, items[-1].seq)
+            if first and writes is not None and self.index.time_segments:
+                writes.append(self.batch_clock(partition, first, items[-1].seq, now))
         self._last_apply[partition] = time.monotonic()
         if oldest is not math.inf:
             self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
@@ -566,7 +585,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
 
     async def replay(self, messages: AsyncIterator[tuple[str, int, bytes]], partitions: Iterable[int] = ()) -> int:
         """Bring the snapshot up to where the stream had got: apply (subject, stream position, payload)
-        in stream order, evaluating as the stream path does, and publish what it finds (what was
+        in stream order, evaluating as the stream path did, and publish what it finds (what was
         published before keeps its id: JetStream drops it as a duplicate). Returns the changes applied.
 
         Except a message at or below the partition's published position (`_published`): its transitions
@@ -575,17 +594,30 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         it would evaluate as new, empty profiles; the others' transitions alone would be a message of
         another id (a message's id comes from all of its events: `_messages`), published twice.
 
+        Each message is evaluated at the time its batch was (`batch_clock`), after the partition's timers
+        due by then (as the batch fired them; published only past the published position, like the
+        message's transitions): at the restart's time, a person would be found past a flip that had not
+        come when the batch ran, and the timer that published it (an exit at a trial's end, an enter when
+        "not seen for 30 days" comes true) would never be set. A message with no clock recorded is
+        evaluated at the restart's time: past the published position it is published here first, as the
+        stream path would have had it run now, and that time is recorded before it is published, so a
+        later replay finds the same transitions (and timers); at or below it, it was applied while no
+        time-based segment was live (nothing there reads the time) or before clocks were recorded.
+
         Percentile rounds logged after the snapshot run again where they ran (percentiles.py), so each
         change is evaluated with the values it was first evaluated with; then each partition replayed (and
         each of `partitions`) catches up with the live values."""
         now = self.clock()
         for_subject: dict[str, list[Transition]] = {}
         plans: dict[int, Replayed] = {}
+        clocks: dict[int, _Clocks] = {}
+        first_here: dict[int, tuple[int, int]] = {}  # partition -> the positions published here first
         published = self._published
 
         async def plan(partition: int) -> Replayed:
             if partition not in plans:
                 plans[partition] = await self.replay_plan(partition)
+                clocks[partition] = await self._batch_clocks(partition)
             return plans[partition]
 
         async def apply(subject: str, seq: int, data: bytes) -> int:
@@ -599,18 +631,59 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 return 0  # dead-lettered when it came
             # On the bus already (a round's transitions above are published: each is its own message).
             found = out if seq > published.get(partition, 0) else []
+            at = clocks[partition].at(seq)
+            if at is None and found is out:
+                at = now
+                first_here[partition] = (first_here.get(partition, (seq, seq))[0], seq)
             with self.replaying(replayed):
-                await self._apply_message(partition, seq, message, now, found)
+                if at is not None:
+                    self._fire_due(partition, at, found)
+                await self._apply_message(partition, seq, message, now if at is None else at, found)
             return len(message.changes)
 
         applied = await self.held.replay(messages, apply)
         for partition in sorted({*plans, *partitions}):
             subject = subjects.profiles_changed(partition)
             await self.catch_up(partition, await plan(partition), for_subject.setdefault(subject, []))
+        if first_here:
+            # Before anything it found is published: a replay after a crash from here on must find the same.
+            records = [self.batch_clock(p, first, last, now) for p, (first, last) in sorted(first_here.items())]
+            await self.store.bulk_write(records)
         for subject, transitions in for_subject.items():
             if transitions:
                 await self._publish_durably(self._messages(subjects.partition_of(subject), transitions))
         return applied
+
+    def batch_clock(self, partition: int, first: int, last: int, now: float) -> Put:
+        """The record of the clock positions `first`..`last` of `partition` were evaluated with (a batch's
+        `now`, committed with its checkpoint; a replay's, for what it published first), read by the
+        replays until a snapshot includes `last` (`_prune_clocks`). A batch's is written only while a
+        time-based segment is live: nothing else reads the time."""
+        self._clock_records.setdefault(partition, []).append(last)
+        return Put(self.clocks, f"{partition}:{last:020d}", {"first": first, "now": now})
+
+    async def _batch_clocks(self, partition: int) -> _Clocks:
+        """The clocks recorded for `partition`'s positions after its snapshot (those a snapshot includes
+        but whose records outlived it are pruned with the next one)."""
+        ranges: list[tuple[int, int, float]] = []
+        async for record in self.store.scan_all(self.clocks, prefix=f"{partition}:"):
+            last = int(record.key.partition(":")[2])
+            ranges.append((last, record.doc["first"], record.doc["now"]))
+        known = self._clock_records.setdefault(partition, [])
+        known[:] = sorted({*known, *(last for last, _first, _now in ranges)})
+        return _Clocks(ranges)
+
+    async def _prune_clocks(self) -> None:
+        """After a snapshot: the batch clocks of the positions it includes are read by no replay. Deleted
+        `SNAPSHOT_CHUNK` at a time: the batches' commits wait behind each write on the store's writer."""
+        for partition in sorted(self._clock_records):
+            snapshotted = self.snapshotted.get(subjects.profiles_changed(partition), 0)
+            while (lasts := self._clock_records.get(partition)) and lasts[0] <= snapshotted:
+                done = [last for last in lasts[:SNAPSHOT_CHUNK] if last <= snapshotted]
+                await self.store.bulk_write([Delete(self.clocks, f"{partition}:{last:020d}") for last in done])
+                # (Those written meanwhile are past the snapshot; the partition may have left meanwhile.)
+                if self._clock_records.get(partition) is lasts:
+                    del lasts[: len(done)]
 
     @contextlib.asynccontextmanager
     async def _quiet(self) -> AsyncIterator[None]:
@@ -773,6 +846,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             return await self.stream.snapshot()
         written = await self.held.snapshot()
         await self.prune_rounds()
+        await self._prune_clocks()
         return written
 
     async def snapshot_at(self, positions: Mapping[int, int], *, copied: Callable[[], None] | None = None) -> int:
@@ -785,6 +859,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 self.applied[subject] = seq
         written = await self.held.snapshot(copied=copied)
         await self.prune_rounds()
+        await self._prune_clocks()
         return written
 
     def log_snapshot_failure(self, exc: BaseException) -> None:
@@ -799,3 +874,22 @@ def _copy_person(person: Person) -> tuple[dict[str, Any], dict[str, float], int,
 def _encode_person(copied: tuple[dict[str, Any], dict[str, float], int, float]) -> dict[str, Any]:
     fields, members, seq, evaluated_at = copied
     return {"state": orjson.dumps({"fields": fields, "members": members, "seq": seq, "t": evaluated_at}).decode()}
+
+
+class _Clocks:
+    """A partition's recorded batch clocks, asked in stream order: the time position `seq` was evaluated
+    with (None: not recorded)."""
+
+    __slots__ = ("_next", "_ranges")
+
+    def __init__(self, ranges: list[tuple[int, int, float]]) -> None:
+        self._ranges = sorted(ranges)  # (last, first, now)
+        self._next = 0
+
+    def at(self, seq: int) -> float | None:
+        ranges = self._ranges
+        while self._next < len(ranges) and ranges[self._next][0] < seq:
+            self._next += 1
+        if self._next < len(ranges) and ranges[self._next][1] <= seq:
+            return ranges[self._next][2]
+        return None

@@ -7,6 +7,8 @@ engine.py), `recover` a partition by reloading it, and `snapshot` the held state
 The kit does the rest: ordered durable consumer `segmentation-p<p>`, checkpoint
 `segmentation_checkpoints/profiles.changed.<p>` committed with an outbox record of the batch's
 transitions (one write per batch, none per person), publish with retry, acknowledgement, pipelining.
+The batch's own write, while a time-based segment is live: the clock it was evaluated with, which a
+replay evaluates it with again (engine.py, `replay`).
 
 Held state is not written per change: `snapshot` writes the persons changed since the last one and the
 positions they include (`segmentation_snapshots`), every `CDP_SEGMENTATION_SNAPSHOT_SECONDS`, at a
@@ -102,7 +104,11 @@ class ChangesLogic:
         return decode(delivery)
 
     async def apply(self, partition: int, items: list[Changes]) -> Effects:
-        return Effects(messages=await self.engine.apply_changes(partition, items))
+        # The batch's clock, while a time-based segment is live: committed with its checkpoint, read by a
+        # replay (engine.py, `replay`).
+        writes: list = []
+        messages = await self.engine.apply_changes(partition, items, writes)
+        return Effects(writes=writes, messages=messages)
 
     async def recover(self, partition: int) -> None:
         # The held state of the partition may hold changes whose transitions never became durable.

@@ -1,0 +1,196 @@
+"""A restart replays the messages after the snapshot: each must be evaluated with the time the live path
+evaluated it with, not with the restart's. For a segment that compares a field with `now`, the restart's
+time can find a person already past a flip that had not come yet when the change was applied: the timer
+that would have published the flip is never set, and the transition is lost (an exit never seen
+downstream, or an enter), since what the replay finds at or below the published position is on the bus
+already and is not published again (engine.py, `replay`).
+
+The clock each batch was applied with is committed with its checkpoint (`segmentation_batch_clocks`); a
+message the replay is the first to publish (past the checkpoint) is evaluated at the restart's time, which
+the replay records before publishing, so a later replay evaluates it the same way and finds the same ids.
+The clock here moves only when the test moves it: "2 minutes later" is the restart's clock."""
+
+from __future__ import annotations
+
+import collections
+
+import nats
+import pytest
+
+from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
+from cdp_kit.storage import open_store
+from cdp_segmentation.domain import parse
+from cdp_segmentation.engine import CLOCKS
+from cdp_testing.fakes import T0, Clock
+
+from .test_stream import until
+from .test_torn_snapshot import Held, HeldStore, Replica, applied, change, events, in_partition, send
+
+TRIAL_ENDS = T0 + 60
+
+
+@pytest.fixture
+async def world(nats_server):
+    async with open_store("memory://") as store:
+        async with Bus.connect(nats_server.url, name="setup") as bus:
+            await bus.ensure_streams(profiles_stream(), segments_stream())
+        nc = await nats.connect(nats_server.url)
+        clock = Clock(T0)
+        started: list[Replica] = []
+
+        async def replica(on=None) -> Replica:
+            started.append(Replica(on if on is not None else store, nats_server.url, clock))
+            return await started[-1].start()
+
+        try:
+            yield replica, nc.jetstream(), clock, store
+        finally:
+            for r in started:
+                if not r.crashed:
+                    await r.stop()
+            await nc.close()
+
+
+def moves(published) -> list[tuple[str, bool, str]]:
+    return [(e.segment_id, e.entered, e.reason) for e in published]
+
+
+def no_id_twice(published) -> None:
+    twice = [key for key, n in collections.Counter(e.id for e in published).items() if n > 1]
+    assert not twice, f"transitions published twice: {twice}"
+
+
+async def timers_fired(replica: Replica, person: str) -> None:
+    """The person's timer has fired on `replica` and its round has published (the round holds the stream's
+    quiescence while it publishes)."""
+
+    async def fired() -> bool:
+        return person not in replica.engine._due
+
+    await until(fired, "the timer fired", timeout=5)
+    async with replica.stream.quiescent():
+        pass
+
+
+async def test_an_exit_due_between_the_change_and_the_restart_is_published(world):
+    """p's trial ends a minute after the change that starts it: p enters, and the timer would publish the
+    exit at T0+60. The process dies before the snapshot includes the change and comes back at T0+120.
+    Evaluated at T0+120 the replay finds p outside (as it was before: no transition), no timer is set, and
+    the exit is never published. A second crash and restart publishes nothing new: the same ids."""
+    replica, js, clock, _store = world
+    first = await replica()
+    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
+    await first.engine.wait_live("trial")
+    await first.engine.snapshot()
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, trial_ends_at=TRIAL_ENDS)))
+    assert moves(await events(js)) == [("trial", True, "event")]
+    await first.crash()
+
+    clock.advance(120)
+    second = await replica()
+
+    async def exit_published() -> bool:
+        return len(await events(js)) == 2
+
+    await until(exit_published, "the exit at the trial's end published", timeout=5)
+    published = await events(js)
+    assert moves(published) == [("trial", True, "event"), ("trial", False, "time")]
+    assert published[1].at.ToNanoseconds() == TRIAL_ENDS * 1e9  # the flip's instant, not the restart's
+    assert not second.engine.membership(person)
+
+    await second.crash()
+    clock.advance(60)
+    third = await replica()
+    await timers_fired(third, person)
+    again = await events(js)
+    no_id_twice(again)
+    assert [e.id for e in again] == [e.id for e in published]
+
+
+async def test_an_enter_due_between_the_change_and_the_restart_is_published(world):
+    """The reverse: `lapsed` holds who was not seen for a minute. The change (seen at T0) leaves p outside,
+    and the timer would publish the enter at T0+60. Evaluated at the restart's T0+120, the replay enters p
+    under the change's id, at or below the published position: not published, and the enter is lost."""
+    replica, js, clock, _store = world
+    first = await replica()
+    await first.engine.create("lapsed", parse("traits.seen_at < now - 1m"))
+    await first.engine.wait_live("lapsed")
+    await first.engine.snapshot()
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, seen_at=T0)))
+    assert await events(js) == []
+    await first.crash()
+
+    clock.advance(120)
+    second = await replica()
+    await timers_fired(second, person)
+    published = await events(js)
+    assert moves(published) == [("lapsed", True, "time")]
+    assert published[0].at.ToNanoseconds() == (T0 + 60) * 1e9
+    assert set(second.engine.membership(person)) == {"lapsed"}
+
+
+async def test_a_message_the_replay_published_first_is_replayed_with_the_same_time(world):
+    """p's change is applied and its commit never lands: the restart at T0+100 is the first to publish it
+    (past the checkpoint), entering p with the restart's time (the trial ends at T0+150). The pipeline then
+    commits past it, and the process dies before a snapshot. The next restart, at T0+200, must evaluate
+    the change as the first restart did (p inside, the timer due at T0+150), not with its own time (p
+    outside, no timer, the exit lost)."""
+    replica, js, clock, store = world
+    commits = Held()
+    first = await replica(HeldStore(store, commits))
+    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
+    await first.engine.wait_live("trial")
+    await first.engine.snapshot()
+    person = in_partition(1, 0, "p")[0]
+    commits.on = True
+    seq = await send(js, change(person, T0, trial_ends_at=T0 + 150))
+
+    async def applied_not_committed() -> bool:
+        return first.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
+
+    await until(applied_not_committed, "the change applied, its commit held")
+    await first.crash()
+    assert await events(js) == []
+
+    clock.advance(100)
+    second = await replica()
+
+    async def entered() -> bool:
+        return len(await events(js)) == 1
+
+    await until(entered, "the replay's enter published")
+    await applied(second, seq)  # the pipeline committed past it
+    await second.crash()
+
+    clock.advance(100)
+    third = await replica()
+    await timers_fired(third, person)
+    published = await events(js)
+    no_id_twice(published)
+    assert moves(published) == [("trial", True, "event"), ("trial", False, "time")]
+    assert published[1].at.ToNanoseconds() == (T0 + 150) * 1e9
+
+
+async def test_batch_clocks_are_written_while_a_time_segment_is_live_and_pruned_by_the_snapshot(world):
+    """Nothing reads the time without a time-based segment: no record. With one, a record per batch, in the
+    batch's commit, until a snapshot includes its position."""
+    replica, js, _clock, store = world
+
+    async def clocks() -> list[str]:
+        return [record.key async for record in store.scan_all(CLOCKS)]
+
+    first = await replica()
+    await first.engine.create("high", parse("traits.level > 0"))
+    await first.engine.wait_live("high")
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, level=1)))
+    assert await clocks() == []
+    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
+    await first.engine.wait_live("trial")
+    seq = await send(js, change(person, T0, trial_ends_at=TRIAL_ENDS))
+    await applied(first, seq)
+    assert await clocks() == [f"0:{seq:020d}"]
+    await first.engine.snapshot()
+    assert await clocks() == []
