@@ -45,7 +45,7 @@ def test_nats_imported_after_aiohttp_keeps_its_websocket_transport():
     assert out == "True"
 
 
-@pytest.mark.parametrize("service", ["cdp_identity", "cdp_profile", "cdp_scoring"])
+@pytest.mark.parametrize("service", ["cdp_identity", "cdp_profile", "cdp_scoring", "cdp_segmentation"])
 def test_a_service_without_http_clients_starts_without_aiohttp_or_x509(service):
     out = _run(
         f"""
