@@ -14,41 +14,23 @@ from __future__ import annotations
 
 import collections
 
-import nats
 import pytest
 
-from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
-from cdp_kit.storage import open_store
+from cdp_kit.bus import subjects
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import CLOCKS
 from cdp_testing.fakes import T0, Clock
 
 from .test_stream import until
-from .test_torn_snapshot import Held, HeldStore, Replica, applied, change, events, in_partition, send
+from .test_torn_snapshot import Held, HeldStore, Replica, applied, change, crash_world, events, in_partition, send
 
 TRIAL_ENDS = T0 + 60
 
 
 @pytest.fixture
 async def world(nats_server):
-    async with open_store("memory://") as store:
-        async with Bus.connect(nats_server.url, name="setup") as bus:
-            await bus.ensure_streams(profiles_stream(), segments_stream())
-        nc = await nats.connect(nats_server.url)
-        clock = Clock(T0)
-        started: list[Replica] = []
-
-        async def replica(on=None) -> Replica:
-            started.append(Replica(on if on is not None else store, nats_server.url, clock))
-            return await started[-1].start()
-
-        try:
-            yield replica, nc.jetstream(), clock, store
-        finally:
-            for r in started:
-                if not r.crashed:
-                    await r.stop()
-            await nc.close()
+    async with crash_world(nats_server) as world:
+        yield world
 
 
 def moves(published) -> list[tuple[str, bool, str]]:
@@ -72,18 +54,37 @@ async def timers_fired(replica: Replica, person: str) -> None:
         pass
 
 
+async def crashed_and_back(running: Replica, replica, clock: Clock, later: float, person: str, js) -> list:
+    """`running` crashes, a replica starts `later` seconds after, its timers for `person` fire: what the bus
+    then holds, no transition id twice."""
+    await running.crash()
+    clock.advance(later)
+    await timers_fired(await replica(), person)
+    published = await events(js)
+    no_id_twice(published)
+    return published
+
+
+async def changed_after_snapshot(first: Replica, js, segment: str, definition: str, **fields) -> tuple[Replica, str]:
+    """`segment` live on `first` and snapshotted, then a change of p (`fields`, at T0) applied after it:
+    what a crash then leaves to the replay."""
+    await first.engine.create(segment, parse(definition))
+    await first.engine.wait_live(segment)
+    await first.engine.snapshot()
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, **fields)))
+    return first, person
+
+
 async def test_an_exit_due_between_the_change_and_the_restart_is_published(world):
     """p's trial ends a minute after the change that starts it: p enters, and the timer would publish the
     exit at T0+60. The process dies before the snapshot includes the change and comes back at T0+120.
     Evaluated at T0+120 the replay finds p outside (as it was before: no transition), no timer is set, and
     the exit is never published. A second crash and restart publishes nothing new: the same ids."""
     replica, js, clock, _store = world
-    first = await replica()
-    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
-    await first.engine.wait_live("trial")
-    await first.engine.snapshot()
-    person = in_partition(1, 0, "p")[0]
-    await applied(first, await send(js, change(person, T0, trial_ends_at=TRIAL_ENDS)))
+    first, person = await changed_after_snapshot(
+        await replica(), js, "trial", "traits.trial_ends_at > now", trial_ends_at=TRIAL_ENDS
+    )
     assert moves(await events(js)) == [("trial", True, "event")]
     await first.crash()
 
@@ -99,12 +100,7 @@ async def test_an_exit_due_between_the_change_and_the_restart_is_published(world
     assert published[1].at.ToNanoseconds() == TRIAL_ENDS * 1e9  # the flip's instant, not the restart's
     assert not second.engine.membership(person)
 
-    await second.crash()
-    clock.advance(60)
-    third = await replica()
-    await timers_fired(third, person)
-    again = await events(js)
-    no_id_twice(again)
+    again = await crashed_and_back(second, replica, clock, 60, person, js)
     assert [e.id for e in again] == [e.id for e in published]
 
 
@@ -113,12 +109,7 @@ async def test_an_enter_due_between_the_change_and_the_restart_is_published(worl
     and the timer would publish the enter at T0+60. Evaluated at the restart's T0+120, the replay enters p
     under the change's id, at or below the published position: not published, and the enter is lost."""
     replica, js, clock, _store = world
-    first = await replica()
-    await first.engine.create("lapsed", parse("traits.seen_at < now - 1m"))
-    await first.engine.wait_live("lapsed")
-    await first.engine.snapshot()
-    person = in_partition(1, 0, "p")[0]
-    await applied(first, await send(js, change(person, T0, seen_at=T0)))
+    first, person = await changed_after_snapshot(await replica(), js, "lapsed", "traits.seen_at < now - 1m", seen_at=T0)
     assert await events(js) == []
     await first.crash()
 
@@ -162,13 +153,7 @@ async def test_a_message_the_replay_published_first_is_replayed_with_the_same_ti
 
     await until(entered, "the replay's enter published")
     await applied(second, seq)  # the pipeline committed past it
-    await second.crash()
-
-    clock.advance(100)
-    third = await replica()
-    await timers_fired(third, person)
-    published = await events(js)
-    no_id_twice(published)
+    published = await crashed_and_back(second, replica, clock, 100, person, js)
     assert moves(published) == [("trial", True, "event"), ("trial", False, "time")]
     assert published[1].at.ToNanoseconds() == (T0 + 150) * 1e9
 

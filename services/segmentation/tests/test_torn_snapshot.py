@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 
 import nats
 import pytest
@@ -106,8 +107,10 @@ class Replica(test_stream.Replica):
         await self.bus.nc.close()
 
 
-@pytest.fixture
-async def world(nats_server):
+@contextlib.asynccontextmanager
+async def crash_world(nats_server):
+    """PROFILES and SEGMENTS on `nats_server`, one memory store, a clock the test moves, and a factory of
+    replicas on that store (or on another, `on`); each replica not crashed is stopped at the end."""
     async with open_store("memory://") as store:
         async with Bus.connect(nats_server.url, name="setup") as bus:
             await bus.ensure_streams(profiles_stream(), segments_stream())
@@ -115,17 +118,23 @@ async def world(nats_server):
         started: list[Replica] = []
         clock = Clock(T0)
 
-        async def replica() -> Replica:
-            started.append(Replica(store, nats_server.url, clock))
+        async def replica(on=None) -> Replica:
+            started.append(Replica(on if on is not None else store, nats_server.url, clock))
             return await started[-1].start()
 
         try:
-            yield replica, nc.jetstream()
+            yield replica, nc.jetstream(), clock, store
         finally:
             for r in started:
                 if not r.crashed:
                     await r.stop()
             await nc.close()
+
+
+@pytest.fixture
+async def world(nats_server):
+    async with crash_world(nats_server) as (replica, js, _clock, _store):
+        yield replica, js
 
 
 async def send(js, *changes: profile_pb2.ProfileChanged) -> int:
