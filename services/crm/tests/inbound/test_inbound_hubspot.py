@@ -13,6 +13,7 @@ from aiohttp import web
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.inbound import HubSpotPoller, HubSpotWebhooks
+from cdp_crm.inbound.hubspot import PAGE
 from cdp_crm.state import RECORDS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
@@ -174,15 +175,15 @@ async def test_the_connectors_own_writes_to_a_contact_do_not_come_back_as_news(w
 
 async def test_a_poller_killed_between_search_pages_neither_loses_nor_repeats_a_change(store, session, collector):
     async with HubSpotEmulator() as hubspot:
-        for i in range(250):  # three search pages of 100
+        for i in range(2 * PAGE + 50):  # three search pages
             hubspot.user_create("contacts", {"email": f"p{i}@example.com", "firstname": f"P{i}"})
             if i % 40 == 39:
                 hubspot.clock.advance(1)
         await collector.kill_mid_page(_poller(store, session, hubspot, collector, ("contacts",)).poll, 1)
-        assert len(collector.events()) == 100
+        assert len(collector.events()) == PAGE
         await _poller(store, session, hubspot, collector, ("contacts",)).poll()
         created = collector.events("CRM Contact Created")
-        assert len(created) == 250 and len({e["properties"]["crm_id"] for e in created}) == 250
+        assert len(created) == 2 * PAGE + 50 and len({e["properties"]["crm_id"] for e in created}) == 2 * PAGE + 50
         assert collector.duplicates == 0
         assert await _poller(store, session, hubspot, collector, ("contacts",)).poll() == 0
 

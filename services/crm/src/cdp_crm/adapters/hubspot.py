@@ -16,10 +16,24 @@ upserted, the others come back NOT_FOUND: two requests. Lists: the mapping's ``l
 id (a MANUAL list); members are found by the match field and added or removed with one
 ``memberships/add-and-remove`` call: two requests. Privacy deletes: ``batch/read`` by the match field, then
 ``batch/archive`` with HubSpot's ids: two requests.
+
+Searches (``/crm/v3/objects/<object>/search``) have a limit of their own, apart from the burst budget: four
+a second per authentication token (HubSpot's developer changelog, "CRM Search API Rate Limit Increase",
+https://developers.hubspot.com/changelog/crm-search-api-rate-limit-increase, which set the search API's
+"Limitations" and the usage guidelines' "Other limits" to it; the local HubSpot allows five). `SearchPace`
+keeps a connection's searches to it - the inbound reader's polling and this adapter's erasure lookups share
+one, and the inbound side never takes more than `INBOUND_SHARE` of it, so a read paging through the
+connector's own writes leaves the rest to the lookups (and a 429 ``SECONDLY`` is not the way either finds
+out). Per process: an erasure running in another replica than the connection's inbound reader has a pace
+of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import math
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
@@ -43,8 +57,41 @@ from cdp_crm.domain.isolation import (
 from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
 
 BATCH_LIMIT = 100
+SEARCHES_PER_SECOND = 4.0  # HubSpot's CRM search limit per token (the module docstring cites it)
+INBOUND_SHARE = 0.5  # of it, at most, for the inbound reader's searches: 2 a second
 PLACEHOLDER = "(deleted)"  # privacy.PLACEHOLDER: what an anonymised record holds in place of a text naming the person
 API = "https://api.hubapi.com"
+
+
+class SearchPace:
+    """One token's CRM searches, spaced to HubSpot's search limit (`per_second`: a search at least
+    1/`per_second` from any other), the inbound reader's (`inbound=True`) at most `inbound_share` of it
+    (each at least 1/(`per_second` x `inbound_share`) after the inbound one before). A search reserves the
+    earliest free slot at once (nothing awaited between reading and reserving, so two never take one
+    slot); an inbound search waiting for its share's slot does not hold the slots before it, so however
+    long a read pages through the connector's own writes, the other searches (an erasure's lookups) keep
+    the rest of the limit. Per process: a connection's inbound reader runs in one replica (the
+    partition's owner)."""
+
+    def __init__(self, per_second: float = SEARCHES_PER_SECOND, inbound_share: float = INBOUND_SHARE) -> None:
+        self.spacing = 1.0 / per_second
+        self.inbound_spacing = self.spacing / inbound_share
+        self._slots: list[float] = []  # monotonic times of the searches sent or reserved, ascending
+        self._inbound = -math.inf  # the last inbound search's slot
+
+    async def take(self, *, inbound: bool) -> None:
+        """Wait for this search's slot."""
+        now = time.monotonic()
+        self._slots = [s for s in self._slots if s > now - self.spacing]
+        at = max(now, self._inbound + self.inbound_spacing) if inbound else now
+        for slot in self._slots:  # ascending: `at` only moves on, past each slot too close to it
+            if abs(slot - at) < self.spacing:
+                at = slot + self.spacing
+        bisect.insort(self._slots, at)
+        if inbound:
+            self._inbound = at
+        if at > now:
+            await asyncio.sleep(at - now)
 
 
 class HubSpotAdapter:
@@ -52,12 +99,20 @@ class HubSpotAdapter:
     batch_limit = BATCH_LIMIT
 
     def __init__(
-        self, session: aiohttp.ClientSession, *, token: str, base_url: str = API, timeout: float = 30.0
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        token: str,
+        base_url: str = API,
+        timeout: float = 30.0,
+        searches: SearchPace | None = None,
     ) -> None:
         self._session = session
         self._headers = {"Authorization": f"Bearer {token}"}
         self._base = base_url.rstrip("/")
         self._timeout = timeout
+        # The token's searches, shared with the connection's inbound reader (`inbound.open_poller`).
+        self.searches = searches or SearchPace()
 
     async def close(self) -> None:
         pass  # the session is the caller's
@@ -70,6 +125,8 @@ class HubSpotAdapter:
         return 2 if mapping.kind == "list" or mapping.mode == "update_only" else 1
 
     async def _call(self, method: str, path: str, body: Any, what: str) -> Answer:
+        if path.endswith("/search"):
+            await self.searches.take(inbound=False)
         return await exchange(
             self._session, method, self._base + path, json=body, headers=self._headers, timeout=self._timeout, what=what
         )

@@ -41,7 +41,10 @@ def open_poller(
     through the connection's outbound adapter (its token); HubSpot with the private-app token."""
     reader: Reader
     if connection.kind == "hubspot":
-        reader = HubSpotReader(connection, session, secrets["token"], budget, clock=clock, timeout=timeout)
+        searches = getattr(adapter, "searches", None)  # the token's searches, the adapter's erasure lookups' too
+        reader = HubSpotReader(
+            connection, session, secrets["token"], budget, clock=clock, timeout=timeout, searches=searches
+        )
     elif connection.kind == "salesforce":
         reader = SalesforceReader(connection, adapter, budget, clock=clock)  # type: ignore[arg-type]
     elif connection.kind == "dynamics":

@@ -53,6 +53,12 @@ LOOKUPS_AT_ONCE = 100  # a page's store lookups of what the connector wrote, sid
 
 # Seconds a read of an object that reached its end spares `read_first` another (see there).
 READ_FIRST_FRESH = 5.0
+# Where signed webhooks reach the poller (`Poller.notified`), each polling turn that finds no news - nothing
+# changed, or only the connector's own writes read back - doubles the wait to the next, up to this many
+# polling intervals; news, or a webhook, brings the usual interval back. A CRM user's edit wakes the reader
+# at once through its webhook; the polling turn is the net for a notification lost on the way, and each
+# turn is a search per object from HubSpot's few a second.
+QUIET_STRETCH = 4
 
 
 class CollectorRefused(Exception):
@@ -262,6 +268,9 @@ class Poller(News):
         # read begun less than READ_FIRST_FRESH ago.
         self._read_began: dict[str, float] = {}
         self.read_first_fresh = READ_FIRST_FRESH
+        # Signed webhooks reach this poller (set by the process once it registered them with the CRM, and
+        # by the first signed notification taken): quiet polling turns stretch (QUIET_STRETCH).
+        self.notified = False
 
     def wake(self, objects: set[str] | None = None) -> None:
         """Read now - only `objects` if every wake since the last read named its objects."""
@@ -274,6 +283,7 @@ class Poller(News):
         whenever a signed webhook says something changed (whichever replica it reached: the cursor and the
         event ids make a second reader harmless)."""
         turn = time.monotonic() + every  # the next polling turn, kept however often webhooks wake it
+        stretch = 1  # the polling interval's multiple: grows with quiet turns where webhooks are on
         while True:
             try:
                 # Not wait_for: on Python 3.11 it swallows a stop that lands with a webhook's wake-up.
@@ -284,20 +294,27 @@ class Poller(News):
                 woken = False
             named, self._named = self._named, set()
             self.woken.clear()
+            began = time.monotonic()
             if woken:
                 objects = named or None  # what the webhooks named (nothing named: everything)
+                stretch = 1  # someone at work in the CRM: the usual interval again
+                turn = min(turn, began + every)
             else:
-                turn = time.monotonic() + every
+                turn = began + every * stretch
                 if not owned():
                     continue
                 objects = None  # the polling turn: everything
+            posted = -1  # failed
             try:
-                await self.poll(objects)
+                posted = await self.poll(objects)
             except Exception as exc:  # the CRM or the collector failing: read again from the cursor next time
                 extra = {"connection": self.connection.id, "error": type(exc).__name__}
                 if isinstance(exc, CrmReadFailed | CollectorRefused):
                     extra["reason"] = str(exc)  # the CRM's status and code, never a record's values
                 log.warning("reading crm changes failed", extra=extra)
+            if not woken:
+                stretch = min(stretch * 2, QUIET_STRETCH) if posted == 0 and self.notified else 1
+                turn = began + every * stretch
 
     async def poll(self, objects: set[str] | None = None) -> int:
         """Post every change since the cursors (of `objects` only, when given); returns how many events

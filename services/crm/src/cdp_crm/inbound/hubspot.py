@@ -2,8 +2,15 @@
 date (modified-since polling: `lastmodifieddate` for contacts, `hs_lastmodifieddate` for the rest), and at
 once when a signed HubSpot webhook (v3: contact.propertyChange, deal.propertyChange, ticket.creation, ...)
 says something changed (`HubSpotWebhooks`: then only the objects the notification names are read). Every
-request is reserved from the account's shared budget first; HubSpot's per-second search limit is kept
-apart from the burst budget.
+request is reserved from the account's shared budget first; HubSpot's search limit (four a second per
+token) is kept apart from it, by the token's `SearchPace` (adapters/hubspot.py), which this reader shares
+with the outbound adapter's erasure lookups and of which it takes at most half: two searches a second.
+
+Most of what a busy read pages through is the connector's own writes read back (their modification date
+moved; news.py tells them from a CRM user's edits by value and posts nothing for them): HubSpot's search
+offers no documented filter for "changed by someone else", so they are read, in pages of 200 (HubSpot's
+most) - at 300 contact writes a second, about 1.5 of the two searches. Where signed webhooks reach the
+poller, quiet polling turns stretch (core.QUIET_STRETCH).
 
 The search starts AT the cursor's stamp (ids read at that stamp are skipped, `core.Keyset`) and is asked
 again from the new cursor after each page; a full page of records all read already (more than a page
@@ -28,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from cdp_crm.adapters.http import exchange, transport_error
+from cdp_crm.adapters.hubspot import SearchPace
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
 from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller
@@ -37,8 +45,9 @@ from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.inbound")
 
-PAGE = 100
-SEARCH_SPACING = 0.25  # seconds between two searches: HubSpot's search limit is per second
+# Records a search page: HubSpot's most (200; the local HubSpot's SEARCH_PAGE_LIMIT too). Most of a busy read
+# is the connector's own writes read back, and each page is a search from the token's few a second.
+PAGE = 200
 # What is read of each object (the event's properties), its modification stamp, and what it is.
 HUBSPOT_OBJECTS: dict[str, tuple[str, ...]] = {
     "tickets": (
@@ -82,6 +91,7 @@ class HubSpotReader:
         *,
         clock: Callable[[], float] = time.time,
         timeout: float = 30.0,
+        searches: SearchPace | None = None,
     ) -> None:
         self.connection = connection
         self.session = session
@@ -90,7 +100,9 @@ class HubSpotReader:
         self.budget = budget
         self.clock = clock
         self.timeout = timeout
-        self._last_search = 0.0
+        # The token's searches, shared with the outbound adapter's (`open_poller`): this reader's at most
+        # INBOUND_SHARE of HubSpot's limit.
+        self.searches = searches or SearchPace()
         self.mapped = backwards(connection)
 
     async def pages(
@@ -124,11 +136,11 @@ class HubSpotReader:
     async def _call(self, method: str, path: str, body: Any, what: str) -> Any:
         search = path.endswith("/search")
         for _ in range(5):
-            reservation = await self.budget.acquire(1, self.clock)
             if search:
-                # HubSpot allows a few searches a second per account, apart from the burst budget.
-                await asyncio.sleep(max(0.0, self._last_search + SEARCH_SPACING - time.monotonic()))
-                self._last_search = time.monotonic()
+                # HubSpot's search limit, apart from the burst budget: the slot first, so no unit of the
+                # budget is held while it comes (a search sent later than its slot is still within it).
+                await self.searches.take(inbound=True)
+            reservation = await self.budget.acquire(1, self.clock)
             answer = await exchange(
                 self.session, method, self.base + path, json=body, headers=self.headers, timeout=self.timeout, what=what
             )
@@ -233,8 +245,9 @@ class HubSpotPoller(Poller):
         objects: tuple[str, ...] = tuple(HUBSPOT_OBJECTS),
         clock: Callable[[], float] = time.time,
         timeout: float = 30.0,
+        searches: SearchPace | None = None,
     ) -> None:
-        reader = HubSpotReader(connection, session, token, budget, clock=clock, timeout=timeout)
+        reader = HubSpotReader(connection, session, token, budget, clock=clock, timeout=timeout, searches=searches)
         super().__init__(store, connection, reader, collector, objects=objects, clock=clock)
 
 
@@ -325,6 +338,7 @@ class HubSpotWebhooks:
             return web.Response(status=204)  # taken already: nothing to do again
         self._taken.add(signature)
         heapq.heappush(self._expiries, (int(timestamp) + self.MAX_AGE_MS, signature))
+        poller.notified = True  # HubSpot's notifications reach it: quiet polling turns may stretch
         poller.wake(_objects_named(body))
         return web.Response(status=204)
 

@@ -1,0 +1,247 @@
+"""What HubSpot's inbound reader spends of the token's search limit (four a second: adapters/hubspot.py)
+while the connector writes contacts and nobody else edits anything, against the local HubSpot over HTTP
+with the outbound engine writing (on the real nats-server) and the poller run as the process runs it: its
+polling turns, and `read_first` before each batch of upserts.
+
+Before the search pace (searches spaced 0.25 s, pages of 100) a busy read paged through the connector's own
+writes back to back: 2.5-3.6 searches a second at 300 writes/s, the limit's whole, with nothing left for
+an erasure's lookups. Now the inbound side takes at most half of it (`INBOUND_SHARE`), pages of 200, and,
+where signed webhooks reach it, quiet polling turns stretch - and a CRM user's edit of a contact the
+connector writes in the same second still arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import datetime as dt
+import itertools
+import time
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+
+from cdp_crm.adapters.hubspot import INBOUND_SHARE, SEARCHES_PER_SECOND, HubSpotAdapter, SearchPace
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.mapping import parse_connections
+from cdp_crm.inbound import HubSpotPoller, HubSpotWebhooks, open_poller
+from cdp_crm.inbound.core import QUIET_STRETCH
+from cdp_crm.state import CURSORS
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_testing.waiting import until
+
+TOKEN = "pat-local-hubspot"
+SEARCH = "/search"
+
+
+@dataclass
+class Spent:
+    searches_per_second: float  # inbound searches a second over the window
+    read_back_per_second: float  # records the searches returned a second
+    busiest: int  # the most searches that reached HubSpot within any two seconds
+    written_per_second: float  # contact writes the connector made a second
+    behind: int  # contacts changed after the inbound cursor when the writes stopped (how far it lags)
+
+
+async def load(world, rate: int, seconds: float, during=None) -> float:
+    """`rate` contact changes a second, each a new person (as the pipeline's load changes persons), for
+    `seconds`; `during` (a coroutine function) runs once, a second into it. When it ended (monotonic)."""
+    person, tick, began = 0, 0.1, time.monotonic()
+    side = None
+    while time.monotonic() - began < seconds:
+        changes = {}
+        for _ in range(int(rate * tick)):
+            person += 1
+            changes[f"person-{person}"] = {"traits.email": f"p{person}@example.com", "traits.first_name": "P"}
+        await world.profiles(changes)
+        if during is not None and side is None and time.monotonic() - began >= 1.0:
+            side = asyncio.create_task(during())
+        steps = round((time.monotonic() - began) / tick)
+        await asyncio.sleep(max(0.0, began + tick * (steps + 1) - time.monotonic()))
+    if side is not None:
+        await side
+    return time.monotonic()
+
+
+async def start_reading(world, collector, every: float) -> tuple[HubSpotPoller, asyncio.Task, list]:
+    """The connection's poller, reading every `every` seconds and before each batch of contact writes (as
+    the process wires it); the (monotonic time, records) of each search it sends."""
+    await world.start()
+    (connection,) = world.connections
+    poller = HubSpotPoller(
+        world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
+        collector.client(world.session),
+    )  # fmt: skip
+    world.logic.inbound[connection.id] = poller
+    pages: list[tuple[float, int]] = []
+    search = poller.reader._search
+
+    async def counted(*args, **kwargs):
+        page, following = await search(*args, **kwargs)
+        pages.append((time.monotonic(), len(page)))
+        return page, following
+
+    poller.reader._search = counted
+    await poller.poll()  # the cursors: from now on
+    return poller, asyncio.create_task(poller.run(every)), pages
+
+
+async def measure(world, collector, hubspot: HubSpotEmulator, *, rate: int, seconds: float, every: float) -> Spent:
+    """The harness: what the inbound side spent while the connector wrote `rate` contacts a second for
+    `seconds` (over the window after a warm-up second)."""
+    _, run, pages = await start_reading(world, collector, every)
+    began = time.monotonic()
+    searches_before = len(hubspot.requests)
+    try:
+        ended = await load(world, rate, seconds)
+        cursor = await world.store.get(CURSORS, "hs:contacts")
+        after = cursor.doc["after"]
+        behind = sum(1 for c in hubspot.records("contacts") if c["properties"]["lastmodifieddate"] > after)
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    span = ended - began - 1.0
+    inside = [n for at, n in pages if began + 1.0 <= at <= ended]
+    arrivals = [r.at for r in list(hubspot.requests)[searches_before:] if r.path.endswith(SEARCH)]
+    busiest = max((bisect.bisect_right(arrivals, at + 2.0) - i for i, at in enumerate(arrivals)), default=0)
+    written = len(hubspot.records("contacts")) / (ended - began)
+    return Spent(len(inside) / span, sum(inside) / span, busiest, written, behind)
+
+
+async def test_inbound_searches_keep_to_their_share_of_the_limit_while_the_connector_writes_contacts(
+    world_factory, collector
+):
+    """Fails before the search pace: 2.5-3.6 searches a second, 9 within two seconds."""
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        spent = await measure(world, collector, hubspot, rate=300, seconds=10.0, every=5.0)  # make up's turns
+        print(f"\n{spent}")
+        share = SEARCHES_PER_SECOND * INBOUND_SHARE
+        assert spent.searches_per_second <= share * 1.05, spent
+        # At HubSpot: a search arrives at its slot or a little after (the event loop's delay), never before.
+        assert spent.busiest <= 2 * share + 1, spent
+        assert collector.names() == []  # only the connector's own writes: no news
+        await world.stop()
+
+
+async def test_a_users_edit_of_a_contact_the_connector_writes_in_the_same_second_still_arrives(
+    world_factory, collector
+):
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        _, run, _ = await start_reading(world, collector, every=2.0)
+        stamps: list[str] = []
+
+        async def rep_and_connector() -> None:
+            # The connector writes Ada's contact; a sales rep edits it; the connector writes it again - within
+            # one second, while it writes 300 other contacts a second.
+            await world.profiles({"ada": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+            contact = await until(lambda: hubspot.find("contacts", "cdp_id", "ada"), "the connector's write")
+            stamps.append(contact["properties"]["lastmodifieddate"])
+            edited = hubspot.user_update("contacts", contact["id"], {"lastname": "King", "phone": "+44 20 7946 0000"})
+            stamps.append(edited["properties"]["lastmodifieddate"])
+            await world.profiles({"ada": {"traits.first_name": "Augusta"}})
+            await until(
+                lambda: hubspot.find("contacts", "cdp_id", "ada")["properties"]["firstname"] == "Augusta",
+                "the connector's second write",
+            )
+
+        try:
+            await load(world, 300, 6.0, during=rep_and_connector)
+            await until(lambda: collector.events("CRM Contact Updated"), "the rep's edit as an event", timeout=60)
+        finally:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        first, edit = (dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() for s in stamps)
+        assert edit - first < 1.0  # the same second
+        (updated,) = collector.events("CRM Contact Updated")
+        assert updated["properties"]["lastname"] == "King" and updated["properties"]["phone"] == "+44 20 7946 0000"
+        assert updated["properties"]["cdp_person_id"] == "ada"
+        assert collector.names() == ["CRM Contact Updated"]  # the connector's own writes are still no news
+        await world.stop()
+
+
+async def test_an_erasure_lookup_is_not_held_behind_the_inbound_share():
+    pace = SearchPace(per_second=10.0, inbound_share=0.5)  # any search 0.1 s apart, inbound ones 0.2 s
+    began = time.monotonic()
+    await pace.take(inbound=True)
+    inbound = asyncio.create_task(pace.take(inbound=True))  # its slot: 0.2 s after the first
+    await asyncio.sleep(0)
+    await pace.take(inbound=False)  # the free slot between the two
+    lookup = time.monotonic() - began
+    await inbound
+    second = time.monotonic() - began
+    assert 0.09 <= lookup < 0.19 and 0.19 <= second < 0.3
+
+
+async def test_the_inbound_reader_and_the_adapter_share_the_tokens_searches(store, session, collector):
+    document = {"connections": [{"id": "hs", "kind": "hubspot", "url": "http://127.0.0.1:9",
+                                 "credentials": {"token": "HUBSPOT_TOKEN"},
+                                 "mappings": [{"id": "contacts", "object": "contacts",
+                                               "match": {"cdp_id": "person.id"}, "fields": {"email": "traits.email"}}]}]}  # fmt: skip
+    (connection,) = parse_connections(document)
+    adapter = HubSpotAdapter(session, token=TOKEN, base_url="http://127.0.0.1:9")
+    budget = SharedBudget(store, connection)
+    poller = open_poller(store, connection, adapter, budget, collector.client(session), session, {"token": TOKEN})
+    assert poller.reader.searches is adapter.searches
+
+
+@pytest.mark.parametrize("every", [0.25])
+async def test_with_webhooks_reaching_it_quiet_polling_turns_stretch_and_a_webhook_brings_the_interval_back(
+    store, session, collector, every
+):
+    hubspot = HubSpotEmulator(client_secret="app-secret", search_per_second=1000)  # the pace aside, below
+    await hubspot.start()
+    runner = None
+    try:
+        ada = hubspot.user_create("contacts", {"email": "ada@example.com"})
+        document = {"connections": [{"id": "hs", "kind": "hubspot", "url": hubspot.base_url,
+                                     "credentials": {"token": "HUBSPOT_TOKEN"},
+                                     "mappings": [{"id": "contacts", "object": "contacts",
+                                                   "match": {"cdp_id": "person.id"},
+                                                   "fields": {"email": "traits.email"}}]}]}  # fmt: skip
+        (connection,) = parse_connections(document)
+        poller = HubSpotPoller(
+            store, connection, session, TOKEN, SharedBudget(store, connection), collector.client(session),
+            objects=("contacts", "deals"), searches=SearchPace(per_second=100.0),
+        )  # fmt: skip
+        await poller.poll()
+        hooks = HubSpotWebhooks({"hs": (poller, "app-secret")})
+        runner = web.AppRunner(hooks.app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        hubspot.webhook_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hs"
+
+        def turns() -> list[float]:  # only a polling turn reads deals: a contact's webhook names contacts
+            return [r.at for r in hubspot.requests if r.path == "/crm/v3/objects/deals/search"]
+
+        reader = asyncio.create_task(poller.run(every))
+        try:
+            # No webhook taken yet: the usual interval, however quiet.
+            await until(lambda: len(turns()) >= 6, "six polling turns")
+            gaps = [b - a for a, b in itertools.pairwise(turns())]
+            assert max(gaps[-4:]) < every * 2, gaps
+            # A rep's edit: its signed webhook reads the contact at once, and webhooks now reach the poller.
+            hubspot.user_update("contacts", ada["id"], {"firstname": "Ada"})
+            await until(lambda: collector.events("CRM Contact Updated"), "the webhook's read")
+            assert poller.notified
+            # Quiet from now on: the turns stretch, doubling, to QUIET_STRETCH intervals.
+            woken = len(turns())
+            await until(lambda: len(turns()) >= woken + 5, "five quiet polling turns", timeout=every * 40)
+            gaps = [b - a for a, b in itertools.pairwise(turns()[woken:])]
+            assert min(gaps[-2:]) >= every * QUIET_STRETCH * 0.9, gaps
+            # Another edit: the webhook brings the usual interval back (the next turn within one).
+            hubspot.user_update("contacts", ada["id"], {"lastname": "King"})
+            await until(lambda: len(collector.events("CRM Contact Updated")) == 2, "the second webhook's read")
+            woken_at = time.time()
+            quiet = len(turns())
+            await until(lambda: len(turns()) > quiet, "the next polling turn")
+            assert turns()[quiet] - woken_at < every * 2
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await hubspot.close()
