@@ -14,7 +14,8 @@ gRPC services' names NOT_SERVING while it cannot answer, e.g. a standby: `GrpcSe
 a readiness probe naming that service follows while liveness, on "", stays SERVING; and `cdp.storage`
 reads NOT_SERVING while a store of the process cannot write, see `cdp_kit.storage.health`), reflection
 (for callers with a valid token), and the cdp interceptor (auth, tracing, metrics, error mapping). SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
-seconds, then closes every resource in reverse order of acquisition.
+seconds, then closes every resource in reverse order of acquisition. A loop held for CDP_LOOP_STALL_SECONDS
+is said at WARNING while it is held, with where (`cdp_kit.loopwatch`).
 
 The event loop: `CDP_EVENT_LOOP` = `uvloop` (the default when uvloop is importable), `asyncio` (the
 standard library's), or `auto` (the same as unset). It is read before the settings class exists (the loop
@@ -49,6 +50,7 @@ from cdp_kit.auth import TokenAuthenticator, TokenFile, bearer_from_file, token_
 from cdp_kit.errors import Unauthenticated, Unavailable
 from cdp_kit.interceptors import PUBLIC, CdpInterceptor
 from cdp_kit.logging import configure_logging
+from cdp_kit.loopwatch import LoopWatch
 from cdp_kit.settings import ServiceSettings, SettingsError, load_settings
 from cdp_kit.telemetry import Telemetry, setup_telemetry
 from cdp_kit.tls_client import ClientCertificates, FollowingChannel
@@ -391,8 +393,12 @@ def stop_bound(settings: ServiceSettings) -> float:
 async def run_service(settings: ServiceSettings, setup: SetupFn) -> None:
     loop = asyncio.get_running_loop()
     watchdog: threading.Timer | None = None
+    held: LoopWatch | None = None
     try:
         async with serving(settings, setup) as runtime:
+            if settings.loop_stall_seconds > 0:  # a held loop said while it is held (loopwatch.py)
+                held = LoopWatch(loop, threading.get_ident(), settings.loop_stall_seconds, runtime.telemetry.meter)
+                held.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, runtime.stop)
             await runtime.stopping.wait()
@@ -408,6 +414,8 @@ async def run_service(settings: ServiceSettings, setup: SetupFn) -> None:
     finally:
         if watchdog is not None:
             watchdog.cancel()
+        if held is not None:
+            held.stop()
     if runtime._failure is not None:
         raise SystemExit(1)
 

@@ -162,6 +162,11 @@ class ServiceSettings:
         help="plaintext port serving only grpc.health.v1, for kubelet probes when gRPC uses TLS (0: off)",
     )
     shutdown_grace: float = env("CDP_SHUTDOWN_GRACE", 10.0, help="seconds in-flight calls get to finish on SIGTERM")
+    loop_stall_seconds: float = env(
+        "CDP_LOOP_STALL_SECONDS",
+        5.0,
+        help="seconds the event loop may answer nothing before a WARNING says where it is held (0: off)",
+    )
 
     def validate(self) -> list[str]:
         problems = []
@@ -179,4 +184,8 @@ class ServiceSettings:
             problems.append(f"CDP_PARTITIONS={self.partitions} is invalid: must be at least 1")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             problems.append(f"CDP_LOG_LEVEL={self.log_level!r} is invalid: must be DEBUG, INFO, WARNING or ERROR")
+        if not self.loop_stall_seconds >= 0:  # (NaN too)
+            problems.append(
+                f"CDP_LOOP_STALL_SECONDS={self.loop_stall_seconds} is invalid: must be 0 (off) or more seconds"
+            )
         return problems
