@@ -12,13 +12,14 @@ The clock here moves only when the test moves it: "2 minutes later" is the resta
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 import pytest
 
 from cdp_kit.bus import subjects
 from cdp_segmentation.domain import parse
-from cdp_segmentation.engine import CLOCKS
+from cdp_segmentation.engine import CLOCKS, PERSONS
 from cdp_testing.fakes import T0, Clock
 
 from .test_stream import until
@@ -134,14 +135,17 @@ async def test_a_message_the_replay_published_first_is_replayed_with_the_same_ti
     await first.engine.create("trial", parse("traits.trial_ends_at > now"))
     await first.engine.wait_live("trial")
     await first.engine.snapshot()
-    person = in_partition(1, 0, "p")[0]
+    person, other = in_partition(2, 0, "p")
     commits.on = True
     seq = await send(js, change(person, T0, trial_ends_at=T0 + 150))
+    # A second message of the partition after it: the replay records the clock of every position it is the
+    # first to publish, not only its last.
+    seq = max(seq, await send(js, change(other, T0, level=1)))
 
     async def applied_not_committed() -> bool:
         return first.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
 
-    await until(applied_not_committed, "the change applied, its commit held")
+    await until(applied_not_committed, "the changes applied, their commits held")
     await first.crash()
     assert await events(js) == []
 
@@ -179,3 +183,173 @@ async def test_batch_clocks_are_written_while_a_time_segment_is_live_and_pruned_
     assert await clocks() == [f"0:{seq:020d}"]
     await first.engine.snapshot()
     assert await clocks() == []
+    # Those a crashed replica left are the next owner's to prune: its replay read them.
+    seq = await send(js, change(person, T0, trial_ends_at=TRIAL_ENDS + 1))
+    await applied(first, seq)
+    assert await clocks() == [f"0:{seq:020d}"]
+    await first.crash()
+    second = await replica()
+    await applied(second, await send(js, change(person, T0, level=2)))
+    await second.engine.snapshot()
+    assert await clocks() == []
+
+
+class Holds:
+    """The store, its writes that `which` selects held (`released` lets them go; never set, the process dies
+    there). `reached` once one waits."""
+
+    def __init__(self, store, which) -> None:
+        self.store, self.which = store, which
+        self.reached, self.released = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def bulk_write(self, ops):
+        if any(self.which(op) for op in ops):
+            self.reached.set()
+            await self.released.wait()
+        return await self.store.bulk_write(ops)
+
+
+def checkpoint(op) -> bool:
+    """A batch's commit (the checkpoint of partition 0 moving)."""
+    return op.key == subjects.profiles_changed(0) and not op.collection.startswith(CLOCKS)
+
+
+async def test_timers_due_before_a_replayed_message_fire_before_it_again(world):
+    """p's trial ends at T0+50 (its timer in the snapshot). p changes again (M); M's commit never lands and
+    the restart at T0+100 is the first to publish M: p's timer fires first (the exit at T0+50, under its
+    timer id), then M changes nothing. That replica dies before its pipeline commits past M. The next
+    restart evaluates M at T0+100 again: the timer must fire before M again, or M itself would exit p,
+    another message id, a second exit."""
+    replica, js, clock, store = world
+    first = await replica(HeldStore(store, commits := Held()))
+    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
+    await first.engine.wait_live("trial")
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, trial_ends_at=T0 + 50)))
+    await first.engine.snapshot()
+    commits.on = True
+    seq = await send(js, change(person, T0 + 1, other=1))
+
+    async def held() -> bool:
+        return first.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
+
+    await until(held, "M applied, its commit held")
+    await first.crash()
+
+    clock.advance(100)
+    hold = Holds(store, checkpoint)
+    second = await replica(hold)
+    exited = [("trial", True, "event"), ("trial", False, "time")]
+    try:
+        assert moves(await events(js)) == exited
+        assert await store.get(CLOCKS, f"0:{seq:020d}") is not None  # the replay's clock, before it published
+    finally:
+        await second.crash()  # (its commits wait on the hold: a stop would wait for ever)
+
+    clock.advance(100)
+    third = await replica()
+    async with third.stream.quiescent():
+        pass
+    published = await events(js)
+    no_id_twice(published)
+    assert moves(published) == exited
+    assert not third.engine.membership(person)
+
+
+async def snapshot_held(replica: Replica, store) -> tuple[asyncio.Task, Holds]:
+    """A snapshot of `replica` under way, its first write of persons held."""
+    hold = Holds(store, lambda op: op.collection.startswith(PERSONS))
+    replica.engine.held.store = hold
+    snapshot = asyncio.create_task(replica.engine.snapshot())
+    await asyncio.wait_for(hold.reached.wait(), 20)
+    return snapshot, hold
+
+
+async def exit_after_restart(replica, clock: Clock, person: str, js) -> list:
+    """A replica started at T0+120, after `person`'s trial ended: what the bus holds once its timer fired."""
+    clock.advance(120)
+    second = await replica()
+    await timers_fired(second, person)
+    published = await events(js)
+    no_id_twice(published)
+    return published
+
+
+async def test_a_snapshot_keeps_the_clocks_of_the_batches_it_does_not_include(world):
+    """The pipelines go on while a snapshot writes its cut: q's trial starts in a batch applied then, past
+    the snapshot's positions. Its clock outlives the snapshot, so a crash after it still replays q's
+    change at its batch's time and publishes the exit."""
+    replica, js, clock, store = world
+    first = await replica()
+    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
+    await first.engine.wait_live("trial")
+    await first.engine.snapshot()
+    p, q = in_partition(2, 0, "p")
+    await applied(first, await send(js, change(p, T0, other=1)))  # p to write: the snapshot writes persons
+    snapshot, hold = await snapshot_held(first, store)
+    seq = await send(js, change(q, T0, trial_ends_at=TRIAL_ENDS))
+    await applied(first, seq)
+    hold.released.set()
+    await snapshot
+    assert [record.key async for record in store.scan_all(CLOCKS)] == [f"0:{seq:020d}"]
+    await first.crash()
+
+    published = await exit_after_restart(replica, clock, q, js)
+    assert moves(published) == [("trial", True, "event"), ("trial", False, "time")]
+
+
+async def test_a_snapshot_that_dies_before_it_is_written_keeps_the_clocks(world):
+    """The clocks of the positions a snapshot includes are deleted only once it is written: the process
+    dies while it writes, and the restart replays q's change from the older snapshot, at its batch's time."""
+    replica, js, clock, store = world
+    first = await replica()
+    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
+    await first.engine.wait_live("trial")
+    await first.engine.snapshot()
+    q = in_partition(1, 0, "q")[0]
+    await applied(first, await send(js, change(q, T0, trial_ends_at=TRIAL_ENDS)))
+    snapshot, _hold = await snapshot_held(first, store)
+    await first.crash(snapshot)
+
+    published = await exit_after_restart(replica, clock, q, js)
+    assert moves(published) == [("trial", True, "event"), ("trial", False, "time")]
+
+
+async def test_the_replay_records_its_clock_before_it_publishes(world, nats_server):
+    """p's change is applied, never committed; the restart at T0+100 would be the first to publish its enter
+    (the trial ends at T0+150) and dies while it records its clock. Had it published first, the restart at
+    T0+200 would evaluate the change at its own time (p outside, no timer): an enter never followed by its
+    exit. Recorded first, nothing is published until a replay has recorded the time it evaluated with."""
+    replica, js, clock, store = world
+    first = await replica(HeldStore(store, commits := Held()))
+    await first.engine.create("trial", parse("traits.trial_ends_at > now"))
+    await first.engine.wait_live("trial")
+    await first.engine.snapshot()
+    person = in_partition(1, 0, "p")[0]
+    commits.on = True
+    seq = await send(js, change(person, T0, trial_ends_at=T0 + 150))
+
+    async def held() -> bool:
+        return first.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
+
+    await until(held, "the change applied, its commit held")
+    await first.crash()
+
+    clock.advance(100)
+    hold = Holds(store, lambda op: op.collection.startswith(CLOCKS))
+    second = Replica(hold, nats_server.url, clock)
+    second.serving = asyncio.create_task(second.start())  # its replay waits on the hold: `crash` ends it
+    try:
+        await asyncio.wait_for(hold.reached.wait(), 20)
+    finally:
+        await second.crash()
+
+    clock.advance(100)
+    third = await replica()
+    async with third.stream.quiescent():
+        pass
+    published = await events(js)
+    assert moves(published) in ([], [("trial", True, "event"), ("trial", False, "time")])
