@@ -16,6 +16,7 @@ import bisect
 import datetime as dt
 import itertools
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -332,6 +333,31 @@ async def test_an_erasures_lookups_and_the_inbound_reader_together_keep_to_the_t
         assert max(waited) < 1.5, waited
 
 
+@asynccontextmanager
+async def _webhooks_and_turns(hubspot: HubSpotEmulator, poller: HubSpotPoller, every: float):
+    """HubSpot's signed webhooks pointed at the poller (`HubSpotWebhooks`, as the process serves it), and the
+    poller run as the process runs it, every `every` seconds; both stopped on the way out."""
+    runner = web.AppRunner(HubSpotWebhooks({"hs": (poller, hubspot.client_secret)}).app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        hubspot.webhook_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hs"
+        reader = asyncio.create_task(poller.run(every))
+        try:
+            yield
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        await runner.cleanup()
+
+
+def _searched(hubspot: HubSpotEmulator, obj: str) -> list[tuple[float, int | None]]:
+    """(arrival, status) of each search of `obj` HubSpot received."""
+    return [(r.at, r.status) for r in hubspot.requests if r.path == f"/crm/v3/objects/{obj}/search"]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="defect in 2e625d16: Poller.notified is one flag for the whole connection, so a contact's webhook "
@@ -344,10 +370,7 @@ async def test_an_edit_no_webhook_announces_is_still_read_within_a_polling_inter
     completing a task is then seen by the polling turn alone: it must come within the polling interval, as
     before the quiet turns stretched - not four intervals later (at the default 30 s, two minutes)."""
     every = 0.25
-    hubspot = HubSpotEmulator(client_secret="app-secret", search_per_second=1000)  # the pace aside, below
-    await hubspot.start()
-    runner = None
-    try:
+    async with HubSpotEmulator(client_secret="app-secret", search_per_second=1000) as hubspot:  # pace below
         ada = hubspot.user_create("contacts", {"email": "ada@example.com", "cdp_id": "person-1"})
         task = hubspot.user_create(
             "tasks",
@@ -361,22 +384,11 @@ async def test_an_edit_no_webhook_announces_is_still_read_within_a_polling_inter
         )  # fmt: skip
         await poller.poll()
         assert collector.names() == ["CRM Task Created"]  # a rep's task (Ada the connector's contact)
-        hooks = HubSpotWebhooks({"hs": (poller, "app-secret")})
-        runner = web.AppRunner(hooks.app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        hubspot.webhook_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hs"
-
-        def turns() -> list[float]:  # only a polling turn reads tasks: a contact's webhook names contacts
-            return [r.at for r in hubspot.requests if r.path == "/crm/v3/objects/tasks/search"]
-
-        reader = asyncio.create_task(poller.run(every))
-        try:
+        async with _webhooks_and_turns(hubspot, poller, every):
             hubspot.user_update("contacts", ada["id"], {"firstname": "Ada"})  # its webhook reaches the poller
             await until(lambda: collector.events("CRM Contact Updated"), "the webhook's read")
-            woken = len(turns())
-            await until(lambda: len(turns()) >= woken + 3, "three quiet polling turns", timeout=every * 40)
+            woken = len(_searched(hubspot, "tasks"))  # only a polling turn reads tasks: the webhook named contacts
+            await until(lambda: len(_searched(hubspot, "tasks")) >= woken + 3, "three quiet turns", timeout=every * 40)
             await until(lambda: not poller._reading.locked(), "the polling turn's end")
             # The rep completes the task: nothing announces it.
             url, hubspot.webhook_url = hubspot.webhook_url, None
@@ -385,10 +397,32 @@ async def test_an_edit_no_webhook_announces_is_still_read_within_a_polling_inter
             edited = time.monotonic()
             await until(lambda: collector.events("CRM Task Completed"), "the task's outcome", timeout=every * 40)
             assert time.monotonic() - edited < every * 2
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        await hubspot.close()
+
+
+async def test_a_polling_turn_that_failed_is_not_quiet_the_next_comes_at_the_usual_interval(store, session, collector):
+    """Webhooks announced every object the poller reads and quiet turns stretched to QUIET_STRETCH intervals;
+    then HubSpot fails a turn's search (a 503). A failed turn read nothing - not a quiet one: the next comes
+    one interval on, so what changed during the outage is read as soon as HubSpot answers again."""
+    every = 0.25
+    async with HubSpotEmulator(client_secret="app-secret", search_per_second=1000) as hubspot:  # pace below
+        ada = hubspot.user_create("contacts", {"email": "ada@example.com", "cdp_id": "person-1"})
+        connection = _hubspot_connection(hubspot.base_url)
+        poller = HubSpotPoller(
+            store, connection, session, TOKEN, SharedBudget(store, connection), collector.client(session),
+            objects=("contacts", "deals"), searches=SearchPace(per_second=100.0),
+        )  # fmt: skip
+        await poller.poll()
+        async with _webhooks_and_turns(hubspot, poller, every):
+            hubspot.user_update("contacts", ada["id"], {"firstname": "Ada"})
+            hubspot.user_create("deals", {"dealname": "Renewal", "dealstage": "appointmentscheduled"})
+            await until(lambda: poller.notified and collector.events("CRM Contact Updated"), "the webhooks' reads")
+            await until(lambda: len(_searched(hubspot, "deals")) >= 2, "the deal's read")
+            woken = len(_searched(hubspot, "deals"))
+            await until(lambda: len(_searched(hubspot, "deals")) >= woken + 3, "three quiet turns", timeout=every * 40)
+            await until(lambda: not poller._reading.locked(), "the polling turn's end")
+            failed = len(_searched(hubspot, "contacts"))
+            hubspot.faults.fail_next(1)  # the next turn's first request: its contacts search
+            await until(lambda: len(_searched(hubspot, "contacts")) >= failed + 2, "the turn after the failed one")
+            (at, status), (after, _) = _searched(hubspot, "contacts")[failed : failed + 2]
+            assert status == 503
+            assert after - at < every * 2
