@@ -57,11 +57,6 @@ def test_a_service_without_http_clients_starts_without_aiohttp_or_x509(service):
     assert out == "[]"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cdp_kit's rule puts None in sys.modules['aiohttp'] for every thread while the transport loads "
-    "(the fix hides it from the loading thread only: audit 40's patch to cdp_kit/__init__.py; drop this mark with it)",
-)
 def test_another_thread_imports_aiohttp_while_nats_transport_loads():
     """The rule hides aiohttp from the import of nats' transport only: a thread importing aiohttp at that
     moment (a library's worker thread, an exporter) imports it. The transport's module code is held at its
