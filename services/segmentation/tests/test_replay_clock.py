@@ -24,7 +24,18 @@ from cdp_segmentation.engine import CLOCKS, PERSONS
 from cdp_testing.fakes import T0, Clock
 
 from .test_stream import until
-from .test_torn_snapshot import Held, HeldStore, Replica, applied, change, crash_world, events, in_partition, send
+from .test_torn_snapshot import (
+    Held,
+    HeldStore,
+    Replica,
+    applied,
+    applied_commit_held,
+    change,
+    crash_world,
+    events,
+    in_partition,
+    send,
+)
 
 TRIAL_ENDS = T0 + 60
 
@@ -54,6 +65,15 @@ async def timers_fired(replica: Replica, person: str) -> None:
     await until(fired, "the timer fired", timeout=5)
     async with replica.stream.quiescent():
         pass
+
+
+async def settled_events(replica: Replica, js) -> list:
+    """What the bus holds once `replica`'s stream is quiescent (what it replayed published), no id twice."""
+    async with replica.stream.quiescent():
+        pass
+    published = await events(js)
+    no_id_twice(published)
+    return published
 
 
 async def crashed_and_back(running: Replica, replica, clock: Clock, later: float, person: str, js) -> list:
@@ -143,10 +163,7 @@ async def test_a_message_the_replay_published_first_is_replayed_with_the_same_ti
     # first to publish, not only its last.
     seq = max(seq, await send(js, change(other, T0, level=1)))
 
-    async def applied_not_committed() -> bool:
-        return first.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
-
-    await until(applied_not_committed, "the changes applied, their commits held")
+    await applied_commit_held(first, seq, commits, "the changes applied, their commits held")
     await first.crash()
     assert await events(js) == []
 
@@ -234,10 +251,7 @@ async def test_timers_due_before_a_replayed_message_fire_before_it_again(world):
     commits.on = True
     seq = await send(js, change(person, T0 + 1, other=1))
 
-    async def held() -> bool:
-        return first.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
-
-    await until(held, "M applied, its commit held")
+    await applied_commit_held(first, seq, commits, "M applied, its commit held")
     await first.crash()
 
     clock.advance(100)
@@ -252,10 +266,7 @@ async def test_timers_due_before_a_replayed_message_fire_before_it_again(world):
 
     clock.advance(100)
     third = await replica()
-    async with third.stream.quiescent():
-        pass
-    published = await events(js)
-    no_id_twice(published)
+    published = await settled_events(third, js)
     assert moves(published) == exited
     assert not third.engine.membership(person)
 
@@ -333,10 +344,7 @@ async def test_the_replay_records_its_clock_before_it_publishes(world, nats_serv
     commits.on = True
     seq = await send(js, change(person, T0, trial_ends_at=T0 + 150))
 
-    async def held() -> bool:
-        return first.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
-
-    await until(held, "the change applied, its commit held")
+    await applied_commit_held(first, seq, commits, "the change applied, its commit held")
     await first.crash()
 
     clock.advance(100)
@@ -350,9 +358,7 @@ async def test_the_replay_records_its_clock_before_it_publishes(world, nats_serv
 
     clock.advance(100)
     third = await replica()
-    async with third.stream.quiescent():
-        pass
-    published = await events(js)
+    published = await settled_events(third, js)
     assert moves(published) in ([], [("trial", True, "event"), ("trial", False, "time")])
 
 
@@ -390,8 +396,5 @@ async def test_timers_a_replay_fires_below_the_published_position_are_not_publis
     await until(window_passed, "the duplicate window passed", timeout=5)
 
     second = await replica()
-    async with second.stream.quiescent():
-        pass
-    published = await events(js)
-    no_id_twice(published)
+    published = await settled_events(second, js)
     assert moves(published) == exited

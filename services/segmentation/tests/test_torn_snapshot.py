@@ -137,6 +137,15 @@ async def world(nats_server):
         yield replica, js
 
 
+async def applied_commit_held(replica: Replica, seq: int, commits: Held, what: str) -> None:
+    """`replica` applied partition 0 up to `seq`, and the commit `commits` holds (`on`) has reached it."""
+
+    async def held() -> bool:
+        return replica.engine.applied.get(subjects.profiles_changed(0), 0) >= seq and commits.reached.is_set()
+
+    await until(held, what)
+
+
 async def send(js, *changes: profile_pb2.ProfileChanged) -> int:
     batch = profile_pb2.ProfileChangedBatch(changes=list(changes))
     ack = await js.publish(subjects.profiles_changed(0), batch.SerializeToString())
@@ -331,10 +340,7 @@ async def test_what_the_outbox_holds_goes_out_before_what_the_replay_finds_after
         commits.on = True
         b = await send(js, change(person, T0 + 2, level=0))
 
-        async def b_applied() -> bool:
-            return first.engine.applied.get(subjects.profiles_changed(0), 0) >= b and commits.reached.is_set()
-
-        await until(b_applied, "b applied, its commit held")
+        await applied_commit_held(first, b, commits, "b applied, its commit held")
         await first.crash()
         assert not await events(js)
 
