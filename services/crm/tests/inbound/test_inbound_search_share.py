@@ -267,9 +267,9 @@ def _searches_at(hubspot: HubSpotEmulator) -> list[tuple[float, int | None]]:
 
 async def test_a_backlog_is_read_in_pages_of_200_at_two_searches_a_second_at_most(store, session, collector):
     """1,000 contacts changed in HubSpot, each at a stamp of its own: six searches of HubSpot's most (200 a
-    page; each from the cursor's stamp, its first record read again), each at least half a second after the one before at HubSpot - half of the four a second its
-    search limit allows a token (the figures, not the module's constants: a share or a page size changed
-    there fails here)."""
+    page; each from the cursor's stamp, its first record read again), each at least half a second after the
+    one before at HubSpot - half of the four a second its search limit allows a token (the figures, not the
+    module's constants: a share or a page size changed there fails here)."""
     async with HubSpotEmulator() as hubspot:
         for i in range(1000):
             hubspot.user_create("contacts", {"email": f"p{i}@example.com", "firstname": f"P{i}"})
