@@ -258,8 +258,6 @@ async def setup(runtime: ServiceRuntime) -> None:
                         "hubspot webhooks not registered; changes are polled",
                         extra={"connection": connection.id, "reason": refused.reason, "crm_code": refused.code},
                     )
-                else:
-                    hooks[connection.id][0].notified = True  # its quiet polling turns stretch (inbound/core.py)
 
     runs = Runs(logic, partitions=settings.partitions, people=people)
 

@@ -53,11 +53,12 @@ LOOKUPS_AT_ONCE = 100  # a page's store lookups of what the connector wrote, sid
 
 # Seconds a read of an object that reached its end spares `read_first` another (see there).
 READ_FIRST_FRESH = 5.0
-# Where signed webhooks reach the poller (`Poller.notified`), each polling turn that finds no news - nothing
-# changed, or only the connector's own writes read back - doubles the wait to the next, up to this many
-# polling intervals; news, or a webhook, brings the usual interval back. A CRM user's edit wakes the reader
-# at once through its webhook; the polling turn is the net for a notification lost on the way, and each
-# turn is a search per object from HubSpot's few a second.
+# Where signed webhooks announced every object the poller reads (`Poller.notified`), each polling turn that
+# finds no news - nothing changed, or only the connector's own writes read back - doubles the wait to the
+# next, up to this many polling intervals; news, or a webhook, brings the usual interval back. A CRM user's
+# edit wakes the reader at once through its webhook; the polling turn is the net for a notification lost on
+# the way, and each turn is a search per object from HubSpot's few a second. An object no webhook announced
+# (HubSpot's legacy subscriptions have no tasks) is seen by the polling turn alone: no stretch then.
 QUIET_STRETCH = 4
 
 
@@ -268,9 +269,15 @@ class Poller(News):
         # read begun less than READ_FIRST_FRESH ago.
         self._read_began: dict[str, float] = {}
         self.read_first_fresh = READ_FIRST_FRESH
-        # Signed webhooks reach this poller (set by the process once it registered them with the CRM, and
-        # by the first signed notification taken): quiet polling turns stretch (QUIET_STRETCH).
-        self.notified = False
+        # The objects signed webhooks named (`HubSpotWebhooks` adds them as it takes one). A CRM announces
+        # only what the app subscribes to (HubSpot's legacy subscriptions have no tasks): quiet polling
+        # turns stretch (QUIET_STRETCH) only once every object read here was announced (`notified`).
+        self.announced: set[str] = set()
+
+    @property
+    def notified(self) -> bool:
+        """Signed webhooks announced every object this poller reads: its quiet polling turns may stretch."""
+        return set(self.objects) <= self.announced
 
     def wake(self, objects: set[str] | None = None) -> None:
         """Read now - only `objects` if every wake since the last read named its objects."""

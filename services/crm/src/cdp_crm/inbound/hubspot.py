@@ -338,8 +338,9 @@ class HubSpotWebhooks:
             return web.Response(status=204)  # taken already: nothing to do again
         self._taken.add(signature)
         heapq.heappush(self._expiries, (int(timestamp) + self.MAX_AGE_MS, signature))
-        poller.notified = True  # HubSpot's notifications reach it: quiet polling turns may stretch
-        poller.wake(_objects_named(body))
+        named = _objects_named(body)
+        poller.announced |= named or set()  # announced: once every object is, quiet polling turns stretch
+        poller.wake(named)
         return web.Response(status=204)
 
 
