@@ -191,34 +191,15 @@ async def test_the_inbound_reader_and_the_adapter_share_the_tokens_searches(stor
 async def test_with_webhooks_reaching_it_quiet_polling_turns_stretch_and_a_webhook_brings_the_interval_back(
     store, session, collector, every
 ):
-    hubspot = HubSpotEmulator(client_secret="app-secret", search_per_second=1000)  # the pace aside, below
-    await hubspot.start()
-    runner = None
-    try:
+    async with HubSpotEmulator(client_secret="app-secret", search_per_second=1000) as hubspot:  # pace below
         ada = hubspot.user_create("contacts", {"email": "ada@example.com"})
-        document = {"connections": [{"id": "hs", "kind": "hubspot", "url": hubspot.base_url,
-                                     "credentials": {"token": "HUBSPOT_TOKEN"},
-                                     "mappings": [{"id": "contacts", "object": "contacts",
-                                                   "match": {"cdp_id": "person.id"},
-                                                   "fields": {"email": "traits.email"}}]}]}  # fmt: skip
-        (connection,) = parse_connections(document)
-        poller = HubSpotPoller(
-            store, connection, session, TOKEN, SharedBudget(store, connection), collector.client(session),
-            objects=("contacts", "deals"), searches=SearchPace(per_second=100.0),
-        )  # fmt: skip
+        poller = _paced_poller(store, session, collector, _hubspot_connection(hubspot.base_url), ("contacts", "deals"))
         await poller.poll()
-        hooks = HubSpotWebhooks({"hs": (poller, "app-secret")})
-        runner = web.AppRunner(hooks.app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        hubspot.webhook_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hs"
 
         def turns() -> list[float]:  # only a polling turn reads deals: a contact's webhook names contacts
             return [r.at for r in hubspot.requests if r.path == "/crm/v3/objects/deals/search"]
 
-        reader = asyncio.create_task(poller.run(every))
-        try:
+        async with _webhooks_and_turns(hubspot, poller, every):
             # No webhook taken yet: the usual interval, however quiet.
             await until(lambda: len(turns()) >= 6, "six polling turns")
             gaps = [b - a for a, b in itertools.pairwise(turns())]
@@ -246,13 +227,14 @@ async def test_with_webhooks_reaching_it_quiet_polling_turns_stretch_and_a_webho
             assert turns()[quiet] - woken_at < every * 2
             # ... and the stretch begins again from there: the turn after it two intervals on, not four.
             assert turns()[quiet + 1] - turns()[quiet] < every * QUIET_STRETCH * 0.8, turns()[quiet:]
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        await hubspot.close()
+
+
+def _paced_poller(store, session, collector, connection, objects: tuple[str, ...]) -> HubSpotPoller:
+    """A poller of `objects` whose searches the pace lets through (100 a second): the test's own turns."""
+    return HubSpotPoller(
+        store, connection, session, TOKEN, SharedBudget(store, connection), collector.client(session),
+        objects=objects, searches=SearchPace(per_second=100.0),
+    )  # fmt: skip
 
 
 def _hubspot_connection(url: str):
@@ -376,11 +358,7 @@ async def test_an_edit_no_webhook_announces_is_still_read_within_a_polling_inter
             {"hs_task_subject": "Call Ada", "hs_task_status": "NOT_STARTED"},
             links=[("contacts", ada["id"], [])],
         )
-        connection = _hubspot_connection(hubspot.base_url)
-        poller = HubSpotPoller(
-            store, connection, session, TOKEN, SharedBudget(store, connection), collector.client(session),
-            objects=("contacts", "tasks"), searches=SearchPace(per_second=100.0),
-        )  # fmt: skip
+        poller = _paced_poller(store, session, collector, _hubspot_connection(hubspot.base_url), ("contacts", "tasks"))
         await poller.poll()
         assert collector.names() == ["CRM Task Created"]  # a rep's task (Ada the connector's contact)
         async with _webhooks_and_turns(hubspot, poller, every):
@@ -405,11 +383,7 @@ async def test_a_polling_turn_that_failed_is_not_quiet_the_next_comes_at_the_usu
     every = 0.25
     async with HubSpotEmulator(client_secret="app-secret", search_per_second=1000) as hubspot:  # pace below
         ada = hubspot.user_create("contacts", {"email": "ada@example.com", "cdp_id": "person-1"})
-        connection = _hubspot_connection(hubspot.base_url)
-        poller = HubSpotPoller(
-            store, connection, session, TOKEN, SharedBudget(store, connection), collector.client(session),
-            objects=("contacts", "deals"), searches=SearchPace(per_second=100.0),
-        )  # fmt: skip
+        poller = _paced_poller(store, session, collector, _hubspot_connection(hubspot.base_url), ("contacts", "deals"))
         await poller.poll()
         async with _webhooks_and_turns(hubspot, poller, every):
             hubspot.user_update("contacts", ada["id"], {"firstname": "Ada"})
