@@ -73,15 +73,22 @@ class SearchPace:
     the rest of the limit. Per process: a connection's inbound reader runs in one replica (the
     partition's owner)."""
 
-    def __init__(self, per_second: float = SEARCHES_PER_SECOND, inbound_share: float = INBOUND_SHARE) -> None:
+    def __init__(
+        self,
+        per_second: float = SEARCHES_PER_SECOND,
+        inbound_share: float = INBOUND_SHARE,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
         self.spacing = 1.0 / per_second
         self.inbound_spacing = self.spacing / inbound_share
         self._slots: list[float] = []  # monotonic times of the searches sent or reserved, ascending
         self._inbound = -math.inf  # the last inbound search's slot
 
-    async def take(self, *, inbound: bool) -> None:
-        """Wait for this search's slot."""
-        now = time.monotonic()
+    async def take(self, *, inbound: bool) -> float:
+        """Wait for this search's slot; the slot (on `clock`)."""
+        now = self.clock()
         self._slots = [s for s in self._slots if s > now - self.spacing]
         at = max(now, self._inbound + self.inbound_spacing) if inbound else now
         for slot in self._slots:  # ascending: `at` only moves on, past each slot too close to it
@@ -92,6 +99,7 @@ class SearchPace:
             self._inbound = at
         if at > now:
             await asyncio.sleep(at - now)
+        return at
 
 
 class HubSpotAdapter:
