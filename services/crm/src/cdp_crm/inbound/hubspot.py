@@ -9,8 +9,8 @@ with the outbound adapter's erasure lookups and of which it takes at most half: 
 Most of what a busy read pages through is the connector's own writes read back (their modification date
 moved; news.py tells them from a CRM user's edits by value and posts nothing for them): HubSpot's search
 offers no documented filter for "changed by someone else", so they are read, in pages of 200 (HubSpot's
-most) - at 300 contact writes a second, about 1.5 of the two searches. Where signed webhooks reach the
-poller, quiet polling turns stretch (core.QUIET_STRETCH).
+most) - at 300 contact writes a second, about 1.5 of the two searches. Once signed webhooks have named
+every object the poller reads, quiet polling turns stretch (core.QUIET_STRETCH).
 
 The search starts AT the cursor's stamp (ids read at that stamp are skipped, `core.Keyset`) and is asked
 again from the new cursor after each page; a full page of records all read already (more than a page
