@@ -25,6 +25,15 @@ highest number whose write has landed; every write before it has landed too (wri
 some state, the number of the write that carries the change (`submitted + 1` right before submitting it,
 with nothing awaited between) can tell whether that change is durable yet, and wait for it, at the cost
 of a comparison when it is.
+
+Outcomes: a write's future is the caller's to await, and nothing here swallows its failure. `abort` (a
+crash) consumes the outcomes of the writes it leaves behind - their waiters went with the crashed
+process; an owner still awaiting one gets it all the same -, and an aborted chain's refusals are
+consumed as they are made: unretrieved, asyncio prints "... exception was never retrieved" for each once
+it is collected (at exit, after a crash test).
+A write cancelled while it waits for an earlier one ends cancelled, even when the earlier one was
+cancelled just before it (abort cancels them in no set order): only a write that was not cancelled
+itself fails with `EarlierWriteFailed` behind an abandoned one.
 """
 
 from __future__ import annotations
@@ -69,9 +78,7 @@ class WriteChain:
         The future completes when it is durable, or fails with the store's error (or
         `EarlierWriteFailed`)."""
         if self._closed:
-            write = asyncio.get_running_loop().create_future()
-            write.set_exception(EarlierWriteFailed("the write chain was aborted"))
-            return write
+            return _aborted()
         ops = list(ops)
         self.submitted += 1
         group = self._open
@@ -103,9 +110,7 @@ class WriteChain:
             if group.last >= number:
                 return group.write
         if self._closed:
-            failed = asyncio.get_running_loop().create_future()
-            failed.set_exception(EarlierWriteFailed("the write chain was aborted"))
-            return failed
+            return _aborted()
         return None
 
     async def _write(self, previous: asyncio.Future | None, after: asyncio.Future | None, group: _Group) -> None:
@@ -128,7 +133,11 @@ class WriteChain:
             try:
                 await asyncio.shield(earlier)
             except asyncio.CancelledError:
-                if earlier.cancelled():
+                # Either this write was cancelled, or the shield passed on the earlier one's cancellation.
+                # Only the latter is an earlier write abandoned: a write cancelled itself (abort, racing
+                # the earlier write's own cancellation there) ends cancelled, with nothing to retrieve.
+                me = asyncio.current_task()
+                if earlier.cancelled() and not (me is not None and me.cancelling()):
                     raise EarlierWriteFailed("an earlier write was abandoned") from None
                 raise
             except Exception as exc:
@@ -156,6 +165,25 @@ class WriteChain:
         process' pending writes; a task that outlives its cancellation cannot write any more)."""
         self._closed = True
         self._open = None
-        for task in list(self._tasks):
-            task.cancel()
+        # Their waiters are gone with the "crashed" process: whatever each write ends with (cancelled, or
+        # a failure it had met already - a group failed before the crash, still in `_unlanded`) is consumed
+        # here; an owner still awaiting one sees it all the same.
+        for write in {*self._tasks, *(g.write for g in self._unlanded if g.write is not None)}:
+            write.cancel()
+            write.add_done_callback(_consume)
         self._last = None
+
+
+def _consume(write: asyncio.Future) -> None:
+    """Mark a write's failure retrieved (a waiter awaiting it still gets it)."""
+    if not write.cancelled():
+        write.exception()
+
+
+def _aborted() -> asyncio.Future:
+    """The refusal of an aborted chain: consumed at once, as `abort` consumes the writes it ends (a task
+    that outlives the crash may submit and never await)."""
+    refused = asyncio.get_running_loop().create_future()
+    refused.set_exception(EarlierWriteFailed("the write chain was aborted"))
+    _consume(refused)
+    return refused
