@@ -55,7 +55,7 @@ def test_malformed_consent_on_events_is_ignored_not_fatal(ev):
 
 @pytest.mark.parametrize(
     ("consent", "field"),
-    [({}, "consent"), ({"marketing": True}, "consent"), ({"purpose:My Purpose": True}, "consent"), ({"channel:sms": "no"}, "consent.channel:sms")],
+    [({}, "consent"), ({"marketing": True}, "consent"), ({"purpose:": True}, "consent"), ({"purpose:My\x00Purpose": True}, "consent"), ({"channel:sms": "no"}, "consent.channel:sms")],
 )  # fmt: skip
 def test_bad_consent_writes_name_the_field(consent, field):
     with pytest.raises(InvalidArgument) as caught:

@@ -16,7 +16,11 @@ from typing import Any, NamedTuple
 
 from cdp_kit.errors import InvalidArgument
 
-CONSENT_KEY_RE = re.compile(r"^(purpose|channel):[^\s:]{1,64}$")
+#: A consent key: "purpose:" or "channel:" and the name as the consent context sent it. Any name the collector
+#: accepts is held (spaces, ':', any length: "purpose:Marketing Emails", which a journey's action may name):
+#: one left out here was a consent decision dropped without a word after the collector answered it stored.
+#: NUL, which no store can hold in a field name, is refused at the edge and by `check_consent_key`.
+CONSENT_KEY_RE = re.compile(r"^(?:purpose|channel):[^\x00]+\Z")
 
 _version_key = attrgetter("at", "event_id")
 _version_at = attrgetter("at")
@@ -151,5 +155,5 @@ def same_value(a: Any, b: Any) -> bool:
 def check_consent_key(key: Any, field_name: str) -> None:
     if not isinstance(key, str) or not CONSENT_KEY_RE.match(key):
         raise InvalidArgument(
-            field_name, f"{key!r} is not a consent key: use 'purpose:<Name>' or 'channel:<name>' (no spaces or ':')"
+            field_name, f"{key!r} is not a consent key: use 'purpose:<Name>' or 'channel:<name>' (a name without NUL)"
         )
