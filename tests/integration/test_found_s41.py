@@ -8,9 +8,18 @@ beside them when a test needs it), and cdpctl runs as an operator runs it, as a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+import grpc
+import orjson
+
+from cdp.orchestration.v1 import orchestration_pb2 as opb
+from cdp.orchestration.v1 import orchestration_pb2_grpc
 from cdp.profile.v1 import profile_pb2
+from cdp_kit.service import serving
+from cdp_orchestration.__main__ import setup as orchestration_setup
+from cdp_orchestration.settings import OrchestrationSettings
 
 LONG_NAME = "Personalised offers from our partners in the travel, hotel and car rental business"
 
@@ -86,3 +95,109 @@ async def test_consent_under_any_category_name_an_sdk_sends_reaches_the_profile(
     consent = await _consent_when(chain, "s41-consent", lambda c: c.get("purpose:Marketing Emails") is True)
     assert consent["purpose:Marketing Emails"] is True
     assert await chain.dead_letters() == []
+
+
+def _far_journey(journey_id: str, event: str, nodes: list[dict]) -> dict:
+    return {
+        "id": journey_id,
+        "version": 1,
+        "name": journey_id,
+        "priority": 1,
+        "category": "reminder",
+        "timezone": "UTC",
+        "entry": {"event": event},
+        "reentry": "always",
+        "nodes": nodes,
+    }
+
+
+# Past nats-server's last schedulable instant (2262-04-11: int64 nanoseconds), and past the year 9999.
+FAR = {"s41-far-2300": "100000d", "s41-far-9999": "99999999d"}
+
+FAR_JOURNEYS = [
+    *(
+        _far_journey(journey, f"S41 Delay {journey}", [{"id": "later", "type": "delay", "duration": duration}])
+        for journey, duration in FAR.items()
+    ),
+    _far_journey(
+        "s41-far-wait",
+        "S41 Far Wait",
+        [
+            {
+                "id": "wait",
+                "type": "wait",
+                "event": "S41 Never",
+                "timeout": FAR["s41-far-9999"],
+                "timeout_next": "done",
+            },
+            {"id": "done", "type": "exit"},
+        ],
+    ),
+]
+# Entered after the others: once its one-second delay has fired and ended it, a far timer that fired at
+# once would have been applied too.
+SENTINEL = _far_journey("s41-sentinel", "S41 Sentinel", [{"id": "soon", "type": "delay", "duration": "1s"}])
+
+
+@contextlib.asynccontextmanager
+async def _orchestration(chain, tmp_path):
+    settings = OrchestrationSettings(
+        **chain.edge.common,
+        store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
+        profile_address=f"127.0.0.1:{chain.profile_runtime.grpc.port}",
+        answer_timeout=15.0,
+    )
+    async with serving(settings, orchestration_setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel)
+
+
+async def _instances(journeys, journey_id: str) -> list[opb.Instance]:
+    return list((await journeys.ListInstances(opb.ListInstancesRequest(journey_id=journey_id))).instances)
+
+
+async def test_a_journey_whose_timers_reach_past_what_nats_can_schedule_waits_and_dead_letters_nothing(chain, tmp_path):
+    """A journey's durations have no upper bound, and these validate and publish. nats-server counts a
+    schedule's time in int64 nanoseconds: a delay of 100000d (the year 2300) fired at once, sending what
+    was to wait; a delay or a wait's timeout of 99999999d (past the year 9999, which RFC 3339 cannot
+    write) failed orchestration's batch for the person entering, held that partition's persons through
+    redeliveries (some 25 s each) and then dead-lettered the event the collector had accepted."""
+    async with _orchestration(chain, tmp_path) as journeys:
+        for document in [*FAR_JOURNEYS, SENTINEL]:
+            definition = opb.JourneyDefinition(json=orjson.dumps(document).decode())
+            await journeys.CreateJourney(opb.CreateJourneyRequest(definition=definition))
+            await journeys.PublishJourney(opb.PublishJourneyRequest(journey_id=document["id"]))
+        events = [
+            {"type": "track", "userId": f"s41-far-{i}", "event": document["entry"]["event"]}
+            for i, document in enumerate(FAR_JOURNEYS)
+        ]
+        status, answer = await chain.post(*events)
+        assert (status, answer["accepted"]) == (200, len(events)), answer
+
+        entered: dict[str, list[opb.Instance]] = {}
+        deadline = time.monotonic() + 20.0
+        while len(entered) < len(FAR_JOURNEYS) and time.monotonic() < deadline:
+            for document in FAR_JOURNEYS:
+                if found := await _instances(journeys, document["id"]):
+                    entered[document["id"]] = found
+            await asyncio.sleep(0.2)
+        assert sorted(entered) == sorted(document["id"] for document in FAR_JOURNEYS)
+
+        status, answer = await chain.post({"type": "track", "userId": "s41-sentinel", "event": "S41 Sentinel"})
+        assert (status, answer["accepted"]) == (200, 1), answer
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline:
+            sentinel = await _instances(journeys, SENTINEL["id"])
+            if sentinel and sentinel[0].state == opb.INSTANCE_STATE_ENDED:
+                break
+            await asyncio.sleep(0.2)
+        assert [(i.state, i.end_reason) for i in sentinel] == [(opb.INSTANCE_STATE_ENDED, "completed")]
+        assert await chain.settled(timeout=15.0, streams=("EVENTS_RAW", "EVENTS_RESOLVED", "ORCHESTRATION")) is None
+
+        states = {document["id"]: await _instances(journeys, document["id"]) for document in FAR_JOURNEYS}
+        assert {journey: [(i.state, i.node_id) for i in found] for journey, found in states.items()} == {
+            "s41-far-2300": [(opb.INSTANCE_STATE_WAITING, "later")],
+            "s41-far-9999": [(opb.INSTANCE_STATE_WAITING, "later")],
+            "s41-far-wait": [(opb.INSTANCE_STATE_WAITING, "wait")],
+        }
+        assert [str(letter) for letter in await chain.dead_letters()] == []

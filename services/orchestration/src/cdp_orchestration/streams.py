@@ -91,6 +91,14 @@ def kind_of(headers: dict[str, str]) -> tuple[str, str]:
 # --- timers ----------------------------------------------------------------------------------------------
 
 
+#: The latest a timer is scheduled for: 2262-01-01T00:00:00Z. nats-server counts a schedule's time in int64
+#: nanoseconds, which end on 2262-04-11: a schedule after that (a delay of 100000d) fired at once, and one
+#: after 9999-12-31, which RFC 3339 cannot write, failed the batch of the person entering (held every person
+#: of the partition through redeliveries, then dead-lettered the event). A journey's durations have no upper
+#: bound (a delay or a wait's timeout of 99999999d validates): a timer due later is due then, as good as never.
+LATEST_TIMER = 9_214_646_400.0
+
+
 def _rfc3339(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -98,7 +106,8 @@ def _rfc3339(at: float) -> str:
 def schedule(partition: int, timer_id: str, at: float, payload: dict, *, msg_id: str | None = None) -> OutMessage:
     """A durable timer firing `payload` into `orchestration.in.<partition>` at `at` (whole seconds, rounded
     up: a timer never fires early). `msg_id` (default: the timer id) differs for a timer scheduled again
-    elsewhere (a merge moved its instance to another partition)."""
+    elsewhere (a merge moved its instance to another partition); one due after `LATEST_TIMER` is due then."""
+    at = min(at, LATEST_TIMER)
     due = float(int(at)) if at == int(at) else float(int(at) + 1)
     return OutMessage(
         subject=subjects.orchestration_timer(partition, timer_id),
