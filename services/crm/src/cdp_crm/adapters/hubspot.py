@@ -25,14 +25,15 @@ keeps a connection's searches to it - the inbound reader's polling and this adap
 one, and the inbound side never takes more than `INBOUND_SHARE` of it, so a read paging through the
 connector's own writes leaves the rest to the lookups (and a 429 ``SECONDLY`` is not the way either finds
 out). Per process: an erasure running in another replica than the connection's inbound reader has a pace
-of its own.
+of its own, and the two together may go over the limit: HubSpot answers 429 ``SECONDLY``, a lookup so
+refused is unanswered (None: the erasure asks again) and the reader sends its search again a second later
+(inbound/hubspot.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import math
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -70,8 +71,12 @@ class SearchPace:
     earliest free slot at once (nothing awaited between reading and reserving, so two never take one
     slot); an inbound search waiting for its share's slot does not hold the slots before it, so however
     long a read pages through the connector's own writes, the other searches (an erasure's lookups) keep
-    the rest of the limit. Per process: a connection's inbound reader runs in one replica (the
-    partition's owner)."""
+    the rest of the limit. A search that is not sent gives its slot back: one cancelled while it waits
+    for its slot (a stopping poller, an erasure's deadline), or whose caller `give_back`s it (cancelled
+    or failed after taking it, before sending: the reader waits for the account's budget in between) -
+    else the next search would wait out a slot nobody searched in (an inbound one a whole share's spacing
+    more). Searches already waiting keep their slots. Per process: a connection's inbound reader runs in
+    one replica (the partition's owner)."""
 
     def __init__(
         self,
@@ -83,23 +88,36 @@ class SearchPace:
         self.clock = clock
         self.spacing = 1.0 / per_second
         self.inbound_spacing = self.spacing / inbound_share
-        self._slots: list[float] = []  # monotonic times of the searches sent or reserved, ascending
-        self._inbound = -math.inf  # the last inbound search's slot
+        self._slots: list[float] = []  # times (on `clock`) of the searches sent or reserved, ascending
+        self._inbound: list[float] = []  # those of the inbound ones, ascending: the last spaces the next
 
     async def take(self, *, inbound: bool) -> float:
-        """Wait for this search's slot; the slot (on `clock`)."""
+        """Wait for this search's slot; the slot (on `clock`). Cancelled while waiting, the slot is free
+        again."""
         now = self.clock()
         self._slots = [s for s in self._slots if s > now - self.spacing]
-        at = max(now, self._inbound + self.inbound_spacing) if inbound else now
+        self._inbound = [s for s in self._inbound if s > now - self.inbound_spacing]
+        at = max(now, self._inbound[-1] + self.inbound_spacing) if inbound and self._inbound else now
         for slot in self._slots:  # ascending: `at` only moves on, past each slot too close to it
             if abs(slot - at) < self.spacing:
                 at = slot + self.spacing
         bisect.insort(self._slots, at)
         if inbound:
-            self._inbound = at
+            bisect.insort(self._inbound, at)
         if at > now:
-            await asyncio.sleep(at - now)
+            try:
+                await asyncio.sleep(at - now)
+            except asyncio.CancelledError:
+                self.give_back(at, inbound=inbound)
+                raise
         return at
+
+    def give_back(self, slot: float, *, inbound: bool) -> None:
+        """`slot` (as `take` returned it) was not searched in: the next search may take it."""
+        for slots in (self._slots, self._inbound) if inbound else (self._slots,):
+            i = bisect.bisect_left(slots, slot)
+            if i < len(slots) and slots[i] == slot:
+                del slots[i]
 
 
 class HubSpotAdapter:

@@ -12,6 +12,11 @@ offers no documented filter for "changed by someone else", so they are read, in 
 most) - at 300 contact writes a second, about 1.5 of the two searches. Once signed webhooks have named
 every object the poller reads, quiet polling turns stretch (core.QUIET_STRETCH).
 
+The pace is per process: an erasure running in another replica paces its lookups on its own, and the two
+together can go over the token's limit. A search HubSpot refuses for it (429 ``SECONDLY``) is sent again a
+second later - the limit's window -, five attempts in all within a read; then the read fails (`CrmReadFailed`)
+and the next turn reads from the cursor, which moved only past what was posted: nothing is lost.
+
 The search starts AT the cursor's stamp (ids read at that stamp are skipped, `core.Keyset`) and is asked
 again from the new cursor after each page; a full page of records all read already (more than a page
 changed in one instant) goes on with the search's own `after` paging instead. A record linked to a contact
@@ -136,11 +141,17 @@ class HubSpotReader:
     async def _call(self, method: str, path: str, body: Any, what: str) -> Any:
         search = path.endswith("/search")
         for _ in range(5):
+            slot = None
             if search:
                 # HubSpot's search limit, apart from the burst budget: the slot first, so no unit of the
                 # budget is held while it comes (a search sent later than its slot is still within it).
-                await self.searches.take(inbound=True)
-            reservation = await self.budget.acquire(1, self.clock)
+                slot = await self.searches.take(inbound=True)
+            try:
+                reservation = await self.budget.acquire(1, self.clock)
+            except BaseException:  # cancelled (a stop) or the store failing: not searched, the slot is free
+                if slot is not None:
+                    self.searches.give_back(slot, inbound=True)
+                raise
             answer = await exchange(
                 self.session, method, self.base + path, json=body, headers=self.headers, timeout=self.timeout, what=what
             )
@@ -148,7 +159,7 @@ class HubSpotReader:
             lost = answer.error is not None and answer.error.code == "TIMEOUT"  # the CRM may take it later still
             await self.budget.settle(reservation, self.clock(), answer.headers, answered=not lost)
             policy = answer.body.get("policyName") if isinstance(answer.body, dict) else None
-            if answer.status == 429 and policy == "SECONDLY":
+            if answer.status == 429 and policy == "SECONDLY":  # over the search limit: its window is a second
                 await asyncio.sleep(1.0)
                 continue
             error = transport_error(answer)
