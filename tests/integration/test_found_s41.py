@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
+from pathlib import Path
 
 import grpc
+import nats
 import orjson
 
 from cdp.orchestration.v1 import orchestration_pb2 as opb
@@ -20,7 +23,9 @@ from cdp.profile.v1 import profile_pb2
 from cdp_kit.service import serving
 from cdp_orchestration.__main__ import setup as orchestration_setup
 from cdp_orchestration.settings import OrchestrationSettings
+from cdp_testing.waiting import until
 
+CDPCTL = str(Path(sys.executable).parent / "cdpctl")
 LONG_NAME = "Personalised offers from our partners in the travel, hotel and car rental business"
 
 
@@ -201,3 +206,39 @@ async def test_a_journey_whose_timers_reach_past_what_nats_can_schedule_waits_an
             "s41-far-wait": [(opb.INSTANCE_STATE_WAITING, "wait")],
         }
         assert [str(letter) for letter in await chain.dead_letters()] == []
+
+
+async def test_a_dead_letter_orchestration_sourced_is_replayed_through_the_stream_it_came_from(chain, tmp_path):
+    """`cdpctl dlq --replay` sends a dead letter back "on the subject it was first published on". What
+    ORCHESTRATION holds it sourced from other streams, with nats-server's `Nats-Stream-Source` header; the
+    replay published it on `orchestration.in.<p>` with that header, which nats-server refuses: the command
+    ended in a traceback, replaying none of the dead letters after it."""
+    async with _orchestration(chain, tmp_path):
+        nc = await nats.connect(chain.nats_url)
+        try:
+            await nc.jetstream().publish("orchestration.fired.0", b"not a timer", headers={"Nats-Msg-Id": "s41-bad"})
+        finally:
+            await nc.close()
+        [first] = await until(chain.dead_letters, "the bad timer dead-lettered", 20.0)
+        assert (first.subject, first.original_subject) == ("dlq.ORCHESTRATION.orchestration-p0", "orchestration.in.0")
+
+        cdpctl = await asyncio.create_subprocess_exec(
+            CDPCTL,
+            "--home",
+            str(tmp_path / "cdp-home"),
+            "dlq",
+            "ORCHESTRATION",
+            "--replay",
+            "--nats",
+            chain.nats_url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(cdpctl.communicate(), 60.0)
+        assert (cdpctl.returncode, stderr.decode().count("Traceback")) == (0, 0), stderr.decode()[-2000:]
+        assert "replayed 1 of 1" in stdout.decode(), stdout.decode()
+
+        # Sourced again from ORCHESTRATION_TIMERS (still not a timer): a new dead letter, the first one gone.
+        [again] = await until(chain.dead_letters, "the replayed timer dead-lettered again", 20.0)
+        assert again.data == b"not a timer"
+        assert again.detail.startswith("ORCHESTRATION_TIMERS:"), again.detail

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import click
 import nats
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from rich.table import Table
 
 from cdp_kit.bus import rawevents, subjects
@@ -59,6 +59,7 @@ from cdp_kit.bus.consumer import (
     REPLAY_PREFIX,
     oldest_unacknowledged,
 )
+from cdp_kit.bus.streams import SOURCE_HEADER, source_of
 from cdp_kit.natsroles import ORDINAL, PARTITION, ROLES
 from cdpctl.common import console, nats_tls, nats_url, out
 from cdpctl.platform import Workspace
@@ -277,10 +278,24 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
                 f"the service that wrote it may not publish {letter.subject!r} itself",
             )
         subject, data, kept = letter.subject, msg.data, msg.headers
+    source, first_subject = source_of(kept)
+    if source:
+        # A message its stream sourced from another (ORCHESTRATION's inputs: resolved events, segment and
+        # profile changes, fired timers). nats-server refuses a publish carrying `Nats-Stream-Source` (only
+        # sourcing writes it, so the stored one is the server's word), and the consumer reads what the message
+        # is from it: it goes back where it was first published, in the stream it came from, and is sourced
+        # again from there with a header of its own.
+        if not any(_matches(pattern, first_subject) for pattern in subjects.STREAM_SUBJECTS.get(source, ())):
+            return _left(letter, f"it was sourced from {source}, which does not hold its first subject")
+        subject = first_subject
+        kept = {k: v for k, v in (kept or {}).items() if k != SOURCE_HEADER}
     headers = {k: v for k, v in (kept or {}).items() if k not in _DLQ_HEADERS}
     position = letter.original_seq if letter.part is None else f"{letter.original_seq}:{letter.part}"
     headers["Nats-Msg-Id"] = f"{REPLAY_PREFIX}{stream}:{durable}:{position}"
-    await js.publish(subject, data or b"", headers=headers)
+    try:
+        await js.publish(subject, data or b"", headers=headers)
+    except APIError as refused:  # the others are still replayed; this one stays for the operator
+        return _left(letter, f"nats-server refused to store it again on {subject!r} ({refused.description})")
     await js.delete_msg(DLQ, letter.seq)
     return True
 
