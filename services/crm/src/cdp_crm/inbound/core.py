@@ -58,7 +58,8 @@ READ_FIRST_FRESH = 5.0
 # next, up to this many polling intervals; news, or a webhook, brings the usual interval back. A CRM user's
 # edit wakes the reader at once through its webhook; the polling turn is the net for a notification lost on
 # the way, and each turn is a search per object from HubSpot's few a second. An object no webhook announced
-# (HubSpot's legacy subscriptions have no tasks) is seen by the polling turn alone: no stretch then.
+# (HubSpot's legacy subscriptions have no tasks; its generic ones do) is seen by the polling turn alone: no
+# stretch then.
 QUIET_STRETCH = 4
 
 
@@ -270,8 +271,9 @@ class Poller(News):
         self._read_began: dict[str, float] = {}
         self.read_first_fresh = READ_FIRST_FRESH
         # The objects signed webhooks named (`HubSpotWebhooks` adds them as it takes one). A CRM announces
-        # only what the app subscribes to (HubSpot's legacy subscriptions have no tasks): quiet polling
-        # turns stretch (QUIET_STRETCH) only once every object read here was announced (`notified`).
+        # only what the app subscribes to (HubSpot's legacy subscriptions have no tasks, its generic ones
+        # do): quiet polling turns stretch (QUIET_STRETCH) only once every object read here was announced
+        # (`notified`).
         self.announced: set[str] = set()
 
     @property

@@ -10,7 +10,8 @@ Most of what a busy read pages through is the connector's own writes read back (
 moved; news.py tells them from a CRM user's edits by value and posts nothing for them): HubSpot's search
 offers no documented filter for "changed by someone else", so they are read, in pages of 200 (HubSpot's
 most) - at 300 contact writes a second, about 1.5 of the two searches. Once signed webhooks have named
-every object the poller reads, quiet polling turns stretch (core.QUIET_STRETCH).
+every object the poller reads, quiet polling turns stretch (core.QUIET_STRETCH): HubSpot's legacy webhook
+subscriptions have no tasks, its generic ones (``object.*``, by object type id) do (`OBJECT_TYPE_IDS`).
 
 The pace is per process: an erasure running in another replica paces its lookups on its own, and the two
 together can go over the token's limit. A search HubSpot refuses for it (429 ``SECONDLY``) is sent again a
@@ -80,6 +81,12 @@ HUBSPOT_OBJECTS: dict[str, tuple[str, ...]] = {
 STAMP = {"contacts": "lastmodifieddate"}  # the others: hs_lastmodifieddate
 KIND = {"tickets": "ticket", "tasks": "task", "contacts": "contact", "deals": "deal"}
 PLURAL = {singular: obj for obj, singular in KIND.items()}
+# A webhook names its object in its subscription type: the legacy ones by name (``contact.propertyChange``;
+# contacts, companies, deals, tickets, products, line items and conversations - no tasks: HubSpot's webhooks
+# API guide and ``POST /webhooks/v3/<app id>/subscriptions``), the generic ones (``object.propertyChange``,
+# ``object.creation``, ...: developer changelog "Public Beta: Generic Webhook Subscriptions", August 2024,
+# which cover tasks) by the payload's ``objectTypeId`` (the object APIs guide's object type ids).
+OBJECT_TYPE_IDS = {"0-1": "contacts", "0-3": "deals", "0-5": "tickets", "0-27": "tasks"}
 CLOSED_TICKET_STAGES = ("4", "closed")
 
 
@@ -356,8 +363,9 @@ class HubSpotWebhooks:
 
 
 def _objects_named(body: bytes) -> set[str] | None:
-    """The objects a notification's subscription types name (contact.propertyChange -> contacts); None
-    when one is not read here or the body is not HubSpot's list: then everything is read."""
+    """The objects a notification's subscription types name (contact.propertyChange -> contacts;
+    object.propertyChange with objectTypeId 0-27 -> tasks); None when one is not read here or the body is
+    not HubSpot's list: then everything is read."""
     try:
         events = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -367,6 +375,8 @@ def _objects_named(body: bytes) -> set[str] | None:
     named = set()
     for event in events:
         singular = str(event.get("subscriptionType", "")).split(".", 1)[0] if isinstance(event, dict) else ""
+        if singular == "object":  # a generic subscription (object.<change>): the object by its type id
+            singular = KIND.get(OBJECT_TYPE_IDS.get(str(event.get("objectTypeId", ""))) or "", "")
         obj = PLURAL.get(singular)
         if obj is None:
             return None
