@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import nats
 import orjson
+from aiohttp import web
 
 from cdp.orchestration.v1 import orchestration_pb2 as opb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
@@ -242,3 +244,50 @@ async def test_a_dead_letter_orchestration_sourced_is_replayed_through_the_strea
         [again] = await until(chain.dead_letters, "the replayed timer dead-lettered again", 20.0)
         assert again.data == b"not a timer"
         assert again.detail.startswith("ORCHESTRATION_TIMERS:"), again.detail
+
+
+async def _cdpctl(home: Path, *args: str) -> tuple[int, str]:
+    """cdpctl as an operator runs it: its exit code and everything it printed."""
+    process = await asyncio.create_subprocess_exec(
+        CDPCTL, "--home", str(home), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60.0)
+    return process.returncode, output.decode()
+
+
+async def test_cdpctl_send_refuses_counts_that_send_nothing_naming_the_option(tmp_path):
+    """`--count 0` or `-5` sent nothing and answered "accepted 0" with exit 0; `--batch-size 0` ended in
+    a traceback (a range step of zero), and a negative one sent nothing, exit 0."""
+    target = ("--url", "http://127.0.0.1:9", "--write-key", "wk_s41_00000001")
+    for option, value in (("--count", "0"), ("--count", "-5"), ("--batch-size", "0"), ("--batch-size", "-1")):
+        code, output = await _cdpctl(tmp_path, "send", "track", "--user-id", "s41", option, value, *target)
+        assert (code, "Traceback" in output) == (2, False), output
+        assert f"Invalid value for '{option}'" in output, output
+
+
+async def test_cdpctl_send_says_which_collector_it_could_not_reach_or_did_not_understand(tmp_path):
+    """A collector that is down (or a wrong --url) ended `cdpctl send` in an aiohttp traceback; a proxy's
+    HTML error page in front of it, in a JSONDecodeError traceback."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening: refused
+        code, output = await _cdpctl(tmp_path, "send", "track", "--user-id", "s41", "--url", down, "--write-key", "k")
+    assert (code, "Traceback" in output) == (1, False), output
+    assert f"cannot reach the collector at {down}" in output, output
+
+    async def bad_gateway(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/v1/batch", bad_gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        proxy = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        code, output = await _cdpctl(tmp_path, "send", "track", "--user-id", "s41", "--url", proxy, "--write-key", "k")
+    finally:
+        await runner.cleanup()
+    assert (code, "Traceback" in output) == (1, False), output
+    assert '"status": 502' in output, output

@@ -201,8 +201,22 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
             for start in range(0, len(events), batch_size):
                 chunk = events[start : start + batch_size]
                 body = {"batch": chunk, "sentAt": datetime.now(UTC).isoformat()}
-                async with session.post(f"{url}/v1/batch", json=body, headers=headers) as response:
-                    reply = await response.json(content_type=None)
+                try:
+                    async with session.post(f"{url}/v1/batch", json=body, headers=headers) as response:
+                        text = await response.text()
+                except aiohttp.ClientError as exc:
+                    # No collector answered (refused, reset, no such host, a malformed URL): say where, and how far
+                    # the run got, rather than end in a traceback.
+                    sent = f" after {start} of {len(events)} events were answered" if start else ""
+                    raise click.ClickException(
+                        f"cannot reach the collector at {url} ({type(exc).__name__}: {exc}){sent}"
+                    ) from None
+                try:
+                    reply = json.loads(text)
+                except ValueError:  # a proxy's or a server's page, not the collector's JSON
+                    reply = {"message": f"not a collector's answer: {len(text)} characters that are not JSON"}
+                if not isinstance(reply, dict):
+                    reply = {"message": "not a collector's answer: JSON that is not an object"}
                 if response.status != 200:
                     totals["errors"].append({"status": response.status, **(reply if isinstance(reply, dict) else {})})
                 totals["accepted"] += reply.get("accepted", 0)
@@ -230,8 +244,14 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
     "--context",
     help='the event\'s context as a JSON object, e.g. consent: \'{"consent": {"categoryPreferences": {"Marketing": true}}}\'',
 )
-@click.option("--count", default=1, show_default=True, help="how many events to send")
-@click.option("--batch-size", default=500, show_default=True, help="events per /v1/batch request")
+@click.option("--count", default=1, show_default=True, type=click.IntRange(min=1), help="how many events to send")
+@click.option(
+    "--batch-size",
+    default=500,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="events per /v1/batch request",
+)
 @click.option("--url", help="collector HTTP base URL (default: the one `cdpctl up` runs)")
 @click.option("--write-key", help="source write key (default: the dev source of `cdpctl up`)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
