@@ -9,7 +9,10 @@ rendered actions) goes back from its own copy only to a subject its writer may p
 carries the `Nats-Msg-Id` `replay:<stream>:<consumer>:<original seq>`: a fresh id (the original one
 could still be inside the stream's duplicate window and be dropped as a duplicate), the same for a retried
 replay of the same dead letter, and a new one if the replayed message fails again (it has a new position).
-Every consumer of that stream sees the message again; consumers are idempotent. A dead letter of one
+Every consumer of that stream sees the message again; consumers are idempotent. A message the stream
+sourced from another (ORCHESTRATION's inputs) goes back where it was first published, in that other stream
+(nats-server's `Nats-Stream-Source` says where; a publish may not carry it), and is sourced again from there:
+every consumer of the other stream sees it again too. A dead letter of one
 event of an `events.raw` message of several (`Cdp-Dlq-Part`: the others were applied) replays that event
 alone, as a message of its own, with `:<part>` after the sequence in its id. A listing or a replay
 reads the DLQ only up to its last message when the command started: a replayed message that fails again
@@ -254,6 +257,17 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
     try:
         original = await js.get_msg(stream, letter.original_seq)
         subject, data, kept = original.subject, original.data, original.headers
+        source, first_subject = source_of(kept)
+        if source:
+            # A message its stream sourced from another (ORCHESTRATION's inputs: resolved events, segment and
+            # profile changes, fired timers). nats-server refuses a publish carrying `Nats-Stream-Source` (only
+            # sourcing writes it: the stored one is the server's word), and the consumer reads what the message
+            # is from it: it goes back where it was first published, in the stream it came from, and is sourced
+            # again from there with a header of its own.
+            if not any(_matches(pattern, first_subject) for pattern in subjects.STREAM_SUBJECTS.get(source, ())):
+                return _left(letter, f"it was sourced from {source}, which does not hold its first subject")
+            subject = first_subject
+            kept = {k: v for k, v in (kept or {}).items() if k != SOURCE_HEADER}
         if letter.part is not None:
             # One event of a message of several: that event alone goes back (the others were applied).
             try:
@@ -278,17 +292,6 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
                 f"the service that wrote it may not publish {letter.subject!r} itself",
             )
         subject, data, kept = letter.subject, msg.data, msg.headers
-    source, first_subject = source_of(kept)
-    if source:
-        # A message its stream sourced from another (ORCHESTRATION's inputs: resolved events, segment and
-        # profile changes, fired timers). nats-server refuses a publish carrying `Nats-Stream-Source` (only
-        # sourcing writes it, so the stored one is the server's word), and the consumer reads what the message
-        # is from it: it goes back where it was first published, in the stream it came from, and is sourced
-        # again from there with a header of its own.
-        if not any(_matches(pattern, first_subject) for pattern in subjects.STREAM_SUBJECTS.get(source, ())):
-            return _left(letter, f"it was sourced from {source}, which does not hold its first subject")
-        subject = first_subject
-        kept = {k: v for k, v in (kept or {}).items() if k != SOURCE_HEADER}
     headers = {k: v for k, v in (kept or {}).items() if k not in _DLQ_HEADERS}
     position = letter.original_seq if letter.part is None else f"{letter.original_seq}:{letter.part}"
     headers["Nats-Msg-Id"] = f"{REPLAY_PREFIX}{stream}:{durable}:{position}"
