@@ -44,11 +44,10 @@ class LimitsMixin:
         }
 
     def _throttled(self, policy: str) -> web.Response:
-        message = (
-            "You have reached your daily limit."
-            if policy == "DAILY"
-            else "You have reached your ten_secondly_rolling limit."
-        )
+        message = {
+            "DAILY": "You have reached your daily limit.",
+            "SECONDLY": "You have reached your secondly limit.",  # as HubSpot words it (the search limit)
+        }.get(policy, "You have reached your ten_secondly_rolling limit.")
         body = {
             "status": "error",
             "message": message,
