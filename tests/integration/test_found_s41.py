@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import socket
 import sys
 import time
@@ -18,14 +20,19 @@ import grpc
 import nats
 import orjson
 from aiohttp import web
+from google.protobuf import json_format
 
 from cdp.orchestration.v1 import orchestration_pb2 as opb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
-from cdp.profile.v1 import profile_pb2
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.service import serving
 from cdp_orchestration.__main__ import setup as orchestration_setup
 from cdp_orchestration.settings import OrchestrationSettings
+from cdp_profile.__main__ import setup as profile_setup
+from cdp_profile.settings import ProfileSettings
 from cdp_testing.waiting import until
+
+from .conftest import dead_letters
 
 CDPCTL = str(Path(sys.executable).parent / "cdpctl")
 LONG_NAME = "Personalised offers from our partners in the travel, hotel and car rental business"
@@ -291,3 +298,62 @@ async def test_cdpctl_send_says_which_collector_it_could_not_reach_or_did_not_un
         await runner.cleanup()
     assert (code, "Traceback" in output) == (1, False), output
     assert '"status": 502' in output, output
+
+
+@contextlib.asynccontextmanager
+async def _profile(edge, store: Path):
+    """The profile service on `store`, with a stub to it; started again on the same store, it is a restart."""
+    settings = ProfileSettings(
+        **edge.common, store_url=f"sqlite:///{store}", identity_address=f"127.0.0.1:{edge.identity.grpc.port}"
+    )
+    async with serving(settings, profile_setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            yield profile_pb2_grpc.ProfileServiceStub(channel)
+
+
+async def _profile_when(profiles, user_id: str, ready, timeout: float = 20.0) -> profile_pb2.Profile:
+    """The person's profile once `ready(profile, its computed traits' numbers)` holds."""
+
+    async def read():
+        try:
+            found = await profiles.LookupProfile(
+                profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value=user_id)
+            )
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+            return None
+        return found if ready(found, {name: value.number_value for name, value in found.computed.items()}) else None
+
+    return await until(read, f"{user_id}'s computed traits", timeout)
+
+
+async def test_sums_past_what_a_double_or_64_bits_hold_stay_readable_and_dead_letter_nothing(edge, tmp_path):
+    """Every number here is one the collector accepts. Two 1.7e308 summed to infinity: `cdpctl profile`
+    (any JSON reading of the profile) ended in a traceback, the store wrote the total as null, and after
+    a restart of the profile service the person's next event failed its batch (TypeError), held the
+    partition through redeliveries and was dead-lettered. 2,050 values of 2**53 summed past 64 bits,
+    which the store cannot write: the batch failed the same way."""
+    store = tmp_path / "profile.db"
+    huge = [{"type": "track", "userId": "s41-huge", "event": "S41 Amount", "properties": {"x": 1.7e308}}] * 2
+    many = [{"type": "track", "userId": "s41-many", "event": "S41 Amount", "properties": {"x": 2**53}}] * 2050
+    async with _profile(edge, store) as profiles:
+        for name, op in (("s41_sum", "sum"), ("s41_avg", "avg")):
+            definition = profile_pb2.ComputedTraitDefinition(
+                name=name, op=op, event_names=["S41 Amount"], property="x", window="30d"
+            )
+            await profiles.DefineComputedTrait(profile_pb2.DefineComputedTraitRequest(definition=definition))
+        # Each event its own message id (the SDKs give each one): the same twice would be a duplicate.
+        answer = await edge.send(*({**event, "messageId": f"s41-huge-{i}"} for i, event in enumerate(huge)))
+        assert answer["accepted"] == 2, answer
+        answer = await edge.send(*({**event, "messageId": f"s41-many-{i}"} for i, event in enumerate(many)))
+        assert answer["accepted"] == 2050, answer
+        found = await _profile_when(profiles, "s41-huge", lambda p, c: c.get("s41_sum", 0) > 1e308)
+        json.loads(json_format.MessageToJson(found))  # what `cdpctl profile` prints
+        found = await _profile_when(profiles, "s41-many", lambda p, c: c.get("s41_sum", 0) > 1.8e19)
+        assert found.computed["s41_sum"].number_value == float(2050 * 2**53)
+
+    async with _profile(edge, store) as profiles:  # a restart: every state read back from the store
+        await edge.send({"type": "track", "userId": "s41-huge", "event": "S41 Amount", "properties": {"x": 1}})
+        found = await _profile_when(profiles, "s41-huge", lambda p, c: p.event_count == 3)
+        assert 1e308 < found.computed["s41_sum"].number_value < math.inf
+    assert [str(letter) for letter in await dead_letters(edge.nats_url)] == []

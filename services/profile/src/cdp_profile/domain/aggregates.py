@@ -46,6 +46,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import sys
 from bisect import bisect_left, insort
 from collections.abc import Iterable
 from operator import itemgetter
@@ -117,28 +118,55 @@ class CountAgg:
         return [self.n]
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT_MAX = sys.float_info.max
+
+
+def _bounded(total: float) -> float:
+    """A total as a state can be stored and a profile shown: an int within 64 bits, else a finite double,
+    saturating at the largest one. Every value is finite, but two of 1.7e308 summed to infinity, which no
+    JSON answer could show and the store wrote as null, and 2,050 of 2**53 to an int past 64 bits, which it
+    could not write: either failed the person's next batch (after a restart, for the null) and dead-lettered
+    the event, while a client sending such numbers was answered "stored"."""
+    if type(total) is int:
+        if _INT64_MIN <= total <= _INT64_MAX:
+            return total
+        try:
+            return _bounded(float(total))
+        except OverflowError:
+            return _FLOAT_MAX if total > 0 else -_FLOAT_MAX
+    if -_FLOAT_MAX <= total <= _FLOAT_MAX:
+        return total
+    return _FLOAT_MAX if total > 0 else -_FLOAT_MAX  # an overflow (NaN cannot come of finite values)
+
+
 class SumAgg:
-    """sum and avg: the total and how many values made it (an average is re-weighted by those counts)."""
+    """sum and avg: the total and how many values made it (an average is re-weighted by those counts).
+
+    The total stays an int while every value is and it fits in 64 bits (integer sums are exact in any
+    order), else it is a double; past the largest double it saturates there (`_bounded`), so a sum that
+    overflowed shows 1.8e308 and stays that large, less what leaves, until every contribution has left."""
 
     __slots__ = ("n", "total")
 
-    def __init__(self, n: int = 0, total: float = 0) -> None:
+    def __init__(self, n: int = 0, total: float | None = 0) -> None:
         self.n = n
-        self.total = total  # stays an int while every value is: integer sums are exact in any order
+        # null: an overflowed total stored before totals were bounded (its sign is lost; most are upward).
+        self.total = _FLOAT_MAX if total is None else total
 
     def add(self, at: float, event_id: str, value: Any) -> None:
         self.n += 1
-        self.total += value
+        self.total = _bounded(self.total + value)
 
     def remove(self, at: float, event_id: str, value: Any) -> bool:
         self.n -= 1
         # Reset when empty so float residue (0.1 + 0.2 - 0.1 - 0.2) never shows as a sum of nothing.
-        self.total = self.total - value if self.n else 0
+        self.total = _bounded(self.total - value) if self.n else 0
         return True
 
     def combine(self, other: SumAgg) -> None:
         self.n += other.n
-        self.total += other.total
+        self.total = _bounded(self.total + other.total)
 
     def result(self, op: str) -> Any:
         if op == "sum":
