@@ -27,6 +27,10 @@ the others apply again: the replay would find part of a message's transitions, a
 The replay evaluates each message at the time its batch was evaluated (`batch_clock`, committed with the
 checkpoint while a time-based segment is live), after the timers due by then: at the restart's time a
 person could be found past a flip that had not come yet, and the timer that publishes it never set.
+Timers fired where no batch clock records the time (the timer loop's rounds; a batch of messages
+replayed already, redelivered after a restart) are recorded too (`timer_round`: where they ran among the
+positions and logged moves, and when), and the replay fires them there at that time: at its own, a timer
+finds what time has made of the person since (out of `starts_at > now - 1m` again), not what was published.
 Snapshots also record, per partition, the definition versions its memberships are of; a partition
 arriving with another version of a live segment (or none) is brought to it before it is served. A
 segment going live, or persons brought to it, between a snapshot and a crash is replayed where it
@@ -51,7 +55,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from google.protobuf.message import DecodeError
@@ -107,6 +111,8 @@ PUBLISH_BACKOFF = (0.05, 0.2, 1.0, 2.0)
 SNAPSHOT_CHUNK = 100  # persons per write of a snapshot
 # The clock each batch was evaluated with, "<partition>:<its last position, 20 digits>" -> {first, now}:
 # what a replay evaluates the positions after the snapshot with (`replay`), until a snapshot includes them.
+# And each round of timers fired outside a batch, "<partition>:<position>:t<generation>.<place>.<µs>" ->
+# {timers, position, place, generation} (`timer_round`): where the replay fires them again, and when.
 CLOCKS = "segmentation_batch_clocks"
 
 TraitWaiter = Callable[[Sequence[str]], Awaitable[None]]
@@ -239,9 +245,11 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._timers: dict[int, list[tuple[float, str]]] = {}  # partition -> (due, person): a heap
         self._due: dict[str, float] = {}  # person -> its pending timer
         # The batch clocks (`batch_clock`) in the store: the collection, and partition -> their positions
-        # not yet pruned (those a snapshot includes are deleted after it: `_prune_clocks`).
+        # not yet pruned (those a snapshot includes are deleted after it: `_prune_clocks`); the timer rounds'
+        # (`timer_round`): partition -> (generation, key) of those not yet pruned.
         self.clocks = CLOCKS + namespace
         self._clock_records: dict[int, list[int]] = {}
+        self._round_records: dict[int, list[tuple[int, str]]] = {}
         # The persons PRIVACY's privacy.deleted notices name (person -> request id), read at start, and the
         # same by partition: erased from each partition as it arrives, their changes skipped (notices.py).
         self.deleted: dict[str, str] = {}
@@ -521,6 +529,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._built_base.pop(partition, None)
         self._published.pop(partition, None)
         self._clock_records.pop(partition, None)  # its next owner's replay reads them, a snapshot prunes them
+        self._round_records.pop(partition, None)
         leaving = {p for p in self.persons if self._partition(p) == partition}
         for person_id in leaving:
             self._due.pop(person_id, None)
@@ -542,12 +551,14 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         """Apply a batch of `profiles.changed.<partition>` (decoded, in stream order) after the
         partition's due timers; the transitions it finds, as the messages to publish. With `writes` (the
         stream's batch commit), the clock the batch was evaluated with goes in it while a time-based
-        segment is live (`batch_clock`)."""
+        segment is live (`batch_clock`); a batch of messages the partition's replay applied already (their
+        redelivery after a restart) that fired timers records them as a round (`timer_round`) instead:
+        the replay applied those messages at their own clocks, and must fire these timers at this one."""
         subject = subjects.profiles_changed(partition)
         applied = self.applied.get(subject, 0)
         now = self.clock()
         transitions: list[Transition] = []
-        self._fire_due(partition, now, transitions)
+        fired = self._fire_due(partition, now, transitions)
         oldest = math.inf
         first = 0
         for item in items:
@@ -559,8 +570,11 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 oldest = applied_at
         if items:
             self.applied[subject] = max(applied, items[-1].seq)
-            if first and writes is not None and self.index.time_segments:
+        if writes is not None and self.index.time_segments:
+            if first:
                 writes.append(self.batch_clock(partition, first, items[-1].seq, now))
+            elif fired:
+                writes.append(self.timer_round(partition, now))
         self._last_apply[partition] = time.monotonic()
         if oldest is not math.inf:
             self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
@@ -606,7 +620,8 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
 
         Percentile rounds logged after the snapshot run again where they ran (percentiles.py), so each
         change is evaluated with the values it was first evaluated with; then each partition replayed (and
-        each of `partitions`) catches up with the live values."""
+        each of `partitions`) catches up with the live values. So do the rounds of timers fired outside a
+        batch (`timer_round`), at the time they fired (`_replay_until`)."""
         now = self.clock()
         for_subject: dict[str, list[Transition]] = {}
         plans: dict[int, Replayed] = {}
@@ -616,15 +631,31 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
 
         async def plan(partition: int) -> Replayed:
             if partition not in plans:
-                plans[partition] = await self.replay_plan(partition)
-                clocks[partition] = await self._batch_clocks(partition)
+                base = self._generation.get(partition, 0)  # of the snapshot (replay_plan moves it on)
+                replayed = plans[partition] = await self.replay_plan(partition)
+                recorded = clocks[partition] = await self._batch_clocks(partition, base)
+                # What is logged or recorded from here on comes after all of it: a later generation (as
+                # replay_plan does for the log), and places past those it holds, so that a timer round
+                # recorded here sorts after the moves the replay ran at its position, and a move logged
+                # here after the timer rounds it ran (`_replay_until`; a start's count does the same:
+                # load_percentiles).
+                self._generation[partition] = max(
+                    [self._generation.get(partition, 0), *(r.generation for r in recorded.rounds)]
+                )
+                self.percentile_round = max(
+                    [
+                        self.percentile_round,
+                        *(r.round for r in replayed.rounds),
+                        *(r.place + 1 for r in recorded.rounds),
+                    ]
+                )
             return plans[partition]
 
         async def apply(subject: str, seq: int, data: bytes) -> int:
             partition = subjects.partition_of(subject)
             out = for_subject.setdefault(subject, [])
             replayed = await plan(partition)
-            self.replay_rounds(partition, replayed, seq, out)
+            self._replay_until(partition, replayed, clocks[partition], seq, out)
             try:
                 message = profile_pb2.ProfileChangedBatch.FromString(data)
             except DecodeError:
@@ -643,8 +674,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
 
         applied = await self.held.replay(messages, apply)
         for partition in sorted({*plans, *partitions}):
-            subject = subjects.profiles_changed(partition)
-            await self.catch_up(partition, await plan(partition), for_subject.setdefault(subject, []))
+            out = for_subject.setdefault(subjects.profiles_changed(partition), [])
+            replayed = await plan(partition)
+            self._replay_until(partition, replayed, clocks[partition], None, out)
+            await self.catch_up(partition, replayed, out)
         if first_here:
             # Before anything it found is published: a replay after a crash from here on must find the same.
             records = [self.batch_clock(p, first, last, now) for p, (first, last) in sorted(first_here.items())]
@@ -654,6 +687,30 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 await self._publish_durably(self._messages(subjects.partition_of(subject), transitions))
         return applied
 
+    def _replay_until(
+        self, partition: int, replayed: Replayed, recorded: _Clocks, before: int | None, out: list[Transition]
+    ) -> None:
+        """The logged moves and go-lives (percentiles.py, `replay_rounds`) and the timer rounds recorded
+        (`timer_round`) that ran before stream position `before` (all: None), in the order they ran.
+
+        A timer round ran after the moves logged at an earlier position, or at its own with a place not
+        after its own (the replica's count of moves when it fired: what it logged next had a later place,
+        `replay`'s plan keeps that true across replicas), and before the others. It fires the timers due
+        at its time, as it did: what it publishes again is a duplicate of what it published (the same
+        persons due, the same instant's state, so the same messages), past the published position only,
+        like a message's transitions: below it a batch committed after it, once it was published."""
+        published = self._published.get(partition, 0)
+        for timers in recorded.rounds_before(before):
+            ahead, n = replayed.rounds, 0
+            while n < len(ahead) and (ahead[n].position, ahead[n].round) <= (timers.position, timers.place):
+                n += 1
+            replayed.rounds = ahead[:n]
+            self.replay_rounds(partition, replayed, None, out)
+            replayed.rounds = ahead[n:]
+            with self.replaying(replayed):
+                self._fire_due(partition, timers.at, out if timers.position >= published else [])
+        self.replay_rounds(partition, replayed, before, out)
+
     def batch_clock(self, partition: int, first: int, last: int, now: float) -> Put:
         """The record of the clock positions `first`..`last` of `partition` were evaluated with (a batch's
         `now`, committed with its checkpoint; a replay's, for what it published first), read by the
@@ -662,20 +719,64 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._clock_records.setdefault(partition, []).append(last)
         return Put(self.clocks, f"{partition}:{last:020d}", {"first": first, "now": now})
 
-    async def _batch_clocks(self, partition: int) -> _Clocks:
+    def timer_round(self, partition: int, now: float) -> Put:
+        """The record of a round of `partition`'s timers fired at `now` outside a batch (`fire_recorded`),
+        written before anything of it is published: where it ran, after the partition's applied position
+        and its moves logged up to the replica's count of them (the place: what is logged next has a later
+        one), and of the generation of the snapshot that will include it (percentiles.py). No person is
+        named: a replay from an earlier snapshot fires the timers due then again, at `now`, there
+        (`_replay_until`), and finds what this round found. Fired at the replay's time instead, a timer
+        finds what time has made of the person since: for `starts_at < now and starts_at > now - 1m`,
+        outside again a minute later, the enter this round published left without its exit."""
+        position = self.applied.get(subjects.profiles_changed(partition), 0)
+        generation, place = self._generation.get(partition, 0) + 1, self.percentile_round
+        key = f"{partition}:{position:020d}:t{generation:09d}.{place:015d}.{round(now * 1e6)}"
+        self._round_records.setdefault(partition, []).append((generation, key))
+        return Put(self.clocks, key, {"timers": now, "position": position, "place": place, "generation": generation})
+
+    async def fire_recorded(self, partitions: Sequence[int], now: float) -> int:
+        """Fire the timers of `partitions` due at `now` outside a batch (a quiet partition's, by the timer
+        loop), at a quiescent point of theirs, inside `mutating`: recorded first (`timer_round`, one
+        write), then evaluated, then published, retrying until JetStream has it. A failed write changes
+        nothing: the timers stay due. Returns the persons evaluated."""
+        due = [p for p in partitions if (heap := self._timers.get(p)) and heap[0][0] <= now]
+        if not due:
+            return 0
+        await self.store.bulk_write([self.timer_round(partition, now) for partition in due])
+        by_partition: dict[int, list[Transition]] = {}
+        fired = 0
+        for partition in due:
+            fired += self._fire_due(partition, now, by_partition.setdefault(partition, []))
+        await self._publish_durably([m for p, ts in by_partition.items() if ts for m in self._messages(p, ts)])
+        return fired
+
+    async def _batch_clocks(self, partition: int, generation: int) -> _Clocks:
         """The clocks recorded for `partition`'s positions after its snapshot (those a snapshot includes
-        but whose records outlived it are pruned with the next one)."""
+        but whose records outlived it are pruned with the next one), and its timer rounds after it: those
+        of a later generation than the snapshot's, `generation`."""
         ranges: list[tuple[int, int, float]] = []
+        rounds: list[_TimerRound] = []
+        records = self._round_records.setdefault(partition, [])
+        known_rounds = {key for _generation, key in records}
         async for record in self.store.scan_all(self.clocks, prefix=f"{partition}:"):
+            doc = record.doc
+            if "timers" in doc:
+                if record.key not in known_rounds:
+                    records.append((doc["generation"], record.key))
+                if doc["generation"] > generation:
+                    rounds.append(_TimerRound(doc["generation"], doc["position"], doc["place"], doc["timers"]))
+                continue
             last = int(record.key.partition(":")[2])
-            ranges.append((last, record.doc["first"], record.doc["now"]))
+            ranges.append((last, doc["first"], doc["now"]))
         known = self._clock_records.setdefault(partition, [])
         known[:] = sorted({*known, *(last for last, _first, _now in ranges)})
-        return _Clocks(ranges)
+        return _Clocks(ranges, rounds)
 
-    async def _prune_clocks(self) -> None:
-        """After a snapshot: the batch clocks of the positions it includes are read by no replay. Deleted
-        `SNAPSHOT_CHUNK` at a time: the batches' commits wait behind each write on the store's writer."""
+    async def _prune_clocks(self, cut: tuple[int, Mapping[int, int]] | None) -> None:
+        """After a snapshot: the batch clocks of the positions it includes, and the timer rounds of the
+        generations it includes (`cut`: the partitions' generations its marks hold), are read by no replay.
+        Deleted `SNAPSHOT_CHUNK` at a time: the batches' commits wait behind each write on the store's
+        writer."""
         for partition in sorted(self._clock_records):
             snapshotted = self.snapshotted.get(subjects.profiles_changed(partition), 0)
             while (lasts := self._clock_records.get(partition)) and lasts[0] <= snapshotted:
@@ -684,6 +785,14 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 # (Those written meanwhile are past the snapshot; the partition may have left meanwhile.)
                 if self._clock_records.get(partition) is lasts:
                     del lasts[: len(done)]
+        generations = cut[1] if cut is not None else {}
+        for partition, generation in sorted(generations.items()):
+            records = self._round_records.get(partition, [])
+            done = [key for of, key in records if of <= generation]
+            for start in range(0, len(done), SNAPSHOT_CHUNK):
+                await self.store.bulk_write([Delete(self.clocks, key) for key in done[start : start + SNAPSHOT_CHUNK]])
+            if done and self._round_records.get(partition) is records:
+                records[:] = [(of, key) for of, key in records if of > generation]
 
     @contextlib.asynccontextmanager
     async def _quiet(self) -> AsyncIterator[None]:
@@ -845,8 +954,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         if self.stream is not None:
             return await self.stream.snapshot()
         written = await self.held.snapshot()
+        cut = self._cut  # (prune_rounds takes it)
         await self.prune_rounds()
-        await self._prune_clocks()
+        await self._prune_clocks(cut)
         return written
 
     async def snapshot_at(self, positions: Mapping[int, int], *, copied: Callable[[], None] | None = None) -> int:
@@ -858,8 +968,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             if partition in self.active and seq > self.applied.get(subject, 0):
                 self.applied[subject] = seq
         written = await self.held.snapshot(copied=copied)
+        cut = self._cut  # (prune_rounds takes it)
         await self.prune_rounds()
-        await self._prune_clocks()
+        await self._prune_clocks(cut)
         return written
 
     def log_snapshot_failure(self, exc: BaseException) -> None:
@@ -876,15 +987,32 @@ def _encode_person(copied: tuple[dict[str, Any], dict[str, float], int, float]) 
     return {"state": orjson.dumps({"fields": fields, "members": members, "seq": seq, "t": evaluated_at}).decode()}
 
 
+class _TimerRound(NamedTuple):
+    """A round of timers fired outside a batch, as recorded (`timer_round`)."""
+
+    generation: int
+    position: int  # the partition's applied position: it ran before the change after it
+    place: int  # the replica's count of logged moves then: after those up to it at its position
+    at: float  # when it fired
+
+
 class _Clocks:
     """A partition's recorded batch clocks, asked in stream order: the time position `seq` was evaluated
-    with (None: not recorded)."""
+    with (None: not recorded); and its timer rounds, in the order they ran (`rounds_before`)."""
 
-    __slots__ = ("_next", "_ranges")
+    __slots__ = ("_next", "_ranges", "rounds")
 
-    def __init__(self, ranges: list[tuple[int, int, float]]) -> None:
+    def __init__(self, ranges: list[tuple[int, int, float]], rounds: Iterable[_TimerRound] = ()) -> None:
         self._ranges = sorted(ranges)  # (last, first, now)
         self._next = 0
+        # A generation is one replica's, then the next one's (percentiles.py); in one, positions and places
+        # only grow, and the rounds of one place one after the other.
+        self.rounds = sorted(rounds)
+
+    def rounds_before(self, seq: int | None) -> Iterable[_TimerRound]:
+        """Take the timer rounds that ran before position `seq` (all: None), in the order they ran."""
+        while self.rounds and (seq is None or self.rounds[0].position < seq):
+            yield self.rounds.pop(0)
 
     def at(self, seq: int) -> float | None:
         ranges = self._ranges

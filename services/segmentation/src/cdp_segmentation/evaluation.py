@@ -11,9 +11,11 @@ Segments whose membership time alone can change (`traits.trial_ends_at < now`) g
 timer: the earliest instant one of their time comparisons flips, kept in a heap per partition. A
 partition's due timers fire at the start of its next batch (`_fire_due`, so they go out in the
 partition's order with the batch); the timer loop fires those of partitions without a batch for a
-while (`fire_timers`, at a quiescent point of the stream: stream.py). A build or an adoption that
-evaluates a time-based segment for the whole population sets the timers of every person it evaluated
-(`_schedule_evaluated`); a partition's start sets them from each person's `evaluated_at` (engine.py).
+while (`fire_timers`, at a quiescent point of the stream: stream.py), a round recorded before it
+publishes (engine.py, `timer_round`: a replay fires them there again, at the round's time, since what a
+timer finds depends on when it fires). A build or an adoption that evaluates a time-based segment for
+the whole population sets the timers of every person it evaluated (`_schedule_evaluated`); a
+partition's start sets them from each person's `evaluated_at` (engine.py).
 
 Every transition carries its cause, which makes its id stable: "s<partition>.<seq>.<change>" (a stream
 position), "t<due ms>" (a timer instant), "v<version>" (a definition version). A person's stream
@@ -182,7 +184,8 @@ class Evaluation:
     async def fire_timers(self, *, idle_for: float = 0.0) -> int:
         """Evaluate every person whose timer is due, in the served partitions that have applied no batch
         for `idle_for` seconds; publish what flipped (retrying until JetStream has it: the flips are
-        held here only until the next snapshot). Returns the persons evaluated."""
+        held here only until the next snapshot). The round is recorded first (engine.py, `fire_recorded`):
+        a replay fires them again at this round's time, not its own. Returns the persons evaluated."""
         now = self.clock()
         quiet_since = time.monotonic() - idle_for
         due = [
@@ -195,14 +198,7 @@ class Evaluation:
         if not due:
             return 0  # (a partition applying batches fires its own at the next one)
         async with self._quiet(), self.held.mutating():
-            now = self.clock()
-            by_partition: dict[int, list[Transition]] = {}
-            fired = 0
-            for partition in due:
-                if partition in self.active:
-                    fired += self._fire_due(partition, now, by_partition.setdefault(partition, []))
-            await self._publish_durably([m for p, ts in by_partition.items() if ts for m in self._messages(p, ts)])
-            return fired
+            return await self.fire_recorded([p for p in due if p in self.active], self.clock())
 
     def _fire_due(self, partition: int, now: float, out: list[Transition]) -> int:
         """Evaluate the persons of `partition` whose timer is due at `now`; the flips go to `out`."""

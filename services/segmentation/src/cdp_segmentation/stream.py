@@ -8,7 +8,8 @@ The kit does the rest: ordered durable consumer `segmentation-p<p>`, checkpoint
 `segmentation_checkpoints/profiles.changed.<p>` committed with an outbox record of the batch's
 transitions (one write per batch, none per person), publish with retry, acknowledgement, pipelining.
 The batch's own write, while a time-based segment is live: the clock it was evaluated with, which a
-replay evaluates it with again (engine.py, `replay`).
+replay evaluates it with again (engine.py, `replay`); for a batch of messages the replay applied already
+(redelivered after a restart) that fired timers, the round they were fired in (`timer_round`).
 
 Held state is not written per change: `snapshot` writes the persons changed since the last one and the
 positions they include (`segmentation_snapshots`), every `CDP_SEGMENTATION_SNAPSHOT_SECONDS`, at a
@@ -27,9 +28,10 @@ partition the same way.
 Timers (time conditions): due timers of a partition fire in its next `apply`, before its changes, so
 their transitions go out in the partition's order, committed with the batch in the outbox. A partition
 with no batch for a while has its due timers fired by the timer loop at a quiescent point (nothing of
-any partition in flight), published before the pipelines go on. Either way their ids come from the
-person and the due instant: a timer fired again after a crash (its state was not snapshotted yet) is a
-JetStream duplicate.
+any partition in flight), recorded (engine.py, `timer_round`) and published before the pipelines go on.
+Either way their ids come from the person and the due instant, and a replay fires them again at the
+time they fired (the batch's clock, or the round's): a timer fired again after a crash (its state was
+not snapshotted yet) finds what it found, a JetStream duplicate.
 
 `quiescent` is serialised here (snapshots, timer rounds and segment builds each hold every pipeline
 for a moment and must not release each other's hold).

@@ -1,0 +1,314 @@
+"""Timers fired where no batch clock records their time, across a crash: a quiet partition's timer loop,
+and a batch of messages the replay applied already (redelivered after a restart).
+
+The predicate reads `now`, so what a timer finds depends on when it fires, not only on its instant: for
+`traits.starts_at < now and traits.starts_at > now - 1m` a person enters when their start comes and exits a
+minute later, and a timer fired after both finds them outside, as they were: nothing to publish. A timer
+the loop fired (the enter published) and a restart fired again at its own, later time would leave the
+enter on the bus and the person outside here, the exit never published. Such a round is recorded before
+it publishes (its clock, where it ran among the partition's positions and logged moves), and the replay
+fires the partition's timers there again at that time. The clock here moves only when the test moves it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import pytest
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
+from cdp_kit.storage import open_store
+from cdp_segmentation.domain import parse
+from cdp_segmentation.engine import CLOCKS, SegmentationEngine
+from cdp_segmentation.stream import Changes
+from cdp_testing.fakes import T0, Clock, Delivery
+
+from .test_stream import nothing_after, transitions, until
+from .test_torn_snapshot import (
+    PARTITIONS,
+    Held,
+    HeldStore,
+    Replica,
+    applied,
+    applied_commit_held,
+    change,
+    crash_world,
+    events,
+    in_partition,
+    send,
+)
+
+# In from `starts_at` for a minute.
+WINDOW = "traits.starts_at < now and traits.starts_at > now - 1m"
+STARTS = T0 + 30
+
+
+@pytest.fixture
+async def world(nats_server):
+    async with crash_world(nats_server) as world:
+        yield world
+
+
+def moves(published) -> list[tuple[str, bool, str, float]]:
+    return [(e.segment_id, e.entered, e.reason, e.at.ToNanoseconds() / 1e9) for e in published]
+
+
+def no_id_twice(published) -> None:
+    twice = [key for key, n in collections.Counter(e.id for e in published).items() if n > 1]
+    assert not twice, f"transitions published twice: {twice}"
+
+
+async def published_count(js, count: int, what: str) -> list:
+    async def there() -> bool:
+        return len(await events(js)) >= count
+
+    await until(there, what, timeout=5)
+    return await events(js)
+
+
+async def entered_by_the_loop(replica: Replica, js, clock: Clock) -> str:
+    """`window` live, p (partition 0) starting at T0+30, snapshotted; at T0+40 the timer loop enters p and
+    publishes it, and its round is over (it holds the stream's quiescence while it publishes)."""
+    await replica.engine.create("window", parse(WINDOW))
+    await replica.engine.wait_live("window")
+    person = in_partition(1, 0, "p")[0]
+    await applied(replica, await send(js, change(person, T0, starts_at=STARTS)))
+    await replica.engine.snapshot()
+    assert await events(js) == []
+    clock.advance(40)
+    await published_count(js, 1, "the timer loop's enter")
+    async with replica.stream.quiescent():
+        pass
+    return person
+
+
+async def exit_after_restart(replica, clock: Clock, person: str, js) -> list:
+    """A replica started at T0+140, past the window's end: what the bus holds once p's timers are done."""
+    clock.advance(100)
+    second = await replica()
+
+    async def fired() -> bool:
+        return person not in second.engine._due
+
+    await until(fired, "p's timers fired", timeout=5)
+    async with second.stream.quiescent():
+        pass
+    published = await events(js)
+    no_id_twice(published)
+    assert not second.engine.membership(person)
+    return published
+
+
+WINDOW_MOVES = [("window", True, "time", STARTS), ("window", False, "time", STARTS + 60)]
+
+
+async def test_an_enter_the_timer_loop_published_before_a_crash_is_followed_by_its_exit(world):
+    """The loop enters p at T0+40 (published); the process dies before a snapshot includes it and comes back
+    at T0+140. Fired again at T0+140, p's timer finds p outside (the minute is over): the enter stays on the
+    bus, p outside here, and the exit is never published. Replayed at T0+40, the round enters p again (the
+    same id: a duplicate), and the exit's timer fires at the restart."""
+    replica, js, clock, _store = world
+    first = await replica()
+    person = await entered_by_the_loop(first, js, clock)
+    await first.crash()
+
+    published = await exit_after_restart(replica, clock, person, js)
+    assert moves(published) == WINDOW_MOVES
+
+
+async def test_a_timer_round_before_a_change_the_replay_publishes_first_is_replayed_before_it(world):
+    """The loop enters p at T0+40; then q's change at T0+50 is applied and its commit never lands. The restart
+    at T0+140 is the first to publish q's change (past the checkpoint), evaluated at the restart's time, and
+    p's timer, fired before it at that time, finds nothing: the exit lost. Replayed where it ran (after the
+    checkpoint's position, before q's change), the round enters p at T0+40, and the exit's timer fires
+    before q's change."""
+    replica, js, clock, store = world
+    first = await replica(HeldStore(store, commits := Held()))
+    person = await entered_by_the_loop(first, js, clock)
+    other = in_partition(2, 0, "p")[1]
+    clock.advance(10)
+    commits.on = True
+    seq = await send(js, change(other, T0 + 50, level=1))
+    await applied_commit_held(first, seq, commits, "q's change applied, its commit held")
+    await first.crash()
+
+    published = await exit_after_restart(replica, clock, person, js)
+    assert moves(published) == WINDOW_MOVES
+
+
+async def test_a_timer_round_that_died_publishing_is_published_by_the_replay(world):
+    """The loop's round at T0+40 is recorded and its publish never returns: the enter is held here only. The
+    restart at T0+140 fires the round again at T0+40 and publishes the enter (past the checkpoint's position:
+    nothing says the bus has it), then the exit."""
+    replica, js, clock, _store = world
+    first = await replica()
+    await first.engine.create("window", parse(WINDOW))
+    await first.engine.wait_live("window")
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, starts_at=STARTS)))
+    await first.engine.snapshot()
+    publishes, real = Held(), first.bus.publisher.publish_batch
+
+    async def publish_batch(messages, **options):
+        await publishes()
+        return await real(messages, **options)
+
+    first.bus.publisher.publish_batch = publish_batch
+    publishes.on = True
+    clock.advance(40)
+    await asyncio.wait_for(publishes.reached.wait(), 20)
+    await first.crash()
+    assert await events(js) == []
+
+    published = await exit_after_restart(replica, clock, person, js)
+    assert moves(published) == WINDOW_MOVES
+
+
+async def test_a_committed_change_after_a_timer_round_publishes_the_same_across_a_crash(world):
+    """The loop enters p at T0+40; q's change at T0+100 is committed, and its batch fires p's exit (due at
+    T0+90). The restart replays the round at T0+40 and q's change at T0+100: nothing new is published, and
+    p is outside, as before the crash."""
+    replica, js, clock, _store = world
+    first = await replica()
+    person = await entered_by_the_loop(first, js, clock)
+    other = in_partition(2, 0, "p")[1]
+    clock.advance(60)
+    await applied(first, await send(js, change(other, T0 + 100, level=1)))
+    before = await published_count(js, 2, "the exit the batch fired")
+    assert moves(before) == WINDOW_MOVES
+    await first.crash()
+
+    clock.advance(100)
+    second = await replica()
+    async with second.stream.quiescent():
+        pass
+    published = await events(js)
+    assert [e.id for e in published] == [e.id for e in before]
+    assert not second.engine.membership(person)
+
+
+async def test_timer_rounds_are_recorded_while_their_partition_is_not_snapshotted_after_them(world):
+    """A round of the loop leaves one record (no person in it) until a snapshot includes it; a crashed
+    replica's are read by the next owner's replay and pruned by its snapshot."""
+    replica, js, clock, store = world
+
+    async def rounds() -> list[dict]:
+        return [record.doc async for record in store.scan_all(CLOCKS) if "timers" in record.doc]
+
+    first = await replica()
+    await entered_by_the_loop(first, js, clock)
+    [record] = await rounds()
+    assert record["timers"] == T0 + 40 and set(record) == {"timers", "position", "place", "generation"}
+    await first.engine.snapshot()
+    assert await rounds() == []
+    clock.advance(60)  # the exit, at T0+90: a round of its own
+    await published_count(js, 2, "the loop's exit")
+    async with first.stream.quiescent():
+        pass
+    assert [r["timers"] for r in await rounds()] == [T0 + 100]
+    await first.crash()
+    second = await replica()
+    await applied(second, await send(js, change(in_partition(2, 0, "p")[1], T0 + 100, level=1)))
+    await second.engine.snapshot()
+    assert await rounds() == []
+
+
+async def test_a_timer_round_after_a_go_live_at_its_position_is_replayed_after_it(world):
+    """`inside` (in `window`) goes live while partition 0 is quiet, and its snapshot never comes (the process
+    dies first): its go-live is in the round log at the partition's position. Then the loop enters p in
+    `window`, and so in `inside`: one message of both entries. The replay at T0+140 must run the go-live,
+    then the round, as they ran: the other way round, the round finds p entering `window` alone (`inside`
+    not live yet), a message of another id, and p's enter is published twice. Then the exits, at the
+    window's end."""
+    replica, js, clock, _store = world
+    first = await replica()
+    await first.engine.create("window", parse(WINDOW))
+    await first.engine.wait_live("window")
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, starts_at=STARTS)))
+    await first.engine.snapshot()
+
+    async def never() -> int:  # the build's snapshot after its go-live: the process dies before it
+        return 0
+
+    first.engine.snapshot = never
+    await first.engine.create("inside", parse('in_segment("window")'))
+    await first.engine.wait_live("inside")
+    clock.advance(40)
+    await published_count(js, 2, "the loop's enters")
+    async with first.stream.quiescent():
+        pass
+    await first.crash()
+
+    published = await exit_after_restart(replica, clock, person, js)
+    assert moves(published) == [
+        ("window", True, "time", STARTS),
+        ("inside", True, "time", STARTS),
+        ("window", False, "time", STARTS + 60),
+        ("inside", False, "time", STARTS + 60),
+    ]
+
+
+# --- engines without a stream, changes handed to them and partitions arriving when told ----------------------
+
+
+@pytest.fixture
+async def engines(nats_server):
+    """Engines without a stream on one memory store and clock, partitions arriving when told."""
+    async with open_store("memory://") as store:
+        async with Bus.connect(nats_server.url, name="segmentation-arrivals") as bus:
+            await bus.ensure_streams(profiles_stream(), segments_stream())
+            clock = Clock(T0)
+
+            def engine(owned: list[int]) -> SegmentationEngine:
+                return SegmentationEngine(
+                    store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
+                )
+
+            yield engine, clock, nats_server.url
+
+
+def handed(person: str, at: float, partition: int, seq: int, **traits) -> list[Delivery]:
+    batch = profile_pb2.ProfileChangedBatch(changes=[change(person, at, **traits)])
+    return [Delivery(batch, subjects.profiles_changed(partition), seq)]
+
+
+async def test_timers_a_batch_of_messages_replayed_already_fired_are_replayed_at_its_clock(engines):
+    """After a restart the consumer hands the pipeline again messages the replay applied: their batch applies
+    none of them, and fires the partition's due timers at its clock (p enters `window` at T0+40). Its commit
+    holds no batch clock (its positions were replayed at their own), so the round is recorded in it; the
+    restart at T0+140 enters p there again and publishes the exit, instead of firing p's timer at its own
+    time, finding p outside and leaving the enter without its exit."""
+    engine, clock, url = engines
+    person = in_partition(1, 0, "p")[0]
+    first = engine([0])
+    await first.start()
+    await first.create("window", parse(WINDOW))
+    await first.wait_live("window")
+    [delivery] = handed(person, T0, 0, 1, starts_at=STARTS)
+    await first.handle([delivery])
+    await first.snapshot()
+    clock.now = T0 + 40
+    writes: list = []
+    message = profile_pb2.ProfileChangedBatch.FromString(delivery.data)
+    messages = await first.apply_changes(0, [Changes(1, message)], writes)
+    assert [op.doc.get("timers") for op in writes] == [T0 + 40]
+    await first.store.bulk_write(writes)  # the batch's commit
+    await first._publish(messages)
+    for task in first._tasks:  # gone before its next snapshot
+        task.cancel()
+    first._tasks.clear()
+
+    clock.now = T0 + 140
+    second = engine([0])
+    await second.start()
+    try:
+        await second.replay(nothing_after(0), partitions=(0,))
+        await second.fire_timers()
+        published = await transitions(url)
+        no_id_twice(published)
+        assert moves(published) == WINDOW_MOVES
+        assert not second.membership(person)
+    finally:
+        await second.stop()
