@@ -1,5 +1,6 @@
-"""Timers fired where no batch clock records their time, across a crash: a quiet partition's timer loop,
-and a batch of messages the replay applied already (redelivered after a restart).
+"""Timers fired where no batch clock records their time, across a crash: a quiet partition's timer loop, a
+batch of messages the replay applied already (redelivered after a restart), and a partition arriving
+brought to a segment that went live since its snapshot (engine.py, `_adopt_arrived`).
 
 The predicate reads `now`, so what a timer finds depends on when it fires, not only on its instant: for
 `traits.starts_at < now and traits.starts_at > now - 1m` a person enters when their start comes and exits a
@@ -7,7 +8,14 @@ minute later, and a timer fired after both finds them outside, as they were: not
 the loop fired (the enter published) and a restart fired again at its own, later time would leave the
 enter on the bus and the person outside here, the exit never published. Such a round is recorded before
 it publishes (its clock, where it ran among the partition's positions and logged moves), and the replay
-fires the partition's timers there again at that time. The clock here moves only when the test moves it."""
+fires the partition's timers there again at that time.
+
+A partition's persons brought to a segment as the partition arrives are evaluated at the arrival's time,
+with the memberships their snapshot and replay left: a membership of a time-based segment whose flip came
+due since (while the partition was elsewhere, or the process down) is stale until its timer fires. A
+segment referring to it would be entered (or left) on the stale one, then left (or entered) again when the
+timer fires: a pair of transitions for a membership that never held. The due timers fire first, at the
+arrival's time, as a recorded round. The clock here moves only when the test moves it."""
 
 from __future__ import annotations
 
@@ -312,3 +320,79 @@ async def test_timers_a_batch_of_messages_replayed_already_fired_are_replayed_at
         assert not second.membership(person)
     finally:
         await second.stop()
+
+
+# --- a partition arriving, brought to a segment that went live since its snapshot -------------------------
+
+
+async def test_a_partition_brought_to_a_segment_on_arrival_reads_memberships_time_has_moved(engines):
+    """Partition 1's owner enters p in `trial` (it ends at T0+60), snapshots it and leaves. Another replica
+    builds `paying_trial` (in `trial`, with a level) over its own partitions; at T0+100 partition 1 arrives
+    there and is brought to it. p's trial has ended, p's exit not fired yet: evaluated on the membership
+    the snapshot holds, p enters `paying_trial`, then leaves it when the timer fires. p was never a paying
+    trial: no transition of `paying_trial`, the exit of `trial` at its end."""
+    engine, clock, url = engines
+    person = in_partition(1, 1, "p")[0]
+    before = engine([1])
+    await before.start()
+    await before.create("trial", parse("traits.trial_ends_at > now"))
+    await before.wait_live("trial")
+    await before.handle(handed(person, T0, 1, 1, trial_ends_at=T0 + 60, level=1))
+    await before.stop()
+
+    builder = engine([0])
+    await builder.start()
+    try:
+        await builder.create("paying_trial", parse('in_segment("trial") and traits.level > 0'))
+        await builder.wait_live("paying_trial")
+        clock.now = T0 + 100
+        await builder.arrive(1, nothing_after)
+        await builder.fire_timers()
+
+        async def exited() -> bool:
+            return any(not e.entered for e in await transitions(url))
+
+        await until(exited, "p's trial exit")
+        published = await transitions(url)
+        assert moves(published) == [("trial", True, "event", T0), ("trial", False, "time", T0 + 60)]
+        assert not builder.membership(person)
+    finally:
+        await builder.stop()
+
+
+async def test_the_timers_an_arrival_fired_are_replayed_before_its_adoption(engines):
+    """As above, and the replica dies after the arrival, before a snapshot includes it; started again at
+    T0+200 it replays the round the arrival fired (T0+100) and then the adoption: the same transitions,
+    none twice, nobody in `paying_trial`."""
+    engine, clock, url = engines
+    person = in_partition(1, 1, "p")[0]
+    before = engine([1])
+    await before.start()
+    await before.create("trial", parse("traits.trial_ends_at > now"))
+    await before.wait_live("trial")
+    await before.handle(handed(person, T0, 1, 1, trial_ends_at=T0 + 60, level=1))
+    await before.stop()
+
+    builder = engine([0])
+    await builder.start()
+    await builder.create("paying_trial", parse('in_segment("trial") and traits.level > 0'))
+    await builder.wait_live("paying_trial")
+    clock.now = T0 + 100
+    await builder.arrive(1, nothing_after)
+    first = await transitions(url)
+    for task in builder._tasks:  # gone before its next snapshot
+        task.cancel()
+    builder._tasks.clear()
+
+    clock.now = T0 + 200
+    again = engine([0, 1])
+    await again.start()
+    try:
+        await again.replay(nothing_after(0), partitions=(1,))
+        await again.fire_timers()
+        published = await transitions(url)
+        assert [e.id for e in published] == [e.id for e in first]
+        assert moves(published) == [("trial", True, "event", T0), ("trial", False, "time", T0 + 60)]
+        assert not again.membership(person)
+    finally:
+        await again.stop()

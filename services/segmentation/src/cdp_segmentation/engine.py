@@ -28,9 +28,10 @@ The replay evaluates each message at the time its batch was evaluated (`batch_cl
 checkpoint while a time-based segment is live), after the timers due by then: at the restart's time a
 person could be found past a flip that had not come yet, and the timer that publishes it never set.
 Timers fired where no batch clock records the time (the timer loop's rounds; a batch of messages
-replayed already, redelivered after a restart) are recorded too (`timer_round`: where they ran among the
-positions and logged moves, and when), and the replay fires them there at that time: at its own, a timer
-finds what time has made of the person since (out of `starts_at > now - 1m` again), not what was published.
+replayed already, redelivered after a restart; an arriving partition's, before it is brought to a
+segment) are recorded too (`timer_round`: where they ran among the positions and logged moves, and when),
+and the replay fires them there at that time: at its own, a timer finds what time has made of the person
+since (out of `starts_at > now - 1m` again), not what was published.
 Snapshots also record, per partition, the definition versions its memberships are of; a partition
 arriving with another version of a live segment (or none) is brought to it before it is served. A
 segment going live, or persons brought to it, between a snapshot and a crash is replayed where it
@@ -491,7 +492,14 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         (built here or on another replica while another held it, or while this one was down): its persons
         brought to them as the build would have, under the build's ids (builds.py, `_adopt_now`).
         Published before the partition is served, as the replay's transitions are; a segment adopted
-        meanwhile (an announcement while this publishes) is caught up with too."""
+        meanwhile (an announcement while this publishes) is caught up with too.
+
+        The partition's timers due by then fire first, a round recorded like the timer loop's
+        (`fire_recorded`): the snapshot and the replay leave the persons as of the last batch's clock, and
+        a flip due since (the partition elsewhere, the process down) is not in their memberships until
+        its timer fires. A segment referring to a time-based one would be evaluated on the membership
+        time has ended, and its persons entered (left) under the build's id, then left (entered) again
+        when the timer fires: a pair of transitions for a membership that never held."""
         done = self._built_base.pop(partition, {})
         while True:
             stale = [s for s in self._serving() if done.get(s.id) != s.version]
@@ -499,6 +507,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 return
             in_partition = sorted(p for p in self.persons if self._partition(p) == partition)
             now, order = self.clock(), {segment_id: n for n, segment_id in enumerate(self.index.order)}
+            await self.fire_recorded([partition], now)
             # Logged first, in the order they are brought: a crash before the next snapshot replays the
             # partition's changes after this with them, and this here, under the same ids.
             logged = []
@@ -736,9 +745,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
 
     async def fire_recorded(self, partitions: Sequence[int], now: float) -> int:
         """Fire the timers of `partitions` due at `now` outside a batch (a quiet partition's, by the timer
-        loop), at a quiescent point of theirs, inside `mutating`: recorded first (`timer_round`, one
-        write), then evaluated, then published, retrying until JetStream has it. A failed write changes
-        nothing: the timers stay due. Returns the persons evaluated."""
+        loop; an arriving partition's, before it is brought to a segment), at a quiescent point of theirs,
+        inside `mutating`: recorded first (`timer_round`, one write), then evaluated, then published,
+        retrying until JetStream has it. A failed write changes nothing: the timers stay due. Returns the
+        persons evaluated."""
         due = [p for p in partitions if (heap := self._timers.get(p)) and heap[0][0] <= now]
         if not due:
             return 0
