@@ -24,6 +24,7 @@ from google.protobuf import json_format
 
 from cdp.orchestration.v1 import orchestration_pb2 as opb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
+from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.service import serving
 from cdp_orchestration.__main__ import setup as orchestration_setup
@@ -163,7 +164,7 @@ async def _orchestration(chain, tmp_path):
     )
     async with serving(settings, orchestration_setup) as runtime:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
-            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel)
+            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), channel
 
 
 async def _instances(journeys, journey_id: str) -> list[opb.Instance]:
@@ -176,7 +177,7 @@ async def test_a_journey_whose_timers_reach_past_what_nats_can_schedule_waits_an
     was to wait; a delay or a wait's timeout of 99999999d (past the year 9999, which RFC 3339 cannot
     write) failed orchestration's batch for the person entering, held that partition's persons through
     redeliveries (some 25 s each) and then dead-lettered the event the collector had accepted."""
-    async with _orchestration(chain, tmp_path) as journeys:
+    async with _orchestration(chain, tmp_path) as (journeys, _):
         for document in [*FAR_JOURNEYS, SENTINEL]:
             definition = opb.JourneyDefinition(json=orjson.dumps(document).decode())
             await journeys.CreateJourney(opb.CreateJourneyRequest(definition=definition))
@@ -357,3 +358,55 @@ async def test_sums_past_what_a_double_or_64_bits_hold_stay_readable_and_dead_le
         found = await _profile_when(profiles, "s41-huge", lambda p, c: p.event_count == 3)
         assert 1e308 < found.computed["s41_sum"].number_value < math.inf
     assert [str(letter) for letter in await dead_letters(edge.nats_url)] == []
+
+
+UNTIL_NINE = _far_journey("s41-until-nine", "S41 Until Nine", [{"id": "nine", "type": "delay", "until": "09:00"}])
+# What apps send as a time zone that is none: a region alone (a folder of the zone database) and a value
+# longer than a file name may be.
+NOT_ZONES = {"s41-tz-region": "Europe", "s41-tz-long": "Europe/" + "x" * 300}
+
+
+async def test_a_time_zone_that_is_no_zone_falls_back_and_a_journey_naming_one_is_refused_by_field(chain, tmp_path):
+    """A person's `traits.timezone` comes from any identify call. "Europe" (a folder of the zone database)
+    or a name longer than a file name made ZoneInfo raise an OSError that orchestration did not expect: the
+    batch of the person entering a journey that waits until 09:00 their time failed, held the partition
+    through redeliveries and dead-lettered the event; a journey whose own `timezone` is "Europe" failed
+    ValidateJourney with INTERNAL instead of a problem naming the field."""
+    async with _orchestration(chain, tmp_path) as (journeys, channel):
+        definition = opb.JourneyDefinition(json=orjson.dumps(UNTIL_NINE).decode())
+        await journeys.CreateJourney(opb.CreateJourneyRequest(definition=definition))
+        await journeys.PublishJourney(opb.PublishJourneyRequest(journey_id=UNTIL_NINE["id"]))
+        exports = privacy_pb2_grpc.PrivacyServiceStub(channel)
+        for user_id, timezone in NOT_ZONES.items():
+            status, answer = await chain.post({"type": "identify", "userId": user_id, "traits": {"timezone": timezone}})
+            assert (status, answer["accepted"]) == (200, 1), answer
+
+        async def holds_the_zone(user_id: str):
+            profile = await chain.profile_of("user_id", user_id)
+            if profile is None:
+                return None
+            held = await exports.ExportPerson(privacy_pb2.ExportPersonRequest(person_id=profile.person_id))
+            persons = json_format.MessageToDict(held.document).get("persons", [])
+            return any("traits.timezone" in person.get("fields", {}) for person in persons)
+
+        for user_id in NOT_ZONES:  # orchestration's copy of the person holds the zone before they enter
+            await until(lambda user_id=user_id: holds_the_zone(user_id), f"{user_id}'s zone in orchestration", 20.0)
+        status, answer = await chain.post(
+            *({"type": "track", "userId": user_id, "event": "S41 Until Nine"} for user_id in NOT_ZONES)
+        )
+        assert (status, answer["accepted"]) == (200, 2), answer
+
+        async def waiting():
+            found = await _instances(journeys, UNTIL_NINE["id"])
+            return found if len(found) == 2 else None
+
+        instances = await until(waiting, "both persons in the journey", 20.0)
+        assert [i.state for i in instances] == [opb.INSTANCE_STATE_WAITING] * 2
+        assert await chain.settled(timeout=15.0, streams=("EVENTS_RAW", "EVENTS_RESOLVED", "ORCHESTRATION")) is None
+        assert [str(letter) for letter in await chain.dead_letters()] == []
+
+        document = {**UNTIL_NINE, "id": "s41-in-europe", "timezone": "Europe"}
+        answer = await journeys.ValidateJourney(
+            opb.ValidateJourneyRequest(definition=opb.JourneyDefinition(json=orjson.dumps(document).decode()))
+        )
+        assert [(p.node, p.field) for p in answer.problems] == [("", "timezone")]

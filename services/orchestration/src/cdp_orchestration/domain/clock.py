@@ -15,6 +15,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
+#: What ZoneInfo raises for a name that is no zone. A name is looked up as a file of the zone database, so
+#: besides an unknown name (ZoneInfoNotFoundError) and a malformed one (ValueError) a folder of it ("Europe",
+#: IsADirectoryError) or a name too long for a file name (OSError) fails there too: a person's
+#: `traits.timezone`, which any client may send, then failed orchestration's batch for them (the partition
+#: held through redeliveries, the event dead-lettered), and a journey's `timezone` failed validation INTERNAL.
+_NOT_A_ZONE = (ZoneInfoNotFoundError, ValueError, OSError)
+
 
 def zone_problem(name: object) -> str | None:
     """Why `name` is not an IANA time zone, or None when it is one."""
@@ -22,7 +29,7 @@ def zone_problem(name: object) -> str | None:
         return f"{name!r} is not a time zone: use an IANA name like 'Europe/Berlin'"
     try:
         _zone(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except _NOT_A_ZONE:
         return f"{name!r} is not a known IANA time zone: use a name like 'Europe/Berlin' or 'UTC'"
     return None
 
@@ -37,7 +44,7 @@ def zone(name: str | None, fallback: str = "UTC") -> ZoneInfo:
     if name:
         try:
             return _zone(name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except _NOT_A_ZONE:
             pass
     return _zone(fallback)
 
