@@ -46,7 +46,9 @@ SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it
   include it (the current one + 1). A replay runs the records of a later generation than its
   snapshot's, in generation then place order, and the replica then logs after every record it ran (a
   partition handed over after a crash: the dead replica's records, then its own), so a replica whose
-  count is behind the snapshot's never hides its records from the next replay. A snapshot deletes the
+  count is behind the snapshot's never hides its records from the next replay. A replay also raises the
+  replica's count past every place it ran (and past each timer round's, engine.py `timer_round`), so what
+  it logs next sorts after them. A snapshot deletes the
   records of its generation and before (records from before generations: by round, as then).
 - **Hot standby replicas** run the same boundary's round at nearly the same instant and each publishes
   its transitions under the same ids: JetStream keeps one. Each computes the values over its own copy of
