@@ -18,19 +18,25 @@ from pathlib import Path
 
 import grpc
 import nats
+import numpy as np
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
+from onnx import TensorProto, helper, numpy_helper
 
 from cdp.orchestration.v1 import orchestration_pb2 as opb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
 from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.service import serving
 from cdp_orchestration.__main__ import setup as orchestration_setup
 from cdp_orchestration.settings import OrchestrationSettings
 from cdp_profile.__main__ import setup as profile_setup
 from cdp_profile.settings import ProfileSettings
+from cdp_scoring.__main__ import setup as scoring_setup
+from cdp_scoring.settings import ScoringSettings
+from cdp_testing.onnx_models import METADATA_KEY, logistic_model
 from cdp_testing.waiting import until
 
 from .conftest import dead_letters
@@ -303,13 +309,15 @@ async def test_cdpctl_send_says_which_collector_it_could_not_reach_or_did_not_un
 
 @contextlib.asynccontextmanager
 async def _profile(edge, store: Path):
-    """The profile service on `store`, with a stub to it; started again on the same store, it is a restart."""
+    """The profile service on `store`: a stub to it and its address. Started again on the same store, it is a
+    restart."""
     settings = ProfileSettings(
         **edge.common, store_url=f"sqlite:///{store}", identity_address=f"127.0.0.1:{edge.identity.grpc.port}"
     )
     async with serving(settings, profile_setup) as runtime:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
-            yield profile_pb2_grpc.ProfileServiceStub(channel)
+        address = f"127.0.0.1:{runtime.grpc.port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield profile_pb2_grpc.ProfileServiceStub(channel), address
 
 
 async def _profile_when(profiles, user_id: str, ready, timeout: float = 20.0) -> profile_pb2.Profile:
@@ -325,7 +333,7 @@ async def _profile_when(profiles, user_id: str, ready, timeout: float = 20.0) ->
             return None
         return found if ready(found, {name: value.number_value for name, value in found.computed.items()}) else None
 
-    return await until(read, f"{user_id}'s computed traits", timeout)
+    return await until(read, f"{user_id}'s profile as wanted", timeout)
 
 
 async def test_sums_past_what_a_double_or_64_bits_hold_stay_readable_and_dead_letter_nothing(edge, tmp_path):
@@ -337,7 +345,7 @@ async def test_sums_past_what_a_double_or_64_bits_hold_stay_readable_and_dead_le
     store = tmp_path / "profile.db"
     huge = [{"type": "track", "userId": "s41-huge", "event": "S41 Amount", "properties": {"x": 1.7e308}}] * 2
     many = [{"type": "track", "userId": "s41-many", "event": "S41 Amount", "properties": {"x": 2**53}}] * 2050
-    async with _profile(edge, store) as profiles:
+    async with _profile(edge, store) as (profiles, _):
         for name, op in (("s41_sum", "sum"), ("s41_avg", "avg")):
             definition = profile_pb2.ComputedTraitDefinition(
                 name=name, op=op, event_names=["S41 Amount"], property="x", window="30d"
@@ -353,7 +361,7 @@ async def test_sums_past_what_a_double_or_64_bits_hold_stay_readable_and_dead_le
         found = await _profile_when(profiles, "s41-many", lambda p, c: c.get("s41_sum", 0) > 1.8e19)
         assert found.computed["s41_sum"].number_value == float(2050 * 2**53)
 
-    async with _profile(edge, store) as profiles:  # a restart: every state read back from the store
+    async with _profile(edge, store) as (profiles, _):  # a restart: every state read back from the store
         await edge.send({"type": "track", "userId": "s41-huge", "event": "S41 Amount", "properties": {"x": 1}})
         found = await _profile_when(profiles, "s41-huge", lambda p, c: p.event_count == 3)
         assert 1e308 < found.computed["s41_sum"].number_value < math.inf
@@ -410,3 +418,86 @@ async def test_a_time_zone_that_is_no_zone_falls_back_and_a_journey_naming_one_i
             opb.ValidateJourneyRequest(definition=opb.JourneyDefinition(json=orjson.dumps(document).decode()))
         )
         assert [(p.node, p.field) for p in answer.problems] == [("", "timezone")]
+
+
+ORDER_TRAITS = [
+    {"name": "s41_revenue", "op": "sum", "event_names": ["S41 Order"], "property": "total", "window": "30d"},
+    {"name": "s41_basket", "op": "avg", "event_names": ["S41 Order"], "property": "total", "window": "30d"},
+]
+ORDER_FEATURES = [
+    {"name": "revenue", "path": "computed.s41_revenue", "default": 0},
+    {"name": "basket", "path": "computed.s41_basket", "default": 0},
+]
+
+
+def _overflowing_model(name: str) -> bytes:
+    """sigmoid(revenue * 1e30 - revenue * 1e30): 0.5 for every revenue float32 holds times 1e30, NaN past
+    it (infinity minus infinity), as a model's arithmetic can overflow on a large input."""
+    scale = numpy_helper.from_array(np.asarray([1e30], dtype=np.float32), "scale")
+    nodes = [
+        helper.make_node("Mul", ["features", "scale"], ["scaled"]),
+        helper.make_node("Sub", ["scaled", "scaled"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["probability"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 1])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["n", 1])],
+        initializer=[scale],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    spec = {
+        "name": name,
+        "version": "1.0.0",
+        "owner": "tests",
+        "input": "features",
+        "features": ORDER_FEATURES[:1],
+        "outputs": [{"score": name, "output": "probability", "index": 0, "meaning": "test score"}],
+        "computed_traits": ORDER_TRAITS,
+    }
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(spec)})
+    return model.SerializeToString()
+
+
+async def test_scores_of_order_totals_past_float32_are_finite_or_left_out_and_the_others_arrive(edge, tmp_path):
+    """An order total of 1e39 is a number the collector accepts and the profile sums; in the float32 that
+    models read it was an infinity, and a model's score of it NaN. The profile refuses a scores message
+    holding a NaN whole: the message was dead-lettered with every score of that round's partition in it.
+    Now the feature is float32's largest (`balanced` below scores it), and a score that still comes out
+    NaN (`steep`: the model's own arithmetic overflows) is published for no one."""
+    async with _profile(edge, tmp_path / "profile.db") as (profiles, profile_address):
+        settings = ScoringSettings(
+            **edge.common,
+            store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
+            model_store=str(tmp_path / "models"),
+            ship_models=False,
+            profile_address=profile_address,
+        )
+        async with serving(settings, scoring_setup) as scoring:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{scoring.grpc.port}") as channel:
+                models = scoring_pb2_grpc.ScoringServiceStub(channel)
+                balanced = logistic_model(
+                    "s41_balanced",
+                    "1.0.0",
+                    features=ORDER_FEATURES,
+                    weights=[1.0, -1.0],
+                    spec_overrides={"computed_traits": ORDER_TRAITS},
+                )
+                for onnx in (balanced, _overflowing_model("s41_steep")):
+                    await models.DeployModel(scoring_pb2.DeployModelRequest(onnx=onnx))
+                answer = await edge.send(
+                    {"type": "track", "userId": "s41-whale", "event": "S41 Order", "properties": {"total": 1e39}},
+                    {"type": "track", "userId": "s41-shopper", "event": "S41 Order", "properties": {"total": 10}},
+                )
+                assert answer["accepted"] == 2, answer
+                whale = await _profile_when(profiles, "s41-whale", lambda p, c: "s41_balanced" in p.scores)
+                shopper = await _profile_when(
+                    profiles, "s41-shopper", lambda p, c: {"s41_balanced", "s41_steep"} <= set(p.scores)
+                )
+                whale = await _profile_when(profiles, "s41-whale", lambda p, c: True)  # as it is after both
+        assert whale.scores["s41_balanced"].value == 0.5  # sigmoid(largest - largest)
+        assert "s41_steep" not in whale.scores
+        assert (shopper.scores["s41_balanced"].value, shopper.scores["s41_steep"].value) == (0.5, 0.5)
+    assert [str(letter) for letter in await dead_letters(edge.nats_url)] == []

@@ -165,6 +165,11 @@ class ScoringEngine(Deployments, Rounds, Requests):
             unit="{score}",
             description="score updates not published: version and values as last published, by model",
         )
+        self._m_not_finite = meter.create_counter(
+            "cdp.scoring.scores.not_finite",
+            unit="{score}",
+            description="score updates not published: a score was not a finite number (NaN, an infinity), by model",
+        )
         self._m_inference = meter.create_histogram(
             "cdp.scoring.inference.duration",
             unit="ms",

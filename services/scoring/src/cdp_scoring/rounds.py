@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -256,10 +257,17 @@ class Rounds:
             model, name = version.spec.name, version.version
             key = STAMP + model
             values = last.rows(scores)
+            # A score that is not a finite number (a model's overflow) is published for no one: the profile
+            # refuses the whole message holding it, every other person's scores of the round with it.
+            unusable = set() if np.isfinite(scores).all() else _not_finite(values)
+            if unusable:
+                self._m_not_finite.add(len(unusable), {"model": model})
             # partition -> this version's columns there (ids, values, times), filled in one pass
             parts: dict[int, tuple[list[str], list[float], list[int]]] = {}
             kept = 0
             for i, person in enumerate(persons):
+                if unusable and i in unusable:
+                    continue
                 row = values[i]
                 if news_only:
                     at = news(person, model, [name, *row], times[i], key)
@@ -280,9 +288,14 @@ class Rounds:
                 columns.setdefault(p, []).append((model, name, names, ids, row_values, at_ms))
             if kept:
                 self._m_published.add(kept, {"model": model})
-            if kept < len(persons):
-                self._m_unchanged.add(len(persons) - kept, {"model": model})
+            if kept < len(persons) - len(unusable):
+                self._m_unchanged.add(len(persons) - len(unusable) - kept, {"model": model})
         return {p: _messages(p, batches) for p, batches in columns.items()}
+
+
+def _not_finite(rows: list[list[float]]) -> set[int]:
+    """The rows holding a score that is not a finite number."""
+    return {i for i, row in enumerate(rows) if not all(math.isfinite(value) for value in row)}
 
 
 def _messages(partition: int, batches: list[tuple]) -> list[OutMessage]:

@@ -20,6 +20,7 @@ from cdp_scoring.domain.spec import FeatureSpec, ModelSpec
 
 DAY = 86_400.0
 NAN = float("nan")
+_FLOAT32_MAX = np.finfo(np.float32).max
 _TRUE = frozenset({"true", "yes", "1", "on"})
 _FALSE = frozenset({"false", "no", "0", "off", ""})
 
@@ -103,7 +104,14 @@ class FeatureAssembler:
             flat = [value for fields in people for value in row(fields, now)]
         else:
             flat = [value for fields, at in zip(people, now, strict=True) for value in row(fields, at)]
-        return np.array(flat, dtype=np.float32).reshape(len(people), self.width)
+        with np.errstate(over="ignore"):
+            matrix = np.array(flat, dtype=np.float32).reshape(len(people), self.width)
+        if np.isinf(matrix).any():
+            # A field past float32's range (an order total of 1e39, a sum saturated at 1.8e308) became an
+            # infinity, which models turn into infinite or NaN scores that no profile takes: it is the
+            # largest float32 instead (a missing value stays NaN, the models' own "no value").
+            np.clip(matrix, -_FLOAT32_MAX, _FLOAT32_MAX, out=matrix)
+        return matrix
 
     def from_values(self, values: Sequence[float]) -> list[float]:
         """A raw vector as given by a caller, checked for length."""
