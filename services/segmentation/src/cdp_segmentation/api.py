@@ -43,6 +43,12 @@ STATE_TO_PB = {
 MAX_PAGE = 10_000
 DEFAULT_PAGE = 1_000
 MAX_TEXT = 64 * 1024
+# A segment's name and description travel in every GetSegment and ListSegments answer: unlimited, a few
+# segments named with megabytes made the listing larger than a client receives (4 MiB by default) or the
+# server sends (16 MiB), and it failed for every caller until they were deleted. Characters, as gRPC's
+# strings count them after decoding.
+MAX_NAME = 256
+MAX_DESCRIPTION = 4096
 
 
 # Errors building or reading back a message whose tree nests deeper than protobuf decodes.
@@ -94,6 +100,14 @@ def check_readable(node: Node, field: str) -> None:
         ) from None
     if not same_text:
         raise InvalidArgument(field, "does not read back as the same definition from its canonical text")
+
+
+def check_labels(request: Any) -> None:
+    """A create's or update's name and description within their limits (MAX_NAME, MAX_DESCRIPTION)."""
+    for field, limit in (("name", MAX_NAME), ("description", MAX_DESCRIPTION)):
+        size = len(getattr(request, field))
+        if size > limit:
+            raise InvalidArgument(field, f"{size} characters; at most {limit}")
 
 
 def whole_numbers(value: Any) -> Any:
@@ -154,6 +168,7 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
 
     async def CreateSegment(self, request: segmentation_pb2.CreateSegmentRequest, context) -> segmentation_pb2.Segment:
         check_segment_id(request.id)
+        check_labels(request)
         if not request.HasField("definition"):
             raise InvalidArgument("definition", "is required: text (the readable form) or tree (the JSON form)")
         node = definition_node(request.definition, "definition")
@@ -169,6 +184,7 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         self, request: segmentation_pb2.UpdateSegmentRequest, context
     ) -> segmentation_pb2.UpdateSegmentResponse:
         check_segment_id(request.id)
+        check_labels(request)
         node = definition_node(request.definition, "definition") if request.HasField("definition") else None
         segment = await self.engine.update(request.id, node, name=request.name, description=request.description)
         warnings = list(segment.warnings)
@@ -302,4 +318,13 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         return await self.explainer.explain(request, context)
 
 
-__all__ = ["SCOPES", "SegmentationApi", "check_readable", "definition_node", "segment_message"]
+__all__ = [
+    "MAX_DESCRIPTION",
+    "MAX_NAME",
+    "SCOPES",
+    "SegmentationApi",
+    "check_labels",
+    "check_readable",
+    "definition_node",
+    "segment_message",
+]
