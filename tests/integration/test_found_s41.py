@@ -501,3 +501,48 @@ async def test_scores_of_order_totals_past_float32_are_finite_or_left_out_and_th
         assert "s41_steep" not in whale.scores
         assert (shopper.scores["s41_balanced"].value, shopper.scores["s41_steep"].value) == (0.5, 0.5)
     assert [str(letter) for letter in await dead_letters(edge.nats_url)] == []
+
+
+DOLLAR = _far_journey("s41-dollar", "S41 Dollar", [{"id": "later", "type": "delay", "duration": "1h"}])
+
+
+async def test_keys_a_document_store_reserves_reach_journeys_and_survive_a_restart(chain, tmp_path):
+    """Mixpanel-style keys ("$browser", a trait {"$set": ...}) are accepted by the collector and kept by the
+    profile (as JSON text). Orchestration kept its copy of the person's fields and an instance's entry
+    properties as documents, whose field names the store refuses when they start with '$': the batch of
+    the person entering failed, held the partition through redeliveries and dead-lettered the event."""
+    async with _orchestration(chain, tmp_path) as (journeys, channel):
+        definition = opb.JourneyDefinition(json=orjson.dumps(DOLLAR).decode())
+        await journeys.CreateJourney(opb.CreateJourneyRequest(definition=definition))
+        await journeys.PublishJourney(opb.PublishJourneyRequest(journey_id=DOLLAR["id"]))
+        properties = {"$browser": "Firefox", "cart": {"$currency": "EUR", "items": [{"$sku": "a-1"}]}}
+        status, answer = await chain.post(
+            {"type": "identify", "userId": "s41-dollar", "traits": {"plan": "pro", "$set": {"$inc": 1}}},
+            {"type": "track", "userId": "s41-dollar", "event": "S41 Dollar", "properties": properties},
+        )
+        assert (status, answer["accepted"]) == (200, 2), answer
+        person = (await until(lambda: chain.profile_of("user_id", "s41-dollar"), "the person's profile")).person_id
+        exports = privacy_pb2_grpc.PrivacyServiceStub(channel)
+
+        async def kept():
+            held = await exports.ExportPerson(privacy_pb2.ExportPersonRequest(person_id=person))
+            document = json_format.MessageToDict(held.document)
+            fields = [p.get("fields", {}) for p in document.get("persons", [])]
+            instances = document.get("instances", [])
+            return (fields, instances) if fields and "traits.$set" in fields[0] and instances else None
+
+        fields, instances = await until(kept, "the person and their instance in orchestration", 20.0)
+        assert fields[0]["traits.$set"] == {"$inc": 1}
+        assert [i["entry"] for i in instances] == [properties]
+        assert await chain.settled(timeout=15.0, streams=("EVENTS_RAW", "EVENTS_RESOLVED", "ORCHESTRATION")) is None
+        assert [str(letter) for letter in await chain.dead_letters()] == []
+
+    async with _orchestration(chain, tmp_path) as (journeys, channel):  # read back from the store
+        [instance] = await _instances(journeys, DOLLAR["id"])
+        assert (instance.person_id, instance.state) == (person, opb.INSTANCE_STATE_WAITING)
+        held = await privacy_pb2_grpc.PrivacyServiceStub(channel).ExportPerson(
+            privacy_pb2.ExportPersonRequest(person_id=person)
+        )
+        document = json_format.MessageToDict(held.document)
+        assert [i["entry"] for i in document["instances"]] == [properties]
+        assert document["persons"][0]["fields"]["traits.$set"] == {"$inc": 1}

@@ -19,6 +19,7 @@ from cdp_kit.storage import Store
 from cdp_orchestration.channels import Action
 from cdp_orchestration.domain.arbiter import consent_refused
 from cdp_orchestration.domain.journey import Action as ActionNode
+from cdp_orchestration.domain.records import user_data_from
 from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.domain.view import PersonView
 from cdp_orchestration.state import PERSONS
@@ -50,6 +51,6 @@ class SendConsent:
             stored = await self.store.get(PERSONS, stored.doc["merged_into"]) or stored
         if stored is None:
             return None
-        view = PersonView(action.person_id, fields=stored.doc.get("fields") or {})
+        view = PersonView(action.person_id, fields=user_data_from(stored.doc.get("fields")))
         exempt = action.attributes.get("category") in self.rules.exempt_categories
         return consent_refused(view, self.purpose(action), action.channel, exempt=exempt)

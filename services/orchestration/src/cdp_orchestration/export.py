@@ -41,6 +41,7 @@ from cdp_kit.person_export import Exporter, rfc3339
 from cdp_kit.storage import Store
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration.channels.inapp import COLLECTION as INBOX
+from cdp_orchestration.domain.records import user_data_from
 from cdp_orchestration.state import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, OUTCOMES, PERSONS, SENDS
 
 # Record fields holding epoch seconds; the export gives them as RFC 3339.
@@ -87,7 +88,7 @@ def _person(person_id: str, doc: dict[str, Any]) -> dict[str, Any]:
     arbiter = doc.get("arbiter") or {}
     return {
         "person_id": person_id,
-        "fields": dict(doc.get("fields") or {}),
+        "fields": user_data_from(doc.get("fields")),
         "segments": list(doc.get("segments") or []),
         "frequency": [
             {"at": rfc3339(at), "channel": channel, "action_id": action_id, "exempt": not channel}
@@ -115,7 +116,7 @@ def _instance(doc: dict[str, Any]) -> dict[str, Any]:
         "ended_at": rfc3339(doc.get("ended_at")),
         "outcome": doc.get("end_reason"),
         "converted_at": rfc3339(doc.get("converted_at")),
-        "entry": _times(dict(doc.get("entry") or {})),
+        "entry": _times(user_data_from(doc.get("entry"))),
         "variants": dict(doc.get("variants") or {}),
         "steps": [{"node": node, "at": rfc3339(at), "outcome": outcome} for node, at, outcome in doc.get("steps", [])],
     }

@@ -36,7 +36,13 @@ from cdp_kit.bus import OutMessage
 from cdp_kit.storage import Delete, Put, Store
 from cdp_orchestration.domain.arbiter import Decision, PersonState
 from cdp_orchestration.domain.instance import Instance
-from cdp_orchestration.domain.records import instance_from_record, person_from_record, person_record
+from cdp_orchestration.domain.records import (
+    instance_from_record,
+    person_from_record,
+    person_record,
+    user_data,
+    user_data_from,
+)
 from cdp_orchestration.domain.view import PersonView
 
 INSTANCES = "orchestration_instances"
@@ -259,7 +265,7 @@ class Person:
         many persons no journey has reached). `fields` and `segments` are always there."""
         state = self.state
         assert state is not None
-        record: dict[str, Any] = {"fields": dict(self.fields), "segments": sorted(self.segments)}
+        record: dict[str, Any] = {"fields": user_data(self.fields), "segments": sorted(self.segments)}
         if state.sent or state.deferred or state.awaiting or state.last_seen:
             cached = self.arbiter_record
             if cached is None or cached[0] is not state:
@@ -364,7 +370,7 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str], reads
             person.reads = doc.get("reads")  # none: every field was kept
             # A part the person did not have is absent (`Person.record`); records written before that hold
             # every part, empty or not.
-            person.fields = dict(doc["fields"])
+            person.fields = user_data_from(doc["fields"])
             person.segments = set(doc.get("segments") or ())
             if doc.get("arbiter"):
                 person.state = person_from_record(doc["arbiter"])

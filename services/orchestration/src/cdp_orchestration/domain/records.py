@@ -5,6 +5,12 @@
 what the domain gets back after a restart. The records hold only str, int, float, bool, None, lists and
 dicts with str keys, so orjson, BSON and SQLite JSON all take them as they are. Each carries a format
 number (`"v"`) so a later layout can read an older one.
+
+User data the records carry (an instance's entry properties, a person's profile fields) may hold any key
+an event sent, and a document store refuses some as field names (MongoDB reserves a leading '$', which
+Mixpanel-style properties such as "$browser" or a trait {"$set": ...} have): such data is kept as JSON text
+(`user_data`), read back by `user_data_from`. Before, one such key failed the write of the person's batch:
+the partition was held through redeliveries and the event dead-lettered.
 """
 
 from __future__ import annotations
@@ -12,10 +18,38 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from cdp_orchestration.domain.arbiter import Held, PersonState, ProposedAction, Sent
 from cdp_orchestration.domain.instance import Instance, Status, Step, Timer
 
 FORMAT = 1
+
+
+def _reserved_key_in(value: Any) -> bool:
+    """Whether `value` holds, at any depth, an object key a document store refuses as a field name."""
+    kind = type(value)
+    if kind is dict:
+        return any(
+            type(key) is not str or key[:1] == "$" or "\x00" in key or _reserved_key_in(item)
+            for key, item in value.items()
+        )
+    if kind is list:
+        return any(_reserved_key_in(item) for item in value)
+    return False
+
+
+def user_data(data: Mapping[str, Any]) -> dict[str, Any] | str:
+    """`data` as a record keeps it: a copy, or its JSON text when it holds a key the store refuses."""
+    data = dict(data)
+    return orjson.dumps(data).decode() if _reserved_key_in(data) else data
+
+
+def user_data_from(stored: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """What `user_data` kept (or a record written before it, which holds the dict itself)."""
+    if isinstance(stored, str):
+        return orjson.loads(stored)
+    return dict(stored or {})
 
 
 def instance_record(instance: Instance) -> dict[str, Any]:
@@ -37,7 +71,7 @@ def instance_record(instance: Instance) -> dict[str, Any]:
         "converted_at": instance.converted_at,
         "ended_at": instance.ended_at,
         "end_reason": instance.end_reason,
-        "entry": dict(instance.entry),
+        "entry": user_data(instance.entry),
         "steps": [[s.node_id, s.at, s.outcome] for s in instance.steps],
     }
 
@@ -61,7 +95,7 @@ def instance_from_record(record: Mapping[str, Any]) -> Instance:
         converted_at=record["converted_at"],
         ended_at=record["ended_at"],
         end_reason=record["end_reason"],
-        entry=dict(record["entry"]),
+        entry=user_data_from(record["entry"]),
         steps=tuple(Step(*step) for step in record["steps"]),
     )
 
