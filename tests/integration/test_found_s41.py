@@ -546,3 +546,44 @@ async def test_keys_a_document_store_reserves_reach_journeys_and_survive_a_resta
         document = json_format.MessageToDict(held.document)
         assert [i["entry"] for i in document["instances"]] == [properties]
         assert document["persons"][0]["fields"]["traits.$set"] == {"$inc": 1}
+
+
+EXIT_WITHOUT_EMAIL = {
+    **_far_journey("s41-exit-lag", "S41 Signed Up", [{"id": "later", "type": "delay", "duration": "1h"}]),
+    "exit": [{"id": "no_email", "condition": "not traits.email exists"}],
+}
+
+
+async def test_an_exit_condition_at_entry_reads_what_the_events_before_the_entry_set(chain, tmp_path):
+    """An SDK sends identify (the email) then track ("Signed Up") in one batch. Orchestration gets the
+    track's resolved event before the profile's change for the identify, and checked the journey's exit
+    condition `not traits.email exists` at entry on fields that lacked the email: every such person's
+    instance ended at once (exit_rule:no_email, 3 of 3 on a running platform). A person without an email
+    still leaves by the rule."""
+    async with _orchestration(chain, tmp_path) as (journeys, _):
+        definition = opb.JourneyDefinition(json=orjson.dumps(EXIT_WITHOUT_EMAIL).decode())
+        await journeys.CreateJourney(opb.CreateJourneyRequest(definition=definition))
+        await journeys.PublishJourney(opb.PublishJourneyRequest(journey_id=EXIT_WITHOUT_EMAIL["id"]))
+        batch = []
+        for i in range(3):
+            batch.append({"type": "identify", "userId": f"s41-signup-{i}", "traits": {"email": f"s41-{i}@example.org"}})
+            batch.append({"type": "track", "userId": f"s41-signup-{i}", "event": "S41 Signed Up"})
+        batch.append({"type": "track", "userId": "s41-no-email", "event": "S41 Signed Up"})
+        status, answer = await chain.post(*batch)
+        assert (status, answer["accepted"]) == (200, 7), answer
+
+        async def settled_instances():
+            found = await _instances(journeys, EXIT_WITHOUT_EMAIL["id"])
+            ended = [i for i in found if i.state == opb.INSTANCE_STATE_ENDED]
+            return found if len(found) == 4 and ended else None
+
+        instances = await until(settled_instances, "four instances, the one without an email ended", 20.0)
+        assert await chain.settled(timeout=15.0, streams=("EVENTS_RAW", "EVENTS_RESOLVED", "ORCHESTRATION")) is None
+        instances = await _instances(journeys, EXIT_WITHOUT_EMAIL["id"])
+        no_email = (await chain.profile_of("user_id", "s41-no-email")).person_id
+        assert sorted((i.person_id == no_email, i.state, i.end_reason) for i in instances) == [
+            (False, opb.INSTANCE_STATE_WAITING, ""),
+            (False, opb.INSTANCE_STATE_WAITING, ""),
+            (False, opb.INSTANCE_STATE_WAITING, ""),
+            (True, opb.INSTANCE_STATE_ENDED, "exit_rule:no_email"),
+        ]

@@ -376,7 +376,11 @@ class _Run:
             goal_until=self.now + goal.within if goal is not None else None,
             entry=dict(properties),
         )
-        if not self.exit_by_condition():
+        # While the fields lag behind the person's events (the entering event's own profile change is on its
+        # way, as after an SDK's identify and track sent in one batch), an exit condition reads the person as
+        # they were before: `not traits.email exists` ended the instance of everyone who gave their email in
+        # the identify before it. The change's ProfileChanged step decides the exit rules on the fields then.
+        if self.view.behind is not None or not self.exit_by_condition():
             self.advance(self.journey.start)
 
     def goal(self, event: Event) -> bool:
