@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import collections
 
+import orjson
 import pytest
 
 from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
 from cdp_kit.storage import open_store
 from cdp_segmentation.domain import parse
@@ -400,5 +402,236 @@ async def test_the_timers_an_arrival_fired_are_replayed_before_its_adoption(engi
         assert [e.id for e in published] == [e.id for e in first]
         assert moves(published) == [("trial", True, "event", T0), ("trial", False, "time", T0 + 60)]
         assert not again.membership(person)
+    finally:
+        await again.stop()
+
+
+# --- a partition handed over after a crash, to a replica whose count of moves is behind ----------------------
+
+
+async def test_a_replica_behind_the_dead_ones_count_logs_after_the_timer_round_it_replayed(engines):
+    """Counts of moves are each replica's own (percentiles.py): `a` counts `window`'s go-live, `b`, serving
+    nothing then, counts none. `a`'s loop enters p at T0+40, a round recorded at a's count, and `a` dies
+    before a snapshot includes it. `b` takes partition 0 over (replaying the round: a duplicate), and builds
+    `inside` (in `window`): p enters it at its go-live, logged at b's count + 1. `b` dies before its snapshot
+    too. The replay at T0+140 runs the round, then the go-live, as they ran, only if b's count was raised past
+    the round's place when it replayed it: else the go-live sorts first, finds p outside `window` (the
+    snapshot's state), and the round then enters p in both at once, a message of another id, p's enter in
+    `window` published twice and in `inside` under the timer's cause too."""
+    engine, clock, url = engines
+    person = in_partition(1, 0, "p")[0]
+    behind = engine([])
+    await behind.start()
+    dead = engine([0])
+    await dead.start()
+    await dead.create("window", parse(WINDOW))
+    await dead.wait_live("window")
+    await dead.handle(handed(person, T0, 0, 1, starts_at=STARTS))
+    await dead.snapshot()
+    clock.now = T0 + 40
+    await dead.fire_timers()
+    assert dead.membership(person)
+    await without_timer_loop(dead)  # gone before its next snapshot
+
+    await behind.reload(orjson.dumps({"segment": "window"}))
+    assert behind.percentile_round < dead.percentile_round  # behind: what it logs next would sort first
+    await behind.arrive(0, nothing_after)
+
+    async def never() -> int:  # the build's snapshot after its go-live: the process dies before it
+        return 0
+
+    behind.snapshot = never
+    await behind.create("inside", parse('in_segment("window")'))
+    await behind.wait_live("inside")
+    before = await transitions(url)
+    assert moves(before) == [("window", True, "time", STARTS), ("inside", True, "created", T0 + 40)]
+    await without_timer_loop(behind)
+
+    clock.now = T0 + 140
+    again = engine([0])
+    await again.start()
+    await without_timer_loop(again)
+    try:
+        await again.replay(nothing_after(0), partitions=(0,))
+        await again.fire_timers()
+        published = await transitions(url)
+        no_id_twice(published)
+        assert moves(published) == [
+            *moves(before),
+            ("window", False, "time", STARTS + 60),
+            ("inside", False, "time", STARTS + 60),
+        ]
+        assert not again.membership(person)
+    finally:
+        await again.stop()
+
+
+class MarksGate:
+    """The store, a snapshot's positions and marks (its last write) held at a gate until the test opens it."""
+
+    def __init__(self, store) -> None:
+        self.store, self.reached, self.open = store, asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def bulk_write(self, ops):
+        if any(op.key.startswith("$percentiles") for op in ops):
+            self.reached.set()
+            await self.open.wait()
+        return await self.store.bulk_write(ops)
+
+
+async def round_records(store) -> list[dict]:
+    return [record.doc async for record in store.scan_all(CLOCKS) if "timers" in record.doc]
+
+
+async def test_a_timer_round_fired_while_a_snapshot_is_written_outlives_its_pruning(engines):
+    """A snapshot lets the partitions go on once its cut is copied, and prunes the rounds of the generations
+    its marks hold when written. A round the loop fires meanwhile (p enters at T0+40) is of the next
+    generation, in no snapshot yet: still there after the pruning, so that a crash before the next snapshot
+    replays it at T0+40 and publishes p's exit. Pruned with the snapshot, the restart at T0+140 fires p's
+    timer at its own time, finds p outside, and the exit is never published."""
+    engine, clock, url = engines
+    person = in_partition(1, 0, "p")[0]
+    first = engine([0])
+    await first.start()
+    await first.create("window", parse(WINDOW))
+    await first.wait_live("window")
+    await first.handle(handed(person, T0, 0, 1, starts_at=STARTS))
+    await first.snapshot()
+    await first.handle(handed(in_partition(2, 0, "p")[1], T0, 0, 2, level=1))
+    gate = first.held.store = MarksGate(first.held.store)
+    writing = asyncio.create_task(first.snapshot())
+    try:
+        await asyncio.wait_for(gate.reached.wait(), 20)  # cut and copied; its marks not written yet
+        clock.now = T0 + 40
+        await first.fire_timers()
+        assert moves(await transitions(url)) == WINDOW_MOVES[:1]
+    finally:
+        gate.open.set()
+        await writing
+    assert [r["timers"] for r in await round_records(first.store)] == [T0 + 40]
+    await without_timer_loop(first)  # gone before its next snapshot
+
+    clock.now = T0 + 140
+    second = engine([0])
+    await second.start()
+    await without_timer_loop(second)
+    try:
+        await second.replay(nothing_after(0), partitions=(0,))
+        await second.fire_timers()
+        published = await transitions(url)
+        no_id_twice(published)
+        assert moves(published) == WINDOW_MOVES
+    finally:
+        await second.stop()
+
+
+class MarksFail:
+    """The store, a snapshot's positions and marks (its last write) refused once."""
+
+    def __init__(self, store) -> None:
+        self.store, self.failed = store, False
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def bulk_write(self, ops):
+        if not self.failed and any(op.key.startswith("$percentiles") for op in ops):
+            self.failed = True
+            raise ConnectionError("store unavailable")
+        return await self.store.bulk_write(ops)
+
+
+async def test_the_next_owners_snapshot_prunes_a_round_of_a_generation_past_the_mark_it_loaded(engines):
+    """A snapshot moves its generation on at its cut (what is recorded from there on is of the next one),
+    whether or not its marks are then written: `a`'s second snapshot fails writing them, so its loop's round
+    at T0+40 is two generations past the mark the store holds. `a` dies; the next owner of partition 0
+    replays the round (p's enter, a duplicate) and snapshots: its marks include what it replayed (its
+    generation raised past the round's), and its pruning deletes the round. Left (a generation past the new
+    mark), it would outlive the snapshot that includes it, and every replay from that snapshot would run it
+    again, at T0+40, among this replica's records of the same generation."""
+    engine, clock, url = engines
+    person = in_partition(1, 0, "p")[0]
+    first = engine([0, 1])
+    await first.start()
+    await first.create("window", parse(WINDOW))
+    await first.wait_live("window")
+    await first.handle(handed(person, T0, 0, 1, starts_at=STARTS))
+    await first.snapshot()
+    await first.handle(handed(in_partition(1, 1, "q")[0], T0, 1, 1, level=1))
+    first.held.store = MarksFail(first.held.store)
+    with pytest.raises(ConnectionError):
+        await first.snapshot()
+    clock.now = T0 + 40
+    await first.fire_timers()
+    [record] = await round_records(first.store)
+    await without_timer_loop(first)  # gone before its next snapshot
+
+    clock.now = T0 + 50
+    second = engine([0])
+    await second.start()
+    await without_timer_loop(second)
+    try:
+        await second.replay(nothing_after(0), partitions=(0,))
+        assert moves(await transitions(url)) == WINDOW_MOVES[:1]
+        assert second.membership(person)
+        await second.handle(handed(in_partition(2, 0, "p")[1], T0 + 50, 0, 2, level=1))
+        await second.snapshot()
+        assert await round_records(second.store) == [], f"a round of generation {record['generation']} left"
+    finally:
+        await second.stop()
+
+
+class Recording:
+    """The publisher, every message published through it kept."""
+
+    def __init__(self, publisher) -> None:
+        self.publisher, self.sent = publisher, []
+
+    def __getattr__(self, name):
+        return getattr(self.publisher, name)
+
+    async def publish_batch(self, messages, **options):
+        self.sent.extend(messages)
+        return await self.publisher.publish_batch(messages, **options)
+
+
+async def test_a_recorded_round_replayed_after_a_restart_fires_nothing_for_a_person_deleted_since(engines):
+    """The loop enters p at T0+40, a recorded round; p is deleted (PRIVACY's notice; the `removed` change
+    aged out of the stream, or a store file restored from before it) and the process dies before a snapshot.
+    The partition arriving at T0+140 erases p before its replay (notices.py), and the replay's run of the
+    round finds no timer of p's: nothing is published about p, not the enter again (a duplicate JetStream
+    would drop, carrying p's id on the bus again), not an exit; the round's record names nobody."""
+    engine, clock, url = engines
+    person = in_partition(1, 0, "p")[0]
+    first = engine([0])
+    await first.start()
+    await first.create("window", parse(WINDOW))
+    await first.wait_live("window")
+    await first.handle(handed(person, T0, 0, 1, starts_at=STARTS))
+    await first.snapshot()
+    clock.now = T0 + 40
+    await first.fire_timers()
+    assert moves(await transitions(url)) == WINDOW_MOVES[:1]
+    [record] = [r async for r in first.store.scan_all(CLOCKS) if "timers" in r.doc]
+    assert person not in record.key and person.encode() not in orjson.dumps(record.doc)
+    await without_timer_loop(first)  # gone before its next snapshot
+
+    clock.now = T0 + 140
+    again = engine([])
+    again.deleted = {person: "request-1"}
+    again.deleted_by_partition = {0: {person: "request-1"}}
+    again.publisher = sent = Recording(again.publisher)
+    await again.start()
+    await without_timer_loop(again)
+    try:
+        await again.arrive(0, nothing_after)
+        await again.fire_timers()
+        named = [e.id for m in sent.sent for e in segmentation_pb2.SegmentEventBatch.FromString(m.payload).events]
+        assert named == []
+        assert person not in again.persons and not again.membership(person)
+        assert moves(await transitions(url)) == WINDOW_MOVES[:1]
     finally:
         await again.stop()
