@@ -161,11 +161,12 @@ SENTINEL = _far_journey("s41-sentinel", "S41 Sentinel", [{"id": "soon", "type": 
 
 
 @contextlib.asynccontextmanager
-async def _orchestration(chain, tmp_path):
+async def _orchestration(chain, tmp_path, *, edge=None, profile_address: str = ""):
+    """Orchestration beside the chain's services (or `edge` and the profile at `profile_address`)."""
     settings = OrchestrationSettings(
-        **chain.edge.common,
+        **(edge or chain.edge).common,
         store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
-        profile_address=f"127.0.0.1:{chain.profile_runtime.grpc.port}",
+        profile_address=profile_address or f"127.0.0.1:{chain.profile_runtime.grpc.port}",
         answer_timeout=15.0,
     )
     async with serving(settings, orchestration_setup) as runtime:
@@ -587,3 +588,57 @@ async def test_an_exit_condition_at_entry_reads_what_the_events_before_the_entry
             (False, opb.INSTANCE_STATE_WAITING, ""),
             (True, opb.INSTANCE_STATE_ENDED, "exit_rule:no_email"),
         ]
+
+
+BRANCH_ON_PLAN = _far_journey(
+    "s41-branch-lag",
+    "S41 Upgraded",
+    [
+        {"id": "which", "type": "branch", "branches": [{"if": 'traits.plan = "pro"', "next": "pro"}], "else": "other"},
+        {"id": "pro", "type": "delay", "duration": "1h"},
+        {"id": "other", "type": "delay", "duration": "2h"},
+    ],
+)
+
+
+async def test_a_branch_at_entry_reads_what_the_events_before_the_entry_set(edge, tmp_path):
+    """identify (plan "pro") then track ("Upgraded") in one batch, as SDKs send them: the branch on
+    `traits.plan = "pro"` right after the entry was decided on fields that did not have the plan yet
+    whenever the track's resolved event reached orchestration before the identify's profile change, and
+    every such person went the `else` way (3 of 3 on a running platform). Here the profile is stopped
+    while they arrive, so the change comes later for certain. The branch now waits for it; a person
+    whose plan is not "pro" still goes the other way."""
+    store = tmp_path / "profile.db"
+    async with _profile(edge, store) as (_, profile_address):
+        pass  # its streams exist, and where orchestration reads profiles is known
+    async with _orchestration(None, tmp_path, edge=edge, profile_address=profile_address) as (journeys, _):
+        definition = opb.JourneyDefinition(json=orjson.dumps(BRANCH_ON_PLAN).decode())
+        await journeys.CreateJourney(opb.CreateJourneyRequest(definition=definition))
+        await journeys.PublishJourney(opb.PublishJourneyRequest(journey_id=BRANCH_ON_PLAN["id"]))
+        batch = []
+        for user_id, plan in (("s41-pro-0", "pro"), ("s41-pro-1", "pro"), ("s41-pro-2", "pro"), ("s41-free", "free")):
+            batch.append({"type": "identify", "userId": user_id, "traits": {"plan": plan}})
+            batch.append({"type": "track", "userId": user_id, "event": "S41 Upgraded"})
+        answer = await edge.send(*batch)
+        assert answer["accepted"] == 8, answer
+
+        async def entered():
+            found = await _instances(journeys, BRANCH_ON_PLAN["id"])
+            return found if len(found) == 4 else None
+
+        await until(entered, "four instances", 20.0)
+        async with _profile(edge, store) as (profiles, _):  # the profile back: its changes follow
+
+            async def decided():
+                found = await _instances(journeys, BRANCH_ON_PLAN["id"])
+                return found if all(i.node_id in ("pro", "other") for i in found) else None
+
+            instances = await until(decided, "four instances past the branch", 20.0)
+            free = (await _profile_when(profiles, "s41-free", lambda p, c: True)).person_id
+        assert sorted((i.person_id == free, i.node_id) for i in instances) == [
+            (False, "pro"),
+            (False, "pro"),
+            (False, "pro"),
+            (True, "other"),
+        ]
+    assert [str(letter) for letter in await dead_letters(edge.nats_url)] == []

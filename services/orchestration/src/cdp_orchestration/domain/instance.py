@@ -59,6 +59,10 @@ from cdp_orchestration.domain.lifecycle import MigrationPlan
 from cdp_orchestration.domain.view import Event, PersonView
 
 RECHECK = "recheck"  # the timer kind that re-evaluates time-dependent conditions
+BRANCH = "branch"  # the timer kind that decides a branch held for fields lagging behind (`advance`)
+#: The longest a branch waits for the fields to catch up with the person's events (the arbiter's default
+#: `profile_wait`): then it is decided on the fields held, so a profile that stays away holds no one for ever.
+BRANCH_WAIT = 600.0
 
 
 class Status(StrEnum):
@@ -342,8 +346,12 @@ class _Run:
         elif isinstance(stimulus, ProfileChanged):
             if isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
                 self.leave_wait(node, node.next)
+            elif isinstance(node, Branch) and self.view.behind is None:
+                self.take_branch(node)  # the fields it waited for
         elif fired is not None:
-            if fired.kind == RECHECK:
+            if fired.kind == BRANCH and isinstance(node, Branch):
+                self.take_branch(node)  # waited BRANCH_WAIT: decided on the fields held
+            elif fired.kind == RECHECK:
                 # Time alone may have made a condition true: exit rules were checked above, now the wait's.
                 if isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
                     self.leave_wait(node, node.next)
@@ -449,6 +457,19 @@ class _Run:
         self.set(timers=tuple(t for t in self.instance.timers if t.node_id != node.id))
         self.advance(target)
 
+    def branch_target(self, node: Branch) -> str | None:
+        taken = next((i for i, (c, _) in enumerate(node.branches) if self.holds(c)), None)
+        self.record(node.id, "branch:else" if taken is None else f"branch:{taken}")
+        return node.otherwise if taken is None else node.branches[taken][1]
+
+    def take_branch(self, node: Branch) -> None:
+        """Decide a branch that waited for the fields (`advance`), its timer cancelled, and walk on."""
+        for timer in self.instance.timers:
+            if timer.node_id == node.id and timer.kind == BRANCH:
+                self.commands.append(CancelTimer(timer.id))
+        self.set(timers=tuple(t for t in self.instance.timers if not (t.node_id == node.id and t.kind == BRANCH)))
+        self.advance(self.branch_target(node))
+
     def schedule(self, node_id: str, visit: int, kind: str, at: float) -> None:
         timer = Timer(timer_id(self.instance.id, node_id, visit, kind), at, node_id, kind)
         self.set(timers=(*self.instance.timers, timer))
@@ -484,9 +505,13 @@ class _Run:
                 self.schedule(target, visit, "timeout", self.now + node.timeout)
                 return
             if isinstance(node, Branch):
-                taken = next((i for i, (c, _) in enumerate(node.branches) if self.holds(c)), None)
-                self.record(target, "branch:else" if taken is None else f"branch:{taken}")
-                target = node.otherwise if taken is None else node.branches[taken][1]
+                if self.view.behind is not None:
+                    # The fields lag behind the person's events (an identify's traits, sent just before the
+                    # event that entered them, are on their way): a branch on them went the wrong way for
+                    # everyone who set them in the same batch. It waits for the profile change.
+                    self.schedule(target, visit, BRANCH, max(self.now, self.view.behind + BRANCH_WAIT))
+                    return
+                target = self.branch_target(node)
                 continue
             if isinstance(node, Split):
                 variant = assign_variant(self.instance.person_id, journey.id, node.id, node.variants)
