@@ -24,6 +24,8 @@ from aiohttp import web
 from google.protobuf import json_format
 from onnx import TensorProto, helper, numpy_helper
 
+from cdp.collector.v1 import collector_pb2
+from cdp.events.v1 import events_pb2
 from cdp.orchestration.v1 import orchestration_pb2 as opb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
 from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
@@ -642,3 +644,38 @@ async def test_a_branch_at_entry_reads_what_the_events_before_the_entry_set(edge
             (True, "other"),
         ]
     assert [str(letter) for letter in await dead_letters(edge.nats_url)] == []
+
+
+def _track(user_id: str, message_id: str, **properties) -> events_pb2.Event:
+    event = events_pb2.Event(type=events_pb2.EVENT_TYPE_TRACK, user_id=user_id, event="S41 Measured")
+    event.message_id = message_id
+    event.properties.update(properties)
+    return event
+
+
+async def test_a_grpc_event_with_a_number_that_is_not_finite_is_refused_naming_the_field(chain, tmp_path):
+    """JSON cannot carry NaN or an infinity, protobuf can: Collect answered such events ACCEPTED, and
+    orchestration could not read the resolved event holding one (ValueError): each was dead-lettered
+    there (3 of 3 on a running platform). They are refused now, each naming its field, and the finite
+    ones beside them are stored."""
+    located = _track("s41-grpc-3", "s41-grpc-3")
+    located.context.location.latitude = math.nan
+    nested = _track("s41-grpc-2", "s41-grpc-2", cart={"items": [-math.inf]})
+    events = [_track("s41-grpc-0", "s41-grpc-0", x=math.inf), _track("s41-grpc-1", "s41-grpc-1", x=math.nan)]
+    events += [nested, located, _track("s41-grpc-4", "s41-grpc-4", x=1e308)]
+    async with _orchestration(chain, tmp_path) as (journeys, _):
+        entering = _far_journey("s41-measured", "S41 Measured", [{"id": "later", "type": "delay", "duration": "1h"}])
+        definition = opb.JourneyDefinition(json=orjson.dumps(entering).decode())
+        await journeys.CreateJourney(opb.CreateJourneyRequest(definition=definition))
+        await journeys.PublishJourney(opb.PublishJourneyRequest(journey_id=entering["id"]))
+        answer = await chain.collect(*events)
+        assert [(r.status, r.error.field) for r in answer.results] == [
+            (collector_pb2.EVENT_STATUS_REJECTED, "events[0].properties.x"),
+            (collector_pb2.EVENT_STATUS_REJECTED, "events[1].properties.x"),
+            (collector_pb2.EVENT_STATUS_REJECTED, "events[2].properties.cart.items[0]"),
+            (collector_pb2.EVENT_STATUS_REJECTED, "events[3].context.location.latitude"),
+            (collector_pb2.EVENT_STATUS_ACCEPTED, ""),
+        ]
+        await until(lambda: _instances(journeys, entering["id"]), "the finite event's person in the journey", 20.0)
+        assert await chain.settled(timeout=15.0, streams=("EVENTS_RAW", "EVENTS_RESOLVED", "ORCHESTRATION")) is None
+        assert [str(letter) for letter in await chain.dead_letters()] == []

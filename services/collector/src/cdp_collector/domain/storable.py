@@ -21,6 +21,10 @@ hold is refused here, per event, naming the field:
   surrounding whitespace is refused.
 - **Nesting** of protobuf events (gRPC `Collect`): the same limit as for JSON (`limits.py`), counted the
   same way, so an event is judged alike whichever door it came in by.
+- **A number that is not finite** (NaN, an infinity) anywhere in a protobuf event's structs, or in
+  `context.location` / `context.screen`: JSON cannot carry one, no store downstream holds one, and
+  orchestration could not read the resolved event holding it (each such event was dead-lettered there
+  after the collector had answered it accepted).
 
 NUL inside ordinary string *values* (a property, a nested trait, an event name) is accepted: both store
 adapters keep it (SQLite's JSON text escapes it, BSON strings are length-prefixed), and profile, scoring
@@ -34,6 +38,7 @@ so the common request pays one byte search for them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from math import isfinite
 
 from google.protobuf import struct_pb2
 
@@ -116,8 +121,9 @@ def id_problems(event: events_pb2.Event, *, base: str, names: Mapping[str, str] 
 
 
 def struct_problems(event: events_pb2.Event, *, base: str, json_paths: bool, max_depth: int | None) -> list[FieldError]:
-    """NUL in object keys and in identifier-bearing struct values; with `max_depth`, also nesting (for
-    protobuf events, which no JSON walk has measured). One problem per struct at most: the first found.
+    """NUL in object keys and in identifier-bearing struct values, numbers that are not finite (in structs,
+    and the context's location and screen doubles); with `max_depth`, also nesting (for protobuf events,
+    which no JSON walk has measured). One problem per struct at most: the first found.
 
     `json_paths` names fields as the Segment JSON had them (the event's unknown keys at the event's own
     level, unknown context keys under `context`); otherwise proto names (`extra.…`, `context.extra.…`).
@@ -143,6 +149,12 @@ def struct_problems(event: events_pb2.Event, *, base: str, json_paths: bool, max
         _check_struct(context.extra, extra_path, 2, False, base, max_depth, errors)
         if "externalIds" in context.extra.fields:
             errors.extend(_external_id_problems(context.extra.fields["externalIds"], base, extra_path))
+    for message, doubles in _CONTEXT_DOUBLES:
+        if has(message):
+            part = getattr(context, message)
+            for name in doubles:
+                if not isfinite(getattr(part, name)):
+                    errors.append(_not_finite(join(base, f"context.{message}.{name}")))
     if has("consent"):
         for attr, json_name in (
             ("category_preferences", "categoryPreferences"),
@@ -180,6 +192,8 @@ def _check_struct(
         errors.append(_nul_in_key(path))
     elif problem == _NUL_ID:
         errors.append(_nul_in_id(path, label))
+    elif problem == _NOT_FINITE:
+        errors.append(_not_finite(path))
     else:
         errors.append(too_deep(path, max_depth))  # type: ignore[arg-type]
 
@@ -192,7 +206,18 @@ def _steps(trail: tuple | None) -> list:
     return steps[::-1]
 
 
-_NUL_KEY, _NUL_ID, _TOO_DEEP = range(3)
+_NUL_KEY, _NUL_ID, _TOO_DEEP, _NOT_FINITE = range(4)
+
+#: Doubles of an event's context, by (message, field), that must be finite like every struct number.
+_CONTEXT_DOUBLES = (("location", ("latitude", "longitude", "speed")), ("screen", ("density",)))
+
+
+def _not_finite(path: str) -> FieldError:
+    return FieldError(
+        Code.INVALID_TYPE,
+        path,
+        "must be a finite number; got NaN or an infinity, which JSON cannot carry and no store downstream holds",
+    )
 
 
 def _walk(struct: struct_pb2.Struct, level: int, max_depth: int | None, identifiers: bool) -> tuple[tuple, int] | None:
@@ -218,6 +243,8 @@ def _walk(struct: struct_pb2.Struct, level: int, max_depth: int | None, identifi
                     if not deeper:
                         return (trail, index), _TOO_DEEP
                     push((value.list_value.values, True, depth + 1, (trail, index)))
+                elif kind == "number_value" and not isfinite(value.number_value):
+                    return (trail, index), _NOT_FINITE
             continue
         if NUL in "".join(container):  # type: ignore[arg-type]
             return (trail, next(k for k in container if NUL in k)), _NUL_KEY  # type: ignore[attr-defined]
@@ -231,6 +258,8 @@ def _walk(struct: struct_pb2.Struct, level: int, max_depth: int | None, identifi
                 if not deeper:
                     return (trail, key), _TOO_DEEP
                 push((value.list_value.values, True, depth + 1, (trail, key)))
+            elif kind == "number_value" and not isfinite(value.number_value):
+                return (trail, key), _NOT_FINITE
             elif top and kind == "string_value" and NUL in value.string_value:
                 return (trail, key), _NUL_ID
         top = False
