@@ -25,6 +25,7 @@ from cdp_kit.auth import TokenAuthenticator
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.interceptors import current_caller
 from cdp_kit.storage import Store
+from cdp_kit.storage.port import check_key
 from cdp_kit.timestamps import from_seconds
 
 SCOPES = {
@@ -236,6 +237,9 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
             connection = request.run_id.removeprefix("stream-")
             self._connection(connection)
             return await self._stream_run(connection)
+        # A run id the store cannot hold (over 1,024 characters, a NUL) was refused by the store naming its
+        # own `key`, not the request's field.
+        check_key(RUNS, request.run_id, field="run_id")
         record = await self.store.get(RUNS, request.run_id)
         if record is None:
             raise NotFound(f"no run {request.run_id!r}")

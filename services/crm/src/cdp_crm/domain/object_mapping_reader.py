@@ -35,7 +35,9 @@ from cdp_crm.domain.mapping_model import (
     map_key,
     required_fields,
 )
+from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
+from cdp_kit.storage.checks import check_document
 
 _SIMPLE_TRANSFORMS = ("string", "number", "integer", "boolean", "trim", "lower", "upper", "date", "datetime")
 _ARG_TRANSFORMS = ("round", "truncate", "join")
@@ -123,6 +125,22 @@ class MappingReader:
             if idempotency_field is not None:
                 self.problem(where, "idempotency_field", "only action mappings (tasks, cases) have one")
             match = self.match(where, kind, raw.get("match"), object_schema)
+        # A key field mapped again from something else would have its value replaced by the write itself
+        # (HubSpot took `cdp_id: traits.legacy_id` over the key it upserted by): the next upsert by the key
+        # found no record and made another, or was refused as a duplicate of the first (its email) and every
+        # later change of the person dead-lettered. Mapped exactly as the key (`email: traits.email` beside a
+        # match on it) it writes the key's own value. CRMs name fields case-insensitively (Salesforce).
+        keys = {fm.crm_field.lower(): _reading(fm) for fm in match}
+        if isinstance(idempotency_field, str):
+            keys[idempotency_field.lower()] = None  # derived from the action id: nothing else writes it
+        for fm in fields:
+            if fm.crm_field.lower() in keys and keys[fm.crm_field.lower()] != _reading(fm):
+                self.problem(
+                    where,
+                    f"fields.{fm.crm_field}",
+                    "is the field the record is matched by: a mapped value would replace its key, and the next "
+                    "write would find no record; map the value to another field",
+                )
         about = self.about(where, kind, raw.get("about"), kind_of_mapping, object_schema)
         return ObjectMapping(
             cid,
@@ -256,6 +274,8 @@ class MappingReader:
         if not isinstance(crm_field, str) or not crm_field:
             self.problem(where, path, "a CRM field name must be a non-empty string")
             return None
+        if not self.storable(where, path, {crm_field: None}, "a CRM field name"):
+            return None
         if isinstance(spec, str):
             spec = {"source": spec}
         if not isinstance(spec, dict):
@@ -276,6 +296,10 @@ class MappingReader:
         if translate is not None and not isinstance(translate, dict):
             self.problem(where, f"{path}.map", "must be an object of value -> CRM value")
             translate = None
+        constants = [("value", spec.get("value")), ("default", spec.get("default"))]
+        constants += [(f"map.{k}", v) for k, v in (translate or {}).items()]
+        if not all([self.storable(where, f"{path}.{name}", {"v": v}, "a value") for name, v in constants]):
+            return None
         return FieldMapping(
             crm_field,
             source if has_source else None,
@@ -284,6 +308,18 @@ class MappingReader:
             {map_key(k): v for k, v in translate.items()} if translate else None,
             spec.get("default"),
         )
+
+    def storable(self, where: str, path: str, doc: dict[str, Any], what: str) -> bool:
+        """Whether the connector's store can keep `doc`: every value written, and the field it is written to,
+        is kept in the record's document (what the CRM took last). A name starting with `$`, a constant
+        integer past 64 bits or NaN was accepted, and the first batch writing it failed at its commit,
+        again at every redelivery, until its message was dead-lettered with every person's change in it."""
+        try:
+            check_document("crm_records", "mapping", doc)
+        except InvalidArgument as refused:
+            self.problem(where, path, f"{what} the connector's store cannot keep: {refused.description}")
+            return False
+        return True
 
     def source_ok(self, where: str, path: str, source: Any, kind_of_mapping: str) -> bool:
         if not isinstance(source, str) or not source:
@@ -323,6 +359,11 @@ class MappingReader:
                 known = ", ".join([*_SIMPLE_TRANSFORMS, "round:N", "truncate:N", "join[:sep]"])
                 self.problem(where, path, f"{name!r} is not a transform (expected {known})")
         return tuple(transforms)
+
+
+def _reading(fm: FieldMapping) -> tuple[Any, ...]:
+    """What a field mapping writes, whatever CRM field it writes it to."""
+    return (fm.source, fm.value, fm.transforms, fm.translate, fm.default)
 
 
 def _suggest(name: str, names: Mapping[str, Any] | Sequence[str]) -> str:

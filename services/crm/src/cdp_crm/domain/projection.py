@@ -230,7 +230,7 @@ def _apply(transform: Transform, value: Any) -> Any:
         if name == "number":
             return _finite(float(value))
         if name == "integer":
-            return int(float(value))
+            return _int64(int(float(value)))
         if name == "boolean":
             if isinstance(value, str):
                 return value.strip().lower() in ("true", "yes", "1", "y")
@@ -265,6 +265,16 @@ def _finite(number: float) -> float:
     at every change."""
     if not math.isfinite(number):
         raise ValueError("not a finite number")
+    return number
+
+
+def _int64(number: int) -> int:
+    """`number`, or ValueError past the signed 64-bit range: no CRM integer field holds more (Dataverse's
+    BigInt is 64-bit, Salesforce's widest number 18 digits), and the connector's store cannot hold the record
+    of what was written - the batch failed at its commit and was run again until its message was
+    dead-lettered, other persons' changes with it ("100000000000000000000" from a text trait)."""
+    if not -(2**63) <= number < 2**63:
+        raise ValueError("not a 64-bit integer")
     return number
 
 
