@@ -260,6 +260,28 @@ async def test_a_timer_round_after_a_go_live_at_its_position_is_replayed_after_i
     ]
 
 
+async def test_a_timer_round_runs_after_the_change_at_its_position_in_the_replay(world):
+    """p's change (its start at T0+30) is committed at T0, after the last snapshot; the loop enters p at
+    T0+40, a round at p's change's position. The replay at T0+140 runs the change at its clock, then the
+    round, as they ran: the round fires p's timer, set by the change, at T0+40. Run before the change, the
+    round finds no timer of p's, the change then sets it, and at T0+140 it finds p outside: the exit lost."""
+    replica, js, clock, _store = world
+    first = await replica()
+    await first.engine.create("window", parse(WINDOW))
+    await first.engine.wait_live("window")
+    await first.engine.snapshot()
+    person = in_partition(1, 0, "p")[0]
+    await applied(first, await send(js, change(person, T0, starts_at=STARTS)))
+    clock.advance(40)
+    await published_count(js, 1, "the timer loop's enter")
+    async with first.stream.quiescent():
+        pass
+    await first.crash()
+
+    published = await exit_after_restart(replica, clock, person, js)
+    assert moves(published) == WINDOW_MOVES
+
+
 # --- engines without a stream, changes handed to them and partitions arriving when told ----------------------
 
 
