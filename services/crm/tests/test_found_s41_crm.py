@@ -17,6 +17,12 @@ person's next change, upserted by `cdp_id`, found no contact and was refused by 
 the first's email (409): every later change of the person dead-lettered. Such a document is now refused;
 a field mapped exactly as its key (`email: traits.email` beside a match on email) is still taken.
 
+A connection's `limits` were only checked to be positive numbers: `burst: 100000000000000000000` or
+`window_seconds: .inf` went into the account's budget document, which the store refused at every batch's
+commit, and `burst: 0.5` became a burst of 0 requests (a ValueError at every batch): no write ever reached
+the CRM and each input message was dead-lettered once its redeliveries ran out. They are now refused at
+start: whole numbers of requests from 1 to 2**53, a window above 0 of at most a day.
+
 GetRun with a run id the store cannot hold (over 1,024 characters, a NUL) was refused naming the store's
 `key`, not the request's `run_id`.
 
@@ -131,3 +137,26 @@ async def test_a_run_id_the_store_cannot_hold_is_refused_naming_run_id(world_fac
             with pytest.raises(InvalidArgument) as refused:
                 await api.GetRun(crm_pb2.GetRunRequest(run_id=run_id), None)
             assert refused.value.field == "run_id"
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        ({"burst": 10**20, "window_seconds": 10}, "burst"),
+        ({"burst": 0.5, "window_seconds": 10}, "burst"),
+        ({"daily": 1e300}, "daily"),
+        ({"burst": 100, "window_seconds": float("inf")}, "window_seconds"),
+        ({"burst": 100, "window_seconds": float("nan")}, "window_seconds"),
+    ],
+)
+def test_limits_a_budget_cannot_keep_or_use_are_refused_naming_the_limit(limits, field):
+    with pytest.raises(MappingInvalid) as refused:
+        parse_connections(hubspot_document("http://127.0.0.1:1", **limits))
+    assert [p.path for p in refused.value.problems] == [f"hs.limits.{field}"]
+
+
+def test_the_documented_limits_are_taken():
+    (connection,) = parse_connections(
+        hubspot_document("http://127.0.0.1:1", burst=190.0, window_seconds=0.5, daily=250_000)
+    )
+    assert (connection.limits.burst, connection.limits.window_seconds, connection.limits.daily) == (190, 0.5, 250_000)

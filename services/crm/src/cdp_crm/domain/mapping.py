@@ -64,6 +64,7 @@ name re-exported here); the checks of one object mapping are `object_mapping_rea
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -147,6 +148,10 @@ __all__ = [
     "required_fields",
 ]
 
+# The widest limits a document may give: a burst window longer than a day is the daily quota's to count,
+# and 2**53 requests is past any CRM's quota while every number up to it is exact as JSON.
+MAX_WINDOW_SECONDS = 86_400
+MAX_REQUESTS = 2**53
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
@@ -368,12 +373,24 @@ class _Reader(MappingReader):
         for key in raw:
             if key not in ("burst", "window_seconds", "daily"):
                 self.problem(cid, f"limits.{key}", "is not a limit (expected burst, window_seconds, daily)")
+        # Each limit is kept in the account's budget document and answered by GetBudget (int64): one the
+        # store cannot hold (past 64 bits, an infinity) failed every batch of the account at its commit, and
+        # a burst below one request (0.5 read as 0) granted nothing - no write ever reached the CRM, and
+        # each input message was dead-lettered once its redeliveries ran out.
         for key in ("burst", "window_seconds", "daily"):
             value = raw.get(key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                self.problem(cid, f"limits.{key}", "must be a positive number")
+            number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+            if key == "window_seconds":
+                if not number or not 0 < value <= MAX_WINDOW_SECONDS:
+                    self.problem(
+                        cid, f"limits.{key}", f"must be a number of seconds above 0, at most {MAX_WINDOW_SECONDS}"
+                    )
+                else:
+                    values[key] = float(value)
+            elif not number or value != int(value) or not 1 <= value <= MAX_REQUESTS:
+                self.problem(cid, f"limits.{key}", f"must be a whole number of requests from 1 to {MAX_REQUESTS}")
             else:
-                values[key] = float(value) if key == "window_seconds" else int(value)
+                values[key] = int(value)
         return Limits(**values)
