@@ -132,6 +132,22 @@ def describe_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A handler's failure as a dead letter's detail says it: `describe_error`, and where the exception
+    was raised (the innermost frame's file, line and function: code, never values). The exception's own
+    text is left out because it quotes what the code had in hand: a person's time zone in an `OSError`'s
+    file name, an e-mail address in a `KeyError` - and `cdpctl dlq` shows the detail to every operator,
+    long after a deletion took the person's data out of the stores."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        code = tb.tb_frame.f_code
+        where = f" at {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"
+    return describe_error(exc) + where
+
+
 def is_outage(error: BaseException) -> bool:
     """The handler's dependency said it cannot take the work now (`Unavailable`: the store's disk is
     full, its server is down), directly or as the cause: an outage, never the message's fault."""
@@ -797,7 +813,7 @@ class ConsumerRunner:
                 last_try = final or d.num_delivered >= self.spec.max_deliver
                 if error is not None:
                     if last_try:
-                        await self._dead_letter(d, "handler_error", f"{type(error).__name__}: {error}")
+                        await self._dead_letter(d, "handler_error", describe_failure(error))
                         counts["dead_letter"] += 1
                     else:
                         await d.msg.nak(delay=self.spec.delay_after(d.num_delivered))
