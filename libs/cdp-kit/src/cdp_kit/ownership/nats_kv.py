@@ -24,7 +24,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from cdp_kit.ownership.group_kv import GroupKv
 from cdp_kit.ownership.leased import Lease, LeasedOwnership, Revision
 
-_KEY_PART = re.compile(r"^[-_=a-zA-Z0-9]+$")
+_KEY_PART = re.compile(r"^[-_=a-zA-Z0-9]+\Z")
 
 
 class NatsKvLeaseStore:

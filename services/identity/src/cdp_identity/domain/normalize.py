@@ -17,8 +17,8 @@ import phonenumbers
 from cdp_identity.domain.rules import IdentifierType, MergeRules
 
 MAX_VALUE_CHARS = 512
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from cdp_kit.durations import parse_duration
 from cdp_kit.errors import InvalidArgument
 
 NORMALIZERS = ("email", "phone", "lower", "exact")
-TYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+TYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}\Z")
 
 # Values clients send when they have no identifier; linking on them would glue strangers together.
 DEFAULT_BLOCKED_VALUES = frozenset(

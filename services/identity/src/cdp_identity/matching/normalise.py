@@ -30,7 +30,7 @@ _NON_DIGITS = re.compile(r"\D")
 _LEADING_ZEROS = re.compile(r"\b0+(\d)")
 # A separator, then optionally a time ("T12:30:00Z", " 12:30"): the date part is what counts.
 _ISO_DATE = re.compile(r"^(?P<year>\d{4})(?P<sep>[-/.])(?P<month>\d{1,2})(?P=sep)(?P<day>\d{1,2})(?:$|[t ])")
-_COMPACT_DATE = re.compile(r"^(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})$")
+_COMPACT_DATE = re.compile(r"^(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})\Z")
 
 # USPS street suffix and unit designator abbreviations: the variants real address data mixes.
 _ADDRESS_TOKENS = {

@@ -124,7 +124,7 @@ OPS = (
 )
 NUMERIC_OPS = frozenset({"sum", "avg", "min", "max"})
 TRAIT_EVENT_TYPES = (*sorted(EVENT_TYPES), "any")
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 _KNOWN_KEYS = ("name", "op", "event_type", "event_names", "property", "where", "window", "compare")
 _MATCH_CACHE_LIMIT = 4096
 _ZONE_CACHE_LIMIT = 1024
@@ -133,7 +133,7 @@ _ZONE_CACHE_LIMIT = 1024
 # identifier type (identity's type names).
 VALUE_PSEUDO_PATHS = ("$at", "$hour", "$user_id", "$anonymous_id")
 PSEUDO_PATHS = (*VALUE_PSEUDO_PATHS, "$context", "$shared")
-IDENTIFIER_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+IDENTIFIER_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}\Z")
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING", "__slots__": ()})()
 

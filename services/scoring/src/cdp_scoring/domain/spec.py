@@ -34,8 +34,8 @@ from cdp_kit.errors import InvalidArgument
 METADATA_KEY = "cdp.model"
 TRANSFORMS = ("number", "bool", "days_since", "category")
 PATH_ROOTS = ("traits", "computed", "consent", "scores")
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 _SPEC_KEYS = (
     "name",
     "version",
