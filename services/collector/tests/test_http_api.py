@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import gzip
 import json
+import zlib
 
 import aiohttp
 import nats
@@ -80,6 +81,20 @@ async def test_batch_with_gzip_body(collector):
     )
     assert status == 200 and reply["accepted"] == 100
     await collector.stored(expected=100)
+
+
+@pytest.mark.parametrize("framing", ["zlib", "raw"])
+async def test_batch_with_deflate_body_zlib_framed_or_raw(collector, framing):
+    """HTTP's deflate is zlib-framed; clients also send the bare deflate stream under that name."""
+    data = json.dumps({"batch": [track(i) for i in range(20)]}).encode()
+    if framing == "zlib":
+        deflated = zlib.compress(data)
+    else:
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        deflated = packer.compress(data) + packer.flush()
+    status, reply, _ = await post(collector, "/v1/batch", data=deflated, headers={"Content-Encoding": "deflate"})
+    assert status == 200 and reply["accepted"] == 20, reply
+    await collector.stored(expected=20)
 
 
 async def test_retried_batch_is_deduplicated(collector):

@@ -389,7 +389,7 @@ class HttpApi:
             body = raw
         elif encoding in ("gzip", "x-gzip", "deflate"):
             # Decompress with a ceiling so a small bomb cannot cost more than the limit allows.
-            wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
+            wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else _deflate_wbits(raw)
             inflater = zlib.decompressobj(wbits)
             try:
                 body = inflater.decompress(raw, self.limits.max_batch_bytes + 1)
@@ -640,6 +640,16 @@ def _events_in(kind: str, document: dict) -> int:
         return 1
     batch = document.get("batch")
     return len(batch) if isinstance(batch, list) else 0
+
+
+def _deflate_wbits(raw: bytes) -> int:
+    """How a `deflate` body is framed. HTTP's deflate is the zlib format (RFC 9110 8.4.1.2), but clients
+    have long sent the raw deflate stream under that name too (RFC 9110 says so); a body read the other way
+    is garbage, so each is read as it was sent. A zlib stream starts with a header whose method is 8 and
+    whose first two bytes are a multiple of 31 (RFC 1950), which a raw stream's first block rarely is."""
+    if len(raw) >= 2 and raw[0] & 0x0F == 8 and (raw[0] << 8 | raw[1]) % 31 == 0:
+        return zlib.MAX_WBITS
+    return -zlib.MAX_WBITS
 
 
 def _content_encoding(request: web.Request) -> str:
