@@ -65,3 +65,13 @@ async def test_profile_enroll_and_instances_take_a_person_id_or_type_value_alike
         wrong = await cli.run(*args, "user_id", "ada", "extra")
         assert wrong.exit_code == 2, (args, wrong.output)
         assert "name the person by PERSON_ID or by an identifier: TYPE VALUE" in wrong.output, (args, wrong.output)
+
+
+async def test_an_identifier_type_alone_is_not_found_with_a_hint_to_give_its_value(person_cli):
+    """`cdpctl profile user_id` reads as a person id "user_id": not found, and the answer says how to look
+    a person up by an identifier instead of only that no person has that id."""
+    alone = await person_cli.run("profile", "user_id")
+    assert alone.exit_code == 1
+    assert "NOT_FOUND" in alone.output and "cdpctl profile user_id VALUE" in alone.output
+    other = await person_cli.run("profile", "p-unknown")
+    assert other.exit_code == 1 and "NOT_FOUND" in other.output and "VALUE" not in other.output

@@ -342,9 +342,20 @@ async def _lookup_profile(address: str, token: str, person: tuple[str, ...], wai
             except grpc.aio.AioRpcError as exc:
                 # Events reach the profile a moment after the collector accepted them: --wait waits for it.
                 if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
-                    raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+                    hint = ""
+                    if len(person) == 1 and person[0] in IDENTIFIER_TYPE_NAMES:
+                        # `cdpctl profile user_id`: most likely a lookup missing its value, not a person id.
+                        hint = f"; to look a person up by an identifier, give its value too: cdpctl profile {person[0]} VALUE"
+                    raise click.ClickException(f"{exc.code().name}: {exc.details()}{hint}") from None
             await asyncio.sleep(0.2)
     raise click.ClickException("no profile")
+
+
+# The built-in identifier types (identity's rules may add others): a PERSON_ID given as one of these names is
+# most likely a lookup missing its value.
+IDENTIFIER_TYPE_NAMES = frozenset(
+    {"user_id", "anonymous_id", "email", "phone", "device_id", "salesforce_id", "hubspot_id", "dynamics_id", "zoho_id"}
+)
 
 
 @main.command()
