@@ -23,6 +23,10 @@ commit, and `burst: 0.5` became a burst of 0 requests (a ValueError at every bat
 the CRM and each input message was dead-lettered once its redeliveries ran out. They are now refused at
 start: whole numbers of requests from 1 to 2**53, a window above 0 of at most a day.
 
+A profile value the store cannot keep - a score of NaN (a double on the bus), a trait holding an object
+with a `$` or NUL key (`{"$oid": ...}`) - went into the person's view (and, mapped, the record) and failed
+the batch at its commit the same way; it now reads as gone, as a value a transform cannot handle does.
+
 GetRun with a run id the store cannot hold (over 1,024 characters, a NUL) was refused naming the store's
 `key`, not the request's `run_id`.
 
@@ -30,15 +34,20 @@ In-process on a real nats-server, the local HubSpot and a SQLite store (conftest
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cdp.crm.v1 import crm_pb2
+from cdp.profile.v1 import profile_pb2
 from cdp_crm.api import CrmApi
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.domain.mapping import MappingInvalid, parse_connections
 from cdp_crm.state import RECORDS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_kit.bus import subjects
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.timestamps import from_seconds
 from cdp_testing.crm import hubspot_document
 
 
@@ -160,3 +169,31 @@ def test_the_documented_limits_are_taken():
         hubspot_document("http://127.0.0.1:1", burst=190.0, window_seconds=0.5, daily=250_000)
     )
     assert (connection.limits.burst, connection.limits.window_seconds, connection.limits.daily) == (190, 0.5, 250_000)
+
+
+async def test_profile_values_the_store_cannot_keep_read_as_gone_and_the_batch_goes_through(world_factory):
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        await world.start()  # no profile service: the views keep every field, mapped or not
+        odd = "odd-0"
+        fine = next(f"fine-{i}" for i in range(100) if world.partition(f"fine-{i}") == world.partition(odd))
+        batch = profile_pb2.ProfileChangedBatch()
+        for person in (odd, fine):
+            change = batch.changes.add(person_id=person, cause="event", at=from_seconds(time.time()))
+            change.traits["email"].string_value = f"{person}@example.com"
+            if person == odd:
+                change.traits["first_name"].struct_value.update({"$oid": "5f1d"})  # mapped
+                change.traits["nickname"].struct_value.update({"a\x00b": 1})  # not mapped
+                change.scores["churn_risk"] = float("nan")  # mapped, round:2
+            else:
+                change.traits["first_name"].string_value = "Fay"
+                change.scores["churn_risk"] = 0.123
+        await world._publish(subjects.profiles_changed(world.partition(odd)), batch.SerializeToString())
+
+        fine_record = await world.eventually(lambda: _synced(world, fine))
+        odd_record = await world.eventually(lambda: _synced(world, odd))
+        assert fine_record["fields"] == {"email": f"{fine}@example.com", "firstname": "Fay", "cdp_churn_risk": 0.12}
+        assert odd_record["fields"] == {"email": "odd-0@example.com"}
+        contact = emulator.find("contacts", "cdp_id", odd)
+        assert contact["properties"]["email"] == "odd-0@example.com"
+        assert not contact["properties"].get("firstname")

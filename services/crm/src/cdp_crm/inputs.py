@@ -5,6 +5,7 @@ Re-exported by `cdp_crm.engine`."""
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,9 @@ from cdp.segmentation.v1 import segmentation_pb2
 from cdp_crm.domain import projection as proj
 from cdp_kit.bus import subjects
 from cdp_kit.engine import Reject
+from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import change_fields, value_to_python
+from cdp_kit.storage.checks import check_document
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,9 @@ class MappedPaths:
                 self.parts[root].append((name, path))
 
     def updates(self, change: profile_pb2.ProfileChanged) -> dict[str, Any]:
+        return storable(self._updates(change))
+
+    def _updates(self, change: profile_pb2.ProfileChanged) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part, values in (("traits", change.traits), ("computed", change.computed)):
             for name, path in self.parts[part]:
@@ -57,6 +63,28 @@ class MappedPaths:
         return out
 
 
+def storable(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with each value the connector's store cannot keep read as gone (None), as a value a transform
+    cannot handle counts as missing: a profile value is kept in the person's view, and once projected in the
+    record, its queued change or dead letter. A score of NaN or an infinity (a double on the bus), or a trait
+    holding an object with a `$` or NUL key (`{"$oid": ...}`, which the collector and profile take), failed
+    the batch at its commit, again at every redelivery, until its message was dead-lettered with every other
+    person's change in it. Text and finite numbers, nearly every value, are taken at once."""
+    for name, value in fields.items():
+        kind = type(value)
+        if kind is str or value is None or kind is bool:
+            continue
+        if kind is float:
+            if not math.isfinite(value):
+                fields[name] = None
+            continue
+        try:
+            check_document("crm_persons", "view", {"v": value})
+        except InvalidArgument:
+            fields[name] = None
+    return fields
+
+
 def reads_fingerprint(reads: Iterable[str]) -> str:
     """Names the set of fields the mappings read: a view kept under another set is not complete."""
     return hashlib.blake2b("\n".join(sorted(reads)).encode(), digest_size=8).hexdigest()
@@ -71,7 +99,9 @@ def decode(stream: str, data: bytes, stamp: int, mapped: MappedPaths | None = No
             # (engine.py `merge_pending`), after this change's writes.
             merges = [Input("merge", c.person_id, stamp, tuple(c.merged)) for c in batch.changes if c.merged]
             if mapped is None:
-                changes = [Input("profile", c.person_id, stamp, (change_fields(c), c.removed)) for c in batch.changes]
+                changes = [
+                    Input("profile", c.person_id, stamp, (storable(change_fields(c)), c.removed)) for c in batch.changes
+                ]
                 return changes + merges
             inputs = []
             for c in batch.changes:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import grpc
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_crm.inputs import storable
 from cdp_crm.state import PERSONS
 from cdp_kit.errors import Unavailable
 from cdp_kit.profile_fields import profile_fields
@@ -171,7 +172,8 @@ def profile_fetch(
     channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0, retry_after: float = RETRY_AFTER
 ) -> Fetch:
     """`Fetch` through the profile service's BatchGetProfiles: person id -> flat fields."""
-    return _batch_get(channel, token, timeout, profile_fields, retry_after)
+    # What the store cannot keep reads as gone, as in a profile change (inputs.storable).
+    return _batch_get(channel, token, timeout, lambda profile: storable(profile_fields(profile)), retry_after)
 
 
 def profile_identifiers(
