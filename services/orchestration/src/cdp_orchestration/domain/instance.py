@@ -30,6 +30,11 @@ Invariants:
 - Conditions that time alone can make true (`traits.trial_ends_at < now`, an event leaving its window) are
   rechecked by one timer per instance at `next_change`, so a wait or exit on them acts on time, not on
   the next unrelated stimulus.
+- Nothing is decided on fields that lag behind the person's events (`PersonView.behind`: an identify sent
+  in one batch with the event that led here has not reached them yet): a branch, a wait's condition and a
+  delay until a time of day (in the person's zone) reached then wait for the profile's change, and so do
+  the exit conditions of an instance that entered then (`exits_held`); each at most FIELDS_WAIT after the
+  earliest lagging event, then decided on the fields held. Their timers' ids are derived like any other's.
 - A timer or outcome the instance no longer expects (cancelled, already handled) changes nothing.
 - An ended instance never schedules, proposes or ends again.
 """
@@ -60,9 +65,11 @@ from cdp_orchestration.domain.view import Event, PersonView
 
 RECHECK = "recheck"  # the timer kind that re-evaluates time-dependent conditions
 BRANCH = "branch"  # the timer kind that decides a branch held for fields lagging behind (`advance`)
-#: The longest a branch waits for the fields to catch up with the person's events (the arbiter's default
+FIELDS = "fields"  # the timer kind that ends a wait's or a delay's hold for fields lagging behind (`advance`)
+#: The longest a step waits for the fields to catch up with the person's events (the arbiter's default
 #: `profile_wait`): then it is decided on the fields held, so a profile that stays away holds no one for ever.
-BRANCH_WAIT = 600.0
+FIELDS_WAIT = 600.0
+BRANCH_WAIT = FIELDS_WAIT
 
 
 class Status(StrEnum):
@@ -186,7 +193,7 @@ class Timer:
     id: str
     at: float
     node_id: str  # "" for a recheck
-    kind: str  # "delay" | "timeout" | RECHECK
+    kind: str  # "delay" | "timeout" | RECHECK | BRANCH | FIELDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +240,18 @@ def action_id(instance: str, node_id: str, visit: int) -> str:
 
 def timer_id(instance: str, node_id: str, visit: int, kind: str) -> str:
     return "t" + _stable("timer", instance, node_id, visit, kind)
+
+
+def reads_person(condition: ProfileCondition) -> bool:
+    """Whether a condition reads anything of the person's that lags behind their events (fields, segments,
+    event counts): one on the instance's entry properties alone (`entry.total > 100`) never waits for them."""
+    return bool(
+        condition.fields
+        or condition.segments
+        or condition.event_names
+        or condition.computed_traits
+        or condition.counted
+    )
 
 
 def split_point(person_id: str, journey_id: str, node_id: str) -> float:
@@ -344,22 +363,32 @@ class _Run:
             if isinstance(node, Wait) and node.event is not None and node.event.matches(stimulus.event):
                 self.leave_wait(node, node.next)
         elif isinstance(stimulus, ProfileChanged):
-            if isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
+            if self.held(node):
+                if self.view.behind is None:
+                    self.release(node)  # the fields it waited for
+            elif isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
                 self.leave_wait(node, node.next)
             elif isinstance(node, Branch) and self.view.behind is None:
                 self.take_branch(node)  # the fields it waited for
         elif fired is not None:
             if fired.kind == BRANCH and isinstance(node, Branch):
                 self.take_branch(node)  # waited BRANCH_WAIT: decided on the fields held
+            elif fired.kind == FIELDS and isinstance(node, Wait | Delay):
+                self.release(node)  # waited FIELDS_WAIT: decided on the fields held
             elif fired.kind == RECHECK:
-                # Time alone may have made a condition true: exit rules were checked above, now the wait's.
-                if isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
+                # Time alone may have made a condition true: exit rules were checked above, now the wait's
+                # (one held for lagging fields only once they caught up).
+                if self.held(node):
+                    if self.view.behind is None:
+                        self.release(node)
+                elif isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
                     self.leave_wait(node, node.next)
             elif isinstance(node, Delay):
                 self.record(node.id, "delay")
                 self.advance(node.next)
             elif isinstance(node, Wait):
                 self.record(node.id, "timeout")
+                self.drop_timers(node.id, FIELDS)  # a hold for the fields ends with the wait
                 self.advance(node.timeout_next)
         elif isinstance(stimulus, ActionOutcome):
             if stimulus.action_id not in self.instance.pending or stimulus.kind not in FINAL:
@@ -385,10 +414,8 @@ class _Run:
             entry=dict(properties),
         )
         # While the fields lag behind the person's events (the entering event's own profile change is on its
-        # way, as after an SDK's identify and track sent in one batch), an exit condition reads the person as
-        # they were before: `not traits.email exists` ended the instance of everyone who gave their email in
-        # the identify before it. The change's ProfileChanged step decides the exit rules on the fields then.
-        if self.view.behind is not None or not self.exit_by_condition():
+        # way, as after an SDK's identify and track sent in one batch), exit conditions wait (`exits_held`).
+        if not self.exit_by_condition():
             self.advance(self.journey.start)
 
     def goal(self, event: Event) -> bool:
@@ -407,9 +434,23 @@ class _Run:
         )
         return True
 
+    def exits_held(self) -> bool:
+        """Whether the exit conditions wait for the fields: they lag behind an event applied at or before this
+        instance's entry (the entering event's own change is on its way, as after an SDK's identify and track
+        sent in one batch), for at most FIELDS_WAIT after it. Fields that lag so read the person as they were
+        before: `not traits.email exists` ended the instance of everyone who gave their email in the identify,
+        at entry or on the batch's next event. A change that brings every event up to the entry decides them
+        (fields newer than the entry, though a later event's change is still on its way, show the person at
+        some instant after it, as any running instance reads them)."""
+        behind, entered = self.view.behind, self.instance.entered_at
+        return behind is not None and entered is not None and behind <= entered and self.now < behind + FIELDS_WAIT
+
     def exit_by_condition(self) -> bool:
+        held = self.exits_held()
         for rule in self.journey.exits:
-            if rule.condition is not None and self.holds(rule.condition):
+            if rule.condition is None or (held and reads_person(rule.condition)):
+                continue
+            if self.holds(rule.condition):
                 self.end(f"exit_rule:{rule.id}")
                 return True
         return False
@@ -427,13 +468,18 @@ class _Run:
         """Keep one recheck timer at the earliest instant time alone may change an exit rule's condition or
         the condition being waited for (`now - 30d` comparisons, windows of events the view carries)."""
         conditions = [rule.condition for rule in self.journey.exits if rule.condition is not None]
+        # Exit conditions held for lagging fields are decided at the hold's end if no change comes first.
+        held = self.exits_held() and any(reads_person(c) for c in conditions)
+        bound = self.view.behind + FIELDS_WAIT if held else None  # type: ignore[operator]
         node = self.journey.nodes.get(self.instance.node or "")
         if isinstance(node, Wait) and node.condition is not None:
             conditions.append(node.condition)
         at = min(
             (t for c in conditions if (t := c.next_change(self.view, self.now, self.instance.entry)) is not None),
-            default=None,
+            default=bound,
         )
+        if bound is not None and at is not None:
+            at = min(at, bound)
         current = next((t for t in self.instance.timers if t.kind == RECHECK), None)
         if current is not None and current.at == at:
             return
@@ -470,6 +516,37 @@ class _Run:
         self.set(timers=tuple(t for t in self.instance.timers if not (t.node_id == node.id and t.kind == BRANCH)))
         self.advance(self.branch_target(node))
 
+    def held(self, node: object) -> bool:
+        """Whether `node`, a wait or a delay reached while the fields lagged, still waits for them (`advance`)."""
+        return isinstance(node, Wait | Delay) and any(
+            t.node_id == node.id and t.kind == FIELDS for t in self.instance.timers
+        )
+
+    def drop_timers(self, node_id: str, kind: str) -> None:
+        for timer in self.instance.timers:
+            if timer.node_id == node_id and timer.kind == kind:
+                self.commands.append(CancelTimer(timer.id))
+        self.set(timers=tuple(t for t in self.instance.timers if not (t.node_id == node_id and t.kind == kind)))
+
+    def release(self, node: Wait | Delay) -> None:
+        """Decide a wait or delay held for lagging fields on the fields now (caught up, or held FIELDS_WAIT)."""
+        self.drop_timers(node.id, FIELDS)
+        if isinstance(node, Wait):
+            if node.condition is not None and self.holds(node.condition):
+                self.leave_wait(node, node.next)
+            return  # else it waits on, for its timeout or a change, as any wait
+        # The time of day counts from when the delay was reached (its trail's last "entered"): a change
+        # arriving past 09:00 makes a delay reached before 09:00 due at once, not the next day.
+        reached = next(
+            (s.at for s in reversed(self.instance.steps) if s.node_id == node.id and s.outcome == "entered"), None
+        )
+        at = self.time_of_day(node, self.now if reached is None else reached)
+        self.schedule(node.id, self.instance.visits.get(node.id, 1), "delay", max(self.now, at))
+
+    def time_of_day(self, node: Delay, since: float) -> float:
+        assert node.until is not None
+        return clock.next_time_of_day(since, *node.until, clock.zone(self.view.timezone, self.journey.timezone))
+
     def schedule(self, node_id: str, visit: int, kind: str, at: float) -> None:
         timer = Timer(timer_id(self.instance.id, node_id, visit, kind), at, node_id, kind)
         self.set(timers=(*self.instance.timers, timer))
@@ -490,14 +567,23 @@ class _Run:
                 self.record(target, "entered")
             if isinstance(node, Delay):
                 if node.seconds is not None:
-                    at = self.now + node.seconds
+                    self.schedule(target, visit, "delay", self.now + node.seconds)
+                elif self.view.behind is not None:
+                    # The person's zone (`traits.timezone`) may be what the lagging change sets (an identify
+                    # sent with the event that led here): 09:00 in the journey's zone is 04:00 in New York.
+                    # It waits for the change (`release`), at most FIELDS_WAIT.
+                    self.schedule(target, visit, FIELDS, max(self.now, self.view.behind + FIELDS_WAIT))
                 else:
-                    assert node.until is not None
-                    zone = clock.zone(self.view.timezone, journey.timezone)
-                    at = clock.next_time_of_day(self.now, *node.until, zone)
-                self.schedule(target, visit, "delay", at)
+                    self.schedule(target, visit, "delay", self.time_of_day(node, self.now))
                 return
             if isinstance(node, Wait):
+                if node.condition is not None and self.view.behind is not None and reads_person(node.condition):
+                    # Its condition read on fields lagging behind the person's events: "met" at once on a
+                    # plan the batch's identify has just changed. It waits, its timeout running, and the
+                    # change decides it (`release`), at most FIELDS_WAIT.
+                    self.schedule(target, visit, "timeout", self.now + node.timeout)
+                    self.schedule(target, visit, FIELDS, max(self.now, self.view.behind + FIELDS_WAIT))
+                    return
                 if node.condition is not None and self.holds(node.condition):
                     self.record(target, "met")
                     target = node.next
@@ -505,7 +591,7 @@ class _Run:
                 self.schedule(target, visit, "timeout", self.now + node.timeout)
                 return
             if isinstance(node, Branch):
-                if self.view.behind is not None:
+                if self.view.behind is not None and any(reads_person(c) for c, _ in node.branches):
                     # The fields lag behind the person's events (an identify's traits, sent just before the
                     # event that entered them, are on their way): a branch on them went the wrong way for
                     # everyone who set them in the same batch. It waits for the profile change.
