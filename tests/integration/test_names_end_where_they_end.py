@@ -1,5 +1,5 @@
 """A name an operator gives (a computed trait, a model and its version, an identifier type, a lease's
-identity) is refused with a trailing newline, naming the field.
+identity, a journey's time of day) is refused with a trailing newline, naming the field.
 
 The name patterns were anchored with `$`, which also matches before a final newline: `cdpctl traits
 define $'nl_trait\\n'` was accepted, kept the newline in the definition, and went round through
@@ -61,3 +61,11 @@ def test_a_lease_identity_with_a_trailing_newline_is_refused():
     # A KV key part: nats-server refuses a key with a newline, so the lease could never be taken.
     assert nats_kv._KEY_PART.match("identity-0")
     assert not nats_kv._KEY_PART.match("identity-0\n")
+
+
+def test_a_time_of_day_with_a_trailing_newline_is_refused():
+    from cdp_orchestration.domain.clock import time_of_day
+
+    assert time_of_day("08:00") == (8, 0)
+    with pytest.raises(ValueError, match="HH:MM"):
+        time_of_day("08:00\n")

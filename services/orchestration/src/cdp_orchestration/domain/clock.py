@@ -13,7 +13,7 @@ from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-_TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)\Z")
 
 #: What ZoneInfo raises for a name that is no zone. A name is looked up as a file of the zone database, so
 #: besides an unknown name (ZoneInfoNotFoundError) and a malformed one (ValueError) a folder of it ("Europe",
