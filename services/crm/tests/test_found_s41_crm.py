@@ -27,6 +27,12 @@ A profile value the store cannot keep - a score of NaN (a double on the bus), a 
 with a `$` or NUL key (`{"$oid": ...}`) - went into the person's view (and, mapped, the record) and failed
 the batch at its commit the same way; it now reads as gone, as a value a transform cannot handle does.
 
+A profile change or segment event naming a person id the store cannot key (empty, over 1,024 characters,
+a NUL: no service sends one, any NATS publisher can) failed every batch holding it, and the partition
+retried it - every other person's changes held behind it - for minutes, until the kit dead-lettered the
+message with the others' changes in it. Such a change or event is now left out and dead-lettered alone
+(`reject_part`, reason `invalid_person_id`); an action naming one is rejected whole.
+
 GetRun with a run id the store cannot hold (over 1,024 characters, a NUL) was refused naming the store's
 `key`, not the request's `run_id`.
 
@@ -40,6 +46,7 @@ import pytest
 
 from cdp.crm.v1 import crm_pb2
 from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
 from cdp_crm.api import CrmApi
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.domain.mapping import MappingInvalid, parse_connections
@@ -197,3 +204,26 @@ async def test_profile_values_the_store_cannot_keep_read_as_gone_and_the_batch_g
         contact = emulator.find("contacts", "cdp_id", odd)
         assert contact["properties"]["email"] == "odd-0@example.com"
         assert not contact["properties"].get("firstname")
+
+
+async def test_a_change_or_event_naming_a_person_id_the_store_cannot_key_is_left_out_alone(world_factory):
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        list_id = await world.start_with_list()
+        fine = "fine-0"
+        p = world.partition(fine)
+        changes = profile_pb2.ProfileChangedBatch()
+        for person in ("x" * 1025, fine, "a\x00b", ""):
+            change = changes.changes.add(person_id=person, cause="event", at=from_seconds(time.time()))
+            change.traits["email"].string_value = "fine@example.com" if person == fine else "odd@example.com"
+        await world._publish(subjects.profiles_changed(p), changes.SerializeToString())
+        events = segmentation_pb2.SegmentEventBatch()
+        for i, person in enumerate(("", fine, "y" * 2000)):
+            events.events.add(id=f"e{i}", person_id=person, segment_id="high_value", entered=True, reason="event")
+        await world._publish(subjects.segments_entered(p), events.SerializeToString())
+
+        record = await world.eventually(lambda: _synced(world, fine))
+        assert record["fields"] == {"email": "fine@example.com"}
+        contact = emulator.find("contacts", "cdp_id", fine)
+        await world.eventually(lambda: contact["id"] in emulator.members(list_id) or None)
+        assert [c["properties"]["cdp_id"] for c in emulator.records("contacts")] == [fine]

@@ -185,7 +185,7 @@ class CrmLogic:
 
     def decode(self, delivery: Delivery) -> list[Input]:
         stream, _ = streams.source_of(delivery.headers)
-        return decode(stream, delivery.data, delivery.stream_seq, self.mapped)
+        return decode(stream, delivery.data, delivery.stream_seq, self.mapped, delivery.reject_part)
 
     async def recover(self, partition: int) -> None:
         pass  # nothing is held between batches: every batch reads what it needs from the store

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +14,12 @@ from cdp.orchestration.v1 import orchestration_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_crm.domain import projection as proj
+from cdp_crm.state import PERSONS
 from cdp_kit.bus import subjects
 from cdp_kit.engine import Reject
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import change_fields, value_to_python
-from cdp_kit.storage.checks import check_document
+from cdp_kit.storage.checks import check_document, check_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +86,47 @@ def storable(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+RejectPart = Callable[[int, bytes, str, str], None]
+PERSON_ID_PROBLEM = "not a person id the store can key (1-1,024 characters, no NUL)"
+
+
+def keyable(person_id: str) -> bool:
+    """Whether the store can key a document by this person id. One it cannot (empty, over 1,024 characters,
+    a NUL) - a message no service of the platform sends, but one a NATS publisher can - failed every batch
+    holding it at its first read or write, and the partition retried the batch, every other person's changes
+    held behind it, until the kit dead-lettered the message after its redeliveries."""
+    try:
+        check_key(PERSONS, person_id, field="person_id")
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _left_out(batch: Any, items: Any, name: str, persons: Callable[[Any], tuple[str, ...]], reject: Any) -> None:
+    """Remove from `items` (a repeated field of `batch`) those naming a person the store cannot key, each
+    handed to `reject` with its index in the message as sent."""
+    bad = [i for i, item in enumerate(items) if not all(map(keyable, persons(item)))]
+    for i in reversed(bad):
+        if reject is not None:
+            reject(i, items[i].SerializeToString(), "invalid_person_id", f"{name}[{i}].person_id: {PERSON_ID_PROBLEM}")
+        del items[i]
+
+
 def reads_fingerprint(reads: Iterable[str]) -> str:
     """Names the set of fields the mappings read: a view kept under another set is not complete."""
     return hashlib.blake2b("\n".join(sorted(reads)).encode(), digest_size=8).hexdigest()
 
 
-def decode(stream: str, data: bytes, stamp: int, mapped: MappedPaths | None = None) -> list[Input]:
-    """`mapped`: keep only the profile changes of fields the mappings read (and only those fields)."""
+def decode(
+    stream: str, data: bytes, stamp: int, mapped: MappedPaths | None = None, reject: RejectPart | None = None
+) -> list[Input]:
+    """`mapped`: keep only the profile changes of fields the mappings read (and only those fields).
+    `reject(index, bytes, reason, detail)`: a change or segment event naming a person the store cannot key
+    (`keyable`) is left out and handed there (the delivery's `reject_part`: dead-lettered alone)."""
     try:
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
+            _left_out(batch, batch.changes, "changes", lambda c: (c.person_id, *c.merged), reject)
             # A survivor's change naming the persons merged into it: their CRM records are merged into its own
             # (engine.py `merge_pending`), after this change's writes.
             merges = [Input("merge", c.person_id, stamp, tuple(c.merged)) for c in batch.changes if c.merged]
@@ -112,10 +144,15 @@ def decode(stream: str, data: bytes, stamp: int, mapped: MappedPaths | None = No
             return inputs + merges
         if stream == subjects.SEGMENTS:
             batch = segmentation_pb2.SegmentEventBatch.FromString(data)
+            _left_out(batch, batch.events, "events", lambda e: (e.person_id,), reject)
             return [Input("segment", e.person_id, stamp, (e.segment_id, e.entered)) for e in batch.events]
         if stream == subjects.ACTIONS:
             action = orchestration_pb2.ActionMessage.FromString(data)
+            if not keyable(action.person_id):
+                raise Reject("invalid_person_id", "person_id", PERSON_ID_PROBLEM)
             return [Input("action", action.person_id, stamp, action)]
+    except Reject:
+        raise
     except Exception as exc:  # a payload that is not what its stream carries can never be applied
         raise Reject("invalid_payload", stream, f"not a {stream} message: {type(exc).__name__}") from None
     raise Reject("unknown_input", "headers", "not sourced from PROFILES, SEGMENTS or ACTIONS")
