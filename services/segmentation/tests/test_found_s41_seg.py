@@ -7,11 +7,22 @@ RESOURCE_EXHAUSTED) and, past 16 MiB in all, larger than the server sends: the l
 caller until the segments were deleted. Now both are refused over a limit, naming the field, and nothing
 is stored.
 
+A profile change naming a person id the store cannot key (over 1,024 characters, a NUL: no service of the
+platform sends one, any NATS publisher can) was applied: the person was held and evaluated (and their
+transitions published), and from then on every snapshot of the process failed on their record ("snapshot
+failed ...; the next one writes what it did not"), so each restart replayed from further back. Such a
+change is now left out where changes are applied (stream, replay and tools alike) and dead-lettered alone
+by the stream's decode (`invalid_person_id`).
+
 In-process on a real nats-server and the memory store, with test_api.py's harness."""
 
 from __future__ import annotations
 
 import grpc
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import subjects
+from cdp_testing.fakes import Delivery
 
 from .test_api import change, pb, profile, service, text, violations
 
@@ -52,3 +63,20 @@ async def test_a_name_or_description_over_the_limit_is_refused_naming_it_and_the
 
     listing = await service.stub.ListSegments(pb.ListSegmentsRequest())
     assert [(s.id, s.name, s.description) for s in listing.segments] == [("pro", "é" * MAX_NAME, "d" * MAX_DESCRIPTION)]
+
+
+async def test_a_change_naming_a_person_id_the_store_cannot_key_is_left_out_and_snapshots_go_on(service):
+    odd = ["x" * 1025, "a\x00b"]
+    changes = [change(p, traits={"plan": "pro"}) for p in ("p1", *odd, "p2")]
+    delivery = Delivery(
+        profile_pb2.ProfileChangedBatch(changes=changes), subjects.profiles_changed(0), 1, allow_reject=True
+    )
+    await service.engine.handle([delivery])
+    assert delivery.outcome == "ack" and sorted(delivery.parts or {}) == [1, 2]
+    assert {reason for _, reason, _ in delivery.parts.values()} == {"invalid_person_id"}
+
+    segment = await service.create("pro", 'traits.plan = "pro"')
+    assert segment.size == 2
+    members = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="pro"))
+    assert [m.person_id for m in members.members] == ["p1", "p2"]
+    await service.engine.snapshot()  # raised InvalidArgument (ops[0].key: a NUL) before, at every snapshot

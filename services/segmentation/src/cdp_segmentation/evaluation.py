@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.held import apply_updates
 from cdp_kit.profile_fields import change_fields
+from cdp_kit.storage.model import MAX_KEY_CHARS
 from cdp_kit.timestamps import to_seconds
 
 if TYPE_CHECKING:
@@ -241,7 +242,11 @@ class Evaluation:
         deleted = self.deleted
         for index, change in enumerate(message.changes):
             person_id = change.person_id
-            if not person_id:
+            if not person_id or len(person_id) > MAX_KEY_CHARS or "\x00" in person_id:
+                # A person the store cannot key (no service sends one; a NATS publisher can): held, every
+                # snapshot of the process failed on their record from then on ("the next one writes what it
+                # did not"), so each restart replayed from further back. Left out, as the stream's decode
+                # dead-letters the change alone (stream.py); a replay leaves it out the same way.
                 continue
             if deleted and person_id in deleted:
                 # A deletion notice names the person (notices.py): a change from before it, replayed after a

@@ -53,6 +53,7 @@ from cdp_kit.bus import Bus, Delivery, OutMessage, subjects
 from cdp_kit.bus.consumer import describe_error
 from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine, Reject, WriteChain, outbox
 from cdp_kit.storage import Store
+from cdp_kit.storage.model import MAX_KEY_CHARS
 from cdp_segmentation.engine import SegmentationEngine
 
 SERVICE = "segmentation"
@@ -74,6 +75,16 @@ def decode(delivery: Delivery) -> Changes:
         message.ParseFromString(delivery.data)
     except DecodeError as exc:
         raise Reject("invalid_message", "data", f"not a cdp.profile.v1.ProfileChangedBatch ({exc})") from None
+    for index, change in enumerate(message.changes):
+        person_id = change.person_id
+        if len(person_id) > MAX_KEY_CHARS or "\x00" in person_id:
+            # Skipped where it is applied (evaluation.py); dead-lettered here, alone, so it is seen.
+            delivery.reject_part(
+                index,
+                change.SerializeToString(),
+                "invalid_person_id",
+                f"changes[{index}].person_id: not a person id the store can key (1-{MAX_KEY_CHARS} characters, no NUL)",
+            )
     return Changes(delivery.stream_seq, message)
 
 
