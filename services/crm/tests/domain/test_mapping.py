@@ -517,3 +517,24 @@ def test_an_object_name_that_is_a_path_is_refused_naming_the_field(obj):
 def test_the_crms_own_object_names_are_accepted(obj):
     (connection,) = parse_connections(_document(object=obj))
     assert connection.mapping("contacts").object == obj
+
+
+@pytest.mark.parametrize("transform", ["round:\u00b2", "truncate:\u00b9"])
+def test_a_transform_argument_that_is_no_ascii_number_is_refused_naming_the_field(transform):
+    """`str.isdigit` takes the superscript digits, which `int` then refuses: the value went missing on every
+    change instead of the document being refused at start."""
+    fields = {"cdp_churn_risk": {"source": "scores.churn_risk", "transform": transform}}
+    problems = _problems(_document(fields=fields))
+    assert any("cdp_churn_risk" in path for path in problems), problems
+
+
+def test_a_connection_or_mapping_id_or_a_credential_name_with_a_trailing_newline_is_refused():
+    """The id patterns were anchored with `$`, which also matches before a final newline."""
+    connection = _document()
+    connection["connections"][0]["id"] = "hubspot\n"
+    assert "connections[0].id" in _problems(connection)
+    mapping = _problems(_document(id="contacts\n"))
+    assert "hubspot.mappings[0].id" in mapping, mapping
+    credential = _document()
+    credential["connections"][0]["credentials"] = {"token": "HUBSPOT_TOKEN\n"}
+    assert any("credentials" in path for path in _problems(credential))

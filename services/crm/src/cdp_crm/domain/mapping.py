@@ -152,7 +152,7 @@ __all__ = [
 # and 2**53 requests is past any CRM's quota while every number up to it is exact as JSON.
 MAX_WINDOW_SECONDS = 86_400
 MAX_REQUESTS = 2**53
-_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 
 
 # --- reading the document -------------------------------------------------------------------------

@@ -54,7 +54,7 @@ ACTION_KINDS = ("task", "case")  # what orchestration's actions.crm carry as crm
 PERSON_ID = "person.id"
 SEGMENTS = "segments"
 ACTION = "action"
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a connection's or a mapping's id
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")  # a connection's or a mapping's id
 
 
 # --- the CRM's own schema (what an adapter's describe returns) ------------------------------------

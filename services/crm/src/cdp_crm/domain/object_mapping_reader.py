@@ -353,7 +353,7 @@ class MappingReader:
                 transforms.append(Transform(base))
             elif base == "join":
                 transforms.append(Transform(base, arg if colon else ";"))
-            elif base in ("round", "truncate") and arg.isdigit():
+            elif base in ("round", "truncate") and arg.isascii() and arg.isdigit():  # not "²", which int() refuses
                 transforms.append(Transform(base, arg))
             else:
                 known = ", ".join([*_SIMPLE_TRANSFORMS, "round:N", "truncate:N", "join[:sep]"])
