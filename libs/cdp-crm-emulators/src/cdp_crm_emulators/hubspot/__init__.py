@@ -23,6 +23,10 @@ Associations: a single create may carry ``associations`` (``to.id`` + ``types``)
 ``PUT /crm/v4/objects/<from>/<id>/associations/default/<to>/<id>`` links two records; a task or ticket is
 tied to its contact this way. ``GET /crm/v4/objects/<from>/<id>/associations/<to>`` lists them.
 
+Reads for customers' scripts (hubspot-api-client's ``get_page`` / ``get_all`` and the properties API):
+``GET /crm/v3/objects/<object>`` pages through records by an id cursor (``limit`` at most 100, default 10),
+``GET /crm/v3/properties/<object>`` lists the properties the portal knows (`pages`).
+
 Inbound: `user_update` / `user_create` edit records as a HubSpot user would (a unique value another record
 holds raises `Conflict`, carrying the API's 409 body; ``POST /_emulator/user/<object>`` answers it) and, with
 `webhook_url` set (at start, or by the developer API's ``PUT /webhooks/v3/<app id>/settings?hapikey=`` as an
@@ -42,14 +46,15 @@ from cdp_crm_emulators.hubspot.inbound import Conflict, InboundMixin
 from cdp_crm_emulators.hubspot.limits import LimitsMixin
 from cdp_crm_emulators.hubspot.lists import ListsMixin
 from cdp_crm_emulators.hubspot.objects import BATCH_LIMIT, SEARCH_PAGE_LIMIT, ObjectsMixin
+from cdp_crm_emulators.hubspot.pages import PAGE_LIMIT, PagesMixin
 from cdp_crm_emulators.hubspot.schema import PROPERTIES
 
-__all__ = ["BATCH_LIMIT", "SEARCH_PAGE_LIMIT", "Conflict", "HubSpotEmulator"]
+__all__ = ["BATCH_LIMIT", "PAGE_LIMIT", "SEARCH_PAGE_LIMIT", "Conflict", "HubSpotEmulator"]
 
 
-class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, ListsMixin, Emulator):
-    """The emulator: its state and routes are here; the limits, the user's side, objects and lists are each
-    a mixin of their own module."""
+class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, PagesMixin, ListsMixin, Emulator):
+    """The emulator: its state and routes are here; the limits, the user's side, objects, the list page
+    and properties read, and lists are each a mixin of their own module."""
 
     name = "hubspot"
 
@@ -100,7 +105,9 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, ListsMixin, Emula
         r.add_post("/crm/v3/objects/{object}/search", self._search)
         r.add_post("/crm/v3/objects/{object}/merge", self._merge)
         r.add_post("/crm/v3/objects/{object}", self._create)
+        r.add_get("/crm/v3/objects/{object}", self._list_page)
         r.add_get("/crm/v3/objects/{object}/{id}", self._read_one)
+        r.add_get("/crm/v3/properties/{object}", self._properties_read)
         r.add_patch("/crm/v3/objects/{object}/{id}", self._update)
         r.add_delete("/crm/v3/objects/{object}/{id}", self._archive_one)
         r.add_put("/crm/v4/objects/{object}/{id}/associations/default/{to_object}/{to_id}", self._associate_default)

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from cdp_crm_emulators._server import iso_z, json_response
 from cdp_crm_emulators.hubspot.answers import error_body, read_json, record_error_body
+from cdp_crm_emulators.hubspot.pages import asked_properties
 from cdp_crm_emulators.hubspot.schema import PROPERTIES, SINGULAR, UNIQUE
 from cdp_crm_emulators.hubspot.search import matches_all, sortable
 
@@ -355,8 +356,7 @@ class ObjectsMixin:
         record_id = self._lookup(obj, request.query.get("idProperty", "hs_object_id"), request.match_info["id"])
         if record_id is None:
             return web.Response(status=404)
-        wanted = request.query.get("properties")
-        return json_response(self._public(obj, self.objects[obj][record_id], wanted.split(",") if wanted else None))
+        return json_response(self._public(obj, self.objects[obj][record_id], asked_properties(request)))
 
     async def _update(self, request: web.Request) -> web.Response:
         obj = self._object(request)
