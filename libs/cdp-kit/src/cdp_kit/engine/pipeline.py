@@ -22,7 +22,8 @@ the checkpoint and the outbox are read back from the store (a commit reported fa
 the consumer is restarted at its acknowledgement floor (so everything unacknowledged comes again, in
 order), and the next batch is handled *carefully*: through `ConsumerRunner`'s isolation, one batch at a
 time, split in halves on failure, so one bad message is dead-lettered alone and an outage dead-letters
-nothing. Then pipelining resumes.
+nothing. Then pipelining resumes. A stop does not wait for the careful path's retries (an outage's
+last forever): it ends them between attempts, and what is not acknowledged comes again to the next owner.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class PartitionPipeline:
         self._unpublished: list[tuple[list[tuple[_Feed, str]], list[OutMessage]]] = []
         self._slots = asyncio.Semaphore(self.spec.in_flight)
         self._arrival = asyncio.Event()  # several inputs: a fetcher added something
+        # Set while no careful attempt is between its apply and its commit or recovery: `stop()` may end
+        # the careful path then (`_handle_carefully`) and leave the hot state as the store has it.
+        self._careful_idle = asyncio.Event()
+        self._careful_idle.set()
         self.task: asyncio.Task | None = None
 
     # The engine's own input, as the tests and the services read it.
@@ -209,8 +214,8 @@ class PartitionPipeline:
                 if any(rounds):
                     # ConsumerRunner's isolation: whole batch first, then halves down to one message.
                     for feed, msgs in zip(self.feeds, rounds, strict=True):
-                        if msgs:
-                            await feed.runner._handle(msgs)
+                        if msgs and not self._stopping.is_set():
+                            await self._handle_carefully(feed, msgs)
                     careful = False
                 continue
             await self._pipelined()
@@ -733,14 +738,53 @@ class PartitionPipeline:
 
     # --- the careful path (after a failure) ---------------------------------------------------------
 
+    async def _handle_carefully(self, feed: _Feed, msgs: list) -> None:
+        """`feed`'s runner handles `msgs` (its isolation), or gives up when `stop()` is called.
+
+        The runner retries in place with backoff: forever while the store is unavailable (an outage
+        dead-letters nothing), for minutes while a part fails on its own (its rounds hold the rest at
+        the spec's last backoff). A stop waiting for that kept a service past its shutdown grace, to be
+        killed there. So a stop ends it at once, unless an attempt is between its apply and its commit
+        or recovery (the hot state would hold what the store does not): then when that attempt ends.
+        What the runner has not acknowledged comes again to the next owner (its consumer restarts at
+        the acknowledgement floor); what it committed is covered by the checkpoint, so not applied twice."""
+        handling = asyncio.create_task(feed.runner._handle(msgs), name=f"careful {feed.consumer.durable}")
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait((handling, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not handling.done():
+                while not self._careful_idle.is_set() and not handling.done():
+                    idle = asyncio.ensure_future(self._careful_idle.wait())
+                    try:
+                        await asyncio.wait((handling, idle), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        idle.cancel()
+                # No await between the idle point and the cancel; an attempt begun after it raises
+                # `_Stopping` before applying anything (`_careful`).
+                handling.cancel()
+            try:
+                await handling
+            except (asyncio.CancelledError, _Stopping):
+                if asyncio.current_task().cancelling() or not self._stopping.is_set():
+                    raise  # this task itself was cancelled (a crash, `abort`)
+        finally:
+            stopping.cancel()
+            if not handling.done():
+                handling.cancel()
+
     async def _careful(self, feed: _Feed, deliveries) -> None:
         """ConsumerRunner handler of `feed`: one part of a batch, applied, committed and published before
         the runner acknowledges it. Raises (after recovering) when any step fails; the runner then
         retries the part, splits it, or dead-letters a message that fails alone."""
+        if self._stopping.is_set():
+            raise _Stopping  # not an Exception: the runner neither retries nor dead-letters on it
         deliveries = list(deliveries)
         await self._publish_unpublished()
         await self.engine.gate.wait()
+        if self._stopping.is_set():
+            raise _Stopping
         self._begin()
+        self._careful_idle.clear()
         try:
             batch = await self._apply([deliveries if f is feed else [] for f in self.feeds])
             if batch.commit is not None:
@@ -751,6 +795,7 @@ class PartitionPipeline:
             raise
         finally:
             self._end()
+            self._careful_idle.set()
         if deliveries:
             feed.checkpoint = max(feed.checkpoint, deliveries[-1].stream_seq)
         if batch.messages:
@@ -767,6 +812,10 @@ class PartitionPipeline:
             self._unpublished.pop(0)
             for feed, key in keys:
                 feed.published.append(key)
+
+
+class _Stopping(BaseException):
+    """A careful attempt begun after `stop()`: nothing applied; the runner passes it up unhandled."""
 
 
 def _retrieve(future: asyncio.Future) -> None:
