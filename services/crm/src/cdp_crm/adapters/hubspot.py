@@ -4,7 +4,8 @@ Auth is a private-app token (``Authorization: Bearer``). Every object is written
 ``POST /crm/v3/objects/<object>/batch/upsert`` and ``idProperty`` = the mapping's match field (contacts by
 ``cdp_id`` or ``email``; tasks and tickets by their idempotency field), so a retry after a lost answer
 updates the same records. HubSpot takes property values as strings: None becomes "" (HubSpot's way of
-clearing a property), booleans "true"/"false".
+clearing a property), booleans "true"/"false", a list ``;``-joined (a multiple checkbox's options), an object
+JSON text (`_text`).
 
 Answers: 200 (all written) or 207 with ``errors[].context.ids`` naming the rejected inputs; 400 refuses the
 whole batch (an unknown property - every record, not worth splitting - or one invalid input); 429 carries
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -187,7 +189,8 @@ class HubSpotAdapter:
                 fields[prop["name"]] = FieldSchema(
                     prop["name"], prop.get("type", "string"), bool(prop.get("hasUniqueValue")), not read_only
                 )
-            fields.setdefault("hs_object_id", FieldSchema("hs_object_id", "number", True, False))
+            # HubSpot's own id is a key whatever its description says (its hasUniqueValue is false there)
+            fields["hs_object_id"] = FieldSchema("hs_object_id", "number", True, False)
             schema[obj] = ObjectSchema(obj, fields)
         return schema
 
@@ -552,13 +555,27 @@ def _properties(fields: dict[str, Any]) -> dict[str, str]:
 
 
 def _text(value: Any) -> str:
+    """A mapped value as the HubSpot property text it is written as. A list the mapping left unjoined is
+    written ``;``-joined, as HubSpot's multiple-checkbox properties take and give back their options (an
+    item holding ``;`` becomes two there: the mapping's own ``join`` is the way to choose another
+    separator); a list holding anything but text, numbers and booleans, and an object, as JSON text. Never
+    Python's ``str()`` (``"['a', 'b']"``), which no HubSpot property reads. The inbound echo check
+    (inbound/news.py ``_same``) reads these forms back as the values written."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, list | tuple) and all(_scalar(item) for item in value):
+        return ";".join(_text(item) for item in value)
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
     return str(value)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float)  # bool is an int
 
 
 def _failure(answer: Answer) -> CrmError | None:

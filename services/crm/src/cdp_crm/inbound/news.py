@@ -365,9 +365,14 @@ def _by_connector(written: dict[str, list[Any]], name: str, value: Any) -> bool:
 
 
 def _same(crm: Any, written: Any) -> bool:
-    """A CRM's value and the one the connector wrote, as the CRM may give it back (HubSpot: text)."""
+    """A CRM's value and the one the connector wrote, as the CRM may give it back (HubSpot: text). A list
+    written comes back as a list or as ``;``-joined text (HubSpot's and Salesforce's multi-select values,
+    the form the HubSpot adapter writes one in), its options in any order; an object, or a list holding
+    more than text and numbers, as JSON text."""
     if crm == written:
         return True
+    if isinstance(written, list | tuple | dict):
+        return _same_structure(crm, written)
     if isinstance(written, bool) or isinstance(crm, bool):
         return _bool(crm) is not None and _bool(crm) == _bool(written)
     if isinstance(written, int | float) and not isinstance(written, bool):
@@ -376,6 +381,31 @@ def _same(crm: Any, written: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return crm is not None and written is not None and str(crm) == str(written)
+
+
+def _same_structure(crm: Any, written: list | tuple | dict) -> bool:
+    if isinstance(crm, str) and isinstance(written, list | tuple) and all(_scalar(w) for w in written):
+        crm = crm.split(";") if crm else []
+    elif isinstance(crm, str):
+        try:
+            crm = orjson.loads(crm)
+        except ValueError:
+            return False
+    if isinstance(written, dict) or not isinstance(crm, list | tuple):
+        return crm == written
+    if len(crm) != len(written):
+        return False
+    left = list(crm)
+    for mine in written:  # each option written matches one read back, in whatever order the CRM keeps them
+        found = next((i for i, theirs in enumerate(left) if _same(theirs, mine)), None)
+        if found is None:
+            return False
+        left.pop(found)
+    return True
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float)
 
 
 def _bool(value: Any) -> bool | None:
