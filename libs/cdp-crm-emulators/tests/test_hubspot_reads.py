@@ -120,3 +120,25 @@ async def test_get_by_id_returns_every_property_the_client_asks_for():
         assert (one.properties["email"], one.properties["city"]) == ("p0@example.com", "Lyon")
         status, body = await _get(hs, f"/crm/v3/objects/contacts/{record_id}?properties=email,city")
         assert (status, body["properties"]["city"]) == (200, "Lyon")
+
+
+async def test_lists_search_finds_lists_by_name_page_by_page_with_their_sizes():
+    from hubspot.crm.lists import ListCreateRequest, ListSearchRequest
+
+    async with HubSpotEmulator(search_per_second=1) as hs:
+        lists = _client(hs).crm.lists
+        made = []
+        for name in ("High value", "high churn", "Newsletter"):
+            request = ListCreateRequest(name=name, object_type_id="0-1", processing_type="MANUAL")
+            made.append((await asyncio.to_thread(lists.lists_api.create, request)).list.list_id)
+        (member,) = _contacts(hs, 1)
+        await asyncio.to_thread(lists.memberships_api.add, made[0], [member])
+        first = await asyncio.to_thread(lists.lists_api.do_search, ListSearchRequest(query="HIGH", count=1))
+        assert (first.total, first.has_more, first.offset) == (2, True, 1)
+        assert [(found.list_id, found.name) for found in first.lists] == [(made[0], "High value")]
+        assert first.lists[0].additional_properties["hs_list_size"] == "1"
+        # a lists search is not a CRM objects search: the per-second search limit does not hold it back
+        second = await asyncio.to_thread(lists.lists_api.do_search, ListSearchRequest(query="high", offset=1))
+        assert ([found.list_id for found in second.lists], second.has_more) == ([made[1]], False)
+        status, _ = await _get(hs, "/crm/v3/lists/" + made[2])
+        assert status == 200

@@ -15,7 +15,7 @@ it counted the request, as they would there); a request refused for a limit chan
 counted again:
 - `burst_limit` requests per rolling `burst_window` seconds (190 / 10 s): 429 ``TEN_SECONDLY_ROLLING``;
 - `daily_limit` requests per UTC day: 429 ``DAILY``.
-- `search_per_second` search requests per second (5): 429 ``SECONDLY``.
+- `search_per_second` CRM object searches (``/crm/v3/objects/<object>/search``) per second (5): 429 ``SECONDLY``.
 Every answer carries the ``X-HubSpot-RateLimit-*`` headers. ``over_budget`` (`budget()`) counts the
 requests that arrived over a limit: a client that keeps to the limits never has one.
 
@@ -25,7 +25,8 @@ tied to its contact this way. ``GET /crm/v4/objects/<from>/<id>/associations/<to
 
 Reads for customers' scripts (hubspot-api-client's ``get_page`` / ``get_all`` and the properties API):
 ``GET /crm/v3/objects/<object>`` pages through records by an id cursor (``limit`` at most 100, default 10),
-``GET /crm/v3/properties/<object>`` lists the properties the portal knows (`pages`).
+``GET /crm/v3/properties/<object>`` lists the properties the portal knows (`pages`), ``POST /crm/v3/lists/search``
+finds lists by name (`lists`).
 
 Inbound: `user_update` / `user_create` edit records as a HubSpot user would (a unique value another record
 holds raises `Conflict`, carrying the API's 409 body; ``POST /_emulator/user/<object>`` answers it) and, with
@@ -114,6 +115,7 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, PagesMixin, Lists
         r.add_get("/crm/v4/objects/{object}/{id}/associations/{to_object}", self._list_associations)
         r.add_post("/crm/v3/lists", self._create_list)
         r.add_post("/crm/v3/lists/", self._create_list)
+        r.add_post("/crm/v3/lists/search", self._search_lists)
         r.add_get("/crm/v3/lists/{list_id}", self._get_list)
         r.add_put("/crm/v3/lists/{list_id}/memberships/add", self._add_members)
         r.add_put("/crm/v3/lists/{list_id}/memberships/remove", self._remove_members)

@@ -77,7 +77,7 @@ class LimitsMixin:
         if len(self._burst) >= self.burst_limit:
             self._over_budget += 1
             return self._refused(request, self._throttled("TEN_SECONDLY_ROLLING"))
-        if request.path.endswith("/search"):
+        if request.path.startswith("/crm/v3/objects/") and request.path.endswith("/search"):  # not lists
             while self._searches and self._searches[0] <= now - 1.0:
                 self._searches.popleft()
             if len(self._searches) >= self.search_per_second:

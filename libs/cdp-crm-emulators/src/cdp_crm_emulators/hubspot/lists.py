@@ -1,4 +1,5 @@
-"""Lists v3: MANUAL / SNAPSHOT lists of records and their memberships (a DYNAMIC list's cannot be edited)."""
+"""Lists v3: MANUAL / SNAPSHOT lists of records and their memberships (a DYNAMIC list's cannot be edited), and
+the lists search."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from aiohttp import web
 from cdp_crm_emulators._server import iso_z, json_response
 from cdp_crm_emulators.hubspot.answers import error_body, read_json
 from cdp_crm_emulators.hubspot.schema import object_by_type
+
+LIST_SEARCH_LIMIT = 500  # the most one lists search answers (its count)
+LIST_SEARCH_DEFAULT = 20
 
 
 class ListsMixin:
@@ -101,3 +105,48 @@ class ListsMixin:
         members = self.memberships[list_id]
         results = [{"recordId": rid, "membershipTimestamp": at} for rid, at in members.items()]
         return json_response({"results": results, "total": len(results)})
+
+    async def _search_lists(self, request: web.Request) -> web.Response:
+        """``POST /crm/v3/lists/search`` {query, listIds, processingTypes, offset, count}: the lists whose
+        name holds `query` (any case), in the order they were made, `count` (1-500, default 20) from
+        `offset`; ``offset`` in the answer is where the next page starts, ``hasMore`` whether there is one.
+        Each list carries ``additionalProperties.hs_list_size``. Counted like any request, not against the
+        CRM objects search's per-second limit (a list search is not one)."""
+        body = await read_json(request)
+        try:
+            count = int(body.get("count") or LIST_SEARCH_DEFAULT)
+            offset = int(body.get("offset") or 0)
+        except (TypeError, ValueError):
+            return json_response(error_body("VALIDATION_ERROR", "count and offset must be integers"), status=400)
+        if not 1 <= count <= LIST_SEARCH_LIMIT or offset < 0:
+            return json_response(
+                error_body("VALIDATION_ERROR", f"count must be between 1 and {LIST_SEARCH_LIMIT}: {count}"),
+                status=400,
+            )
+        query = str(body.get("query") or "").lower()
+        ids = {str(i) for i in body.get("listIds") or []}
+        types = set(body.get("processingTypes") or [])
+        matched = [
+            found
+            for list_id, found in sorted(self.lists.items(), key=lambda item: int(item[0]))
+            if query in found["name"].lower()
+            and (not ids or list_id in ids)
+            and (not types or found["processingType"] in types)
+        ]
+        page = matched[offset : offset + count]
+        lists = [
+            {
+                **found,
+                "filtersUpdatedAt": found["updatedAt"],
+                "additionalProperties": {"hs_list_size": str(len(self.memberships.get(found["listId"], {})))},
+            }
+            for found in page
+        ]
+        return json_response(
+            {
+                "lists": lists,
+                "total": len(matched),
+                "offset": offset + len(page),
+                "hasMore": offset + len(page) < len(matched),
+            }
+        )
