@@ -292,7 +292,11 @@ class Builds:
         persons of every partition served here are brought to its definition (`_adopt_now`), one partition
         at a time, each at a quiescent point of its own: the pipelines go on between two (a pause the
         length of one partition's evaluation, not of all of them). A partition arriving later catches up
-        at its arrival (engine.py, `arrive`).
+        at its arrival (engine.py, `arrive`). Each turn fires the partition's due timers first, a recorded
+        round at the turn's time, as an arrival does (engine.py, `_adopt_arrived`): a membership of a
+        time-based segment whose flip came due since the timer loop's last round would be read stale, and a
+        segment referring to it entered (left) under the build's id, then left (entered) again when the
+        timer fires: a pair of transitions for a membership that never held.
 
         Meanwhile the segment is live: a change of a person of a partition not reached yet is evaluated
         against it like any other (what it flips is published then, and that partition's turn finds it
@@ -324,6 +328,10 @@ class Builds:
                     if partition not in self.active:
                         continue
                     now = self.clock()
+                    # Its due timers first, as an arriving partition's (engine.py, `_adopt_arrived`): the
+                    # persons are brought to the segment on memberships time has not ended. A recorded
+                    # round, before the turn's entry: a replay fires them there, at `now`, then runs it.
+                    await self.fire_recorded([partition], now)
                     # Logged too: a replay brings the partition's persons to it there, as now.
                     logged = await self.log_live(live_entry(*as_live(segment), golive=False, now=now), [partition])
                     moved = self._adopt_now([segment], sorted(persons), now=now)
