@@ -264,8 +264,12 @@ async def setup(runtime: ServiceRuntime) -> None:
     async def release() -> None:
         """Before the store and the bus close: the backfills first (each left `cancelled`, to be resumed),
         then the loops. Within one grace in all: a task that does not end is named in the log and left,
-        rather than holding the stop (and the process) for ever."""
+        rather than holding the stop (and the process) for ever. The deliverer is stopped first: a batch
+        being written to a CRM that answers 503 or 429 to everything ends its retries at once (what it
+        did not write is queued for the next owner) instead of holding the partition's drain past the
+        grace for up to CDP_CRM_RETRY_FOR (a request already on its way still ends by its timeout)."""
         deadline = time.monotonic() + settings.shutdown_grace
+        deliverer.stop()
         await runs.close(grace=settings.shutdown_grace)
         await cancel_and_wait(tasks, deadline - time.monotonic(), log)
 

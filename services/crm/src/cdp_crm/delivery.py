@@ -15,6 +15,10 @@ their cost fits the budget's burst. A transient failure is sent again, unchanged
 grows while the CRM keeps failing (and starts over once it takes a request): every write is an upsert by
 its key, so a retry after a lost answer converges to the same records.
 A backfill may go through the CRM's bulk path instead (`deliver_bulk`: Salesforce Bulk API 2.0).
+A stop of the service (`stop()`) ends a call's retries between attempts: no back-off or budget wait is
+sat out, nothing more is sent, and what was not taken is handed back as pending at once (the batch queues
+it, `crm_pending`, and the partition's next owner writes it: upserts by the same keys, one record). A
+request already on its way is let finish (up to the adapter's timeout): the CRM may take it.
 Log lines carry the connection, mapping, counts and reason codes, never a value.
 """
 
@@ -24,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from asyncio import FIRST_COMPLETED, CancelledError, Event, current_task, ensure_future, wait
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +72,9 @@ PROBE_VALUE = "cdp-connection-probe"
 # Match-key values per lookup of which records the CRM holds (`present`): HubSpot's batch read takes 100.
 PRESENCE_BATCH = 100
 NOT_SENT = CrmError(THROTTLED, "BUDGET", "not sent: the account's budget allows no request before the deadline")
+# What a batch not sent because the service is stopping is recorded as: transient, so pending (never a
+# failure of the CRM's: it neither holds the connection nor counts as a failed request).
+STOPPED = CrmError(UNAVAILABLE, "STOPPING", "not sent: the service is stopping")
 
 
 def timed_out(error: CrmError | None) -> bool:
@@ -126,6 +134,17 @@ class Deliverer:
         self.metrics = metrics
         self.failures = None  # a counter of requests that will be retried, by connection and reason (observe)
         self.probes: dict[str, asyncio.Task[None]] = {}  # by held connection: its probe, while it runs
+        # The stop's wait helpers are imported by name: `asyncio.sleep` alone is looked up through the module
+        # (a test records the back-offs by replacing it).
+        self.stopping = Event()  # set by `stop()`: no retry, back-off or budget wait from then on
+
+    def stop(self) -> None:
+        """The service is stopping: every call ends its retries between attempts and hands back what was not
+        taken as pending (a back-off or a wait for the budget ends at once); calls after this send nothing.
+        A stop must end within the service's shutdown grace, and a CRM answering 503 or 429 to everything
+        kept a batch - and the partition's drain with it - for up to `retry_for` (the connection held only
+        after `PATIENCE`, a 429's budget wait sat out whole)."""
+        self.stopping.set()
 
     def observe(self, meter) -> None:
         """What an operator alerts on while a CRM is down: `cdp.crm.connection.state` (1 for each connection's
@@ -167,8 +186,9 @@ class Deliverer:
         delivered = Delivered()
         if not changes:
             return delivered
-        if self.resting(mapping.connection):
-            delivered.pending.extend(changes)  # held: retried once the CRM answers again (`_hold`)
+        if self.resting(mapping.connection) or self.stopping.is_set():
+            # held: retried once the CRM answers again (`_hold`); stopping: by the partition's next owner
+            delivered.pending.extend(changes)
             return delivered
         if deadline is None:
             deadline = self.clock() + (self.retry_for if retry_for is None else retry_for)
@@ -189,6 +209,11 @@ class Deliverer:
             if not isolation.retry:
                 attempt, failing_since = 0, None  # the CRM is taking requests: back off from the start again
                 continue
+            if self.stopping.is_set():
+                # Stopping: no further attempt. What failed, and what was not sent, waits for the next owner.
+                delivered.pending.extend(change for retry in isolation.retry for change in retry)
+                delivered.pending.extend(change for rest in waiting for change in rest)
+                break
             error = isolation.retry_errors[-1]
             self._note_failure(mapping.connection, error)
             if error is NOT_SENT:
@@ -217,7 +242,7 @@ class Deliverer:
             if now >= deadline:
                 delivered.pending.extend(change for retry in isolation.retry for change in retry)
                 continue
-            await asyncio.sleep(min(BACKOFF[min(attempt, len(BACKOFF) - 1)], max(0.0, deadline - self.clock())))
+            await self._pause(min(BACKOFF[min(attempt, len(BACKOFF) - 1)], max(0.0, deadline - self.clock())))
             attempt += 1
             waiting.extend(isolation.retry)
         if delivered.synced:
@@ -287,7 +312,13 @@ class Deliverer:
         cost = adapter.cost(mapping, len(batch), op=batch[0].op)
         if delivered.requests and self.clock() > deadline:
             return False
-        reservation = await budget.acquire(cost, self.clock, deadline)
+        if self.stopping.is_set():
+            isolation.record(batch, BatchOutcome.failed(STOPPED), self.clock())
+            return True
+        reservation = await self._acquire(budget, cost, deadline)
+        if reservation is STOPPED:
+            isolation.record(batch, BatchOutcome.failed(STOPPED), self.clock())
+            return True
         if reservation is None:
             self.health[mapping.connection].state = "throttled"
             return False
@@ -300,6 +331,42 @@ class Deliverer:
         await budget.settle(reservation, now, outcome.headers, answered=not timed_out(error), throttled=throttled)
         isolation.record(batch, outcome, now)
         return True
+
+    async def _pause(self, seconds: float) -> None:
+        """A back-off of `seconds`, ended early by `stop()`."""
+        sleeping = ensure_future(asyncio.sleep(seconds))
+        stopped = ensure_future(self.stopping.wait())
+        try:
+            await wait((sleeping, stopped), return_when=FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            stopped.cancel()
+
+    async def _acquire(self, budget: SharedBudget, cost: int, deadline: float) -> Reservation | CrmError | None:
+        """`budget.acquire`, or STOPPED once `stop()` is called while it waits (a 429's Retry-After, a full
+        burst window: seconds). The wait is a sleep between store writes; a grant that landed as the stop
+        came is given back (its request is never sent)."""
+        if self.stopping.is_set():
+            return STOPPED
+        acquiring = ensure_future(budget.acquire(cost, self.clock, deadline))
+        stopped = ensure_future(self.stopping.wait())
+        try:
+            await wait((acquiring, stopped), return_when=FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+        if not acquiring.cancelled() and acquiring.done() and acquiring.exception() is None:
+            reservation = acquiring.result()
+            if reservation is None or not self.stopping.is_set():
+                return reservation
+            await budget.refund(reservation, self.clock())
+            return STOPPED
+        with contextlib.suppress(CancelledError):
+            await acquiring  # its cancellation (or its own error, raised here as before)
+        if current_task().cancelling():
+            raise CancelledError
+        return STOPPED
 
     async def deliver_bulk(
         self,
