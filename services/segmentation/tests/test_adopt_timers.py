@@ -12,43 +12,42 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from cdp_segmentation.domain import parse
 from cdp_testing.fakes import T0
 
-from . import test_timer_rounds
-from .test_stream import nothing_after, transitions
-from .test_timer_rounds import (
-    MarksFail,
-    handed,
-    moves,
-    no_id_twice,
-    round_records,
-    without_timer_loop,
-)
+from . import timer_world
+from .test_stream import transitions
+from .test_timer_rounds import MarksFail, moves, round_records
 from .test_torn_snapshot import in_partition
+from .timer_world import (
+    PAYING_TRIAL,
+    STARTS,
+    WINDOW,
+    handed,
+    in_trial,
+    live,
+    never_snapshots,
+    no_id_twice,
+    restarted,
+    started,
+)
 
-engines = test_timer_rounds.engines  # the fixture: engines without a stream, one store and clock
+engines = timer_world.engines  # the fixture: engines without a stream, one store and clock
 
 TRIAL_MOVES = [("trial", True, "event", T0), ("trial", False, "time", T0 + 60)]
 
 
-async def trial_then_adopted(engine, clock):
+async def trial_then_adopted(engine, clock, *, adoption_snapshot: bool = True):
     """`adopter` serves partition 1, p in `trial` (it ends at T0+60), snapshotted, its timer loop ended;
-    `builder` (partition 0) builds `paying_trial`; at T0+100 `adopter` adopts it on the announcement."""
+    `builder` (partition 0) builds `paying_trial`; at T0+100 `adopter` adopts it on the announcement (the
+    process dying before the adoption's snapshot unless `adoption_snapshot`)."""
     person = in_partition(1, 1, "p")[0]
-    adopter = engine([1])
-    await adopter.start()
-    await without_timer_loop(adopter)
-    await adopter.create("trial", parse("traits.trial_ends_at > now"))
-    await adopter.wait_live("trial")
-    await adopter.handle(handed(person, T0, 1, 1, trial_ends_at=T0 + 60, level=1))
+    adopter = await in_trial(engine, person, loops=False)
     await adopter.snapshot()
 
-    builder = engine([0])
-    await builder.start()
-    await without_timer_loop(builder)
-    await builder.create("paying_trial", parse('in_segment("trial") and traits.level > 0'))
-    await builder.wait_live("paying_trial")
+    builder = await started(engine, [0], loops=False)
+    await live(builder, "paying_trial", PAYING_TRIAL)
+    if not adoption_snapshot:
+        never_snapshots(adopter)
     clock.now = T0 + 100
     await adopter.reload(orjson.dumps({"segment": "paying_trial"}))
     assert adopter.get("paying_trial").serving
@@ -76,53 +75,22 @@ async def test_the_timers_an_adoption_fired_are_replayed_before_its_turn(engines
     partition is done: its snapshot never comes). Started again at T0+200, the replay runs the round the
     adoption fired (T0+100) and then its turn: the same transitions, none twice, nobody in `paying_trial`."""
     engine, clock, url = engines
-    person = in_partition(1, 1, "p")[0]
-    adopter = engine([1])
-    await adopter.start()
-    await without_timer_loop(adopter)
-    await adopter.create("trial", parse("traits.trial_ends_at > now"))
-    await adopter.wait_live("trial")
-    await adopter.handle(handed(person, T0, 1, 1, trial_ends_at=T0 + 60, level=1))
-    await adopter.snapshot()
-
-    builder = engine([0])
-    await builder.start()
-    await without_timer_loop(builder)
+    person, adopter, builder = await trial_then_adopted(engine, clock, adoption_snapshot=False)
     try:
-        await builder.create("paying_trial", parse('in_segment("trial") and traits.level > 0'))
-        await builder.wait_live("paying_trial")
-
-        async def never() -> int:  # the adoption's snapshot: the process dies before it
-            return 0
-
-        adopter.snapshot = never
-        clock.now = T0 + 100
-        await adopter.reload(orjson.dumps({"segment": "paying_trial"}))
         first = await transitions(url)
         assert [r["timers"] for r in await round_records(adopter.store) if r["position"] == 1] == [T0 + 100]
 
-        clock.now = T0 + 200
-        again = engine([1])
-        await again.start()
-        await without_timer_loop(again)
-        try:
-            await again.replay(nothing_after(1), partitions=(1,))
-            await again.fire_timers()
+        async with restarted(engine, clock, T0 + 200, [1], 1) as again:
             published = await transitions(url)
             no_id_twice(published)
             assert [e.id for e in published] == [e.id for e in first]
             assert moves(published) == TRIAL_MOVES
             assert not again.membership(person)
-        finally:
-            await again.stop()
     finally:
         await builder.stop()
 
 
 # --- the snapshot after one that failed: the cut it prunes on ------------------------------------------------
-
-WINDOW = "traits.starts_at < now and traits.starts_at > now - 1m"
-STARTS = T0 + 30
 
 
 async def test_the_snapshot_after_a_failed_one_prunes_nothing_the_stored_mark_does_not_hold(engines):
@@ -137,18 +105,13 @@ async def test_the_snapshot_after_a_failed_one_prunes_nothing_the_stored_mark_do
     (outside: nothing), and p's enter stays on the bus without its exit."""
     engine, clock, url = engines
     person = in_partition(1, 0, "p")[0]
-    adopter = engine([0, 1])
-    await adopter.start()
-    await without_timer_loop(adopter)
+    adopter = await started(engine, [0, 1], loops=False)
     await adopter.handle(handed(person, T0, 0, 1, starts_at=STARTS))
     await adopter.snapshot()
 
-    builder = engine([])
-    await builder.start()
-    await without_timer_loop(builder)
+    builder = await started(engine, [], loops=False)
     try:
-        await builder.create("window", parse(WINDOW))
-        await builder.wait_live("window")
+        await live(builder, "window", WINDOW)
         clock.now = T0 + 40
         adopter.held.store = MarksFail(adopter.held.store)
         with pytest.raises(ConnectionError):
@@ -169,19 +132,11 @@ async def test_the_snapshot_after_a_failed_one_prunes_nothing_the_stored_mark_do
         assert await adopter.snapshot() > 0
         assert len(await turns()) == 1, "the adoption's turn of partition 0 pruned on a cut no mark holds"
 
-        clock.now = T0 + 140
-        again = engine([0])
-        await again.start()
-        await without_timer_loop(again)
-        try:
-            await again.replay(nothing_after(0), partitions=(0,))
-            await again.fire_timers()
+        async with restarted(engine, clock, T0 + 140, [0], 0) as again:
             published = await transitions(url)
             no_id_twice(published)
             assert moves(published) == [*moves(entered), ("window", False, "time", STARTS + 60)]
             assert not again.membership(person)
-        finally:
-            await again.stop()
     finally:
         await builder.stop()
         await adopter.stop()

@@ -13,9 +13,6 @@ The clock here moves only when the test moves it: "2 minutes later" is the resta
 from __future__ import annotations
 
 import asyncio
-import collections
-
-import pytest
 
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
@@ -23,6 +20,7 @@ from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import CLOCKS, PERSONS
 from cdp_testing.fakes import T0, Clock
 
+from . import timer_world
 from .test_stream import until
 from .test_torn_snapshot import (
     Held,
@@ -31,28 +29,19 @@ from .test_torn_snapshot import (
     applied,
     applied_commit_held,
     change,
-    crash_world,
     events,
     in_partition,
     send,
 )
+from .timer_world import no_id_twice, quiet
 
 TRIAL_ENDS = T0 + 60
 
-
-@pytest.fixture
-async def world(nats_server):
-    async with crash_world(nats_server) as world:
-        yield world
+world = timer_world.world  # the fixture
 
 
 def moves(published) -> list[tuple[str, bool, str]]:
     return [(e.segment_id, e.entered, e.reason) for e in published]
-
-
-def no_id_twice(published) -> None:
-    twice = [key for key, n in collections.Counter(e.id for e in published).items() if n > 1]
-    assert not twice, f"transitions published twice: {twice}"
 
 
 async def timers_fired(replica: Replica, person: str) -> None:
@@ -63,14 +52,12 @@ async def timers_fired(replica: Replica, person: str) -> None:
         return person not in replica.engine._due
 
     await until(fired, "the timer fired", timeout=5)
-    async with replica.stream.quiescent():
-        pass
+    await quiet(replica)
 
 
 async def settled_events(replica: Replica, js) -> list:
     """What the bus holds once `replica`'s stream is quiescent (what it replayed published), no id twice."""
-    async with replica.stream.quiescent():
-        pass
+    await quiet(replica)
     published = await events(js)
     no_id_twice(published)
     return published

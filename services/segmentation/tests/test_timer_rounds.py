@@ -20,53 +20,50 @@ arrival's time, as a recorded round. The clock here moves only when the test mov
 from __future__ import annotations
 
 import asyncio
-import collections
 
 import orjson
 import pytest
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
-from cdp_kit.storage import open_store
-from cdp_segmentation.domain import parse
-from cdp_segmentation.engine import CLOCKS, SegmentationEngine
+from cdp_segmentation.engine import CLOCKS
 from cdp_segmentation.stream import Changes
-from cdp_testing.fakes import T0, Clock, Delivery
+from cdp_testing.fakes import T0, Clock
 
+from . import timer_world
 from .test_stream import nothing_after, transitions, until
 from .test_torn_snapshot import (
-    PARTITIONS,
     Held,
     HeldStore,
     Replica,
     applied,
     applied_commit_held,
     change,
-    crash_world,
     events,
     in_partition,
     send,
 )
+from .timer_world import (
+    PAYING_TRIAL,
+    STARTS,
+    WINDOW,
+    handed,
+    in_trial,
+    live,
+    never_snapshots,
+    no_id_twice,
+    quiet,
+    restarted,
+    started,
+    window_snapshotted,
+    without_timer_loop,
+)
 
-# In from `starts_at` for a minute.
-WINDOW = "traits.starts_at < now and traits.starts_at > now - 1m"
-STARTS = T0 + 30
-
-
-@pytest.fixture
-async def world(nats_server):
-    async with crash_world(nats_server) as world:
-        yield world
+world, engines = timer_world.world, timer_world.engines  # the fixtures
 
 
 def moves(published) -> list[tuple[str, bool, str, float]]:
     return [(e.segment_id, e.entered, e.reason, e.at.ToNanoseconds() / 1e9) for e in published]
-
-
-def no_id_twice(published) -> None:
-    twice = [key for key, n in collections.Counter(e.id for e in published).items() if n > 1]
-    assert not twice, f"transitions published twice: {twice}"
 
 
 async def published_count(js, count: int, what: str) -> list:
@@ -80,16 +77,24 @@ async def published_count(js, count: int, what: str) -> list:
 async def entered_by_the_loop(replica: Replica, js, clock: Clock) -> str:
     """`window` live, p (partition 0) starting at T0+30, snapshotted; at T0+40 the timer loop enters p and
     publishes it, and its round is over (it holds the stream's quiescence while it publishes)."""
-    await replica.engine.create("window", parse(WINDOW))
-    await replica.engine.wait_live("window")
-    person = in_partition(1, 0, "p")[0]
-    await applied(replica, await send(js, change(person, T0, starts_at=STARTS)))
-    await replica.engine.snapshot()
+    person = await window_sent(replica, js)
     assert await events(js) == []
     clock.advance(40)
     await published_count(js, 1, "the timer loop's enter")
-    async with replica.stream.quiescent():
-        pass
+    await quiet(replica)
+    return person
+
+
+async def window_sent(replica: Replica, js, *, snapshot: bool = True) -> str:
+    """`window` live on `replica`, p (partition 0) starting at T0+30 sent and applied, snapshotted (before
+    p's change unless `snapshot`)."""
+    await live(replica.engine, "window", WINDOW)
+    if not snapshot:
+        await replica.engine.snapshot()
+    person = in_partition(1, 0, "p")[0]
+    await applied(replica, await send(js, change(person, T0, starts_at=STARTS)))
+    if snapshot:
+        await replica.engine.snapshot()
     return person
 
 
@@ -102,8 +107,7 @@ async def exit_after_restart(replica, clock: Clock, person: str, js) -> list:
         return person not in second.engine._due
 
     await until(fired, "p's timers fired", timeout=5)
-    async with second.stream.quiescent():
-        pass
+    await quiet(second)
     published = await events(js)
     no_id_twice(published)
     assert not second.engine.membership(person)
@@ -153,11 +157,7 @@ async def test_a_timer_round_that_died_publishing_is_published_by_the_replay(wor
     nothing says the bus has it), then the exit."""
     replica, js, clock, _store = world
     first = await replica()
-    await first.engine.create("window", parse(WINDOW))
-    await first.engine.wait_live("window")
-    person = in_partition(1, 0, "p")[0]
-    await applied(first, await send(js, change(person, T0, starts_at=STARTS)))
-    await first.engine.snapshot()
+    person = await window_sent(first, js)
     publishes, real = Held(), first.bus.publisher.publish_batch
 
     async def publish_batch(messages, **options):
@@ -191,8 +191,7 @@ async def test_a_committed_change_after_a_timer_round_publishes_the_same_across_
 
     clock.advance(100)
     second = await replica()
-    async with second.stream.quiescent():
-        pass
+    await quiet(second)
     published = await events(js)
     assert [e.id for e in published] == [e.id for e in before]
     assert not second.engine.membership(person)
@@ -214,8 +213,7 @@ async def test_timer_rounds_are_recorded_while_their_partition_is_not_snapshotte
     assert await rounds() == []
     clock.advance(60)  # the exit, at T0+90: a round of its own
     await published_count(js, 2, "the loop's exit")
-    async with first.stream.quiescent():
-        pass
+    await quiet(first)
     assert [r["timers"] for r in await rounds()] == [T0 + 100]
     await first.crash()
     second = await replica()
@@ -233,22 +231,12 @@ async def test_a_timer_round_after_a_go_live_at_its_position_is_replayed_after_i
     window's end."""
     replica, js, clock, _store = world
     first = await replica()
-    await first.engine.create("window", parse(WINDOW))
-    await first.engine.wait_live("window")
-    person = in_partition(1, 0, "p")[0]
-    await applied(first, await send(js, change(person, T0, starts_at=STARTS)))
-    await first.engine.snapshot()
-
-    async def never() -> int:  # the build's snapshot after its go-live: the process dies before it
-        return 0
-
-    first.engine.snapshot = never
-    await first.engine.create("inside", parse('in_segment("window")'))
-    await first.engine.wait_live("inside")
+    person = await window_sent(first, js)
+    never_snapshots(first.engine)  # the build's snapshot after its go-live: the process dies before it
+    await live(first.engine, "inside", 'in_segment("window")')
     clock.advance(40)
     await published_count(js, 2, "the loop's enters")
-    async with first.stream.quiescent():
-        pass
+    await quiet(first)
     await first.crash()
 
     published = await exit_after_restart(replica, clock, person, js)
@@ -267,15 +255,10 @@ async def test_a_timer_round_runs_after_the_change_at_its_position_in_the_replay
     round finds no timer of p's, the change then sets it, and at T0+140 it finds p outside: the exit lost."""
     replica, js, clock, _store = world
     first = await replica()
-    await first.engine.create("window", parse(WINDOW))
-    await first.engine.wait_live("window")
-    await first.engine.snapshot()
-    person = in_partition(1, 0, "p")[0]
-    await applied(first, await send(js, change(person, T0, starts_at=STARTS)))
+    person = await window_sent(first, js, snapshot=False)
     clock.advance(40)
     await published_count(js, 1, "the timer loop's enter")
-    async with first.stream.quiescent():
-        pass
+    await quiet(first)
     await first.crash()
 
     published = await exit_after_restart(replica, clock, person, js)
@@ -283,35 +266,6 @@ async def test_a_timer_round_runs_after_the_change_at_its_position_in_the_replay
 
 
 # --- engines without a stream, changes handed to them and partitions arriving when told ----------------------
-
-
-@pytest.fixture
-async def engines(nats_server):
-    """Engines without a stream on one memory store and clock, partitions arriving when told."""
-    async with open_store("memory://") as store:
-        async with Bus.connect(nats_server.url, name="segmentation-arrivals") as bus:
-            await bus.ensure_streams(profiles_stream(), segments_stream())
-            clock = Clock(T0)
-
-            def engine(owned: list[int]) -> SegmentationEngine:
-                return SegmentationEngine(
-                    store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
-                )
-
-            yield engine, clock, nats_server.url
-
-
-async def without_timer_loop(engine: SegmentationEngine) -> None:
-    """End `engine`'s loops (the test fires its timers when it means to; a crash leaves no snapshot)."""
-    for task in engine._tasks:
-        task.cancel()
-    await asyncio.gather(*engine._tasks, return_exceptions=True)
-    engine._tasks.clear()
-
-
-def handed(person: str, at: float, partition: int, seq: int, **traits) -> list[Delivery]:
-    batch = profile_pb2.ProfileChangedBatch(changes=[change(person, at, **traits)])
-    return [Delivery(batch, subjects.profiles_changed(partition), seq)]
 
 
 async def test_timers_a_batch_of_messages_replayed_already_fired_are_replayed_at_its_clock(engines):
@@ -322,10 +276,8 @@ async def test_timers_a_batch_of_messages_replayed_already_fired_are_replayed_at
     time, finding p outside and leaving the enter without its exit."""
     engine, clock, url = engines
     person = in_partition(1, 0, "p")[0]
-    first = engine([0])
-    await first.start()
-    await first.create("window", parse(WINDOW))
-    await first.wait_live("window")
+    first = await started(engine, [0])
+    await live(first, "window", WINDOW)
     [delivery] = handed(person, T0, 0, 1, starts_at=STARTS)
     await first.handle([delivery])
     await first.snapshot()
@@ -338,19 +290,11 @@ async def test_timers_a_batch_of_messages_replayed_already_fired_are_replayed_at
     await first._publish(messages)
     await without_timer_loop(first)  # gone before its next snapshot
 
-    clock.now = T0 + 140
-    second = engine([0])
-    await second.start()
-    await without_timer_loop(second)  # (it would fire p's timer at T0+140 before the replay)
-    try:
-        await second.replay(nothing_after(0), partitions=(0,))
-        await second.fire_timers()
+    async with restarted(engine, clock, T0 + 140, [0], 0) as second:
         published = await transitions(url)
         no_id_twice(published)
         assert moves(published) == WINDOW_MOVES
         assert not second.membership(person)
-    finally:
-        await second.stop()
 
 
 # --- a partition arriving, brought to a segment that went live since its snapshot -------------------------
@@ -364,18 +308,11 @@ async def test_a_partition_brought_to_a_segment_on_arrival_reads_memberships_tim
     trial: no transition of `paying_trial`, the exit of `trial` at its end."""
     engine, clock, url = engines
     person = in_partition(1, 1, "p")[0]
-    before = engine([1])
-    await before.start()
-    await before.create("trial", parse("traits.trial_ends_at > now"))
-    await before.wait_live("trial")
-    await before.handle(handed(person, T0, 1, 1, trial_ends_at=T0 + 60, level=1))
-    await before.stop()
+    await (await in_trial(engine, person)).stop()
 
-    builder = engine([0])
-    await builder.start()
+    builder = await started(engine, [0])
     try:
-        await builder.create("paying_trial", parse('in_segment("trial") and traits.level > 0'))
-        await builder.wait_live("paying_trial")
+        await live(builder, "paying_trial", PAYING_TRIAL)
         clock.now = T0 + 100
         await builder.arrive(1, nothing_after)
         await builder.fire_timers()
@@ -397,35 +334,20 @@ async def test_the_timers_an_arrival_fired_are_replayed_before_its_adoption(engi
     none twice, nobody in `paying_trial`."""
     engine, clock, url = engines
     person = in_partition(1, 1, "p")[0]
-    before = engine([1])
-    await before.start()
-    await before.create("trial", parse("traits.trial_ends_at > now"))
-    await before.wait_live("trial")
-    await before.handle(handed(person, T0, 1, 1, trial_ends_at=T0 + 60, level=1))
-    await before.stop()
+    await (await in_trial(engine, person)).stop()
 
-    builder = engine([0])
-    await builder.start()
-    await builder.create("paying_trial", parse('in_segment("trial") and traits.level > 0'))
-    await builder.wait_live("paying_trial")
+    builder = await started(engine, [0])
+    await live(builder, "paying_trial", PAYING_TRIAL)
     clock.now = T0 + 100
     await builder.arrive(1, nothing_after)
     first = await transitions(url)
     await without_timer_loop(builder)  # gone before its next snapshot
 
-    clock.now = T0 + 200
-    again = engine([0, 1])
-    await again.start()
-    await without_timer_loop(again)
-    try:
-        await again.replay(nothing_after(0), partitions=(1,))
-        await again.fire_timers()
+    async with restarted(engine, clock, T0 + 200, [0, 1], 1) as again:
         published = await transitions(url)
         assert [e.id for e in published] == [e.id for e in first]
         assert moves(published) == [("trial", True, "event", T0), ("trial", False, "time", T0 + 60)]
         assert not again.membership(person)
-    finally:
-        await again.stop()
 
 
 # --- a partition handed over after a crash, to a replica whose count of moves is behind ----------------------
@@ -442,14 +364,8 @@ async def test_a_replica_behind_the_dead_ones_count_logs_after_the_timer_round_i
     `window` published twice and in `inside` under the timer's cause too."""
     engine, clock, url = engines
     person = in_partition(1, 0, "p")[0]
-    behind = engine([])
-    await behind.start()
-    dead = engine([0])
-    await dead.start()
-    await dead.create("window", parse(WINDOW))
-    await dead.wait_live("window")
-    await dead.handle(handed(person, T0, 0, 1, starts_at=STARTS))
-    await dead.snapshot()
+    behind = await started(engine, [])
+    dead = await window_snapshotted(engine, [0], person)
     clock.now = T0 + 40
     await dead.fire_timers()
     assert dead.membership(person)
@@ -458,24 +374,13 @@ async def test_a_replica_behind_the_dead_ones_count_logs_after_the_timer_round_i
     await behind.reload(orjson.dumps({"segment": "window"}))
     assert behind.percentile_round < dead.percentile_round  # behind: what it logs next would sort first
     await behind.arrive(0, nothing_after)
-
-    async def never() -> int:  # the build's snapshot after its go-live: the process dies before it
-        return 0
-
-    behind.snapshot = never
-    await behind.create("inside", parse('in_segment("window")'))
-    await behind.wait_live("inside")
+    never_snapshots(behind)  # the build's snapshot after its go-live: the process dies before it
+    await live(behind, "inside", 'in_segment("window")')
     before = await transitions(url)
     assert moves(before) == [("window", True, "time", STARTS), ("inside", True, "created", T0 + 40)]
     await without_timer_loop(behind)
 
-    clock.now = T0 + 140
-    again = engine([0])
-    await again.start()
-    await without_timer_loop(again)
-    try:
-        await again.replay(nothing_after(0), partitions=(0,))
-        await again.fire_timers()
+    async with restarted(engine, clock, T0 + 140, [0], 0) as again:
         published = await transitions(url)
         no_id_twice(published)
         assert moves(published) == [
@@ -484,8 +389,6 @@ async def test_a_replica_behind_the_dead_ones_count_logs_after_the_timer_round_i
             ("inside", False, "time", STARTS + 60),
         ]
         assert not again.membership(person)
-    finally:
-        await again.stop()
 
 
 class MarksGate:
@@ -516,12 +419,7 @@ async def test_a_timer_round_fired_while_a_snapshot_is_written_outlives_its_prun
     timer at its own time, finds p outside, and the exit is never published."""
     engine, clock, url = engines
     person = in_partition(1, 0, "p")[0]
-    first = engine([0])
-    await first.start()
-    await first.create("window", parse(WINDOW))
-    await first.wait_live("window")
-    await first.handle(handed(person, T0, 0, 1, starts_at=STARTS))
-    await first.snapshot()
+    first = await window_snapshotted(engine, [0], person)
     await first.handle(handed(in_partition(2, 0, "p")[1], T0, 0, 2, level=1))
     gate = first.held.store = MarksGate(first.held.store)
     writing = asyncio.create_task(first.snapshot())
@@ -536,18 +434,10 @@ async def test_a_timer_round_fired_while_a_snapshot_is_written_outlives_its_prun
     assert [r["timers"] for r in await round_records(first.store)] == [T0 + 40]
     await without_timer_loop(first)  # gone before its next snapshot
 
-    clock.now = T0 + 140
-    second = engine([0])
-    await second.start()
-    await without_timer_loop(second)
-    try:
-        await second.replay(nothing_after(0), partitions=(0,))
-        await second.fire_timers()
+    async with restarted(engine, clock, T0 + 140, [0], 0):
         published = await transitions(url)
         no_id_twice(published)
         assert moves(published) == WINDOW_MOVES
-    finally:
-        await second.stop()
 
 
 class MarksFail:
@@ -576,12 +466,7 @@ async def test_the_next_owners_snapshot_prunes_a_round_of_a_generation_past_the_
     again, at T0+40, among this replica's records of the same generation."""
     engine, clock, url = engines
     person = in_partition(1, 0, "p")[0]
-    first = engine([0, 1])
-    await first.start()
-    await first.create("window", parse(WINDOW))
-    await first.wait_live("window")
-    await first.handle(handed(person, T0, 0, 1, starts_at=STARTS))
-    await first.snapshot()
+    first = await window_snapshotted(engine, [0, 1], person)
     await first.handle(handed(in_partition(1, 1, "q")[0], T0, 1, 1, level=1))
     first.held.store = MarksFail(first.held.store)
     with pytest.raises(ConnectionError):
@@ -591,19 +476,12 @@ async def test_the_next_owners_snapshot_prunes_a_round_of_a_generation_past_the_
     [record] = await round_records(first.store)
     await without_timer_loop(first)  # gone before its next snapshot
 
-    clock.now = T0 + 50
-    second = engine([0])
-    await second.start()
-    await without_timer_loop(second)
-    try:
-        await second.replay(nothing_after(0), partitions=(0,))
+    async with restarted(engine, clock, T0 + 50, [0], 0, fire=False) as second:
         assert moves(await transitions(url)) == WINDOW_MOVES[:1]
         assert second.membership(person)
         await second.handle(handed(in_partition(2, 0, "p")[1], T0 + 50, 0, 2, level=1))
         await second.snapshot()
         assert await round_records(second.store) == [], f"a round of generation {record['generation']} left"
-    finally:
-        await second.stop()
 
 
 class Recording:
@@ -628,12 +506,7 @@ async def test_a_recorded_round_replayed_after_a_restart_fires_nothing_for_a_per
     would drop, carrying p's id on the bus again), not an exit; the round's record names nobody."""
     engine, clock, url = engines
     person = in_partition(1, 0, "p")[0]
-    first = engine([0])
-    await first.start()
-    await first.create("window", parse(WINDOW))
-    await first.wait_live("window")
-    await first.handle(handed(person, T0, 0, 1, starts_at=STARTS))
-    await first.snapshot()
+    first = await window_snapshotted(engine, [0], person)
     clock.now = T0 + 40
     await first.fire_timers()
     assert moves(await transitions(url)) == WINDOW_MOVES[:1]
