@@ -35,5 +35,6 @@ async def read_json(request: web.Request, default: Any = None) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise web.HTTPBadRequest(
-            body=orjson.dumps(error_body("VALIDATION_ERROR", "Invalid input JSON")), content_type="application/json"
+            text=orjson.dumps(error_body("VALIDATION_ERROR", "Invalid input JSON")).decode(),
+            content_type="application/json",
         ) from None

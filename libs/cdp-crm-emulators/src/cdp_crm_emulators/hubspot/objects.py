@@ -78,8 +78,8 @@ class ObjectsMixin:
     def _object(self, request: web.Request) -> str:
         obj = request.match_info["object"]
         if obj not in PROPERTIES:
-            raise web.HTTPNotFound(
-                body=orjson.dumps(error_body("OBJECT_NOT_FOUND", f"Unable to infer object type from: {obj}")),
+            raise web.HTTPNotFound(  # text=, not body= (which aiohttp deprecates for its exceptions)
+                text=orjson.dumps(error_body("OBJECT_NOT_FOUND", f"Unable to infer object type from: {obj}")).decode(),
                 content_type="application/json",
             )
         return obj

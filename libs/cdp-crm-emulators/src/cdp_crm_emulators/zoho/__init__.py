@@ -188,14 +188,14 @@ class ZohoEmulator(Emulator):
         module = self.modules.get(request.match_info["module"])
         if module is None:
             raise web.HTTPBadRequest(
-                body=orjson.dumps(
+                text=orjson.dumps(
                     {
                         "code": "INVALID_MODULE",
                         "details": {"resource_path_index": 0},
                         "message": "the module name given seems to be invalid",
                         "status": "error",
                     }
-                ),
+                ).decode(),
                 content_type="application/json",
             )
         return module
