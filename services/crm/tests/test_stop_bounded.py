@@ -4,7 +4,6 @@ the log and left, instead of the stop waiting for it for ever (the process would
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from types import SimpleNamespace
 
@@ -12,12 +11,11 @@ import pytest
 
 import cdp_crm.__main__ as crm_main
 from cdp_crm.runs import Runs
-from cdp_crm.settings import CrmSettings
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.service import serving
-from cdp_testing.crm import hubspot_document
 
 from .conftest import TOKEN
+from .test_stop_while_crm_fails import settings_for
 
 GRACE = 0.5
 
@@ -43,18 +41,7 @@ async def test_a_task_that_does_not_end_does_not_hold_the_connectors_stop(nats_s
     stubborn = Stubborn()
     monkeypatch.setattr(crm_main.TombstoneSweeper, "run", lambda self: stubborn.run())
     async with HubSpotEmulator() as emulator:
-        connections = tmp_path / "connections.json"
-        connections.write_text(json.dumps(hubspot_document(emulator.base_url)))
-        settings = CrmSettings(
-            nats_url=nats_server.url,
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            auth_mode="none",
-            partitions=2,
-            shutdown_grace=GRACE,
-            store_url=f"sqlite:///{tmp_path / 'crm.db'}",
-            connections_file=connections,
-        )
+        settings = settings_for(nats_server.url, tmp_path, emulator, grace=GRACE)
 
         async def run() -> None:
             async with serving(settings, crm_main.setup):

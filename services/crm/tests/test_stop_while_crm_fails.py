@@ -28,7 +28,7 @@ GRACE = 1.0
 PERSONS = [f"stop-person-{i}" for i in range(6)]
 
 
-def settings_for(nats_url: str, tmp_path, emulator: HubSpotEmulator) -> CrmSettings:
+def settings_for(nats_url: str, tmp_path, emulator: HubSpotEmulator, grace: float = GRACE) -> CrmSettings:
     connections = tmp_path / "connections.json"
     connections.write_text(json.dumps(hubspot_document(emulator.base_url)))
     return CrmSettings(
@@ -37,7 +37,7 @@ def settings_for(nats_url: str, tmp_path, emulator: HubSpotEmulator) -> CrmSetti
         grpc_port=0,
         auth_mode="none",
         partitions=2,
-        shutdown_grace=GRACE,
+        shutdown_grace=grace,
         store_url=f"sqlite:///{tmp_path / 'crm.db'}",
         connections_file=connections,
     )

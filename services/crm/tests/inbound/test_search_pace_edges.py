@@ -15,12 +15,13 @@ import pytest
 
 from cdp_crm.adapters.hubspot import HubSpotAdapter, SearchPace
 from cdp_crm.budgets import SharedBudget
-from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.inbound import HubSpotPoller
 from cdp_crm.inbound.core import EPOCH
 from cdp_crm.inbound.hubspot import HubSpotReader
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_testing.waiting import until
+
+from .test_inbound_search_share import _hubspot_connection
 
 TOKEN = "pat-local-hubspot"
 
@@ -36,15 +37,6 @@ class Taken(SearchPace):
         slot = await super().take(inbound=inbound)
         self.taken.append(slot)
         return slot
-
-
-def _connection(url: str):
-    document = {"connections": [{"id": "hs", "kind": "hubspot", "url": url,
-                                 "credentials": {"token": "HUBSPOT_TOKEN"},
-                                 "mappings": [{"id": "contacts", "object": "contacts",
-                                               "match": {"cdp_id": "person.id"}, "fields": {"email": "traits.email"}}]}]}  # fmt: skip
-    (connection,) = parse_connections(document)
-    return connection
 
 
 @pytest.mark.parametrize("inbound", [True, False], ids=["inbound", "lookup"])
@@ -66,7 +58,7 @@ async def test_an_inbound_search_cancelled_while_it_waits_for_the_budget_gives_i
     """The reader takes its search's slot, then a unit of the account's budget; stopped while the budget
     holds it back (a Retry-After), it never searched. Before: the slot stayed spent, and the reader's next
     search, started at once, waited half a second (the inbound share's spacing) for nothing."""
-    connection = _connection("http://127.0.0.1:9")  # never asked: the budget holds the search back
+    connection = _hubspot_connection("http://127.0.0.1:9")  # never asked: the budget holds the search back
     budget = SharedBudget(store, connection)
     await budget.throttled(time.time(), retry_after=60, daily=False)
     pace = Taken(clock=lambda: 100.0)
@@ -96,7 +88,7 @@ async def test_searches_over_the_tokens_limit_are_read_again_a_second_later_and_
             hubspot.user_create("contacts", {"email": f"p{i}@example.com", "firstname": f"P{i}"})
             hubspot.clock.advance(1)  # a stamp each: three pages of 200
         ticket = hubspot.user_create("tickets", {"subject": "Refund", "cdp_id": "t-1"})
-        connection = _connection(hubspot.base_url)
+        connection = _hubspot_connection(hubspot.base_url)
         budget = SharedBudget(store, connection)
         poller = HubSpotPoller(
             store, connection, session, TOKEN, budget, collector.client(session), objects=("contacts",)
