@@ -218,10 +218,12 @@ class Part:
     # `scores` drops it (`Profile.set_scores`, `records.overlay_scores`; a part built anew has none).
     _scores_json: tuple[int, bytes, orjson.Fragment] | None = field(default=None, compare=False, repr=False)
 
-    # attr ("traits", "groups", "consent") -> key -> (history, its length, its JSON as a fragment): a history
-    # only grows (`record` inserts) or is replaced by another list, so the same list at the same length is
-    # the same history, and a write encodes only the histories that changed since the last one.
-    _histories_json: dict[str, dict[str, tuple[list[Any], int, orjson.Fragment]]] | None = field(
+    # attr ("traits", "groups", "consent") -> key -> (history, its length, its last version, its JSON as a
+    # fragment): a history grows (`record` inserts), has its newest version replaced by a newer one (`record`
+    # extending a run of one value) or is replaced by another list, so the same list at the same length
+    # ending in the same version is the same history, and a write encodes only the histories that changed
+    # since the last one.
+    _histories_json: dict[str, dict[str, tuple[list[Any], int, Any, orjson.Fragment]]] | None = field(
         default=None, compare=False, repr=False
     )
 
@@ -240,11 +242,12 @@ class Part:
         out = {}
         for key, history in histories.items():
             known = made.get(key)
-            if known is None or known[0] is not history or known[1] != len(history):
+            newest = history[-1] if history else None
+            if known is None or known[0] is not history or known[1] != len(history) or known[2] is not newest:
                 data = orjson.dumps([version.to_doc() for version in history])
                 # A copy of orjson's bytes, which keep its whole output buffer.
-                known = made[key] = (history, len(history), orjson.Fragment(bytes(memoryview(data))))
-            out[key] = known[2]
+                known = made[key] = (history, len(history), newest, orjson.Fragment(bytes(memoryview(data))))
+            out[key] = known[3]
         if len(made) > len(out):
             for key in [key for key in made if key not in histories]:
                 del made[key]
