@@ -18,7 +18,9 @@ A backfill may go through the CRM's bulk path instead (`deliver_bulk`: Salesforc
 A stop of the service (`stop()`) ends a call's retries between attempts: no back-off or budget wait is
 sat out, nothing more is sent, and what was not taken is handed back as pending at once (the batch queues
 it, `crm_pending`, and the partition's next owner writes it: upserts by the same keys, one record). A
-request already on its way is let finish (up to the adapter's timeout): the CRM may take it.
+request already on its way is cut short at once too, as a lost answer (`CUT`): the CRM may have taken it,
+so its values are kept as sent and its budget units stay spent - waiting for it would hold the stop for up
+to the adapter's timeout (CDP_CRM_REQUEST_TIMEOUT, 30 s), past the shutdown grace (10 s).
 Log lines carry the connection, mapping, counts and reason codes, never a value.
 """
 
@@ -32,7 +34,7 @@ from asyncio import FIRST_COMPLETED, CancelledError, Event, current_task, ensure
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.metrics import Observation
 
@@ -59,6 +61,8 @@ from cdp_kit.storage import Put
 
 log = logging.getLogger("cdp.crm.delivery")
 
+T = TypeVar("T")
+
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 # How long one call keeps retrying a CRM that fails (a 5xx, a 401, a dropped connection, no answer) before
 # the connection is held: its changes are handed back as pending at once, and until the CRM answers again
@@ -75,11 +79,15 @@ NOT_SENT = CrmError(THROTTLED, "BUDGET", "not sent: the account's budget allows 
 # What a batch not sent because the service is stopping is recorded as: transient, so pending (never a
 # failure of the CRM's: it neither holds the connection nor counts as a failed request).
 STOPPED = CrmError(UNAVAILABLE, "STOPPING", "not sent: the service is stopping")
+# What a request the stop cut short on its way is recorded as: a lost answer, as for a timeout (the CRM may
+# have taken it: its values are kept as sent, its reservation stays held), queued for the next owner.
+CUT = CrmError(ANSWER_LOST, "STOPPED", "cut short by the stop; the write may have committed")
 
 
 def timed_out(error: CrmError | None) -> bool:
-    """A request with no answer within its timeout: the CRM may take it later still (its grant stays held)."""
-    return error is not None and error.reason == ANSWER_LOST and error.code == "TIMEOUT"
+    """A request with no answer within its timeout, or cut short by the stop: the CRM may take it later
+    still (its grant stays held)."""
+    return error is not None and error.reason == ANSWER_LOST and error.code in ("TIMEOUT", "STOPPED")
 
 
 @dataclass
@@ -143,8 +151,33 @@ class Deliverer:
         taken as pending (a back-off or a wait for the budget ends at once); calls after this send nothing.
         A stop must end within the service's shutdown grace, and a CRM answering 503 or 429 to everything
         kept a batch - and the partition's drain with it - for up to `retry_for` (the connection held only
-        after `PATIENCE`, a 429's budget wait sat out whole)."""
+        after `PATIENCE`, a 429's budget wait sat out whole); a CRM that holds a request unanswered kept it
+        for the adapter's whole timeout: requests on their way are cut short too (`unless_stopped`)."""
         self.stopping.set()
+
+    async def unless_stopped(self, call: Awaitable[T]) -> T | CrmError:
+        """`call`'s result, or STOPPED once `stop()` comes while it waits - a CRM request on its way, or a
+        read of its news before a write (engine.py): cancelled then, as its own timeout would have (every
+        caller takes a request with no answer as one that may have landed)."""
+        if self.stopping.is_set():
+            if asyncio.iscoroutine(call):
+                call.close()  # never started
+            return STOPPED
+        running = ensure_future(call)
+        stopped = ensure_future(self.stopping.wait())
+        try:
+            await wait((running, stopped), return_when=FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not running.done():
+                running.cancel()
+                with contextlib.suppress(CancelledError):
+                    await running
+                if current_task().cancelling():
+                    raise CancelledError
+        if running.cancelled():
+            return STOPPED
+        return running.result()
 
     def observe(self, meter) -> None:
         """What an operator alerts on while a CRM is down: `cdp.crm.connection.state` (1 for each connection's
@@ -277,7 +310,8 @@ class Deliverer:
         reservation = await budget.acquire(2, self.clock, deadline)
         if reservation is None:
             return False
-        done, headers = await stamp(mapping, crm_id, field, value)
+        answer = await self.unless_stopped(stamp(mapping, crm_id, field, value))
+        done, headers = (None, {}) if answer is STOPPED else answer
         await budget.settle(reservation, self.clock(), headers, answered=done is not None)
         return bool(done)
 
@@ -296,7 +330,8 @@ class Deliverer:
             reservation = await budget.acquire(1, self.clock, deadline)
             if reservation is None:
                 return None
-            answer, headers = await lookup(mapping, field, values[i : i + PRESENCE_BATCH])
+            asked = await self.unless_stopped(lookup(mapping, field, values[i : i + PRESENCE_BATCH]))
+            answer, headers = (None, {}) if asked is STOPPED else asked
             await budget.settle(reservation, self.clock(), headers, answered=answer is not None)
             if answer is None:
                 return None
@@ -324,7 +359,9 @@ class Deliverer:
             return False
         delivered.units += cost
         delivered.requests += 1
-        outcome = await adapter.send(mapping, batch)
+        outcome = await self.unless_stopped(adapter.send(mapping, batch))
+        if outcome is STOPPED:  # cut short on its way: a lost answer (the CRM may have taken it)
+            outcome = BatchOutcome.failed(CUT)
         now = self.clock()
         error = outcome.error
         throttled = (error.retry_after, error.daily) if error is not None and error.reason == THROTTLED else None

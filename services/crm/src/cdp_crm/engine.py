@@ -51,7 +51,7 @@ from typing import Any
 
 from cdp.orchestration.v1 import orchestration_pb2
 from cdp_crm import streams
-from cdp_crm.delivery import Delivered, Deliverer
+from cdp_crm.delivery import STOPPED, Delivered, Deliverer
 from cdp_crm.domain import projection as proj
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change, record_key
 from cdp_crm.domain.isolation import DUPLICATE, NOT_FOUND, DeadLetter
@@ -419,9 +419,12 @@ class CrmLogic:
         connection's inbound cursor (its poller's `read_first`), so a CRM user's edit newer than the value
         about to be written reaches the profile (which keeps the newest by the CRM's modification time) and
         comes back to every CRM, instead of being overwritten unread. False when that read failed (the CRM
-        or the collector down, or it did not end before `deadline`): the changes must wait."""
-        if self.deliverer.resting(mapping.connection):
-            return False  # held, its CRM failing (delivery.py): queued, without a read that would wait on it
+        or the collector down, or it did not end before `deadline`, or the service is stopping): the changes
+        must wait."""
+        if self.deliverer.resting(mapping.connection) or self.deliverer.stopping.is_set():
+            # held, its CRM failing (delivery.py): queued, without a read that would wait on it; stopping:
+            # queued for the partition's next owner, as the delivery would (`Deliverer.stop`)
+            return False
         poller = self.inbound.get(mapping.connection)
         if poller is None or mapping.kind != "record" or poller.reads(mapping.object) is None:
             return True
@@ -429,7 +432,10 @@ class CrmLogic:
             return True
         try:
             async with asyncio.timeout(max(0.5, deadline - self.clock())):
-                await poller.read_first(mapping.object)
+                # A stop cuts the read short as its timeout would (the cursor moves only past what the
+                # collector took): a CRM holding it unanswered must not hold the stop past its grace.
+                if await self.deliverer.unless_stopped(poller.read_first(mapping.object)) is STOPPED:
+                    return False
         except Exception as exc:
             log.warning(
                 "reading crm changes before writing failed; the writes wait",
