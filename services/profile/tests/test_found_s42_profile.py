@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import orjson
 
+from cdp_kit.storage.model import MAX_DOCUMENT_BYTES
 from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent
 
 NO_DEFS = ComputedTraits()
@@ -55,3 +56,35 @@ def test_an_sdk_repeating_the_same_traits_does_not_grow_the_person_without_end()
         now=9000.0,
     )
     assert [v.source for v in profile.trait_history("plan")][-2:] == ["web", "salesforce"]
+
+
+def test_a_person_whose_values_keep_changing_stays_within_what_the_store_keeps():
+    """The store keeps a profile document of at most 8 MiB and refused every write of a person past it.
+    An identify of a 30 KB trait that changes each time (a cart sent as a trait) added 30 KB of history:
+    after 272 of them every later event of the person failed its partition's batch (InvalidArgument
+    ops[..].doc), holding the partition's other persons until the message was dead-lettered, and so again
+    for each of the person's events. A consent manager's categories on every event grew the
+    record 94 bytes an event, there after some 90,000. Now the oldest versions that are not current go
+    first, as the timeline's oldest entries do; current values and the recent history stay, and the
+    histories keep within 2 MiB."""
+    profile = Profile.new("p")
+    for n in range(300):
+        profile.apply(_identify(n, 1000.0 + n, cart=f"{n:06d}" + "c" * 30_000), NO_DEFS, now=9000.0)
+        if n % 10 == 9:
+            assert len(profile.to_json()) < MAX_DOCUMENT_BYTES, n
+    view = profile.view(now=9000.0)
+    assert view.traits["cart"].value.startswith("000299")
+    assert profile.view(now=9000.0, as_of=1250.5).traits["cart"].value.startswith("000250")
+    stored = Profile.from_doc(orjson.loads(profile.to_json()))
+    assert stored.trait_history("cart")[-1].event_id == "e000299"
+
+    consent = {"purpose:Marketing": True, "purpose:Analytics": True, "purpose:Advertising": False}
+    profile = Profile.new("p")
+    for n in range(35_000):
+        at = 1000.0 + n
+        event = ProfileEvent(
+            event_id=f"t{n:06d}", type="track", name="Page Viewed", at=at, source="web", consent=consent
+        )
+        profile.apply(event, NO_DEFS, now=at)
+    assert len(profile.to_json()) < 2_200_000  # the histories' 2 MiB and the rest of the record
+    assert profile.view(now=40_000.0).consent["purpose:Advertising"].granted is False

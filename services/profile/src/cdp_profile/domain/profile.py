@@ -72,6 +72,14 @@ from cdp_profile.domain.history import (
 
 DOC_VERSION = 1
 MIN_SEEN_IDS = 1000
+#: What a profile's trait, group and consent histories may hold as stored (their JSON), shared evenly by
+#: its parts. Past it, a write first drops the oldest versions that are not their key's current one, down
+#: to three quarters of it (so a write of a person at the bound does not trim again). The store keeps a
+#: profile document of at most 8 MiB (cdp_kit.storage MAX_DOCUMENT_BYTES) and refused every write of a
+#: person past it: after 272 identifies of a 30 KB trait that changed each time (a cart), or some 90,000
+#: events carrying a consent manager's three categories, every later event of theirs failed its
+#: partition's batch, holding the partition's other persons behind it until the message was dead-lettered.
+HISTORY_MAX_BYTES = 2 * 1024 * 1024
 
 Cursor = tuple[float, str]
 
@@ -223,7 +231,8 @@ class Part:
     # extending a run of one value) or is replaced by another list, so the same list at the same length
     # ending in the same version is the same history, and a write encodes only the histories that changed
     # since the last one.
-    _histories_json: dict[str, dict[str, tuple[list[Any], int, Any, orjson.Fragment]]] | None = field(
+    # The JSON's length is kept beside it (`history_bytes`).
+    _histories_json: dict[str, dict[str, tuple[list[Any], int, Any, int, orjson.Fragment]]] | None = field(
         default=None, compare=False, repr=False
     )
 
@@ -246,8 +255,9 @@ class Part:
             if known is None or known[0] is not history or known[1] != len(history) or known[2] is not newest:
                 data = orjson.dumps([version.to_doc() for version in history])
                 # A copy of orjson's bytes, which keep its whole output buffer.
-                known = made[key] = (history, len(history), newest, orjson.Fragment(bytes(memoryview(data))))
-            out[key] = known[3]
+                fragment = orjson.Fragment(bytes(memoryview(data)))
+                known = made[key] = (history, len(history), newest, len(data), fragment)
+            out[key] = known[4]
         if len(made) > len(out):
             for key in [key for key in made if key not in histories]:
                 del made[key]
@@ -304,11 +314,12 @@ class Part:
                 if at is not None:
                     extra[entry.event_id] = at
 
-    def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
+    def to_doc(self, *, encoded: bool = False, history_budget: int | None = None) -> dict[str, Any]:
         """JSON-serialisable; with `encoded`, the computed states are their cached encodings (orjson
-        fragments: only for `orjson.dumps`), re-made only for the states that changed since."""
+        fragments: only for `orjson.dumps`), re-made only for the states that changed since, and the
+        histories fitted within `history_budget` bytes when given (what a store write does)."""
         if encoded:
-            return self._encoded_doc()
+            return self._encoded_doc(history_budget)
         extra = self.extra_seen()
         doc = {
             "origin": self.origin,
@@ -328,15 +339,62 @@ class Part:
             doc["base"] = self.base.to_doc()
         return doc
 
-    def _encoded_doc(self) -> dict[str, Any]:
-        """`to_doc(encoded=True)`: the same document, made for every write of the part's profile."""
+    def _history_bytes(self) -> int:
+        """The length of the histories' JSON as last encoded (`_histories_doc`)."""
+        every = self._histories_json
+        if not every:
+            return 0
+        return sum(known[3] for made in every.values() for known in made.values())
+
+    def fit_histories(self, budget: int) -> int:
+        """Drop the oldest versions (by event time, then id) that are not their key's current one until the
+        histories hold at most `budget` bytes of JSON (as near as each version's own JSON tells); returns how
+        many went. A date before a key's oldest kept version reads as before the key was first set."""
+        kinds = (("traits", self.traits), ("groups", self.groups), ("consent", self.consent))
+        total = 0
+        older: list[tuple[float, str, int, Any, str]] = []
+        for _attr, histories in kinds:
+            for key, history in histories.items():
+                total += len(key) + 4  # "key":[...],
+                for index, version in enumerate(history):
+                    size = len(orjson.dumps(version.to_doc())) + 1
+                    total += size
+                    if index < len(history) - 1:
+                        older.append((version.at, version.event_id, size, version, key))
+        if total <= budget:
+            return 0
+        older.sort(key=lambda item: (item[0], item[1]))
+        gone: set[int] = set()
+        for _at, _event_id, size, version, _key in older:
+            if total <= budget:
+                break
+            gone.add(id(version))
+            total -= size
+        for _attr, histories in kinds:
+            for key, history in list(histories.items()):
+                kept = [version for version in history if id(version) not in gone]
+                if len(kept) != len(history):
+                    histories[key] = kept  # a new list: its encoding is made again
+        return len(gone)
+
+    def _encoded_doc(self, history_budget: int | None = None) -> dict[str, Any]:
+        """`to_doc(encoded=True)`: the same document, made for every write of the part's profile; with
+        `history_budget`, its histories fitted within it first when they passed it (`fit_histories`)."""
         extra = self.extra_seen()
         histories_doc = self._histories_doc
+        traits = histories_doc("traits", self.traits)
+        groups = histories_doc("groups", self.groups)
+        consent = histories_doc("consent", self.consent)
+        if history_budget is not None and self._history_bytes() > history_budget:
+            self.fit_histories(history_budget * 3 // 4)
+            traits = histories_doc("traits", self.traits)
+            groups = histories_doc("groups", self.groups)
+            consent = histories_doc("consent", self.consent)
         doc = {
             "origin": self.origin,
-            "traits": histories_doc("traits", self.traits),
-            "groups": histories_doc("groups", self.groups),
-            "consent": histories_doc("consent", self.consent),
+            "traits": traits,
+            "groups": groups,
+            "consent": consent,
             "scores": self.scores_json()[1],
             # The kept encoding read in place, `encoded()` called only for a state that changed since: most
             # of the (tens of) states of every write are unchanged.
@@ -955,13 +1013,17 @@ class Profile:
     def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
         """The profile without its timeline (stored apart, one record per entry), JSON-serialisable (with
         `encoded`, only by orjson: see `to_json`)."""
+        budget = HISTORY_MAX_BYTES // len(self.parts)
         return {
             "v": DOC_VERSION,
             "person_id": self.person_id,
             # Derivable from parts; kept at the top so a store can find the timelines to load (by origin).
             "merged_from": [origin for origin in self.parts if origin != self.person_id],
             "merges": [m.to_doc() for m in self.merges],
-            "parts": [part.to_doc(encoded=encoded) for part in self.parts.values()],
+            # A store write (`encoded`) keeps the histories within HISTORY_MAX_BYTES, shared by the parts.
+            "parts": [
+                part.to_doc(encoded=encoded, history_budget=budget if encoded else None) for part in self.parts.values()
+            ],
         }
 
     @classmethod
