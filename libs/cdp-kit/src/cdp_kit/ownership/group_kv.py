@@ -26,6 +26,7 @@ nats.py's, for users without limits (cdpctl's operator, tests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 
@@ -138,7 +139,11 @@ class GroupKv(KeyValue):
                 if meta.num_pending == 0:
                     return entries
         finally:
-            await subscription.unsubscribe()
+            # A closed connection took the inbox's interest with it. Raised here, its error replaced what
+            # was on its way out: a cancellation (a member's round, stopped as its connection closed)
+            # became an error the round logged, and the member's loop ran on.
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await subscription.unsubscribe()
 
 
 def missing_bucket(bucket: str, exc: BaseException) -> str:

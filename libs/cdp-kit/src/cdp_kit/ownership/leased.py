@@ -46,6 +46,7 @@ from typing import Protocol
 
 from cdp_kit.ownership.assignment import owned_by
 from cdp_kit.ownership.base import Ownership, PartitionCallback, noop
+from cdp_kit.stopping import raise_if_cancelling
 
 log = logging.getLogger("cdp.ownership")
 
@@ -160,13 +161,20 @@ class LeasedOwnership(Ownership):
                 # expires). The round ends soon (it takes nothing new once closing); then the loop stops.
                 await asyncio.wait({self._task}, timeout=max(self.interval, 1.0))
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                # The loop's end, as asked. A cancellation of this stop itself (its caller's: a service
+                # past its shutdown grace) lands here too, and is passed on: suppressed, the stop went on
+                # to release every partition and waited for the drains it had been told to give up.
+                raise_if_cancelling(asyncio.current_task())
             self._task = None
         for p in sorted(self._owned):
             self._begin_release(p)
         # Keep renewing while the engine drains: a slow drain must not let the leases expire under it.
+        me = asyncio.current_task()
         while self._callbacks:
+            raise_if_cancelling(me)  # a cancellation a renewal swallowed (below, or in the store client)
             pending = [t for t in self._callbacks.values() if not t.done()]
             if not pending:
                 break
@@ -211,7 +219,15 @@ class LeasedOwnership(Ownership):
         return self._renewed_at + self.fence - self._clock()
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         while not self.closing:
+            # A cancellation the round swallowed is still owed (`cdp_kit.stopping`): nats-py's requests
+            # return their reply when the cancellation lands in the loop turn the reply does, and a
+            # cleanup that fails on a closed connection (a scan's unsubscribe) replaces it with an error
+            # the round logs. Not closing, the loop ran on for ever, a round every interval, and whatever
+            # waited for the task with it: an event loop's teardown after a failed test, which cancels
+            # each task once (a hang of the kit's ownership tests).
+            raise_if_cancelling(me)
             left = self._until_fence()
             await asyncio.sleep(self.interval if left is None else max(0.0, min(self.interval, left)))
             self._in_round = True
@@ -233,6 +249,9 @@ class LeasedOwnership(Ownership):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store is unreachable or failed: retry next round, fence if too long
+            # Unless the round was cancelled and a cleanup on the way out raised instead: a stop, not a
+            # failed round.
+            raise_if_cancelling(asyncio.current_task())
             log.warning("ownership round failed", extra={"member": self.identity, "error": type(exc).__name__})
         self._fence_if_stale()
 
