@@ -396,11 +396,18 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def lock_closure(lock_text: str, roots: list[str]) -> set[str]:
-    """Every package `uv sync --no-dev --package <roots>` can install, read from a uv.lock."""
+@functools.cache
+def lock_entries(lock_text: str) -> dict[str, list[dict]]:
+    """A uv.lock's packages by normalized name (parsed once per text: the closures below ask per package)."""
     entries: dict[str, list[dict]] = {}
     for package in tomllib.loads(lock_text)["package"]:
         entries.setdefault(normalize(package["name"]), []).append(package)
+    return entries
+
+
+def lock_closure(lock_text: str, roots: list[str]) -> set[str]:
+    """Every package `uv sync --no-dev --package <roots>` can install, read from a uv.lock."""
+    entries = lock_entries(lock_text)
     seen: set[str] = set()
     pending: list[tuple[str, tuple[str, ...]]] = [(normalize(r), ()) for r in roots]
     expanded: set[tuple[str, tuple[str, ...]]] = set()
@@ -428,6 +435,12 @@ def image_closure(dockerfile, lock_text: str | None = None) -> set[str]:
 
 def workspace_modules() -> dict[str, str]:
     """Top-level import name -> distribution, for every workspace member (src layout)."""
+    return dict(_workspace_modules())
+
+
+@functools.cache
+def _workspace_modules() -> dict[str, str]:
+    # Read once: `providers` asks for every import of every module.
     modules = {}
     for manifest in [*ROOT.glob("libs/*/pyproject.toml"), *ROOT.glob("services/*/pyproject.toml")]:
         name = normalize(tomllib.loads(manifest.read_text())["project"]["name"])
