@@ -110,35 +110,16 @@ class Score(NamedTuple):
 
 
 def record(history: list[Any], version: Any) -> bool:
-    """Insert `version` in time order; True when it became the current (last) version.
-
-    A newest trait or group version repeating the value and source of the last two extends their run instead
-    of adding to it: a run keeps its first version (since when the value held) and its newest (the current
-    one, which late older events do not overwrite); the versions between them tell nothing either does not.
-    An SDK sends a person's traits with every identify: kept one version each, the record grew without end
-    (5,000 identifies of four traits made 1.6 MB that every write of the person encoded again; 50,000 made
-    18 MB, past what gRPC sends, so GetProfile with history and the person's export failed). What is lost:
-    where a late older event with another value lands inside a run, the confirmations after it that are no
-    longer kept would have put the run's value back before its newest version's time. Consent is kept
-    whole: a merged person's consent history is the one their events would have made as one person's, in
-    any order, which no such thinning keeps."""
+    """Insert `version` in time order; True when it became the current (last) version."""
     if not history:
         history.append(version)
         return True
     last = history[-1]
     if (version.at, version.event_id) > (last.at, last.event_id):
-        if len(history) > 1 and _repeats(last, version) and _repeats(history[-2], last):
-            history[-1] = version
-        else:
-            history.append(version)
+        history.append(version)
         return True
     insort(history, version, key=_version_key)
     return False
-
-
-def _repeats(earlier: Any, later: Any) -> bool:
-    """The same trait or group value from the same source."""
-    return type(later) is TraitVersion and earlier.source == later.source and same_value(earlier.value, later.value)
 
 
 def as_of(history: list[Any], at: float | None) -> Any:
