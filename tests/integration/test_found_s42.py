@@ -5,6 +5,13 @@ run in-process on a real nats-server (the `chain` fixture: collector, identity a
 
 from __future__ import annotations
 
+import logging
+
+import grpc
+from google.protobuf import struct_pb2
+
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+
 
 async def test_a_person_whose_trait_keeps_changing_is_kept_and_holds_up_no_one(chain):
     """A shop sends the cart as a trait of 30 KB on every identify (within the collector's 32 KB event
@@ -31,3 +38,43 @@ async def test_a_person_whose_trait_keeps_changing_is_kept_and_holds_up_no_one(c
     others = await chain.profiles_when([f"s42-next-{b}" for b in range(22)], lambda p: True, timeout=15)
     assert len(others) == 22
     assert [str(letter) for letter in await chain.dead_letters()] == []
+
+
+async def test_update_traits_too_big_for_the_store_is_refused_as_invalid_without_reloading_anything(chain, caplog):
+    """A back-office or CRM write of a trait the store cannot keep (a 9 MiB note: the store keeps a profile
+    document of at most 8 MiB) was answered UNAVAILABLE "profile write failed (InvalidArgument); retry", so
+    a caller retried it for ever, and every attempt dropped the replica's whole cache and reloaded every
+    profile it holds from the store, its partitions' events waiting meanwhile. Writes that each fit but
+    together pass the store's limit failed the same way. Now both are INVALID_ARGUMENT naming the limit."""
+    await chain.post({"type": "identify", "userId": "s42-notes", "traits": {"plan": "pro"}})
+    person = (await chain.profiles_when(["s42-notes"], lambda p: True, timeout=15))["s42-notes"].person_id
+
+    # The answer holds the profile: received as a caller would that writes such traits (16 MiB).
+    address = f"127.0.0.1:{chain.profile_runtime.grpc.port}"
+    options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    channel = grpc.aio.insecure_channel(address, options=options)
+    profiles = profile_pb2_grpc.ProfileServiceStub(channel)
+
+    async def update(**traits) -> str:
+        struct = struct_pb2.Struct()
+        struct.update(traits)
+        request = profile_pb2.UpdateTraitsRequest(person_id=person, traits=struct, source="api")
+        try:
+            await profiles.UpdateTraits(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+            return exc.details()
+        return "ok"
+
+    caplog.set_level(logging.WARNING, logger="cdp.profile.engine")
+    refused = await update(notes="n" * (9 * 1024 * 1024))
+    assert "over the 1048576 bytes one UpdateTraits may set" in refused, refused
+    answers = [await update(**{f"notes_{n}": "n" * 1_000_000}) for n in range(9)]
+    assert answers[:7] == ["ok"] * 7, answers
+    assert "bytes the store keeps of one profile" in answers[-1], answers
+    assert "profile cache dropped" not in caplog.text
+    try:
+        profile = await profiles.GetProfile(profile_pb2.GetProfileRequest(person_id=person))
+    finally:
+        await channel.close()
+    assert profile.traits["plan"].value.string_value == "pro"

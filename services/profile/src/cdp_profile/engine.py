@@ -40,12 +40,15 @@ from collections import deque
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from cdp_kit.auth import Caller
 from cdp_kit.bus import Delivery, OutMessage, Partitioner
 from cdp_kit.engine import WriteChain
-from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.storage import Delete, Put, Store, WriteOp
+from cdp_kit.storage.model import MAX_DOCUMENT_BYTES
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_profile.apply import Applied, apply_identity
 from cdp_profile.backfill import Backfill as Backfill  # also imported from here by code that predates backfill.py
@@ -73,6 +76,12 @@ from cdp_profile.records import decode_profile as decode_profile
 from cdp_profile.state import HotProfiles
 
 log = logging.getLogger("cdp.profile.engine")
+
+#: The most one UpdateTraits may set (its traits as JSON): a CRM's longest text fields (Salesforce's long
+#: text area, 131,072 characters) fit many times over. A write the store then refused (a profile document
+#: past 8 MiB: a 9 MiB trait) was answered UNAVAILABLE "retry", and every attempt dropped the whole cache and
+#: reloaded every profile the replica holds from the store, the partitions' events waiting meanwhile.
+UPDATE_TRAITS_MAX_BYTES = 1024 * 1024
 
 # How long a read waits for a person's pending writes to land before it answers UNAVAILABLE.
 DURABLE_READ_WAIT = 5.0
@@ -413,8 +422,24 @@ class ProfileEngine:
         at: float | None,
         request_id: str,
     ) -> tuple[Profile, ProfileChange]:
+        size = len(orjson.dumps(traits)) if traits else 0
+        if size > UPDATE_TRAITS_MAX_BYTES:
+            raise InvalidArgument(
+                "traits", f"{size} bytes as JSON, over the {UPDATE_TRAITS_MAX_BYTES} bytes one UpdateTraits may set"
+            )
+        if (keys := sum(len(key) for key in consent)) > UPDATE_TRAITS_MAX_BYTES:
+            raise InvalidArgument(
+                "consent", f"keys of {keys} characters, over the {UPDATE_TRAITS_MAX_BYTES} one UpdateTraits may set"
+            )
         profile = await self.profile(person_id, durable=False)
         self.owned_profile_or_fail(profile.person_id)
+        # Within the store's limit after the write, as near as the record before it and what it sets tell.
+        if size + keys > 4096 and (held := len(profile.to_json())) + size + keys > MAX_DOCUMENT_BYTES:
+            raise InvalidArgument(
+                "traits",
+                f"{size + keys} bytes would take the person's record of {held} bytes past the {MAX_DOCUMENT_BYTES} "
+                "bytes the store keeps of one profile",
+            )
         now = self.clock()
         at = now if at is None else at
         event_id = f"api:{request_id}"
