@@ -422,7 +422,11 @@ class Dispatcher:
         if tries.attempts >= self.max_attempts:
             return await self._final(delivery, action, outcome, tries, dead_lettered=True)
         await self._pending(delivery, action, tries)
-        delay = outcome.retry_after if outcome.retry_after is not None else self._backoff(tries.attempts)
+        backoff = self._backoff(tries.attempts)
+        delay = outcome.retry_after if outcome.retry_after is not None else backoff
+        if delay > backoff:
+            # The provider's Retry-After, up to the wait bound (`_bounded`); past it, the usual back-off.
+            delay = max(backoff, self._bounded(delivery, delay))
         delivery.retry(outcome.reason, delay)
         self.m_retries.add(1, {"channel": self.channel.name, "kind": "attempt"})
         log.warning(
@@ -545,16 +549,27 @@ class Dispatcher:
             )
         return record
 
+    @staticmethod
+    def _age(delivery: Delivery) -> float:
+        """Seconds since the action was published."""
+        return time.time() - delivery.msg.metadata.timestamp.timestamp()
+
+    def _bounded(self, delivery: Delivery, wait: float) -> float:
+        """`wait`, cut to end when the action's wait bound does (CDP_ORCHESTRATION_DEFER_SECONDS after it was
+        published, which settings keep below the ACTIONS stream's retention). A provider's Retry-After (four
+        months, say) was handed to JetStream as it came: the message expired before its redelivery, and
+        the action was left with no outcome, no dead letter and a `pending` send record for ever."""
+        return max(0.0, min(wait, self.defer_for - self._age(delivery)))
+
     async def _defer(self, delivery: Delivery, action: Action, tries: Tries, reason: str, wait: float | None) -> bool:
         """Hand the action back for `wait` seconds (None: the back-off) without using one of its attempts -
         the provider asked for time. False once CDP_ORCHESTRATION_DEFER_SECONDS have passed since it was
         published, or when JetStream's own delivery limit would come first."""
-        age = time.time() - delivery.msg.metadata.timestamp.timestamp()
-        if age >= self.defer_for or delivery.num_delivered >= DELIVERY_CAP - self.max_attempts:
+        if self._age(delivery) >= self.defer_for or delivery.num_delivered >= DELIVERY_CAP - self.max_attempts:
             return False
         tries = replace(tries, deferrals=tries.deferrals + 1)
         await self._pending(delivery, action, tries)
-        delivery.retry(reason, wait if wait is not None else self._backoff(tries.deferrals))
+        delivery.retry(reason, self._bounded(delivery, wait if wait is not None else self._backoff(tries.deferrals)))
         self.m_retries.add(1, {"channel": self.channel.name, "kind": "deferral"})
         log.warning("action %s on %s handed back: %s", action.action_id, self.channel.name, reason)
         return True

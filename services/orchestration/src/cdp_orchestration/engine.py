@@ -104,6 +104,8 @@ from cdp_orchestration.state import (
 log = logging.getLogger("cdp.orchestration")
 
 SERVICE = "orchestration"
+# The reason segmentation gives the exits DeleteSegment publishes (one per member).
+SEGMENT_DELETED = "deleted"
 
 
 class OrchestrationLogic:
@@ -320,7 +322,7 @@ class OrchestrationLogic:
                 if journey.entry.event.matches(event):  # type: ignore[union-attr]
                     self.applier.paused(batch, person, journey.id, now)
         elif kind == "segment":
-            segment_event_id, segment, entered, change_at = one.data
+            segment_event_id, segment, entered, change_at, reason = one.data
             if change_at:
                 person.segment_ahead(change_at, now)
             if entered:
@@ -329,10 +331,14 @@ class OrchestrationLogic:
                 person.segments.discard(segment)
             person.dirty = True
             await self.applier.profile_changed(hot, batch, person, now)
-            for journey in self.journeys.entering_on_segment(segment):
+            # A segment deleted (DeleteSegment, `force` past the journeys entering on it) publishes every
+            # member's exit: its members left nothing, so no journey `on: exited` of it enters them (each
+            # got that journey's goodbye). Their membership goes, and wait and exit conditions see it.
+            entering = reason != SEGMENT_DELETED
+            for journey in self.journeys.entering_on_segment(segment) if entering else ():
                 if entry.enters_on_segment(journey, segment, entered):
                     await self.applier.enter(hot, batch, person, journey, segment_event_id, Enter(), now)
-            for journey in self.journeys.paused_on_segment(segment):
+            for journey in self.journeys.paused_on_segment(segment) if entering else ():
                 if entry.enters_on_segment(journey, segment, entered):
                     self.applier.paused(batch, person, journey.id, now)
             for scheduled in self.journeys.scheduled_on(segment):

@@ -69,7 +69,7 @@ def decode(stream: str, what: str, data: bytes, at: float, keep: Keep | None = N
         if stream == subjects.SEGMENTS:
             batch = segmentation_pb2.SegmentEventBatch.FromString(data)
             return [
-                Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered, _change_time(e)))
+                Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered, _change_time(e), e.reason))
                 for e in batch.events
             ]
         if stream == subjects.PROFILES:

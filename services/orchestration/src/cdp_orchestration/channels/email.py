@@ -142,7 +142,9 @@ class EmailChannel(Channel):
                     client.login(s.username, s.password or "")
                 refused = client.send_message(message)
         except smtplib.SMTPAuthenticationError as exc:
-            return Outcome.failed(f"smtp_auth_{exc.smtp_code}", retryable=False)
+            # 535 (credentials refused) is final; 454 is the relay's own authentication failing for now
+            # (RFC 4954 "temporary server failure"): tried again, as any 4xx.
+            return Outcome.failed(f"smtp_auth_{exc.smtp_code}", retryable=400 <= exc.smtp_code < 500)
         except smtplib.SMTPRecipientsRefused as exc:
             (code, _), *_ = exc.recipients.values()
             return _refused(code)

@@ -73,13 +73,25 @@ def _at(day: date, hour: int, minute: int, tz: ZoneInfo) -> float:
     return instant
 
 
+def _all_at(day: date, hour: int, minute: int, tz: ZoneInfo) -> tuple[float, ...]:
+    """Every instant of `day` whose local time is hour:minute, earliest first: two in the hour an autumn
+    change repeats (fold 0, then fold 1), else one (`_at`; in a spring gap, the instant after it)."""
+    first = _at(day, hour, minute, tz)
+    second = datetime.combine(day, time(hour, minute, fold=1), tzinfo=tz).timestamp()
+    if second > first and (local(second, tz).hour, local(second, tz).minute) == (hour, minute):
+        return first, second
+    return (first,)
+
+
 def next_time_of_day(now: float, hour: int, minute: int, tz: ZoneInfo, *, inclusive: bool = False) -> float:
-    """The first instant after `now` (or at it, when `inclusive`) whose local time is hour:minute."""
+    """The first instant after `now` (or at it, when `inclusive`) whose local time is hour:minute. On the
+    night an autumn change repeats an hour, a time in it comes twice: at 02:10 of the second pass the next
+    02:30 is twenty minutes away (taking only the first pass waited for the next night's)."""
     day = local(now, tz).date()
     for offset in range(3):
-        instant = _at(day + timedelta(days=offset), hour, minute, tz)
-        if instant > now or (inclusive and instant == now):
-            return instant
+        for instant in _all_at(day + timedelta(days=offset), hour, minute, tz):
+            if instant > now or (inclusive and instant == now):
+                return instant
     raise AssertionError("a time of day recurs within three days")
 
 

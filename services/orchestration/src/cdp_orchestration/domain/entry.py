@@ -127,12 +127,22 @@ def enters_on_api(journey: Journey) -> bool:
 def next_scheduled_entry(journey: Journey, view: PersonView, after: float) -> float | None:
     """The next instant after `after` the journey's cron fires in this person's zone (None: not scheduled).
 
-    The trigger id for that slot is `schedule_trigger(at)`, so the same slot never enters a person twice."""
+    The trigger id for that slot is `schedule_trigger(at)`, so the same slot never enters a person twice.
+    A cron at fixed hours fires once at a wall time the night clocks go back repeats it, as cron does: the
+    second pass of 02:30 (croniter gives both) is passed over - it entered every member a second time. One
+    running every hour still fires in both passes (an hour went by)."""
     entry = journey.entry
     if not isinstance(entry, ScheduleEntry):
         return None
-    start = datetime.fromtimestamp(after, clock.zone(view.timezone, journey.timezone))
-    return float(croniter(entry.cron, start).get_next(float))
+    zone = clock.zone(view.timezone, journey.timezone)
+    slots = croniter(entry.cron, datetime.fromtimestamp(after, zone))
+    every_hour = len(slots.expanded[1]) == 24 or slots.expanded[1] == ["*"]
+    for _ in range(62):  # the repeated hour holds at most 60 slots (a cron every minute of it)
+        at = float(slots.get_next(float))
+        moment = datetime.fromtimestamp(at, zone)
+        if every_hour or moment.fold == 0 or moment.replace(fold=0).timestamp() == at:
+            return at
+    return at
 
 
 def schedule_trigger(at: float) -> str:
