@@ -267,7 +267,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         rather than holding the stop (and the process) for ever. The deliverer is stopped first: a batch
         being written to a CRM that answers 503 or 429 to everything ends its retries at once (what it
         did not write is queued for the next owner) instead of holding the partition's drain past the
-        grace for up to CDP_CRM_RETRY_FOR (a request already on its way still ends by its timeout)."""
+        grace for up to CDP_CRM_RETRY_FOR; a request already on its way is cut short too, as a lost
+        answer, rather than waited for up to CDP_CRM_REQUEST_TIMEOUT."""
         deadline = time.monotonic() + settings.shutdown_grace
         deliverer.stop()
         await runs.close(grace=settings.shutdown_grace)
