@@ -555,3 +555,36 @@ async def test_a_store_that_says_unavailable_longer_than_the_retries_dead_letter
     assert handler.failed == 10
     assert await dead_letter_count(bus) == 0
     assert await everything_settled(bus)
+
+
+@pytest.mark.parametrize("messages", [1, 4], ids=["alone", "a-batch"])
+async def test_a_cancellation_a_failing_handler_lost_ends_the_retries(bus, messages):
+    """A store that says Unavailable is retried in place for as long as it lasts. A cancellation that lands
+    as the handler's request gets its reply (nats-py's `asyncio.wait_for` on Python 3.11 returns the reply)
+    is lost to the handler, which then fails as before: the retries must still end, not go on for as long
+    as the outage (for ever, and so whatever waits for the task: a stop, an event loop's teardown). Nothing
+    was handled, so nothing is acknowledged: it all comes again."""
+    await publish(bus, messages)
+    loop = asyncio.get_running_loop()
+    reply = loop.create_future()
+    waiting = asyncio.Event()
+    calls = 0
+
+    async def handle(deliveries):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first retry asks the store, and its reply comes with the stop
+            waiting.set()
+            await asyncio.wait_for(reply, 10)  # the shape of nats-py's request
+        raise Unavailable("the store is down")
+
+    task = await run(bus.consumer(spec(batch_size=messages, ordered=True), handle))
+    await asyncio.wait_for(waiting.wait(), 5)
+    reply.set_result(None)  # the reply and the stop in one loop turn
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done, "the runner went on retrying after its cancellation"
+    assert task.cancelled()
+    info = await bus.js.consumer_info("EVENTS_RAW", "t")
+    assert info.ack_floor.stream_seq == 0  # none acknowledged: all come again
+    assert await dead_letter_count(bus) == 0

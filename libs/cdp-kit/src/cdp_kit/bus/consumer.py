@@ -738,7 +738,12 @@ class ConsumerRunner:
     async def _hold(self, msgs: list[Msg], delay: float) -> None:
         step = max(0.05, min(delay, self.spec.ack_wait / 3))
         deadline = time.monotonic() + delay
+        me = asyncio.current_task()
         while True:
+            # Every retry of a part waits here first. A cancellation the handler lost (a request's reply
+            # in its loop turn, see `_raise_if_cancelling`) ends the retries: an outage's never end on
+            # their own, so the task ran on for ever. Nothing of the part was acknowledged: it comes again.
+            _raise_if_cancelling(me)
             for msg in msgs:
                 try:
                     await msg.in_progress()

@@ -165,6 +165,7 @@ class PartitionPipeline:
         """Work on the partition until `stop()` (drains) or cancellation (a crash: nothing drains)."""
         delay = 0.1
         lag = asyncio.create_task(self._poll_lag(), name=f"lag {self.consumer.durable}")
+        me = asyncio.current_task()
         try:
             while not self._stopping.is_set():
                 try:
@@ -173,6 +174,9 @@ class PartitionPipeline:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the store or the bus at start-up, or a bug: start over
+                    # Not after a cancellation the failing step lost (a store or bus client's reply in its
+                    # loop turn, `_raise_if_cancelling`): starting over ran on for as long as the outage.
+                    _raise_if_cancelling(me)
                     log.warning(
                         "engine partition %s of %s restarting after %s",
                         self.partition,
@@ -240,6 +244,8 @@ class PartitionPipeline:
                 while not await self._publish(outbox.messages_of(record)):
                     if self._stopping.is_set():
                         return
+                    # A cancellation the publish lost: the record stays for whoever publishes next.
+                    _raise_if_cancelling(asyncio.current_task())
                     await asyncio.sleep(self.spec.publish_backoff[-1])
             deletes.extend(outbox.delete_record(feed.outbox, r.key) for r in records)
         if deletes:
@@ -278,7 +284,9 @@ class PartitionPipeline:
 
     async def _bind(self, feed: _Feed) -> bool:
         delay = 0.1
+        me = asyncio.current_task()
         while True:
+            _raise_if_cancelling(me)  # a cancellation a binding request lost: no binding again
             if self._stopping.is_set():
                 # Stopping while the consumer cannot be bound (nats-server gone: `cdpctl up` killed ends
                 # every child at once): stay unbound, `_fetch` hands over nothing, and the loops see the stop.
@@ -695,6 +703,9 @@ class PartitionPipeline:
                 if self._stopping.is_set() and attempt:
                     batch.outbox_keys = []  # left in the outbox for whoever owns the partition next
                     break
+                # A cancellation the publish lost (`abort`, a crash, cancels the settler once): the
+                # messages stay in the outbox, as above. Retrying ran on while the bus refused.
+                _raise_if_cancelling(asyncio.current_task())
                 await asyncio.sleep(self.spec.publish_backoff[min(attempt, len(self.spec.publish_backoff) - 1)])
                 attempt += 1
             for feed, key in batch.outbox_keys:
