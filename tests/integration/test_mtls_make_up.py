@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    with RunningPlatform(tmp_path_factory.mktemp("mtls"), env={"CDP_UP_TLS": "1"}) as running:
+    # Without the channel servers and CRM emulators: what is tested is the services and the bus.
+    with RunningPlatform(tmp_path_factory.mktemp("mtls"), env={"CDP_UP_TLS": "1"}, companions=False) as running:
         yield running
 
 

@@ -85,7 +85,8 @@ def test_nats_server_requires_client_certificates_only_with_tls(tmp_path):
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    with RunningPlatform(tmp_path_factory.mktemp("nats-tls"), env={"CDP_UP_TLS": "1"}) as running:
+    # Without the channel servers and CRM emulators: what is tested is the services and the bus.
+    with RunningPlatform(tmp_path_factory.mktemp("nats-tls"), env={"CDP_UP_TLS": "1"}, companions=False) as running:
         yield running
 
 
