@@ -36,6 +36,16 @@ from cdp_identity.domain.normalize import Identifier, split_key
 from cdp_identity.domain.rules import MergeRules
 
 MAX_DROPS_KEPT = 50
+#: The most identifiers one person (with everyone merged into them) holds: past it, an event's identifier
+#: new to the graph is left out of its linking (drop reason `limit:identifiers`), and so is one of another
+#: person whose linking would take the two past it, whatever the types' own limits (anonymous_id has
+#: none). A person's record lists every identifier it holds and every merge, and the store keeps a
+#: document of at most 8 MiB: 27,000 events of one user id, each with an anonymous id of its own (a
+#: server integration making one per call) of 256 characters, took it past that, and from then on every
+#: write of the partition failed - the partition reloaded its cache and retried the batch for ever, every
+#: other person of it unresolved. 2,000 of the longest identifiers and as many merges with their causes
+#: stay under 3 MiB; a person who really used that many browsers keeps the first 2,000.
+MAX_IDENTIFIERS = 2000
 # Undone merges a person keeps on its trail (PersonState.undone), the latest.
 MAX_UNDONE_KEPT = 50
 MAX_CONFLICTS_KEPT = 64
@@ -404,6 +414,8 @@ class IdentityGraph:
                     continue
                 if self._new_over_limit(accepted_roots, new, ident, at):
                     drops.append(Drop(key, f"limit:{ident.type}"))
+                elif self._held(accepted_roots) + len(new) >= MAX_IDENTIFIERS:
+                    drops.append(Drop(key, "limit:identifiers"))
                 else:
                     new.append(ident)
                 continue
@@ -429,6 +441,8 @@ class IdentityGraph:
                 drops.append(Drop(key, "separated"))
             elif self._adds_over_limit(accepted_roots, root, new, at):
                 drops.append(Drop(key, f"limit:{self._violated_type(accepted_roots, root, new, at)}"))
+            elif (accepted_roots or new) and self._held([*accepted_roots, root]) + len(new) > MAX_IDENTIFIERS:
+                drops.append(Drop(key, "limit:identifiers"))
             elif shared:
                 quarantined_fallback = quarantined_fallback or root
                 drops.append(Drop(key, "shared"))
@@ -882,6 +896,10 @@ class IdentityGraph:
             if kind is not None and kind.limit is not None:
                 counts[ident.type] = counts.get(ident.type, 0) + 1
         return counts
+
+    def _held(self, roots: list[str]) -> int:
+        """How many identifiers the persons `roots` hold (each a root: everyone merged into it included)."""
+        return sum(len(self.persons[root].ids) for root in roots)
 
     def _new_over_limit(self, roots: list[str], new: list[Identifier], ident: Identifier, at: int) -> bool:
         kind = self.rules.type(ident.type)
