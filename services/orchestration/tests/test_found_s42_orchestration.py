@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -15,14 +16,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_kit.bus import subjects
+from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, subjects
 from cdp_kit.settings import load_settings
+from cdp_kit.storage import open_store
 from cdp_kit.timestamps import from_seconds
+from cdp_orchestration import streams
 from cdp_orchestration.channels.base import Action, Content
 from cdp_orchestration.channels.email import EmailChannel
-from cdp_orchestration.channels.settings import SmtpSettings
-from cdp_orchestration.dispatch import MAX_ATTEMPTS
+from cdp_orchestration.channels.settings import SmtpSettings, TwilioSettings
+from cdp_orchestration.channels.sms import SmsChannel
+from cdp_orchestration.dispatch import MAX_ATTEMPTS, PENDING, SENDS, dispatcher
 from cdp_orchestration.domain import clock
 from cdp_orchestration.domain.arbiter import Kind, PersonState, ProposedAction, decide
 from cdp_orchestration.domain.entry import next_scheduled_entry
@@ -31,6 +36,8 @@ from cdp_orchestration.domain.rules import parse_rules
 from cdp_orchestration.domain.view import PersonView
 from cdp_orchestration.state import PERSONS
 from cdp_testing.channels.smtp import LocalSmtpServer
+from cdp_testing.channels.twilio import LocalTwilio
+from cdp_testing.waiting import eventually
 
 from .conftest import journey_document
 from .test_dispatch import Receiver, _dispatch_until_recorded
@@ -209,3 +216,44 @@ async def test_a_deleted_segments_members_are_not_entered_into_its_on_exited_jou
 
 async def _instances_of(world, person: str, journey_id: str, count: int) -> bool:
     return len([i for i in await world.instances(person) if i["journey_id"] == journey_id]) == count
+
+
+async def test_a_twilio_rate_limit_is_waited_out_without_using_the_texts_attempts(nats_server, tmp_path):
+    """Twilio answers 429 (code 20429) when more messages arrive than the account's queue takes (a campaign
+    to a large segment). Each 429 used one of the text's attempts, so after CDP_ORCHESTRATION_MAX_ATTEMPTS
+    of them it was dead-lettered (`twilio_20429`), unsent - where the README promises that a provider asking
+    for time uses no attempt (as a webhook's 429 did). Now FCM's and Web Push's 429s are hand-backs too."""
+    sid, token = "AC" + "0123456789abcdef" * 2, "twilio-auth-token"
+    async with (
+        LocalTwilio(sid, token) as twilio,
+        Bus.connect(nats_server.url, name="sms-429") as bus,
+        open_store(f"sqlite:///{tmp_path}/d.db") as store,
+    ):
+        twilio.fail_next_429 = 6  # more than the attempts the action has
+        settings = load_settings(
+            TwilioSettings,
+            {"CDP_TWILIO_ACCOUNT_SID": sid, "CDP_TWILIO_AUTH_TOKEN": token, "CDP_TWILIO_FROM": "+14155550100",
+             "CDP_TWILIO_API_URL": twilio.base_url},
+        )  # fmt: skip
+        await streams.ensure_streams(bus.js)
+        await bus.ensure_streams(dead_letter_stream())
+        message = pb.ActionMessage(action_id="act-sms", person_id="person-1", channel="sms", content={"body": "Hi"})
+        message.address.update({"phone": "+14155550199", "user_id": "u-1"})
+        subject = subjects.actions("sms", partition_for("person-1", 4))
+        [result] = await bus.publisher.publish_batch([OutMessage(subject, message.SerializeToString(), "act-sms")])
+        assert result.ok
+        channel = SmsChannel(settings)
+        task = asyncio.create_task(dispatcher(bus, store, channel, max_attempts=2, backoff=(0.1,)).run())
+        try:
+
+            async def recorded() -> dict | None:
+                stored = await store.get(SENDS, "act-sms")
+                return stored.doc if stored is not None and stored.doc["status"] != PENDING else None
+
+            record = await eventually(recorded, timeout=20)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await channel.close()
+    assert (record["status"], record["attempts"], record["deferrals"]) == ("accepted", 1, 6)
+    assert len(twilio.messages) == 1

@@ -11,9 +11,9 @@ Each send is ``POST {api}/v1/projects/{project}/messages:send`` with ``{"message
 and the app drops a notification it has already shown; ``data.url`` carries the click-through link.
 
 Answers: 200 accepted (provider id = the message name); UNREGISTERED (404) and SENDER_ID_MISMATCH (403)
-rejected (the token is dead or belongs to another app: forget it); QUOTA_EXCEEDED (429), UNAVAILABLE
-(503) and INTERNAL (500) failed, retryable, honouring Retry-After; INVALID_ARGUMENT and auth errors
-failed, not retryable.
+rejected (the token is dead or belongs to another app: forget it); QUOTA_EXCEEDED (429) is FCM asking
+for time (`Outcome.later`: handed back without using an attempt); UNAVAILABLE (503) and INTERNAL (500)
+failed, retryable, honouring Retry-After; INVALID_ARGUMENT and auth errors failed, not retryable.
 """
 
 from __future__ import annotations
@@ -183,7 +183,9 @@ class FcmChannel(Channel):
         code = _fcm_error_code(body) or f"http_{status}"
         if code in _REJECTING:
             return Outcome.rejected(code)
-        if status == 429 or status >= 500:
+        if status == 429:
+            return Outcome.later(code, retry_after=retry_after)
+        if status >= 500:
             return Outcome.failed(code, retryable=True, retry_after=retry_after)
         return Outcome.failed(code, retryable=False)
 

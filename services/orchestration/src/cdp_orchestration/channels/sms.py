@@ -10,8 +10,9 @@ of a second text is worth a retry.
 
 Answers: 201 accepted (provider id = the message SID); Twilio's address errors (21211 invalid number,
 21610 unsubscribed, 21612/21408 unreachable region or carrier, 21614 not a mobile) rejected; other 4xx
-failed, not retryable; 401/403 failed (fix the credentials); 429 and 5xx failed, retryable (honouring
-Retry-After when sent).
+failed, not retryable; 401/403 failed (fix the credentials); 5xx failed, retryable (honouring
+Retry-After when sent); 429 (20429: more than the account's queue takes) is Twilio asking for time
+(`Outcome.later`): the dispatcher hands the text back without using one of its attempts.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ class SmsChannel(Channel):
             return Outcome.failed("connect", retryable=True)
         status = response.status
         reason = f"twilio_{code}" if code is not None else f"http_{status}"
-        if status == 429 or status >= 500:
+        if status == 429:
+            return Outcome.later(reason, retry_after=retry_after)
+        if status >= 500:
             return Outcome.failed(reason, retryable=True, retry_after=retry_after)
         if code in ADDRESS_ERRORS:
             return Outcome.rejected(reason)

@@ -10,8 +10,9 @@ t=<JWT>, k=<public key>`` with an ES256 JWT ``{aud: the endpoint's origin, exp: 
 CDP_VAPID_SUBJECT}`` signed by the key the web app subscribed with.
 
 Answers: 201 (or any 2xx) accepted; 404 and 410 rejected (the subscription is gone: forget it); 413
-failed, not retryable; 429 and 5xx failed, retryable, honouring Retry-After; other 4xx (a VAPID or
-encryption problem) failed, not retryable.
+failed, not retryable; 429 the push service asking for time (`Outcome.later`: handed back without using
+an attempt) and 5xx failed, retryable, both honouring Retry-After; other 4xx (a VAPID or encryption
+problem) failed, not retryable.
 
 The endpoint is not the operator's: a subscription is written by the person's browser or app, and anyone
 who can write to a profile can write one. So it is guarded as a webhook URL is (`destinations`), and a
@@ -236,7 +237,9 @@ class WebPushChannel(Channel):
         reason = f"http_{status}"
         if status in (404, 410):
             return Outcome.rejected(reason)
-        if status == 429 or status >= 500:
+        if status == 429:
+            return Outcome.later(reason, retry_after=retry_after)
+        if status >= 500:
             return Outcome.failed(reason, retryable=True, retry_after=retry_after)
         return Outcome.failed(reason, retryable=False)
 
