@@ -114,3 +114,34 @@ async def test_a_settler_publishing_a_batch_after_a_lost_cancellation_ends(bus, 
         assert await store.count(outbox.outbox_collection("toy")) == 1  # the batch's messages stay
     finally:
         eng.abort()
+
+
+class SnapshotsDown:
+    """The toy, snapshotting into a store that is down."""
+
+    def __init__(self, toy) -> None:
+        self.toy = toy
+        self.lost = LostReply()
+
+    def decode(self, delivery):
+        return self.toy.decode(delivery)
+
+    async def apply(self, partition, items):
+        return await self.toy.apply(partition, items)
+
+    async def recover(self, partition):
+        await self.toy.recover(partition)
+
+    async def snapshot(self, positions):
+        await self.lost.ask()
+
+
+async def test_an_engine_whose_snapshot_lost_the_stop_releases_and_ends(bus):
+    eng, toy = engine(bus, CheckedStore({}), 1, snapshot_every=0.05)
+    eng.logic = logic = SnapshotsDown(toy)
+    serving = asyncio.create_task(eng.run())
+    try:
+        assert await logic.lost.cancel_with_the_reply(serving), "the engine went on snapshotting"
+        assert not eng.pipelines  # released on the way out, as a stop does
+    finally:
+        eng.abort()

@@ -14,6 +14,7 @@ from cdp_kit.engine.chain import WriteChain
 from cdp_kit.engine.logic import Logic
 from cdp_kit.engine.pipeline import PartitionPipeline
 from cdp_kit.ownership import Ownership, StaticOwnership
+from cdp_kit.stopping import raise_if_cancelling
 from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, observe_on
 
@@ -264,11 +265,15 @@ class PartitionedEngine:
         partition, draining."""
         try:
             if self.spec.snapshot_every is not None and hasattr(self.logic, "snapshot"):
+                me = asyncio.current_task()
                 while True:
                     await asyncio.sleep(self.spec.snapshot_every)
                     try:
                         await self.snapshot()
                     except Exception as exc:  # the next interval tries again; the stream goes on
+                        # Not after a stop the snapshot's store client lost (a reply in the cancellation's
+                        # loop turn, `cdp_kit.stopping`): the loop ran on, and the release never came.
+                        raise_if_cancelling(me)
                         self.m_snapshot_failures.add(1, {"service": self.spec.service})
                         log.warning("snapshot of %s failed: %s", self.spec.service, type(exc).__name__)
             else:
