@@ -84,3 +84,18 @@ def test_a_person_whose_values_keep_changing_stays_within_what_the_store_keeps()
         profile.apply(event, NO_DEFS, now=at)
     assert len(profile.to_json()) < 2_200_000  # the histories' 2 MiB and the rest of the record
     assert profile.view(now=40_000.0).consent["purpose:Advertising"].granted is False
+
+
+def test_traits_under_new_names_without_end_stay_within_what_the_store_keeps():
+    """An integration naming a trait after each order ({"order_8812": {...}}, 30 KB an identify) adds a key
+    per identify, each a current value no trimming of old versions removes: after 280 the record passed the
+    store's 8 MiB and every later event of the person failed its partition's batch. Now a person whose
+    histories are past their budget keeps no new key (the event stays on the timeline); the keys it has
+    keep changing."""
+    profile = Profile.new("p")
+    for n in range(400):
+        profile.apply(_identify(n, 1000.0 + n, **{f"order_{n}": "o" * 30_000, "plan": f"p{n}"}), NO_DEFS, now=9000.0)
+        assert len(profile.to_json()) < MAX_DOCUMENT_BYTES, n
+    view = profile.view(now=9000.0)
+    assert view.traits["plan"].value == "p399" and "order_0" in view.traits and "order_399" not in view.traits
+    assert profile.events(limit=1)[0][0].event_id == "e000399"

@@ -55,6 +55,7 @@ from cdp_profile.backfill import Backfill as Backfill  # also imported from here
 from cdp_profile.backfill import ComputedTraitCatalogue
 from cdp_profile.changes import change_messages
 from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileChange, Retention
+from cdp_profile.domain.profile import HISTORY_MAX_BYTES
 from cdp_profile.expiry import expire, expiry_loop
 from cdp_profile.privacy import Privacy
 from cdp_profile.records import (
@@ -433,6 +434,18 @@ class ProfileEngine:
             )
         profile = await self.profile(person_id, durable=False)
         self.owned_profile_or_fail(profile.person_id)
+        # A new name past the person's history budget would not be kept (Profile._record): said, not dropped.
+        budget = HISTORY_MAX_BYTES // len(profile.parts)
+        if (held := profile.parts[profile.person_id]._written_history_bytes) > budget:
+            known = {name for part in profile.parts.values() for name in part.traits} | {
+                key for part in profile.parts.values() for key in part.consent
+            }
+            if unknown := [name for name in (*traits, *consent) if name not in known]:
+                raise InvalidArgument(
+                    "traits" if unknown[0] in traits else "consent",
+                    f"the person's traits and consent hold {held} bytes, over the {budget} a person keeps: "
+                    f"no new name is kept ({len(unknown)} new); change the ones held or remove some (null)",
+                )
         # Within the store's limit after the write, as near as the record before it and what it sets tell.
         if size + keys > 4096 and (held := len(profile.to_json())) + size + keys > MAX_DOCUMENT_BYTES:
             raise InvalidArgument(

@@ -349,6 +349,10 @@ class Part:
             doc["base"] = self.base.to_doc()
         return doc
 
+    # `_history_bytes` at the part's last write: a history under a new key is not started past the budget
+    # (`Profile._record`), read without a walk over every key.
+    _written_history_bytes: int = field(default=0, compare=False, repr=False)
+
     def _history_bytes(self) -> int:
         """The length of the histories' JSON as last encoded (`_histories_doc`)."""
         every = self._histories_json
@@ -395,11 +399,15 @@ class Part:
         traits = histories_doc("traits", self.traits)
         groups = histories_doc("groups", self.groups)
         consent = histories_doc("consent", self.consent)
-        if history_budget is not None and self._history_bytes() > history_budget:
-            self.fit_histories(history_budget * 3 // 4)
-            traits = histories_doc("traits", self.traits)
-            groups = histories_doc("groups", self.groups)
-            consent = histories_doc("consent", self.consent)
+        if history_budget is not None:
+            held = self._history_bytes()
+            if held > history_budget:
+                self.fit_histories(history_budget * 3 // 4)
+                traits = histories_doc("traits", self.traits)
+                groups = histories_doc("groups", self.groups)
+                consent = histories_doc("consent", self.consent)
+                held = self._history_bytes()
+            self._written_history_bytes = held
         doc = {
             "origin": self.origin,
             "traits": traits,
@@ -1111,6 +1119,12 @@ class Profile:
         histories = getattr(part, attr)
         history = histories.get(key)
         if history is None:
+            # A new trait, group or consent key of a person whose histories are past their budget as last
+            # written is not kept: only current versions are left there, and keys without end (traits named
+            # after each order, 30 KB an identify) took the record past the store's 8 MiB in 280 events,
+            # after which every event of the person failed its partition's batch (the timeline keeps it).
+            if part._written_history_bytes > HISTORY_MAX_BYTES // len(self.parts):
+                return
             history = histories[key] = []
         if single:
             before = history[-1] if history else None
