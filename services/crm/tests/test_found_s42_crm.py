@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import time
@@ -10,8 +11,12 @@ import time
 import pytest
 
 import cdp_crm.__main__ as crm_main
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.mapping import MappingInvalid, parse_connections
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.service import serving
+from cdp_kit.storage import open_store
+from cdp_testing.crm import hubspot_document
 
 from .conftest import TOKEN, WRITE_KEY
 from .test_stop_while_crm_fails import settings_for
@@ -73,3 +78,42 @@ async def test_a_stop_while_a_crm_holds_a_request_unanswered_ends_within_the_gra
         assert {c["properties"]["cdp_id"]: c["properties"]["email"] for c in contacts} == {
             p: f"{p}@example.com" for p in PERSONS
         }
+
+
+async def test_a_start_under_other_limits_adopts_them_and_keeps_the_days_count(tmp_path):
+    """`limits` were read only when the account's budget document was first written: an operator raising them
+    (HubSpot Starter to Professional: 100 to 150 a window, 250,000 to 500,000 a day) or lowering them (the
+    quota now shared with another integration) changed nothing - GetBudget showed, and the connector kept
+    to, the first contract for ever. A start under other limits adopts them, keeping the day's count; what
+    the CRM's headers lowered stays lowered while the configured limits are the same."""
+
+    def connection(**limits):
+        (only,) = parse_connections(hubspot_document("http://127.0.0.1:1", **limits))
+        return only
+
+    async with open_store(f"sqlite:///{tmp_path / 'crm.db'}") as store:
+        first = SharedBudget(store, connection(burst=100, window_seconds=10, daily=250_000))
+        await first.acquire(1, time.time)
+        raised = SharedBudget(store, connection(burst=150, window_seconds=10, daily=500_000))  # a restart
+        status = await raised.status(time.time())
+        assert (status["burst_limit"], status["daily_limit"], status["daily_used"]) == (150, 500_000, 1)
+        await raised.acquire(1, time.time)
+        lowered = SharedBudget(store, connection(burst=150, window_seconds=10, daily=1_000))
+        assert (await lowered.status(time.time()))["daily_limit"] == 1_000
+
+        # The CRM says the app's allowance is lower than configured: kept across a start with the same limits.
+        await lowered.observe({"X-HubSpot-RateLimit-Max": "90", "X-HubSpot-RateLimit-Remaining": "90"}, time.time())
+        again = SharedBudget(store, connection(burst=150, window_seconds=10, daily=1_000))
+        assert (await again.status(time.time()))["burst_limit"] == 90
+
+
+def test_two_connections_sharing_an_accounts_budget_under_different_limits_are_refused():
+    document = hubspot_document("http://127.0.0.1:1", daily=1_000)
+    other = copy.deepcopy(document["connections"][0])
+    other.update(id="hs-2", limits={"daily": 2_000})
+    document["connections"].append(other)
+    with pytest.raises(MappingInvalid) as refused:
+        parse_connections(document)
+    assert [p.path for p in refused.value.problems] == ["hs-2.limits"]
+    other["limits"] = {"daily": 1_000}
+    assert len(parse_connections(document)) == 2

@@ -11,6 +11,12 @@ the same document back: the day's count and the window's grants survive it.
 A grant is held until its request's answer comes back (`settle`): the CRM counts a request when it
 arrives, and only the answer bounds when that was (domain/budget.py).
 
+The limits are the connection's (`limits`, else the CRM's documented ones) as the document records them
+(`configured`): a start with other limits - a contract raised from 250,000 requests a day to 500,000, or
+lowered - adopts them, keeping the day's count and the window's grants. Without that the stored document
+kept the limits it was first written with for ever (only the CRM's headers could lower them). While the
+configured limits stay the same, what the CRM's headers lowered stays lowered.
+
 Chosen over a NATS KV bucket because every other piece of the connector's state is in the store already
 (one thing to back up, one thing the tests open); the KV would give the same compare-and-set.
 """
@@ -28,6 +34,9 @@ from cdp_kit.storage import Store, VersionConflict
 
 T = TypeVar("T")
 
+# The limits the budget document was written under (the connection's, or the CRM's documented ones).
+CONFIGURED = "configured"
+
 
 class SharedBudget:
     def __init__(self, store: Store, connection: Connection, *, margin: float = 0.1, hold: float = 120.0) -> None:
@@ -43,6 +52,8 @@ class SharedBudget:
             margin=margin,
             hold=hold,
         )
+        fresh = self._fresh()
+        self._configured = {"burst": fresh.burst, "window": fresh.window, "daily": fresh.daily}
         self._lock = asyncio.Lock()
         self._known: tuple[int, dict[str, Any]] | None = None  # (version, state) this process last wrote
         # The budget whose state `_known` holds, as this process last wrote it: the next change starts from it
@@ -65,10 +76,10 @@ class SharedBudget:
                 version, doc = known
                 budget = self._budget if known is self._known and self._budget is not None else None
                 if budget is None:
-                    budget = Budget.from_state(doc) if doc else self._fresh()
+                    budget = self._read(doc)
                 self._budget = None  # changed below: kept again only once its state is written
                 answer = change(budget)
-                state = budget.to_state()
+                state = {**budget.to_state(), CONFIGURED: self._configured}
                 try:
                     written = await self.store.put(BUDGETS, self.account, state, expected_version=version)
                 except VersionConflict:
@@ -133,5 +144,16 @@ class SharedBudget:
 
     async def status(self, now: float) -> dict[str, Any]:
         record = await self.store.get(BUDGETS, self.account)
-        budget = Budget.from_state(record.doc) if record is not None else self._fresh()
-        return budget.status(now)
+        return self._read(record.doc if record is not None else {}).status(now)
+
+    def _read(self, doc: Mapping[str, Any]) -> Budget:
+        """The budget a stored document holds, under the limits configured now: a document written under other
+        limits (or before they were recorded) takes the configured ones, its usage kept."""
+        if not doc:
+            return self._fresh()
+        budget = Budget.from_state(doc)
+        if doc.get(CONFIGURED) != self._configured:
+            budget.burst, budget.window, budget.daily = (
+                self._configured["burst"], self._configured["window"], self._configured["daily"],
+            )  # fmt: skip
+        return budget

@@ -18,8 +18,9 @@
   connection: the stream run's `pending` is how many a connection has queued now.
 - `crm_dead_letters` / <record key>: `isolation.DeadLetter.to_state()`, the latest refusal of a record.
 - `crm_runs` / <run id>: backfills, replays and each connection's continuous (stream) run, with counters.
-- `crm_budgets` / <account>: `budget.Budget.to_state()`, read and written under compare-and-set by every
-  replica and sync (budgets.py).
+- `crm_budgets` / <account>: `budget.Budget.to_state()` and the limits it was written under (`configured`:
+  a start under other limits adopts them), read and written under compare-and-set by every replica and
+  sync (budgets.py).
 - `crm_cursors` / <connection>:<object>: how far the inbound side has read a CRM's changes (a stamp and
   the ids read at it, or a Dataverse delta link); <connection>:<object>:<record id>: what the inbound
   side saw last of one record - its status or stage and a digest of the fields it reports, no values

@@ -192,6 +192,7 @@ class _Reader(MappingReader):
         connections: list[Connection] = []
         seen: set[str] = set()
         accounts: dict[str, str] = {}
+        contracts: dict[str, tuple[str, Limits]] = {}  # account -> (the first connection naming it, its limits)
         for i, raw in enumerate(document["connections"]):
             connection = self.connection(raw, i)
             if connection is None:
@@ -202,6 +203,14 @@ class _Reader(MappingReader):
             other = accounts.setdefault(connection.account, connection.kind)
             if other != connection.kind:
                 self.problem(connection.id, "account", f"is also a {other} account; an account has one kind")
+            # One budget document per account: two connections of it under different limits would each
+            # write theirs into it in turn (budgets.py adopts the configured limits).
+            first, limits = contracts.setdefault(connection.account, (connection.id, connection.limits))
+            if limits != connection.limits:
+                self.problem(
+                    connection.id, "limits", f"differ from connection {first}'s, which shares account "
+                    f"{connection.account}'s budget: give both the same limits (or none)",
+                )  # fmt: skip
             connections.append(connection)
         for key in document:
             if key != "connections":
