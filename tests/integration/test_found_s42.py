@@ -103,3 +103,37 @@ async def test_update_traits_too_big_for_the_store_is_refused_as_invalid_without
     finally:
         await channel.close()
     assert profile.traits["plan"].value.string_value == "pro"
+
+
+async def test_a_person_s_event_history_pages_through_whatever_the_events_hold(chain):
+    """ListEvents takes up to 1,000 events a page, and an event may hold 32 KB: 600 events of 30 KB made
+    an 18 MB page, which profile built and then could not send (RESOURCE_EXHAUSTED: Sent message larger
+    than max), so the person's history could not be read in pages of 1,000 at all. A page now ends early,
+    with the token for the rest, once it passes 8 MiB."""
+    blob = "x" * 30_000
+    sent = 0
+    for _batch in range(43):
+        events = []
+        for _ in range(14):
+            sent += 1
+            events.append(
+                {"type": "track", "event": "Cart Viewed", "userId": "s42-pages", "messageId": f"s42-p-{sent}"}
+                | {"properties": {"items": blob}}
+            )
+        status, answer = await chain.post(*events)
+        assert status == 200, answer
+    found = await chain.profiles_when(["s42-pages"], lambda p: p.event_count == sent, timeout=30)
+    person = found["s42-pages"].person_id
+    options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{chain.profile_runtime.grpc.port}", options=options) as channel:
+        profiles = profile_pb2_grpc.ProfileServiceStub(channel)
+        seen, token, pages = [], "", 0
+        while True:
+            request = profile_pb2.ListEventsRequest(person_id=person, page_size=1000, page_token=token)
+            page = await profiles.ListEvents(request, timeout=30)
+            pages += 1
+            seen += [event.event_id for event in page.events]
+            token = page.next_page_token
+            if not token:
+                break
+    assert len(seen) == len(set(seen)) == sent and pages > 1

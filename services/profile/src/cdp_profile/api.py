@@ -52,6 +52,10 @@ MAX_BATCH = 500
 # within 5 s itself); segmentation deleting its own traits waits 10 s for the answer.
 READERS_TIMEOUT = 8.0
 MAX_PAGE = 1000
+# A ListEvents page ends early, with a token for the rest, once its events pass this: a page of 1,000
+# events of up to 32 KB (the collector's limit) is 32 MB, past the 16 MiB a service sends, and a person's
+# full page was refused RESOURCE_EXHAUSTED after it was built, whatever the token.
+PAGE_MAX_BYTES = 8 * 1024 * 1024
 CONSENT_PREFIXES = ("purpose:", "channel:")
 
 
@@ -341,9 +345,10 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         entries, cursor = profile.events(
             limit=size, before=_cursor(request.page_token), types=tuple(request.types), names=tuple(request.names)
         )
-        response = profile_pb2.ListEventsResponse(next_page_token=_page_token(cursor))
-        for entry in entries:
-            response.events.add(
+        response = profile_pb2.ListEventsResponse()
+        size = 0
+        for index, entry in enumerate(entries):
+            event = response.events.add(
                 event_id=entry.event_id,
                 type=entry.type,
                 name=entry.name,
@@ -351,6 +356,11 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
                 properties=dict_to_struct(entry.properties),
                 source=entry.source,
             )
+            size += event.ByteSize()
+            if size > PAGE_MAX_BYTES and index + 1 < len(entries):
+                cursor = entry.cursor()  # the page ends here; the next one goes on after this entry
+                break
+        response.next_page_token = _page_token(cursor)
         return response
 
     async def UpdateTraits(self, request: profile_pb2.UpdateTraitsRequest, context) -> profile_pb2.UpdateTraitsResponse:
