@@ -29,7 +29,7 @@ from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_scoring import labelwatch
-from cdp_scoring.api import SCOPES, ScoringApi, alert_message
+from cdp_scoring.api import MAX_MODEL_BYTES, SCOPES, ScoringApi, alert_message
 from cdp_scoring.domain.registry import LIVE
 from cdp_scoring.drift import DriftMonitor, check_and_alert, load_shipped_references, watch
 from cdp_scoring.engine import MODELS_CHANGED, SERVICE, ScoringEngine
@@ -157,6 +157,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     runtime.stack.push_async_callback(owners.close)
     explainer = Explainer(engine, owners)
+    # DeployModel takes a model of up to MAX_MODEL_BYTES, and one just over it is refused naming the limit:
+    # the kit's 16 MiB answered a 20 MB model RESOURCE_EXHAUSTED, naming neither the field nor the limit.
+    runtime.grpc.max_receive_bytes = MAX_MODEL_BYTES + 1024 * 1024
     runtime.grpc.add_service(
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
         ScoringApi(engine, check_drift=check_drift, training=training, quality=quality, explainer=explainer),
