@@ -7,11 +7,14 @@ import copy
 import dataclasses
 import logging
 import time
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
 import cdp_crm.__main__ as crm_main
 from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.budget import Budget
 from cdp_crm.domain.mapping import MappingInvalid, parse_connections
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.service import serving
@@ -117,3 +120,51 @@ def test_two_connections_sharing_an_accounts_budget_under_different_limits_are_r
     assert [p.path for p in refused.value.problems] == ["hs-2.limits"]
     other["limits"] = {"daily": 1_000}
     assert len(parse_connections(document)) == 2
+
+
+LA = ZoneInfo("America/Los_Angeles")
+
+
+def _la(day: int, hour: int) -> float:
+    return datetime(2026, 12, day, hour, tzinfo=LA).timestamp()
+
+
+def test_a_hubspot_portal_whose_day_ends_at_its_own_midnight_is_counted_in_its_zone():
+    """HubSpot resets a portal's daily limit at midnight in the portal's time zone setting (its API usage
+    guidelines). Counted in UTC days, a Los Angeles portal refused at 10:00 (DAILY) was held until UTC
+    midnight - 16:00 there, before HubSpot's reset: refused again and held until 16:00 the next day (30 h
+    for the 14 to HubSpot's reset) - and its count started again at 16:00, with HubSpot's still full.
+    `limits.day_zone` names the zone: the wait ends, and the day's count starts, at the portal's midnight."""
+    budget = Budget.for_kind("hubspot", account="62515", day_zone="America/Los_Angeles")
+    budget.throttled(_la(7, 10), daily=True)
+    refused = budget.reserve(1, _la(7, 17))  # 01:00 UTC on the 8th: a UTC day counted it a new day
+    assert not refused.granted and refused.wait_until == _la(8, 0)
+    assert budget.reserve(1, _la(8, 0)).granted
+
+    counted = Budget.for_kind("hubspot", account="62515", daily=2, day_zone="America/Los_Angeles")
+    assert counted.reserve(2, _la(7, 15)).granted
+    assert not counted.reserve(1, _la(7, 17)).granted  # the same day there, though another UTC day
+    assert counted.reserve(1, _la(8, 0)).granted
+    restored = Budget.from_state(counted.to_state())  # a restart keeps the zone
+    assert restored.day_zone == "America/Los_Angeles" and restored.status(_la(8, 1))["daily_used"] == 1
+
+
+async def test_day_zone_is_a_limit_of_the_connection_and_a_start_under_another_adopts_it(tmp_path):
+    def connection(**limits):
+        (only,) = parse_connections(hubspot_document("http://127.0.0.1:1", **limits))
+        return only
+
+    assert connection(day_zone="America/Los_Angeles").limits.day_zone == "America/Los_Angeles"
+    for bad in ("Mars/Olympus_Mons", "Europe", "../../etc/passwd", 5):
+        with pytest.raises(MappingInvalid) as refused:
+            connection(day_zone=bad)
+        assert [p.path for p in refused.value.problems] == ["hs.limits.day_zone"]
+
+    async with open_store(f"sqlite:///{tmp_path / 'crm.db'}") as store:
+        utc = SharedBudget(store, connection(daily=1_000))
+        await utc.throttled(_la(7, 10), retry_after=None, daily=True)
+        # Held until UTC midnight: 16:00 in Los Angeles, eight hours before HubSpot's reset.
+        assert (await utc.status(_la(7, 11)))["blocked_until"] == datetime(2026, 12, 8, tzinfo=UTC).timestamp()
+        zoned = SharedBudget(store, connection(daily=1_000, day_zone="America/Los_Angeles"))  # a restart
+        await zoned.throttled(_la(7, 17), retry_after=None, daily=True)  # HubSpot refuses again
+        assert (await zoned.status(_la(7, 17)))["blocked_until"] == _la(8, 0)

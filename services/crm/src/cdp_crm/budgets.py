@@ -27,7 +27,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from cdp_crm.domain.budget import Budget, Reservation
+from cdp_crm.domain.budget import UTC, Budget, Reservation
 from cdp_crm.domain.mapping import Connection
 from cdp_crm.state import BUDGETS
 from cdp_kit.storage import Store, VersionConflict
@@ -51,9 +51,12 @@ class SharedBudget:
             daily=limits.daily,
             margin=margin,
             hold=hold,
+            day_zone=limits.day_zone or UTC,
         )
         fresh = self._fresh()
         self._configured = {"burst": fresh.burst, "window": fresh.window, "daily": fresh.daily}
+        if fresh.day_zone != UTC:  # recorded only when set: documents written before it hold none
+            self._configured["day_zone"] = fresh.day_zone
         self._lock = asyncio.Lock()
         self._known: tuple[int, dict[str, Any]] | None = None  # (version, state) this process last wrote
         # The budget whose state `_known` holds, as this process last wrote it: the next change starts from it
@@ -156,4 +159,7 @@ class SharedBudget:
             budget.burst, budget.window, budget.daily = (
                 self._configured["burst"], self._configured["window"], self._configured["daily"],
             )  # fmt: skip
+            zone = self._configured.get("day_zone", UTC)
+            if budget.day_zone != zone:
+                budget.move_day_zone(zone)
         return budget

@@ -22,8 +22,12 @@ Invariants:
   release). A grant never released (its sender died) is held `hold` seconds, longer than any request
   may take, then ages as if released then. A request that left the socket counts whatever came back -
   a 5xx, a timeout, a dropped connection: the CRM counted it; only one never sent is `refund`ed.
-- The day is the CRM's too: grants still open when a UTC day ends count in the new day as well (they may
-  arrive after midnight).
+- The day is the CRM's too: grants still open when a day ends count in the new day as well (they may
+  arrive after midnight). A day is a UTC day unless the budget names the zone whose midnight the CRM
+  resets its daily limit at (`day_zone`: HubSpot resets at midnight in the portal's time zone setting, so
+  a portal in Los Angeles counted by UTC days was refused from its limit at 10:00 until the next UTC
+  midnight, 16:00 there, then refused again by HubSpot and held until 16:00 the day after - 30 hours for
+  14). Salesforce's allocation is a rolling 24 hours, which no day boundary models.
 - The CRM's own headers (`observe`) correct this view downwards, never upwards: units used elsewhere
   (another app on the account) only shrink what is left.
 - `Retry-After` (seconds or an HTTP date) blocks every grant until then, an hour at most
@@ -41,11 +45,29 @@ import email.utils
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime, time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 DAY = 86400.0
+UTC = "UTC"
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
 MAX_RETRY_AFTER = 3600.0  # seconds: the longest a Retry-After blocks the account
 STATE_FORMAT = 2  # 1: grants as [at, units], every one answered (read and upgraded)
+
+
+def day_of(now: float, zone: str = UTC) -> int:
+    """The CRM's day holding `now`: days since 1970-01-01 of its date in `zone`."""
+    if zone == UTC:
+        return int(now // DAY)
+    return datetime.fromtimestamp(now, ZoneInfo(zone)).date().toordinal() - _EPOCH_DAY
+
+
+def day_start(day: int, zone: str = UTC) -> float:
+    """When the CRM's day `day` starts: its midnight in `zone` (one a change skips: the instant after it)."""
+    if zone == UTC:
+        return day * DAY
+    return datetime.combine(date.fromordinal(day + _EPOCH_DAY), time(0), tzinfo=ZoneInfo(zone)).timestamp()
 
 
 @dataclass(frozen=True)
@@ -103,6 +125,7 @@ class Budget:
     last_seen: float = 0.0
     hold: float = 120.0  # the longest a request may be on its way: a grant never released is held this long
     issued: int = 0  # grants made so far: each one's ticket
+    day_zone: str = UTC  # the IANA zone whose midnight starts the CRM's day (its daily limit's reset)
 
     @classmethod
     def for_kind(
@@ -115,6 +138,7 @@ class Budget:
         daily: int | None = None,
         margin: float = 0.1,
         hold: float = 120.0,
+        day_zone: str = UTC,
     ) -> Budget:
         """The documented limits of `kind`, each overridden when given."""
         policy = DEFAULTS[kind]
@@ -126,7 +150,16 @@ class Budget:
             daily if daily is not None else policy.daily,
             margin,
             hold=hold,
+            day_zone=day_zone,
         )
+
+    # --- days ------------------------------------------------------------------------------------
+
+    def day_of(self, now: float) -> int:
+        return day_of(now, self.day_zone)
+
+    def day_start(self, day: int) -> float:
+        return day_start(day, self.day_zone)
 
     # --- reserving -------------------------------------------------------------------------------
 
@@ -140,7 +173,7 @@ class Budget:
         if now < self.blocked_until:
             return Reservation(False, wait_until=self.blocked_until, reason="retry_after")
         if self.daily is not None and self.daily_used + units > self.daily:
-            return Reservation(False, wait_until=(self.day + 1) * DAY, reason="daily")
+            return Reservation(False, wait_until=self.day_start(self.day + 1), reason="daily")
         if self.burst is not None and self.window is not None:
             used = self._used()
             if used + units > self.burst:
@@ -202,7 +235,7 @@ class Budget:
         # here, over a window of up to `burst` grants: the bounds are read once, a grant's `open` inline.)
         hold, since = self.hold, now - self.span
         self.grants = [g for g in self.grants if (g.at + hold if g.ticket else g.at) > since]
-        day = int(now // DAY)
+        day = self.day_of(now)
         if day > self.day:
             # What is still on its way may reach the CRM after midnight: it counts in the new day too.
             self.day, self.daily_used = day, sum(g.units for g in self.grants if g.open)
@@ -216,7 +249,7 @@ class Budget:
         if daily:
             if self.daily is not None:
                 self.daily_used = max(self.daily_used, self.daily)
-            self.blocked_until = max(self.blocked_until, (self.day + 1) * DAY)
+            self.blocked_until = max(self.blocked_until, self.day_start(self.day + 1))
         wait = parse_retry_after(retry_after, now)
         if wait is None and not daily:
             # Throttled without a hint. The answer's limit headers were observed first (`observe`): when
@@ -307,6 +340,7 @@ class Budget:
             "last_seen": self.last_seen,
             "hold": self.hold,
             "issued": self.issued,
+            "day_zone": self.day_zone,
         }
 
     @classmethod
@@ -319,7 +353,8 @@ class Budget:
         # change; a daily-limit block (the next UTC day's start) is kept.
         last_seen, day = float(state["last_seen"]), int(state["day"])
         blocked = float(state["blocked_until"])
-        if blocked > last_seen + MAX_RETRY_AFTER and blocked != (day + 1) * DAY:
+        day_zone = str(state.get("day_zone") or UTC)
+        if blocked > last_seen + MAX_RETRY_AFTER and blocked != day_start(day + 1, day_zone):
             blocked = last_seen + MAX_RETRY_AFTER
         return cls(
             state["account"],
@@ -335,7 +370,15 @@ class Budget:
             last_seen,
             float(state.get("hold", 120.0)),
             int(state.get("issued", 0)),
+            day_zone,
         )
+
+    def move_day_zone(self, day_zone: str) -> None:
+        """Count days in `day_zone` from now on (the connection's `limits.day_zone` changed): today is the
+        zone's day of the last change seen; the day's count stays."""
+        self.day_zone = day_zone
+        if self.day >= 0:
+            self.day = self.day_of(self.last_seen)
 
 
 def parse_retry_after(value: str | float | None, now: float) -> float | None:

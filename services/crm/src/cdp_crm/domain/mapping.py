@@ -9,7 +9,9 @@
                                           # Dynamics, whose environment URL is required
         auth_url: https://login.microsoftonline.com   # Dynamics only: the Entra ID authority (this default)
         credentials: {token: HUBSPOT_TOKEN}   # environment variable NAMES, never the secrets themselves
-        limits: {burst: 190, window_seconds: 10, daily: 250000}   # optional: the account's own contract
+        limits: {burst: 190, window_seconds: 10, daily: 250000}   # optional: the account's own contract;
+                                          # day_zone: America/New_York - where its daily limit resets at
+                                          # midnight (HubSpot: the portal's time zone setting; UTC if unset)
         on_delete: anonymise              # privacy.deleted: anonymise | delete (default: CDP_CRM_PRIVACY_POLICY)
         on_merge: delete                  # two persons merged, in a CRM without a merge (HubSpot merges):
                                           # the loser's record deleted after the carry-over | keep
@@ -68,6 +70,7 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -109,6 +112,19 @@ from cdp_crm.domain.mapping_model import (
 )
 from cdp_crm.domain.object_mapping_reader import MappingReader
 from cdp_kit.yamltext import load_yaml
+
+
+def _not_a_zone(name: Any) -> bool:
+    """Whether `name` is not an IANA time zone (a folder of the database, a path or a name too long for a
+    file name fail as an unknown one does)."""
+    if not isinstance(name, str) or not name or len(name) > 64:
+        return True
+    try:
+        ZoneInfo(name)
+    except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
+        return True
+    return False
+
 
 __all__ = [
     "ABOUT_FIELD_REQUIRED",
@@ -376,12 +392,18 @@ class _Reader(MappingReader):
         if raw is None:
             return Limits()
         if not isinstance(raw, dict):
-            self.problem(cid, "limits", "must be an object: burst, window_seconds, daily")
+            self.problem(cid, "limits", "must be an object: burst, window_seconds, daily, day_zone")
             return Limits()
         values: dict[str, Any] = {}
         for key in raw:
-            if key not in ("burst", "window_seconds", "daily"):
-                self.problem(cid, f"limits.{key}", "is not a limit (expected burst, window_seconds, daily)")
+            if key not in ("burst", "window_seconds", "daily", "day_zone"):
+                self.problem(cid, f"limits.{key}", "is not a limit (expected burst, window_seconds, daily, day_zone)")
+        zone = raw.get("day_zone")
+        if zone is not None:
+            if _not_a_zone(zone):
+                self.problem(cid, "limits.day_zone", "must be an IANA time zone, like America/New_York or UTC")
+            else:
+                values["day_zone"] = zone
         # Each limit is kept in the account's budget document and answered by GetBudget (int64): one the
         # store cannot hold (past 64 bits, an infinity) failed every batch of the account at its commit, and
         # a burst below one request (0.5 read as 0) granted nothing - no write ever reached the CRM, and

@@ -168,6 +168,7 @@ class Limits:
     burst: int | None = None
     window_seconds: float | None = None
     daily: int | None = None
+    day_zone: str | None = None  # the zone whose midnight resets the daily limit (HubSpot: the portal's); UTC
 
 
 @dataclass(frozen=True)
