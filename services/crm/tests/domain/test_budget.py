@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdp_crm.domain.budget import DAY, MAX_RETRY_AFTER, Budget
+from cdp_crm.domain.budget import DAY, MAX_RETRY_AFTER, ROLLING_RECHECK, Budget
 
 T0 = 1_780_000_000.0  # a fixed moment, mid-day UTC
 
@@ -49,7 +49,8 @@ def test_a_wait_is_exactly_long_enough_for_a_larger_request():
 
 
 def test_the_daily_quota_holds_until_the_next_utc_day():
-    budget = Budget("org", "salesforce", burst=None, window=None, daily=5)
+    # Zoho's is a calendar day (Salesforce's rolls: its own test below).
+    budget = Budget("org", "zoho", burst=None, window=None, daily=5)
     assert _grant_all(budget, 10, T0) == 5
     refused = budget.reserve(1, T0 + 60)
     midnight = (int(T0 // DAY) + 1) * DAY
@@ -137,6 +138,22 @@ def test_a_daily_limit_answer_waits_for_the_next_day():
     budget = Budget.for_kind("hubspot", account="62515")
     budget.throttled(T0, daily=True)
     assert budget.reserve(1, T0 + 3600).wait_until == (int(T0 // DAY) + 1) * DAY
+
+
+def test_a_full_rolling_salesforce_allocation_asks_again_soon_and_follows_the_crms_count():
+    # Salesforce counts the last 24 hours, not a calendar day: calls are refused until that usage drops
+    # below the allocation. Waiting for the next UTC midnight held writes up to a day while room freed.
+    budget = Budget.for_kind("salesforce", account="00D", daily=100)
+    budget.throttled(T0, daily=True)  # 403 REQUEST_LIMIT_EXCEEDED
+    refused = budget.reserve(1, T0 + 60)
+    assert not refused.granted and refused.wait_until == T0 + ROLLING_RECHECK  # not the next UTC midnight
+    probe = budget.reserve(1, T0 + ROLLING_RECHECK)
+    assert probe.granted
+    assert not budget.reserve(1, T0 + ROLLING_RECHECK + 1).granted  # the others wait for its answer
+    budget.release(probe.ticket, T0 + ROLLING_RECHECK + 2)
+    budget.observe({"Sforce-Limit-Info": "api-usage=40/100"}, T0 + ROLLING_RECHECK + 2)  # a day-old use freed
+    assert budget.status(T0 + ROLLING_RECHECK + 2)["daily_remaining"] == 60
+    assert _grant_all(budget, 100, T0 + ROLLING_RECHECK + 3) == 60
 
 
 def test_the_crm_counting_more_than_we_granted_lowers_what_is_left_never_raises_it():

@@ -27,7 +27,11 @@ Invariants:
   resets its daily limit at (`day_zone`: HubSpot resets at midnight in the portal's time zone setting, so
   a portal in Los Angeles counted by UTC days was refused from its limit at 10:00 until the next UTC
   midnight, 16:00 there, then refused again by HubSpot and held until 16:00 the day after - 30 hours for
-  14). Salesforce's allocation is a rolling 24 hours, which no day boundary models.
+  14). Salesforce's allocation is a rolling 24 hours (`ROLLING`), which no day boundary models: what was
+  used a day ago frees as it goes, so its count follows the CRM's (`Sforce-Limit-Info`, lower as well as
+  higher), and a full allocation - that count, or 403 REQUEST_LIMIT_EXCEEDED - waits `ROLLING_RECHECK`,
+  then lets one request ask again, not until the next UTC midnight (up to a day while Salesforce freed
+  calls all along); the others wait for its answer. An org with no allocation at all waits for the next day.
 - The CRM's own headers (`observe`) correct this view downwards, never upwards: units used elsewhere
   (another app on the account) only shrink what is left.
 - `Retry-After` (seconds or an HTTP date) blocks every grant until then, an hour at most
@@ -53,6 +57,10 @@ DAY = 86400.0
 UTC = "UTC"
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
 MAX_RETRY_AFTER = 3600.0  # seconds: the longest a Retry-After blocks the account
+# CRMs whose daily allocation is a rolling 24 hours (Salesforce's API request limit), not a calendar day.
+ROLLING = frozenset({"salesforce"})
+# Seconds a full rolling allocation waits before one request asks again (its answer says what is used now).
+ROLLING_RECHECK = 900.0
 STATE_FORMAT = 2  # 1: grants as [at, units], every one answered (read and upgraded)
 
 
@@ -126,6 +134,7 @@ class Budget:
     hold: float = 120.0  # the longest a request may be on its way: a grant never released is held this long
     issued: int = 0  # grants made so far: each one's ticket
     day_zone: str = UTC  # the IANA zone whose midnight starts the CRM's day (its daily limit's reset)
+    recheck_at: float = 0.0  # a full rolling allocation: when one request may ask again (0: not full)
 
     @classmethod
     def for_kind(
@@ -173,7 +182,17 @@ class Budget:
         if now < self.blocked_until:
             return Reservation(False, wait_until=self.blocked_until, reason="retry_after")
         if self.daily is not None and self.daily_used + units > self.daily:
-            return Reservation(False, wait_until=self.day_start(self.day + 1), reason="daily")
+            if self.kind not in ROLLING:
+                return Reservation(False, wait_until=self.day_start(self.day + 1), reason="daily")
+            if not self.recheck_at:
+                self.recheck_at = now + ROLLING_RECHECK
+            if now < self.recheck_at:
+                return Reservation(False, wait_until=self.recheck_at, reason="daily")
+            # Calls made a day ago have freed room since: this one asks (its answer's count follows), the
+            # others wait for it.
+            self.recheck_at = now + ROLLING_RECHECK
+        elif self.recheck_at:
+            self.recheck_at = 0.0
         if self.burst is not None and self.window is not None:
             used = self._used()
             if used + units > self.burst:
@@ -249,7 +268,10 @@ class Budget:
         if daily:
             if self.daily is not None:
                 self.daily_used = max(self.daily_used, self.daily)
-            self.blocked_until = max(self.blocked_until, self.day_start(self.day + 1))
+            until = self.day_start(self.day + 1)
+            if self.kind in ROLLING:  # what a day ago used frees as it goes: asked again soon
+                until = self.recheck_at = min(until, now + ROLLING_RECHECK)
+            self.blocked_until = max(self.blocked_until, until)
         wait = parse_retry_after(retry_after, now)
         if wait is None and not daily:
             # Throttled without a hint. The answer's limit headers were observed first (`observe`): when
@@ -268,6 +290,7 @@ class Budget:
         h = {k.lower(): v for k, v in headers.items()}
         burst_left: int | None = None
         daily_left: int | None = None
+        none_at_all = False  # the CRM allows no request at all today
         if self.kind == "hubspot":
             burst_left = _int(h.get("x-hubspot-ratelimit-remaining"))
             daily_left = _int(h.get("x-hubspot-ratelimit-daily-remaining"))
@@ -289,7 +312,7 @@ class Budget:
                     if limit_n is not None and limit_n > 0 and (self.daily is None or limit_n < self.daily):
                         self.daily = limit_n
                     if limit_n == 0:
-                        daily_left = 0  # none at all today (a limit of 0 no request could fit)
+                        daily_left, none_at_all = 0, True  # none at all today (a limit of 0 no request fits)
                     elif used_n is not None and self.daily is not None:
                         daily_left = self.daily - used_n
         elif self.kind == "dynamics":
@@ -299,7 +322,15 @@ class Budget:
         if "retry-after" in h:
             self.throttled(now, retry_after=h["retry-after"])
         if daily_left is not None and self.daily is not None:
-            self.daily_used = max(self.daily_used, self.daily - max(0, daily_left))
+            counted = self.daily - max(0, daily_left)
+            if self.kind in ROLLING and not none_at_all:
+                # The CRM's count over the last 24 hours, lower too when a day-old use has freed, with what
+                # is still on its way (not counted in it yet).
+                self.daily_used = counted + sum(g.units for g in self.grants if g.open)
+            else:
+                self.daily_used = max(self.daily_used, counted)
+            if none_at_all and self.kind in ROLLING:
+                self.recheck_at = self.day_start(self.day + 1)
         if burst_left is not None and self.burst is not None and self.window is not None:
             unseen = (self.burst - max(0, burst_left)) - self._used()
             if unseen > 0:
@@ -341,6 +372,7 @@ class Budget:
             "hold": self.hold,
             "issued": self.issued,
             "day_zone": self.day_zone,
+            "recheck_at": self.recheck_at,
         }
 
     @classmethod
@@ -371,6 +403,7 @@ class Budget:
             float(state.get("hold", 120.0)),
             int(state.get("issued", 0)),
             day_zone,
+            float(state.get("recheck_at", 0.0)),
         )
 
     def move_day_zone(self, day_zone: str) -> None:
