@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 
 from cdp_kit.storage.model import MAX_DOCUMENT_BYTES
-from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent, TraitVersion
+from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileEvent, TraitVersion
 
 NO_DEFS = ComputedTraits()
 TRAITS = {"email": "ada@example.com", "plan": "pro", "name": "Ada Lovelace", "company": "Analytical Engines"}
@@ -99,3 +99,29 @@ def test_traits_under_new_names_without_end_stay_within_what_the_store_keeps():
     view = profile.view(now=9000.0)
     assert view.traits["plan"].value == "p399" and "order_0" in view.traits and "order_399" not in view.traits
     assert profile.events(limit=1)[0][0].event_id == "e000399"
+
+
+def test_long_distinct_values_stay_within_what_the_store_keeps():
+    """A trait of distinct values (unique, unique_count, most_frequent) held up to 10,000 of them whatever
+    their length, and a value may be 32 KB (a search query, a URL): 300 searches of 30 KB made a record of
+    9 MB, past the store's 8 MiB, after which every event of the person failed its partition's batch.
+    Their characters are bounded too now: `unique` forgets the values seen least recently and still holds
+    the ones seen last, the others take no new value (unique_count reads "at least")."""
+    for op in ("unique_count", "most_frequent", "unique"):
+        definition = {"name": "searched", "op": op, "event_names": ["Search"], "property": "q"}
+        defs = ComputedTraits([ComputedTrait.from_dict(definition)])
+        profile = Profile.new("p")
+        for n in range(300):
+            query = f"{n:05d}" + "q" * 30_000
+            event = ProfileEvent(
+                event_id=f"s{n:05d}", type="track", name="Search", at=1000.0 + n, source="web", properties={"q": query}
+            )
+            profile.apply(event, defs, now=2000.0)
+            assert len(profile.to_json()) < MAX_DOCUMENT_BYTES, (op, n)
+        value = profile.view(now=2000.0).computed["searched"]
+        if op == "unique":
+            assert value[-1].startswith("00299"), [v[:5] for v in value]
+        elif op == "unique_count":
+            assert 0 < value < 300
+        else:
+            assert value.startswith("00000")

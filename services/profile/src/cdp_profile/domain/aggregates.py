@@ -61,6 +61,19 @@ MAX_DISTINCT_VALUES = 10_000
 # Past the bound `unique` forgets down to this many, and a windowed most_frequent / unique_count that refused
 # values rebuilds once it is back under it: a tenth of the bound per selection or rebuild.
 REFILL_BELOW = MAX_DISTINCT_VALUES * 9 // 10
+# And at most this many characters of them (a string's own, another value's canonical JSON): 10,000 values
+# of up to 32 KB each (a search query, a URL: the collector's event limit) are 320 MB, and 300 searches of
+# 30 KB took a person's record past the store's 8 MiB, after which every event of theirs failed its
+# partition's batch. Past it, as past the count: `unique` forgets, the others take no new value.
+MAX_DISTINCT_CHARS = 256 * 1024
+REFILL_CHARS = MAX_DISTINCT_CHARS * 9 // 10
+
+
+def _chars(key: Any) -> int:
+    """What a distinct value's key (`value_key`) counts against MAX_DISTINCT_CHARS."""
+    return len(key) if type(key) is str else len(key[1])
+
+
 MAX_SPEED_POINTS = 1000
 EARTH_RADIUS_KM = 6371.0
 MIN_SPEED_SECONDS = 60.0
@@ -270,23 +283,27 @@ class ValuesAgg:
     values are refused (`refused`, not stored: a state loaded at the bound is taken to have refused some).
     """
 
-    __slots__ = ("_best", "counts", "refused", "values")
+    __slots__ = ("_best", "chars", "counts", "refused", "values")
 
     def __init__(self, values: dict[Any, Any] | None = None, counts: dict[Any, int] | None = None) -> None:
         self.values: dict[Any, Any] = values if values is not None else {}  # key -> first value seen
         self.counts: dict[Any, int] = counts if counts is not None else {}
         self._best: Any = None  # key of the most frequent value; None = not known, compute on demand
-        self.refused = len(self.counts) >= MAX_DISTINCT_VALUES  # some value went uncounted (maybe)
+        self.chars = sum(map(_chars, self.counts))  # of the distinct values held (MAX_DISTINCT_CHARS)
+        # some value went uncounted (maybe)
+        self.refused = len(self.counts) >= MAX_DISTINCT_VALUES or self.chars >= REFILL_CHARS
 
     def add(self, at: float, event_id: str, value: Any) -> None:
         key = value_key(value)
         counts = self.counts
         count = counts.get(key)
         if count is None:
-            if len(counts) >= MAX_DISTINCT_VALUES:
+            size = _chars(key)
+            if len(counts) >= MAX_DISTINCT_VALUES or self.chars + size > MAX_DISTINCT_CHARS:
                 self.refused = True
                 return
             self.values[key] = value
+            self.chars += size
             count = 0
         count = counts[key] = count + 1
         best = self._best
@@ -303,11 +320,12 @@ class ValuesAgg:
                 self.counts[key] = count - 1
             else:
                 del self.counts[key], self.values[key]
+                self.chars -= _chars(key)
             if key == self._best:
                 self._best = None
             # Values were refused at the bound and a tenth of it has left since: a window rebuilds from its
             # entries, counting the refused ones that are still inside it.
-            if self.refused and len(self.counts) < REFILL_BELOW:
+            if self.refused and len(self.counts) < REFILL_BELOW and self.chars < REFILL_CHARS:
                 return False
         return True
 
@@ -316,9 +334,10 @@ class ValuesAgg:
         for key, count in other.counts.items():
             if key in counts:
                 counts[key] += count
-            elif len(counts) < MAX_DISTINCT_VALUES:
+            elif len(counts) < MAX_DISTINCT_VALUES and self.chars + (size := _chars(key)) <= MAX_DISTINCT_CHARS:
                 counts[key] = count
                 values[key] = other.values[key]
+                self.chars += size
             else:
                 self.refused = True
         self.refused = self.refused or other.refused
@@ -356,7 +375,7 @@ class UniqueAgg:
     for a rebuild from the window's entries.
     """
 
-    __slots__ = ("_top", "_unique", "at", "counts", "ids", "values")
+    __slots__ = ("_top", "_unique", "at", "chars", "counts", "ids", "values")
 
     def __init__(
         self,
@@ -371,6 +390,7 @@ class UniqueAgg:
         self.ids: dict[Any, str] = ids if ids is not None else {}  # key -> its latest event id
         self._top: dict[Any, None] | None = None  # the result's keys; None = compute on demand
         self._unique: list[Any] | None = None  # the result; None = sort `_top` on demand
+        self.chars = sum(map(_chars, self.counts))  # of the distinct values held (MAX_DISTINCT_CHARS)
 
     def _later(self, key: Any, at: float, event_id: str) -> bool:
         """Whether (at, event_id) is later than `key`'s latest (every time is later than none)."""
@@ -382,9 +402,11 @@ class UniqueAgg:
         counts = self.counts
         count = counts.get(key)
         if count is None:
-            if len(counts) >= MAX_DISTINCT_VALUES:
-                self._forget(REFILL_BELOW)
+            size = _chars(key)
+            if len(counts) >= MAX_DISTINCT_VALUES or self.chars + size > MAX_DISTINCT_CHARS:
+                self._forget(REFILL_BELOW, REFILL_CHARS - size)
             self.values[key] = value
+            self.chars += size
             counts[key] = 1
         else:
             counts[key] = count + 1
@@ -425,23 +447,34 @@ class UniqueAgg:
             del unique[bisect_left(unique, sort_key(gone), key=sort_key)]
             insort(unique, value, key=sort_key)
 
-    def _forget(self, keep: int) -> None:
-        """Forget the values seen least recently until `keep` are left: untimed ones first (the last by
-        value first, as they leave `_ranked`), then by their latest (event time, event id). The values
-        seen last stay, so the result is what it was."""
+    def _forget(self, keep: int, chars: int = MAX_DISTINCT_CHARS) -> None:
+        """Forget the values seen least recently until at most `keep` are left, of at most `chars`
+        characters: untimed ones first (the last by value first, as they leave `_ranked`), then by their
+        latest (event time, event id). The values seen last stay, so the result is what it was."""
         excess = len(self.counts) - keep
-        if excess <= 0:
+        if excess <= 0 and self.chars <= chars:
             return
         at, ids, values = self.at, self.ids, self.values
         untimed = [key for key, latest in at.items() if latest is None]
-        if len(untimed) >= excess:
+        if self.chars <= chars and len(untimed) >= excess:
             gone = sorted(untimed, key=lambda k: sort_key(values[k]), reverse=True)[:excess]
-        else:
+        elif self.chars <= chars:
             timed = (key for key, latest in at.items() if latest is not None)
             gone = untimed + heapq.nsmallest(excess - len(untimed), timed, key=lambda k: (at[k], ids[k]))
+        else:  # past the characters too: the least recent first until both hold
+            untimed.sort(key=lambda k: sort_key(values[k]), reverse=True)
+            timed = sorted((key for key, latest in at.items() if latest is not None), key=lambda k: (at[k], ids[k]))
+            gone, left, size = [], len(self.counts), self.chars
+            for key in (*untimed, *timed):
+                if left <= keep and size <= chars:
+                    break
+                gone.append(key)
+                left -= 1
+                size -= _chars(key)
         top = self._top
         for key in gone:
             del self.counts[key], values[key], at[key], ids[key]
+            self.chars -= _chars(key)
             if top is not None and key in top:
                 self._top = self._unique = None
 
@@ -464,6 +497,7 @@ class UniqueAgg:
             # again, so this one went uncounted and others may be left (windows rebuild).
             return False
         del self.counts[key], self.values[key], self.at[key], self.ids[key]
+        self.chars -= _chars(key)
         if self._top is not None and key in self._top:
             self._top = self._unique = None  # another value may take its place
         return True
@@ -480,6 +514,7 @@ class UniqueAgg:
                 counts[key] = count
                 values[key] = other.values[key]
                 self.at[key], self.ids[key] = other.at[key], other.ids[key]
+                self.chars += _chars(key)
         self._forget(MAX_DISTINCT_VALUES)  # the values seen last of both stay
         self._top = self._unique = None
 
@@ -531,6 +566,7 @@ class UniqueAgg:
                 agg.at[key], agg.ids[key] = row[2], row[3]
             else:
                 agg.at[key], agg.ids[key] = None, ""
+            agg.chars += _chars(key)
         return agg
 
 
