@@ -361,7 +361,7 @@ def train_run(
     live version, clusters are renumbered to match it and the candidate stays in shadow: see the module
     docstring."""
     from cdp_training.learn import iso
-    from cdp_training.models import OWNER, _finish
+    from cdp_training.models import OWNER, _finish, population_row
     from cdp_training.pointintime import feature_rows
 
     if not 0.0 < holdout_share < 0.9:
@@ -393,7 +393,6 @@ def train_run(
             "reason": "a clustering is promoted by hand: segments name cluster numbers, so read the descriptions "
             f"(renumbered to match live {live.version}'s centroids) and Promote it when they still hold",
         }
-    labels = fitted.assign(X)
     training = {
         "algorithm": f"k-means (k={k}, k-means++ starts, Lloyd's iterations) on log(1 + x), standardised",
         "data": "this platform's profile store, point in time (cdp_training.pointintime)",
@@ -416,7 +415,7 @@ def train_run(
         outputs=[o.to_dict() for o in template.outputs],
         training=training,
         quality=judged,
-        test_row=X[int(np.argmax(labels == labels[0]))],
+        test_row=population_row(X_fit),  # no customer's own row: it stays with the model for good
         version=version,
         computed_traits=list(template.computed_traits),
     )

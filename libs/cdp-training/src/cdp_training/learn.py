@@ -50,7 +50,16 @@ from cdp_scoring.schedule import parse_time as parse_time  # where callers have 
 from cdp_training import feedback, metrics
 from cdp_training.graphs import run, score_columns
 from cdp_training.labels import BINARY_KINDS, CHANNEL_ANSWERED, LabelSpec
-from cdp_training.models import NBC_TREES, OWNER, Built, _finish, _lightgbm, _lightgbm_onnx, with_send_hour
+from cdp_training.models import (
+    NBC_TREES,
+    OWNER,
+    Built,
+    _finish,
+    _lightgbm,
+    _lightgbm_onnx,
+    population_row,
+    with_send_hour,
+)
 from cdp_training.pointintime import StoredProfile, TrainingSet, observed_until, training_set
 from cdp_training.simulator import CHANNELS, CHURN_DAYS, LAPSE_GRACE_DAYS
 from cdp_training.traits import ENGAGEMENT_FEATURES, FRAUD_FEATURES, NBC_FEATURES, traits_for
@@ -369,7 +378,6 @@ def train_run(
         "seed": seed,
         "reference": reference,
     }
-    positives = np.flatnonzero(y_eval == 1)
     built = _finish(
         model,
         name=name,
@@ -378,7 +386,7 @@ def train_run(
         outputs=[o.to_dict() for o in draft.outputs],
         training=training,
         quality=quality,
-        test_row=evaluation.X[int(positives[0]) if positives.size else 0],
+        test_row=population_row(train.X),  # no customer's own row: it stays with the model for good
         version=version,
         computed_traits=list(draft.computed_traits),
     )

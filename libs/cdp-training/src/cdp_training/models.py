@@ -154,6 +154,24 @@ def _finish(
     return Built(with_spec(model, spec), spec)
 
 
+def population_row(X: np.ndarray) -> np.ndarray:
+    """A test row that is no one's: each feature's median over the rows `X` (NaN where none has a value).
+
+    The test vector goes with the model for good (its spec: the ONNX file, `GetModel`, every registry
+    copy), and no deletion of a person reaches it. A model trained on the store's profiles took one person's
+    row at the cut-off (their orders, spend, recency ...) as its test vector; an aggregate of the population
+    identifies no one and tests the model's arithmetic as well. The shipped models, trained on the simulated
+    population, may keep theirs."""
+    X = np.asarray(X, dtype=np.float64)
+    row = np.full(X.shape[1], np.nan)
+    for column in range(X.shape[1]):
+        values = X[:, column]
+        values = values[~np.isnan(values)]
+        if values.size:
+            row[column] = float(np.median(values))
+    return row
+
+
 def _spec_for(name: str, features: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> ModelSpec:
     return ModelSpec.from_dict(
         {
