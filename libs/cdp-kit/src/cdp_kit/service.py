@@ -62,6 +62,9 @@ S = TypeVar("S", bound=ServiceSettings)
 
 # Batches of events travel in one message; the collector enforces its own, smaller, documented limits.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The plaintext health port (CDP_HEALTH_PORT): kubelet probes, a few at a time, each a few bytes.
+HEALTH_MAX_CONNECTIONS = 64
+HEALTH_MAX_RECEIVE_BYTES = 4096
 
 
 def open_file_limit() -> int:
@@ -88,14 +91,22 @@ class GrpcServer:
         # The longest request message taken; a service whose requests are smaller lowers it before start
         # (the collector: its port faces the internet), and longer ones are refused from their length.
         self.max_receive_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        # The longest answer sent; a service with longer ones (profile's export of a person) raises it.
+        self.max_send_bytes = DEFAULT_MAX_MESSAGE_BYTES
         # What callers may hold, so a flood of connections or calls cannot take every file descriptor or all
         # memory (grpc core bounds none of these by default, and waits 120 s for a handshake). Past the
         # connection cap a new connection is closed at once (the caller sees UNAVAILABLE and retries); calls
-        # past the per-connection cap wait in the caller's channel. Neither ends a long stream, and no idle
-        # or age limit is set: SubscribeInbox and TrainModel streams run for as long as they need.
+        # past the per-connection cap wait in the caller's channel. Neither ends a long stream, and no age
+        # limit is set: SubscribeInbox and TrainModel streams run for as long as they need.
         self.max_connections = max(16, open_file_limit() // 4)
         self.max_calls_per_connection = 1000
         self.handshake_seconds = 20.0  # to begin HTTP/2 (after TLS, when on) on a new connection
+        # A connection with no call for this long is closed (HTTP/2 GOAWAY; a client's channel connects
+        # again at its next call). Without it, connections that sent nothing after their handshake held
+        # the connection cap for ever: as many as the cap kept every other caller out (on the collector,
+        # whose port faces the internet, one client's sockets kept every SDK out). A call in progress,
+        # however long, keeps its connection.
+        self.idle_seconds = 60.0
         self.certificates: ServerCertificates | None = None  # what the port serves, when TLS is on
 
     def add_service(
@@ -132,13 +143,14 @@ class GrpcServer:
             interceptors=self._interceptors(),
             options=[
                 ("grpc.max_receive_message_length", self.max_receive_bytes),
-                ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", self.max_send_bytes),
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.max_allowed_incoming_connections", self.max_connections),
                 ("grpc.max_concurrent_streams", self.max_calls_per_connection),
                 ("grpc.server_handshake_timeout_ms", int(self.handshake_seconds * 1000)),
+                ("grpc.max_connection_idle_ms", int(self.idle_seconds * 1000)),
             ],
         )
         for add_to_server, servicer in self._registrations:
@@ -173,7 +185,18 @@ class GrpcServer:
         if self.settings.health_port:
             # Kubelet gRPC probes speak neither TLS nor bearer tokens: give them a plaintext port that
             # serves health and nothing else.
-            health_server = grpc.aio.server()
+            # Bounded as the main port is, and tighter: probes are small, short and few. Unbounded, one
+            # client held 3,000 connections there, and could take every file descriptor of the process.
+            health_server = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", HEALTH_MAX_RECEIVE_BYTES),
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_allowed_incoming_connections", HEALTH_MAX_CONNECTIONS),
+                    ("grpc.max_concurrent_streams", 16),
+                    ("grpc.server_handshake_timeout_ms", int(self.handshake_seconds * 1000)),
+                    ("grpc.max_connection_idle_ms", int(self.idle_seconds * 1000)),
+                ]
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             health_address = f"{self.settings.grpc_host}:{self.settings.health_port}"
             try:
