@@ -265,11 +265,12 @@ def client_files() -> dict[str, str] | None:
     return state.get("tls") or None
 
 
-#: The most a service sends in one answer (`cdp_kit.service.DEFAULT_MAX_MESSAGE_BYTES`, kept equal by
-#: test_found_s42_cdpctl): gRPC's own client default is 4 MiB, and a person's export whose profile part
-#: passed it (200 events of 25 KB; a timeline holds up to 1,000 of up to 32 KB) came back with profile
-#: under "missing" however often it was asked. Not imported: cdp_kit.service costs every command 80 ms.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: The most a service sends in one answer (profile's export: `cdp_profile.__main__.MAX_SEND_BYTES`, kept
+#: equal by test_found_s42_cdpctl; the others send at most the kit's 16 MiB): gRPC's own client default is
+#: 4 MiB, and a person's export whose profile part passed it (200 events of 25 KB; a timeline holds up to
+#: 1,000 of up to 32 KB) came back with profile under "missing" however often it was asked. Not imported:
+#: cdp_kit.service costs every command 80 ms.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),)
 
 

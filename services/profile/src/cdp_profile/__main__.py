@@ -50,6 +50,10 @@ from cdp_profile.stream import partitioned_engines
 log = logging.getLogger("cdp.profile")
 
 GC_THRESHOLD = (50_000, 20, 100)
+# The longest answer profile sends: a person's export (ExportPerson) holds their timeline, up to 1,000 events
+# of up to 32 KB each as JSON, with their record (at most 8 MiB): past the kit's 16 MiB default, the export
+# of a person with 1,008 events of 30 KB failed (RESOURCE_EXHAUSTED) however often it was asked.
+MAX_SEND_BYTES = 64 * 1024 * 1024
 # Seconds between the sweeps that collect what freezing kept (`sweep_frozen`).
 GC_SWEEP_SECONDS = 3600.0
 
@@ -225,6 +229,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         scopes=SCOPES,
     )
     runtime.grpc.add_service(*export_service("profile", api.export_person))
+    runtime.grpc.max_send_bytes = MAX_SEND_BYTES
 
 
 def main() -> None:
