@@ -138,10 +138,8 @@ async def make(api_server):
 
 async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_holders(make, api_server):
     # Moves here go by release, not expiry: a TTL long enough that one slow round on a busy machine does
-    # not fence a member (which, correctly, drops its leases and re-takes them: a second move). 4 x TTL
-    # (a fence after 2.4 s without a renewal) still fenced one in 2 of ~9 runs beside a whole suite (load ~20,
-    # two cores); the members, their store client and the Kubernetes stand-in share one event loop.
-    make.ttl = 8 * TTL
+    # not fence a member (which, correctly, drops its leases and re-takes them: a second move).
+    make.ttl = 4 * TTL
     await scale_one_three_two(make)
     # Every member left: no member records remain, and every partition lease is free.
     objects = api_server.objects.values()

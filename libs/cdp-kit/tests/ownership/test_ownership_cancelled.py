@@ -141,3 +141,31 @@ async def test_a_stop_cancelled_while_it_waits_for_the_loop_gives_up():
         for task in [stopping, *member._callbacks.values()]:
             task.cancel()
         await asyncio.wait([stopping, *member._callbacks.values()], timeout=BOUND)
+
+
+async def test_a_stop_from_a_cancelled_tasks_cleanup_still_releases_every_partition():
+    """The engine's `serve` is stopped by cancelling it and calls `stop()` in its `finally`: the task
+    is cancelling there already. Taken for a cancellation of the stop itself, every lease stayed in the
+    store under the stopped member's name until its TTL - every hand-over (a rolling update, a scale
+    down) waited out the TTL instead of happening at once."""
+    store = MemoryStore()
+    member = LeasedOwnership(store, partitions=2, identity="m-0", ttl=3)
+    released: list[int] = []
+
+    async def on_release(p):
+        released.append(p)
+
+    async def serve():
+        await member.start(on_release=on_release)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await member.stop()
+
+    serving = asyncio.ensure_future(serve())
+    await eventually(lambda: member.owned() == frozenset({0, 1}), BOUND)
+    serving.cancel()
+    assert await ended(serving)
+    assert sorted(released) == [0, 1], "the stop gave up before releasing"
+    assert all(lease.holder != "m-0" for lease in store.lease_records.values()), "leases left held"
+    assert "m-0" not in store.member_records

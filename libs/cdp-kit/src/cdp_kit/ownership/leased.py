@@ -153,6 +153,17 @@ class LeasedOwnership(Ownership):
         self._task = asyncio.create_task(self._run(), name=f"ownership-{self.identity}")
 
     async def stop(self) -> None:
+        me = asyncio.current_task()
+        # Cancellations the caller had already been asked before this stop: the engine's `serve` stops in
+        # its `finally` after its own cancellation - the normal way down - and must still release every
+        # partition (the next owner takes them at once, not after the TTL). Only one that comes while
+        # the stop runs (its caller past its shutdown grace) ends it early.
+        asked = me.cancelling() if me is not None else 0
+
+        def cancelled_during_stop() -> None:
+            if me is not None and me.cancelling() > asked:
+                raise asyncio.CancelledError
+
         self.closing = True
         if self._task is not None:
             if self._in_round:
@@ -167,14 +178,13 @@ class LeasedOwnership(Ownership):
                 # The loop's end, as asked. A cancellation of this stop itself (its caller's: a service
                 # past its shutdown grace) lands here too, and is passed on: suppressed, the stop went on
                 # to release every partition and waited for the drains it had been told to give up.
-                raise_if_cancelling(asyncio.current_task())
+                cancelled_during_stop()
             self._task = None
         for p in sorted(self._owned):
             self._begin_release(p)
         # Keep renewing while the engine drains: a slow drain must not let the leases expire under it.
-        me = asyncio.current_task()
         while self._callbacks:
-            raise_if_cancelling(me)  # a cancellation a renewal swallowed (below, or in the store client)
+            cancelled_during_stop()  # one a renewal swallowed (below, or in the store client)
             pending = [t for t in self._callbacks.values() if not t.done()]
             if not pending:
                 break
