@@ -304,6 +304,10 @@ async def test_a_refused_journey_names_the_field_on_the_terminal_and_in_json(orc
     assert result.exit_code == 1 and "NOT_FOUND: journey nowhere does not exist" in result.output
     result = await cdpctl(home, "journey", "create", str(tmp_path / "missing.json"))
     assert result.exit_code == 2 and "cannot read" in result.output
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_text('{"id": "welcome"}', encoding="utf-16")  # an editor's "Unicode": a traceback before
+    result = await cdpctl(home, "journey", "create", str(utf16))
+    assert result.exit_code == 2 and "not UTF-8 text" in result.output
 
 
 async def test_a_journey_from_file_to_archived(orchestration, tmp_path):

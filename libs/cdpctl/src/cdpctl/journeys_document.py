@@ -17,18 +17,26 @@ import yaml
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.yamltext import load_yaml
 
+_NOT_UTF8 = "cannot read {file}: not UTF-8 text (save it as UTF-8)"
+
 
 def read_definition(file: str) -> pb.JourneyDefinition:
     """The file's text in the form its name says (.yaml/.yml: YAML, else JSON); `-` reads stdin as JSON
     unless it starts like YAML would. The service parses it: its errors name the node and field."""
     if file == "-":
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise click.BadParameter(_NOT_UTF8.format(file="stdin"), param_hint="FILE") from None
         return pb.JourneyDefinition(json=text) if text.lstrip().startswith("{") else pb.JourneyDefinition(yaml=text)
     path = Path(file)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise click.BadParameter(f"cannot read {file}: {exc.strerror}", param_hint="FILE") from None
+    except UnicodeDecodeError:
+        # A file saved as UTF-16 (some Windows editors' "Unicode") ended in a traceback.
+        raise click.BadParameter(_NOT_UTF8.format(file=file), param_hint="FILE") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         return pb.JourneyDefinition(yaml=text)
     return pb.JourneyDefinition(json=text)
