@@ -83,6 +83,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     await journeys.load()
 
     async def on_journey_changed(msg) -> None:
+        if not subjects.published_on(msg, subjects.ORCHESTRATION_JOURNEYS_CHANGED):
+            return  # pushed here by another user's consumer (cdp_kit.bus.subjects.published_on)
         try:
             await journeys.reload(msg.data.decode())
         except Exception as exc:  # keep running the versions loaded; say why the change is not

@@ -124,8 +124,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     gc.freeze()
 
     async def on_model_changed(msg) -> None:
-        if (msg.headers or {}).get("Cdp-Origin") == str(id(engine)):
-            return
+        if (msg.headers or {}).get("Cdp-Origin") == str(id(engine)) or not subjects.published_on(msg, MODELS_CHANGED):
+            return  # its own, or pushed here by another user's consumer (cdp_kit.bus.subjects.published_on)
         try:
             await engine.reload(msg.data.decode())
         except Exception as exc:  # keep serving the versions already loaded; say why the new one is not

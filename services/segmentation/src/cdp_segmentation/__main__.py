@@ -155,8 +155,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     runtime.stack.push_async_callback(stop_stream)
 
     async def on_announced(msg) -> None:
-        if (msg.headers or {}).get("Cdp-Origin") == origin["Cdp-Origin"]:
-            return
+        if (msg.headers or {}).get("Cdp-Origin") == origin["Cdp-Origin"] or not subjects.published_on(msg, ANNOUNCE):
+            return  # its own, or pushed here by another user's consumer (cdp_kit.bus.subjects.published_on)
         try:
             await engine.reload(msg.data.decode())
         except Exception as exc:  # its next restart loads the segment from the store
@@ -174,8 +174,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     ):
         if cached is not None:
 
-            async def forget(_msg, cached=cached) -> None:
-                cached.forget()
+            async def forget(msg, cached=cached, subject=subject) -> None:
+                if subjects.published_on(msg, subject):
+                    cached.forget()
 
             changes = await bus.nc.subscribe(subject, cb=forget)
             runtime.stack.push_async_callback(changes.unsubscribe)

@@ -86,6 +86,18 @@ MODELS_DRIFT = "models.drift"
 SEGMENTATION_SEGMENTS_CHANGED = "segmentation.segments.changed"
 ORCHESTRATION_JOURNEYS_CHANGED = "orchestration.journeys.changed"
 
+
+def published_on(msg, subject: str) -> bool:
+    """Whether a core NATS message came by a publish on `subject`, the subject its subscriber asked for.
+
+    A service's NATS user may publish only its own subjects, but one that may create a consumer on a
+    stream it reads can make it a push consumer whose deliver subject is another service's core subject:
+    nats-server then publishes the stream's messages there for it (the permission to create a consumer
+    does not look at the deliver subject in the request's body). Such a message keeps its stream subject
+    (with a `$JS.ACK` reply): receivers of core subjects take only what was published on theirs."""
+    return msg.subject == subject
+
+
 # What each stream stores (its subject filter).
 STREAM_SUBJECTS: dict[str, tuple[str, ...]] = {
     EVENTS_RAW: (f"{EVENTS_RAW_PREFIX}.>",),
