@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
 from aiosmtpd.smtp import AuthResult
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.segmentation.v1 import segmentation_pb2
@@ -39,6 +34,7 @@ from cdp_testing.channels.smtp import LocalSmtpServer
 from cdp_testing.channels.twilio import LocalTwilio
 from cdp_testing.waiting import eventually
 
+from .channels.test_email import _self_signed
 from .conftest import journey_document
 from .test_dispatch import Receiver, _dispatch_until_recorded
 
@@ -112,39 +108,16 @@ class _AuthBackendDown(LocalSmtpServer):
         return super()._authenticate(server, session, envelope, mechanism, auth_data)
 
 
-def _localhost_tls(tmp_path) -> tuple[ssl.SSLContext, str]:
-    """A server context for a self-signed `localhost` certificate, and the certificate's file to trust."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    return context, str(cert_file)
-
-
 async def test_a_relays_temporary_authentication_failure_is_tried_again_not_final(tmp_path):
     """A 454 to AUTH failed each action for good (`smtp_auth_454`, not retryable: dead-lettered on its first
     attempt), so a relay's authentication backend down for a minute lost every email sent in it."""
-    context, ca_file = _localhost_tls(tmp_path)
+    context, ca_file = _self_signed(tmp_path)
     async with _AuthBackendDown(host="localhost", credentials=("shop", "s3cret"), tls_context=context) as server:
         settings = load_settings(
             SmtpSettings,
             {
                 "CDP_SMTP_HOST": server.host, "CDP_SMTP_PORT": str(server.port), "CDP_SMTP_SECURITY": "starttls",
-                "CDP_SMTP_CA_FILE": ca_file, "CDP_SMTP_FROM": "Shop <hello@shop.example>", "CDP_SMTP_TIMEOUT": "5",
+                "CDP_SMTP_CA_FILE": str(ca_file), "CDP_SMTP_FROM": "Shop <hello@shop.example>", "CDP_SMTP_TIMEOUT": "5",
                 "CDP_SMTP_USERNAME": "shop", "CDP_SMTP_PASSWORD": "s3cret",
             },
         )  # fmt: skip
