@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from cdp_kit import errors
+from cdp_kit.bus.consumer import describe_failure
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument
 
 log = logging.getLogger("cdp.scoring.worker")
@@ -98,7 +99,9 @@ def _error_doc(error: BaseException) -> dict[str, Any]:
         return {"type": "InvalidArgument", "field": error.field, "message": error.description, "reason": error.reason}
     if isinstance(error, CdpError):
         return {"type": type(error).__name__, "message": error.message, "reason": error.reason}
-    return {"type": "Internal", "message": f"{type(error).__name__}: {str(error)[:500]}"}
+    # Its type and where it was raised, never its text: that quotes what the code had in hand (a person's
+    # feature value, an identifier), and the operator who ran the job is shown it.
+    return {"type": "Internal", "message": describe_failure(error)}
 
 
 def _serve(jobs, results, service: int) -> None:
