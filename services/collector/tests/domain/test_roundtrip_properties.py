@@ -73,7 +73,9 @@ def contexts(draw) -> dict:
     if draw(st.booleans()):
         context["traits"] = draw(trait_objects)
     if draw(st.booleans()):
-        context["consent"] = {"categoryPreferences": draw(st.dictionaries(keys, st.booleans(), max_size=3))}
+        # Named decisions: an unnamed one is refused (storable.unnamed_consent).
+        named = keys.filter(bool)
+        context["consent"] = {"categoryPreferences": draw(st.dictionaries(named, st.booleans(), max_size=3))}
     known = {"ip", "userAgent", "locale", "timezone", "library", "page", "device", "screen", "location", "traits",
              "consent", "groupId", "app", "campaign", "os", "network"}  # fmt: skip
     for key, value in draw(

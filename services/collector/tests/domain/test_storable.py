@@ -78,6 +78,18 @@ def test_a_poisoned_event_is_refused_alone_and_named(poison, field):
     assert len(parsed.valid()) == 100
 
 
+@pytest.mark.parametrize("preferences", ["categoryPreferences", "channelPreferences"])
+def test_a_consent_decision_without_a_name_is_refused_alone_and_named(preferences):
+    # It was accepted, then dropped by the profile without a word: `purpose:` names nothing.
+    items = bystanders()
+    items[3] = items[3] | {"context": {"consent": {preferences: {"": True, "Analytics": True}}}}
+    parsed = batch(items)
+    assert [i for i, e in enumerate(parsed.events) if e is None] == [3]
+    error = parsed.errors[3]
+    assert (error.code, error.field) == (Code.MISSING_FIELD, f'batch[3].context.consent.{preferences}[""]')
+    assert len(parsed.valid()) == 100
+
+
 def test_nul_in_ordinary_string_values_is_stored_as_sent():
     # Both store adapters keep NUL inside values (SQLite's JSON escapes it, BSON strings are length-prefixed).
     sent = {
@@ -282,3 +294,15 @@ def test_grpc_nesting_counts_arrays_as_levels_too():
     (error,) = prepare(event)
     assert error.code == Code.NESTING_TOO_DEEP
     assert error.field == "events[2].properties.deep" + "[0]" * (MAX_DEPTH - 2)
+
+
+def test_a_grpc_event_with_an_unnamed_consent_decision_is_refused_naming_the_field():
+    from cdp.events.v1 import events_pb2
+    from cdp_collector.domain.storable import struct_problems
+
+    consent = events_pb2.Consent(channel_preferences={"": False, "email": True})
+    event = events_pb2.Event(message_id="m", user_id="u", context=events_pb2.Context(consent=consent))
+    problems = struct_problems(event, base="events[0]", json_paths=False, max_depth=None)
+    assert [(p.code, p.field) for p in problems] == [
+        (Code.MISSING_FIELD, 'events[0].context.consent.channel_preferences[""]')
+    ]

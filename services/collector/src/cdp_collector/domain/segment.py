@@ -86,7 +86,7 @@ from cdp_collector.domain.limits import (
     check_event_bytes,
     check_event_count,
 )
-from cdp_collector.domain.storable import id_problems, struct_problems
+from cdp_collector.domain.storable import id_problems, struct_problems, unnamed_consent
 from cdp_collector.domain.structs import fill_struct
 from cdp_collector.domain.traits import group_dict, person_dict
 from cdp_kit.timestamps import NANOS, datetime_to_ns, set_ns
@@ -561,6 +561,8 @@ def _convert(
     if spelled is not None:
         names = {**JSON_NAMES, **{_PROTO[slot]: spelled[slot] for slot in range(len(_CAMEL))}}
     problems = [] if plain else validate_event(event, limits=limits, base=base, names=names)
+    if not plain and event.context.HasField("consent"):
+        problems += unnamed_consent(event.context.consent, base=base, json_paths=True)
     if has_nul:
         problems += id_problems(event, base=base, names=names)
     if errors:
@@ -595,6 +597,8 @@ def _plainly_valid(event_type: int, message_id: str, values: list, context: dict
         return False
     if context and len(context.get("group_id", "")) > max_id:  # context_parts' typed fields
         return False
+    if context and (consent := context.get("consent")) and any("" in names for names in consent.values()):
+        return False  # a consent decision without a name (storable.unnamed_consent)
     if event_type == TRACK:
         name = values[_EVENT]
         return bool((user_id or anonymous_id) and name.strip() and len(name) <= limits.max_event_name_chars)

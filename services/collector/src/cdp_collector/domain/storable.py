@@ -165,6 +165,22 @@ def struct_problems(event: events_pb2.Event, *, base: str, json_paths: bool, max
                 purpose = next(p for p in purposes if NUL in p)
                 name = json_name if json_paths else attr
                 errors.append(_nul_in_key(join(base, f"context.consent.{name}.{shown_key(purpose)}")))
+        errors.extend(unnamed_consent(context.consent, base=base, json_paths=json_paths))
+    return errors
+
+
+def unnamed_consent(consent: events_pb2.Consent, *, base: str, json_paths: bool) -> list[FieldError]:
+    """A consent decision without a name (`categoryPreferences: {"": true}`): the profile keeps
+    `purpose:<name>` and `channel:<name>` with a name, and dropped this one without a word."""
+    errors = []
+    for attr, json_name in (
+        ("category_preferences", "categoryPreferences"),
+        ("channel_preferences", "channelPreferences"),
+    ):
+        if "" in getattr(consent, attr):
+            name = json_name if json_paths else attr
+            path = join(base, f'context.consent.{name}[""]')
+            errors.append(FieldError(Code.MISSING_FIELD, path, "a consent category needs a name; this one is empty"))
     return errors
 
 
