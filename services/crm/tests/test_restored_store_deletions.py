@@ -182,6 +182,14 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             await task(bus, "p_ada", "act-ada-1", TASK)
             await _eventually(lambda: ada_task(emulator))
             await _eventually(lambda: emulator.find("contacts", "cdp_id", "p_ada"))
+
+            # Both of Ada's records synced before HubSpot fails: the task, sent before her contact existed,
+            # is written again with its link to the contact; caught by the outage, it was queued too (a
+            # fresh-clone run: two pending, never the one the test waits for).
+            async def both_synced():
+                return await states(process.grpc_address, "p_ada") == [crm_pb2.RECORD_STATE_SYNCED] * 2
+
+            await _eventually(both_synced)
             emulator.faults.fail_next(1_000_000)
             await change(bus, "p_ada", 3, email=NEW_EMAIL)
 
