@@ -2,8 +2,8 @@
 
 1. Events carrying a deleted person's identifier that identity resolves after the purge (it lags, or the
    collector learned of a suppression a moment late) are dropped - acknowledged, counted, never stored,
-   never published, not dead letters: any of them when the deletion suppresses, those the collector
-   received before the deletion when it does not.
+   never published, not dead letters: any of them when the deletion suppresses, those dated before the
+   deletion (received before it, or happened before it and arrived after) when it does not.
 2. A store restored from a copy taken before a deletion does not bring the person back: at start, before
    any event, identity purges every person a notice in PRIVACY names that the store still holds.
 """
@@ -41,7 +41,13 @@ DEV_KEY = IdentifierHashKeys.for_development().current
 
 
 def event(
-    message_id: str, *, user: str = "", anon: str = "", email: str = "", received_ms: int | None = None
+    message_id: str,
+    *,
+    user: str = "",
+    anon: str = "",
+    email: str = "",
+    received_ms: int | None = None,
+    at_ms: int | None = None,
 ) -> events_pb2.Event:
     message = events_pb2.Event(
         message_id=message_id, type=events_pb2.EVENT_TYPE_IDENTIFY, user_id=user, anonymous_id=anon
@@ -50,6 +56,8 @@ def event(
         message.traits.update({"email": email})
     if received_ms is not None:
         message.received_at.FromMilliseconds(received_ms)
+    if at_ms is not None:
+        message.timestamp.FromMilliseconds(at_ms)
     return message
 
 
@@ -237,6 +245,32 @@ async def test_events_received_before_a_deletion_are_dropped_and_later_ones_make
     assert (await identity.published_with("evt-returns"))["evt-returns"] == returned
     graph = await identity.stub.GetGraph(identity_pb2.GetGraphRequest(person_id=returned))
     assert [(i.identifier.type, i.identifier.value) for i in graph.identifiers] == [("user_id", "u-gone")]
+    assert await identity.dead_letters() == 0
+
+
+async def test_events_that_happened_before_a_deletion_and_arrive_after_it_are_dropped(identity):
+    """The connector read a HubSpot edit of the person's contact, made before the deletion, and posted it
+    after (its events carry the record's modification time; seen once in the privacy e2e run: the email
+    resolved again, to a person made after the deletion). So with an offline device's queue. Happened
+    before the deletion: the deleted person's, dropped. Happened after: a new arrival, a new person."""
+    await identity.start()
+    await identity.send(event("evt-1", user="u-gone", email="gone@example.com", anon="hubspot:1:501"))
+    gone = await identity.person("user_id", "u-gone")
+    at = now_ms()
+    await identity.delete(notice("req-gone", gone, at_ms=at))
+
+    await identity.send(
+        event("evt-crm-edit", anon="hubspot:1:501", email="gone@example.com", at_ms=at - 3000, received_ms=at + 500),
+        event("evt-offline", user="u-gone", at_ms=at - 60_000, received_ms=at + 900),
+    )
+    assert await identity.person("email", "gone@example.com") is None
+    assert await identity.person("anonymous_id", "hubspot:1:501") is None
+    assert await identity.person("user_id", "u-gone") is None
+    assert identity.dropped() == {"before_deletion": 2}
+
+    await identity.send(event("evt-returns", user="u-gone", at_ms=at + 1000, received_ms=at + 1000))
+    returned = await identity.person("user_id", "u-gone")
+    assert returned not in (None, gone)
     assert await identity.dead_letters() == 0
 
 

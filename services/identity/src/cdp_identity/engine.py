@@ -482,7 +482,9 @@ class IdentityEngine:
                         keys = [i.key for i in item.identifiers]
                         if item.previous is not None:
                             keys += self._previous_candidates(item.previous)
-                        rule = forgotten.dropped(keys, item.received or item.at)
+                        # By when it happened (never later than its arrival): a CRM change made before the
+                        # deletion and read after it, or an offline device's queue, was the person's too.
+                        rule = forgotten.dropped(keys, item.at)
                         if rule is not None:
                             deleted[rule] = deleted.get(rule, 0) + 1
                             resolutions.append(None)
@@ -619,7 +621,7 @@ class IdentityEngine:
         why = (
             "a privacy deletion that suppresses them"
             if rule == SUPPRESSED
-            else "a privacy deletion made after the time the request gives (`at`): events received before a "
+            else "a privacy deletion made after the time the request gives (`at`): events dated before a "
             "deletion are dropped"
         )
         raise FailedPrecondition(
@@ -795,7 +797,7 @@ class IdentityEngine:
         they own, and every mention of them in the records that stay (`IdentityGraph.purge`), in memory
         and in the store, plus the outbox notifications naming them. `also` adds the store operations of
         other owners (the match pool, the review queue) to the same write. Unknown persons: a no-op.
-        `deleted_at`: requested person -> the time of its deletion (epoch ms); events received until then
+        `deleted_at`: requested person -> the time of its deletion (epoch ms); events dated until then
         that carry an identifier purged with that person are dropped from now on (`self.forgotten`).
 
         Three steps, so events keep flowing during the slow one: under the lock, what goes; without it,

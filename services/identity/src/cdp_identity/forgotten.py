@@ -11,15 +11,19 @@ same user id or email. Once a deletion is applied, identity drops such an event 
   HMAC-SHA-256 under the key `identifier_hash_key_id` names, `cdp_kit.identifier_hash`), so identity holds
   the key file profile and the collector hold (`CDP_PRIVACY_HASH_KEY_FILE`); a notice from before keyed
   hashes carries plain SHA-256. Profile leaves browser and device ids out of a suppression.
-- **received before the deletion** (every deletion, suppressed or not): an event carrying an identifier
-  the purge removed, when the collector received it (`Event.received_at`; the event's `timestamp` when it
-  has none, which the collector caps at its arrival) at or before the notice's time (`PrivacyDeleted.at`,
-  profile's clock when it committed the deletion). Such an event belonged to the person identity has just
-  forgotten; one received after it is a new arrival and makes a new person (unless suppressed). Identity
-  hashes the purged identifier keys itself, under the current key, as it purges them, so it keeps no value,
-  and stores those digests with the purge (`identity_forgotten`), so a restart before the backlog is
-  resolved still drops them. An entry is kept while EVENTS_RAW can still hold an event received before it
-  (the stream's age limit).
+- **dated before the deletion** (every deletion, suppressed or not): an event carrying an identifier the
+  purge removed, when it happened (its `timestamp`, which the collector corrects for the sender's clock
+  skew and caps at its arrival; `Event.received_at` when it has none) at or before the notice's time
+  (`PrivacyDeleted.at`, profile's clock when it committed the deletion). Such an event belonged to the
+  person identity has just forgotten, whenever it arrives: one the collector received before the deletion
+  and identity resolves after it (identity lagged), and as well one that arrives after it but happened
+  before: a CRM change made before the deletion and read by the connector after (its events carry the
+  record's modification time), a device's offline queue, a back-fill. One that happened after the
+  deletion is a new arrival and makes a new person (unless suppressed). Identity hashes the purged
+  identifier keys itself, under the current key, as it purges them, so it keeps no value, and stores
+  those digests with the purge (`identity_forgotten`), so a restart before the backlog is resolved still
+  drops them. An entry is kept while EVENTS_RAW can still hold an event received before it (the stream's
+  age limit); an event dated before the deletion that arrives later than that makes a new person.
 
 People share browsers, devices and phones: an identifier of those types (`SHARED_TYPES`) drops an event
 only when nothing else on it names a person (a user id, an email, a CRM id that is nobody's deleted one),
@@ -105,7 +109,7 @@ class Forgotten:
         return len(digests) - before
 
     def forget(self, deleted_at: Mapping[str, int]) -> dict | None:
-        """Purged identifier keys -> the time of the deletion that purged them (epoch ms): events received
+        """Purged identifier keys -> the time of the deletion that purged them (epoch ms): events dated
         at or before it and carrying one are dropped. Only the keys' digests are kept. Returns them as the
         document the store keeps across restarts (`load`), or None for no keys."""
         digest = self.keys.current.digest
@@ -139,8 +143,8 @@ class Forgotten:
             del self._before[digest]
         return len(old)
 
-    def dropped(self, keys: Iterable[str], received: int) -> str | None:
-        """Why an event with identifier `keys`, received at `received` (epoch ms), is dropped (SUPPRESSED,
+    def dropped(self, keys: Iterable[str], at: int) -> str | None:
+        """Why an event with identifier `keys`, dated `at` (epoch ms), is dropped (SUPPRESSED,
         BEFORE_DELETION), or None when it is resolved."""
         current = self.keys.current
         before = self._before
@@ -158,7 +162,7 @@ class Forgotten:
                 if hashed in digests:
                     rule = SUPPRESSED
                     break
-            if rule is None and before and received <= before.get(mine or current.digest(key), -1):
+            if rule is None and before and at <= before.get(mine or current.digest(key), -1):
                 rule = BEFORE_DELETION
             if key.partition(":")[0] in SHARED_TYPES:
                 if rule is not None and shared is None:
