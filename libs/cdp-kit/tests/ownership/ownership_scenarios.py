@@ -101,13 +101,16 @@ async def settled(members: list[Member], ledger: Ledger, timeout: float = 15.0) 
 
 async def scale_one_three_two(make: MakeMember) -> None:
     ledger = Ledger()
+    # A hand-over may wait out a TTL (a member that joins while a round is on its way): the settle bound
+    # grows with it.
+    wait = max(15.0, 4 * getattr(make, "ttl", TTL))
     a = await make("replica-0", ledger, 0.05)
-    first = await settled([a], ledger)
+    first = await settled([a], ledger, timeout=wait)
     assert set(first.values()) == {"replica-0"}
 
     b, c = await make("replica-1", ledger, 0.05), await make("replica-2", ledger, 0.05)
     before = len(ledger.acquisitions)
-    second = await settled([a, b, c], ledger)
+    second = await settled([a, b, c], ledger, timeout=wait)
     moved = {p for p in first if first[p] != second[p]}
     # Partitions that changed hands moved once each, straight to their new owner; the rest stayed.
     assert sorted(p for _, p in ledger.acquisitions[before:]) == sorted(moved)
@@ -115,7 +118,7 @@ async def scale_one_three_two(make: MakeMember) -> None:
 
     await b.ownership.stop()  # scale down: replica-1 hands its partitions over and leaves
     before = len(ledger.acquisitions)
-    third = await settled([a, c], ledger)
+    third = await settled([a, c], ledger, timeout=wait)
     moved = {p for p in second if second[p] != third[p]}
     assert {p for p in second if second[p] == "replica-1"} <= moved
     assert sorted(p for _, p in ledger.acquisitions[before:]) == sorted(moved)

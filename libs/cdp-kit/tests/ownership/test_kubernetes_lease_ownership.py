@@ -139,7 +139,7 @@ async def make(api_server):
 async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_holders(make, api_server):
     # Moves here go by release, not expiry: a TTL long enough that one slow round on a busy machine does
     # not fence a member (which, correctly, drops its leases and re-takes them: a second move).
-    make.ttl = 4 * TTL
+    make.ttl = 8 * TTL
     await scale_one_three_two(make)
     # Every member left: no member records remain, and every partition lease is free.
     objects = api_server.objects.values()
