@@ -50,13 +50,13 @@ def test_the_next_time_of_day_in_the_hour_a_fall_back_repeats_is_the_same_nights
     assert clock.local(SECOND_0210, BERLIN).strftime("%H:%M %Z") == "02:10 CET"
     assert clock.next_time_of_day(SECOND_0210, 2, 30, BERLIN) == SECOND_0230
     assert clock.next_time_of_day(SECOND_0210, 2, 30, BERLIN, inclusive=True) == SECOND_0230
-    # The first pass still comes first, and a time in a spring gap resolves past the gap as before (02:30 at
-    # the pre-change offset: 03:30 CEST).
+    # The first pass still comes first, and a time in a spring gap resolves to the gap's end, 03:00 CEST, as
+    # the journey's cron slots do (it read 02:30 at the pre-change offset, 03:30, before: test_wall_clock_gaps).
     first_0210 = SECOND_0210 - 3600
     assert clock.next_time_of_day(first_0210, 2, 30, BERLIN) == SECOND_0230 - 3600
     spring = datetime(2026, 3, 29, 0, 0, tzinfo=UTC).timestamp()  # 01:00 CET, an hour before the gap
-    assert clock.next_time_of_day(spring, 2, 30, BERLIN) == datetime(2026, 3, 29, 1, 30, tzinfo=UTC).timestamp()
-    assert clock.local(clock.next_time_of_day(spring, 2, 30, BERLIN), BERLIN).strftime("%H:%M") == "03:30"
+    assert clock.next_time_of_day(spring, 2, 30, BERLIN) == datetime(2026, 3, 29, 1, 0, tzinfo=UTC).timestamp()
+    assert clock.local(clock.next_time_of_day(spring, 2, 30, BERLIN), BERLIN).strftime("%H:%M") == "03:00"
 
 
 def test_quiet_hours_ending_in_the_repeated_hour_defer_to_that_nights_end_not_the_next():

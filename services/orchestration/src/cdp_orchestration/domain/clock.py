@@ -2,8 +2,18 @@
 
 Every function takes epoch seconds and an IANA zone name and returns epoch seconds, so callers never hold a
 datetime. Days and weeks are calendar ones in the zone (a week starts on Monday, ISO 8601), so a day with a
-daylight-saving change is 23 or 25 hours long. A wall time that does not exist on a given day (the hour
-skipped in spring) resolves to the instant just after the gap, so a deferral never lands in the past.
+daylight-saving change is 23 or 25 hours long.
+
+The platform's one rule for a wall time on a daylight-saving night (`wall_time`), for everything here that
+resolves one - a `delay until`, a quiet-hours end, a day's or a week's start - and what croniter gives a
+scheduled entry's slot:
+
+- a time the clocks skip (02:30 on the night Berlin jumps from 02:00 to 03:00) is reached when the gap ends,
+  at 03:00: the first instant the clock has passed it. Reading it at the offset before the change (Python's
+  `fold=0`, what this did before) gave 03:30, half an hour after the journey's `30 2 * * *` fired, after a
+  delay until 03:15, and after the quiet-hours check itself said the quiet hours were over;
+- a time the clocks repeat (02:30 on the night they go back) is reached at its first pass; from inside the
+  repeated hour, the next time it reads 02:30 is its second pass (`next_time_of_day`).
 """
 
 from __future__ import annotations
@@ -66,17 +76,32 @@ def minute_of_day(now: float, tz: ZoneInfo) -> int:
     return moment.hour * 60 + moment.minute
 
 
-def _at(day: date, hour: int, minute: int, tz: ZoneInfo) -> float:
-    instant = datetime.combine(day, time(hour, minute), tzinfo=tz).timestamp()
-    # In a spring gap fold=0 reads the wall time with the offset before the change; the result is an
-    # instant whose local reading is after the gap. Either way it is a real instant in the zone.
-    return instant
+def wall_time(day: date, hour: int, minute: int, tz: ZoneInfo) -> float:
+    """The instant `day` reaches hour:minute in `tz`: the first instant reading it (the first pass of a
+    repeated hour), or, when the clocks skip it, the end of the gap (the module's rule)."""
+    wall = datetime.combine(day, time(hour, minute), tzinfo=tz)
+    instant = wall.timestamp()  # fold=0: the first pass; in a gap, read at the offset before the change
+    if local(instant, tz).replace(tzinfo=None) == wall.replace(tzinfo=None):
+        return instant
+    # In a gap: fold=0 and fold=1 read the wall time at the offsets on either side of the change, so the
+    # change - the gap's end - lies between the two instants. Found to the second (zones change on whole
+    # minutes; a search of at most a few hours' seconds, on the two nights a year it is needed).
+    other = wall.replace(fold=1).timestamp()
+    before, after = int(min(instant, other)), int(max(instant, other))
+    offset_after = local(after, tz).utcoffset()
+    while after - before > 1:
+        middle = (before + after) // 2
+        if local(middle, tz).utcoffset() == offset_after:
+            after = middle
+        else:
+            before = middle
+    return float(after)
 
 
 def _all_at(day: date, hour: int, minute: int, tz: ZoneInfo) -> tuple[float, ...]:
     """Every instant of `day` whose local time is hour:minute, earliest first: two in the hour an autumn
-    change repeats (fold 0, then fold 1), else one (`_at`; in a spring gap, the instant after it)."""
-    first = _at(day, hour, minute, tz)
+    change repeats (fold 0, then fold 1), else one (`wall_time`; in a spring gap, the gap's end)."""
+    first = wall_time(day, hour, minute, tz)
     second = datetime.combine(day, time(hour, minute, fold=1), tzinfo=tz).timestamp()
     if second > first and (local(second, tz).hour, local(second, tz).minute) == (hour, minute):
         return first, second
@@ -97,21 +122,21 @@ def next_time_of_day(now: float, hour: int, minute: int, tz: ZoneInfo, *, inclus
 
 def day_start(now: float, tz: ZoneInfo) -> float:
     """The start of the person's calendar day holding `now`."""
-    return datetime.combine(local(now, tz).date(), time(0), tzinfo=tz).timestamp()
+    return wall_time(local(now, tz).date(), 0, 0, tz)
 
 
 def week_start(now: float, tz: ZoneInfo) -> float:
     """The start of the person's calendar week (Monday 00:00) holding `now`."""
     today = local(now, tz).date()
-    return datetime.combine(today - timedelta(days=today.weekday()), time(0), tzinfo=tz).timestamp()
+    return wall_time(today - timedelta(days=today.weekday()), 0, 0, tz)
 
 
 def next_day_start(now: float, tz: ZoneInfo) -> float:
     tomorrow = local(now, tz).date() + timedelta(days=1)
-    return datetime.combine(tomorrow, time(0), tzinfo=tz).timestamp()
+    return wall_time(tomorrow, 0, 0, tz)
 
 
 def next_week_start(now: float, tz: ZoneInfo) -> float:
     today = local(now, tz).date()
     monday = today + timedelta(days=7 - today.weekday())
-    return datetime.combine(monday, time(0), tzinfo=tz).timestamp()
+    return wall_time(monday, 0, 0, tz)
