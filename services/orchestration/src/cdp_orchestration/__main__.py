@@ -137,7 +137,7 @@ async def setup(runtime: ServiceRuntime) -> None:
             bus, store, channel, report=report, ack_wait=settings.ack_wait,
             concurrency=settings.dispatch_concurrency, defer_for=settings.defer_seconds,
             max_attempts=settings.max_attempts, consent=consent, breaker_after=settings.breaker_timeouts,
-            probe_every=settings.breaker_probe_seconds,
+            probe_every=settings.breaker_probe_seconds, pause_at_most=settings.pause_seconds,
         )  # fmt: skip
         tasks.append(runtime.spawn(runner.run(), f"dispatch actions.{channel.name}"))
 

@@ -9,9 +9,11 @@ its first message, an attribution finds its send recorded). The consumer's ack w
 CDP_ORCHESTRATION_ACK_WAIT; the batch being worked is kept from redelivery meanwhile (`in_progress` every
 third of it, for up to KEEP_AT_MOST), so a long batch is not handed to another replica mid-send, and a
 dispatcher that died has its batch back after the ack wait. A provider that answers with Retry-After
-pauses its destination (`Channel.destination`: the provider account, or a webhook's host): actions to it
-not started yet are given back with that delay instead of sent (for at most
-CDP_ORCHESTRATION_DEFER_SECONDS, then they are sent anyway, so each ends with an outcome). The send is recorded in `orchestration_sends` under the action id
+pauses its destination (`Channel.destination`: the provider account, or a webhook's host; `pauses.py`):
+actions to it not started yet are given back with that delay instead of sent (for at most
+CDP_ORCHESTRATION_DEFER_SECONDS, then they are sent anyway, so each ends with an outcome). A pause lasts at
+most CDP_ORCHESTRATION_PAUSE_SECONDS (an hour), however long the provider asked; one it asked longer for
+ends with one probe, the others waiting for its answer. The send is recorded in `orchestration_sends` under the action id
 before the message is acknowledged, so a redelivery (a crash after the send, an acknowledgement lost)
 finds the record and sends nothing. The window between the provider's answer and the record is the one
 place a crash can send twice, once for each send in flight then (at most `concurrency`); adapters pass the
@@ -21,7 +23,7 @@ the same Message-ID.
 Outcomes: accepted and rejected (for good) are final. A retryable failure (a 5xx, a timeout, a refused
 connection, an adapter that raised) is one attempt; the action gets `max_attempts`
 (CDP_ORCHESTRATION_MAX_ATTEMPTS, 5) of them, each after the dispatcher's own back-off (`BACKOFF`, by
-attempts made) or the provider's Retry-After. The dispatcher counts them itself, in the action's send
+attempts made) or the provider's Retry-After (at most CDP_ORCHESTRATION_PAUSE_SECONDS). The dispatcher counts them itself, in the action's send
 record (`orchestration_sends`, status "pending", with the stream position of its message): an attempt
 after the first is recorded before it is made, so a crash between attempts or during one never resets
 the count (the first attempt is recorded only once it failed, so a send that goes through costs one
@@ -32,7 +34,8 @@ write; a first delivery that left no trace counts as made). At the bound the fai
 `DELIVERY_CAP` is only a backstop. A replay of that dead letter (a new stream position) starts a new round
 of attempts; a redelivery of the dead-lettered message itself sends nothing. A provider asking for time -
 a 429 (`Outcome.later`), or its destination paused by an earlier Retry-After - is not an attempt: the
-action is handed back for that long (hand-backs counted in the record as `deferrals`). What bounds a
+action is handed back for that long, at most CDP_ORCHESTRATION_PAUSE_SECONDS (hand-backs counted in the
+record as `deferrals`). What bounds a
 receiver that keeps asking is time: CDP_ORCHESTRATION_DEFER_SECONDS (a day by default) after the action
 was published, a 429 is final ("failed", ``http_429``, dead-lettered) and a paused destination is sent to
 anyway.
@@ -110,6 +113,7 @@ from cdp_orchestration.breaker import BREAKER_AFTER, PROBE, PROBE_EVERY, SKIP, T
 from cdp_orchestration.channels import Action, Channel, Outcome
 from cdp_orchestration.channels.outcomes import Feedback, attributed, feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
+from cdp_orchestration.pauses import PAUSE_AT_MOST, Pauses
 from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
 
 if TYPE_CHECKING:
@@ -197,6 +201,7 @@ class Dispatcher:
         max_attempts: int = MAX_ATTEMPTS,
         backoff: Sequence[float] = BACKOFF,
         meter: metrics.Meter | None = None,
+        pause_at_most: float = PAUSE_AT_MOST,
         deletions: Deletions | None = None,
         breaker_after: int = BREAKER_AFTER,
         probe_every: float = PROBE_EVERY,
@@ -222,8 +227,8 @@ class Dispatcher:
         # Publishes a dead letter before the message is erased (the consumer's; None: the kit's own, at settle).
         self.runner: ConsumerRunner | None = None
         self._slots = asyncio.Semaphore(concurrency)
-        # Destination (`Channel.destination`) -> monotonic time its provider asked us to wait until.
-        self._paused: dict[str, float] = {}
+        # The destinations whose provider asked for time (Retry-After), each for at most `pause_at_most`.
+        self.pauses = Pauses(channel.name, at_most=pause_at_most, probe_every=probe_every)
         # Action id -> store faults on its record so far (`_store_fault`); forgotten once it goes through.
         self._store_faults: dict[str, int] = {}
         # Action id -> the final outcome of a send whose record is not written yet, and the attempts it took.
@@ -375,11 +380,30 @@ class Dispatcher:
             failure = Outcome.failed(tries.reason or "no_answer", retryable=True)
             return await self._final(delivery, action, failure, tries, dead_lettered=True)
         destination = self.channel.destination(action)
-        wait = self._paused.get(destination, 0.0) - time.monotonic()
-        # The provider asked for quiet (Retry-After): do not add to its load. Past the time bound the send
-        # is tried anyway, so the action ends with an outcome rather than unrecorded.
+        wait, probe = self.pauses.gate(destination)
+        # The provider asked for quiet (Retry-After), or the probe after its pause is out: do not add to its
+        # load. Past the time bound the send is tried anyway, so the action ends with an outcome rather than
+        # unrecorded.
         if wait > 0 and await self._defer(delivery, action, tries, "provider_paused", wait):
             return None
+        try:
+            return await self._attempt(delivery, action, stored, tries, destination, probe)
+        finally:
+            if probe:  # sent or not: the next action is the probe unless its answer ended or renewed the pause
+                self.pauses.probed(destination)
+
+    async def _attempt(
+        self,
+        delivery: Delivery,
+        action: Action,
+        stored: dict[str, Any] | None,
+        tries: Tries,
+        destination: str,
+        probe: bool,
+    ) -> dict[str, Any] | None:
+        """One attempt of the action to `destination`, not paused (or sent anyway, its wait bound over), or
+        the probe after a pause (`probe`): unless the person was deleted, their consent withdrawn, or the
+        destination's breaker skips it. The record, or None when the delivery was given back."""
         if self.deletions is not None and await self.deletions.deleted(action.person_id):
             # The person's deletion was accepted: withdrawn (`privacy.py`), as its handler would have.
             record = withdrawn_record(self.channel.name, time.time())
@@ -404,9 +428,9 @@ class Dispatcher:
             if gate == PROBE and breaker is not None:
                 self.breakers.probed(breaker)
         self.breakers.heard(destination, outcome)
-        if not outcome.ok and outcome.retryable and outcome.retry_after:
-            until = time.monotonic() + outcome.retry_after
-            self._paused[destination] = max(self._paused.get(destination, 0.0), until)
+        # The provider's Retry-After pauses the destination, capped (`pauses.py`); the wait granted is this
+        # action's too. Any other answer to the probe ends a pause the cap cut short.
+        granted = self.pauses.heard(destination, outcome, probe=probe)
         if outcome.ok or not outcome.retryable:
             # Kept until its record is written: a store failing on that record must not make it go out again.
             sent = self._unrecorded[action.action_id] = (outcome, replace(tries, attempts=tries.attempts + 1))
@@ -414,7 +438,7 @@ class Dispatcher:
             self._unrecorded.pop(action.action_id, None)
             return record
         if outcome.deferred:
-            if await self._defer(delivery, action, tries, outcome.reason, outcome.retry_after):
+            if await self._defer(delivery, action, tries, outcome.reason, granted):
                 return None
             # Asked for time for longer than the bound: given up on, with the hand-backs it had.
             return await self._final(delivery, action, outcome, tries, dead_lettered=True)
@@ -423,9 +447,9 @@ class Dispatcher:
             return await self._final(delivery, action, outcome, tries, dead_lettered=True)
         await self._pending(delivery, action, tries)
         backoff = self._backoff(tries.attempts)
-        delay = outcome.retry_after if outcome.retry_after is not None else backoff
+        delay = granted if granted is not None else backoff
         if delay > backoff:
-            # The provider's Retry-After, up to the wait bound (`_bounded`); past it, the usual back-off.
+            # The provider's Retry-After (capped), up to the wait bound (`_bounded`); past it, the usual back-off.
             delay = max(backoff, self._bounded(delivery, delay))
         delivery.retry(outcome.reason, delay)
         self.m_retries.add(1, {"channel": self.channel.name, "kind": "attempt"})
@@ -800,6 +824,7 @@ def dispatcher(
     breaker_after: int = BREAKER_AFTER,
     probe_every: float = PROBE_EVERY,
     consent: SendConsent | None = None,
+    pause_at_most: float = PAUSE_AT_MOST,
 ) -> ConsumerRunner:
     spec = ConsumerSpec(
         stream=subjects.ACTIONS,
@@ -826,6 +851,7 @@ def dispatcher(
         probe_every=probe_every,
         consent=consent,
         ack_wait=ack_wait,
+        pause_at_most=pause_at_most,
     )
     runner = bus.consumer(spec, handler.handle)
     handler.runner = runner

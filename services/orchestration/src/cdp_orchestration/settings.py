@@ -118,6 +118,14 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         "(a 429, a Retry-After): such hand-backs use none of the action's attempts; past this a 429 is final "
         "(failed, http_429) and a paused destination is sent to anyway. Below CDP_ORCHESTRATION_RETENTION_DAYS",
     )
+    pause_seconds: float = env(
+        "CDP_ORCHESTRATION_PAUSE_SECONDS",
+        3600.0,
+        help="the longest a provider's Retry-After pauses its destination (a webhook host, a provider account) "
+        "and holds the action it answered: one asking for longer (a day, by mistake or from a hostile webhook "
+        "receiver) is asked again after this, by one probe while the others wait; another Retry-After then "
+        "pauses it again (pauses.py). Positive",
+    )
     breaker_timeouts: int = env(
         "CDP_ORCHESTRATION_BREAKER_TIMEOUTS",
         3,
@@ -225,6 +233,11 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
                 f"CDP_ORCHESTRATION_DEFER_SECONDS={self.defer_seconds:g} is invalid: must be positive and below "
                 f"CDP_ORCHESTRATION_RETENTION_DAYS ({self.retention_days:g} days), or the ACTIONS stream drops "
                 "a waiting action before it ends with an outcome"
+            )
+        if not self.pause_seconds > 0:
+            problems.append(
+                f"CDP_ORCHESTRATION_PAUSE_SECONDS={self.pause_seconds:g} is invalid: must be positive (seconds a "
+                "provider's Retry-After pauses its destination at most)"
             )
         floor = max(DEAD_LETTER_DAYS, self.retention_days)
         if not self.tombstone_days >= floor:
