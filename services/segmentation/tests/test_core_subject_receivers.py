@@ -1,0 +1,39 @@
+"""Segmentation's receivers of core subjects take only what was published on each: a push consumer aimed at
+one (cdp_testing.core_subjects) would make every replica reload a "segment" named by whatever bytes the
+stream held (`segmentation.segments.changed`), or drop its cache of a computed trait's readers for nothing."""
+
+from __future__ import annotations
+
+from cdp_kit.bus import Bus, profiles_stream, subjects
+from cdp_kit.service import serving
+from cdp_segmentation.__main__ import setup
+from cdp_segmentation.settings import SegmentationSettings
+from cdp_testing.core_subjects import pushed_then_published, taken
+
+
+async def test_messages_a_push_consumer_delivers_onto_segment_changes_reload_nothing(nats_server, monkeypatch):
+    settings = SegmentationSettings(
+        nats_url=nats_server.url, grpc_host="127.0.0.1", grpc_port=0, auth_mode="none", partitions=1,
+        shutdown_grace=1.0, store_url="memory://",
+    )  # fmt: skip
+    async with Bus.connect(nats_server.url, name="core-subject-test") as bus:
+        await bus.ensure_streams(profiles_stream())
+        async with serving(settings, setup) as runtime:
+            engine = runtime.parts["engine"]
+            reloaded: list[str] = []
+            reload = engine.reload
+
+            async def recording(segment_id: str) -> None:
+                reloaded.append(segment_id)
+                await reload(segment_id)
+
+            monkeypatch.setattr(engine, "reload", recording)
+            await pushed_then_published(
+                bus,
+                stream=subjects.PROFILES,
+                stream_subject=subjects.profiles_changed(0),
+                subject=subjects.SEGMENTATION_SEGMENTS_CHANGED,
+                pushed=b"pushed-segment",
+                published=b"control-segment",
+            )
+            assert await taken(lambda: reloaded, "control-segment") == ["control-segment"]
