@@ -333,6 +333,11 @@ class ConsumerRunner:
         self.handled = 0
         self.dead_lettered = 0
         self.recreated = 0  # times the consumer was found gone and created again
+        # Whether its lag and oldest age are on /metrics: from when it runs until it stops (`retire`). A runner
+        # that stopped lives on until a full garbage collection (a partition pipeline's is in a cycle), which
+        # services that raise the collector's thresholds or freeze start-up's objects may never run: its last
+        # values stayed on the page beside the next owner's, the oldest age growing at each scrape.
+        self.reporting = True
         # Acknowledging a message acknowledges every one before it (an ordered consumer's: `_settle`).
         self._ack_all = spec.config().ack_policy == api.AckPolicy.ALL
         # Where the consumer starts if it has to be created again (module docstring): after the highest
@@ -385,13 +390,14 @@ class ConsumerRunner:
     def _observe_lag(self):
         from opentelemetry.metrics import Observation
 
-        yield Observation(self.pending, self._attrs)
+        if self.reporting:
+            yield Observation(self.pending, self._attrs)
 
     def _observe_oldest(self):
         from opentelemetry.metrics import Observation
 
-        if not self._may_read:
-            return  # not polled yet, or its user may not read the stream: no series rather than a false 0
+        if not self._may_read or not self.reporting:
+            return  # stopped, not polled yet, or its user may not read the stream: no series rather than a false 0
         # Aged at each scrape from the message's own time: a stuck consumer's age grows between polls too.
         oldest = self.oldest_at
         age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
@@ -406,6 +412,13 @@ class ConsumerRunner:
             self._may_read = may_read_messages(self.nc, self.spec.stream)
         if self._may_read:
             self.oldest_at = await oldest_unacknowledged(self.js, info)
+
+    def retire(self) -> None:
+        """It stopped consuming here (cancelled, its partition released): its lag and oldest age leave
+        /metrics now, not when the garbage collector frees it; the consumer's next owner reports them."""
+        self.reporting = False
+        self.pending = 0
+        self.oldest_at = None
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -535,8 +548,15 @@ class ConsumerRunner:
 
     async def run(self) -> None:
         """Consume until cancelled. Survives NATS outages: fetches fail, we wait and try again."""
-        delay = 0.1
         me = asyncio.current_task()
+        self.reporting = True
+        try:
+            await self._run(me)
+        finally:
+            self.retire()
+
+    async def _run(self, me: asyncio.Task | None) -> None:
+        delay = 0.1
         while True:
             _raise_if_cancelling(me)
             try:

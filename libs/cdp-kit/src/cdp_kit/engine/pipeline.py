@@ -187,6 +187,8 @@ class PartitionPipeline:
                     delay = min(delay * 2, 5.0)
         finally:
             lag.cancel()
+            for feed in self.feeds:
+                feed.runner.retire()  # its lag and age leave /metrics with the partition (bus/consumer.py)
             await self._unsubscribe()
 
     async def stop(self) -> None:
