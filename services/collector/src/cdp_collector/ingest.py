@@ -36,7 +36,7 @@ from cdp_kit.telemetry import Telemetry
 PARTITION_CACHE_KEYS = 100_000
 
 #: How long after JetStream last refused to store an event (its answer an error: a full disk, a stream at
-#: its limits) the collector reports not ready (`/readyz`). A replica that is not ready gets no traffic,
+#: its limits; or no stream for the subject at all) the collector reports not ready (`/readyz`). A replica that is not ready gets no traffic,
 #: so it cannot learn from a store that the server writes again: it reports ready again this long after
 #: the last refusal, and the next refused request starts the window again.
 REFUSALS_KEEP_UNREADY = 10.0

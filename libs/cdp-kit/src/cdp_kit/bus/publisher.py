@@ -56,8 +56,9 @@ class OutMessage:
 @dataclass(slots=True)
 class PubResult:
     """JetStream's answer for one message: stored (seq), a duplicate of an earlier one, or an error.
-    `refused`: the server answered and would not store it (a full disk, a stream at its limits), as
-    opposed to no answer in time or no connection."""
+    `refused`: the server answered and would not store it (a full disk, a stream at its limits, no stream
+    for the subject: deleted, or nats-server restarted on an empty store), as opposed to no answer in time
+    or no connection."""
 
     seq: int = 0
     duplicate: bool = False
@@ -162,7 +163,8 @@ class Publisher:
         if not msg.data:
             status = (msg.headers or {}).get("Status", "")
             if status == "503":
-                return PubResult(error="no stream accepts this subject (JetStream: no responders)")
+                # Refused as surely as a full stream is: the collector's /readyz says so (it said ready).
+                return PubResult(error="no stream accepts this subject (JetStream: no responders)", refused=True)
             return PubResult(error=f"empty JetStream reply (status {status or 'none'})")
         try:
             body = orjson.loads(msg.data)
