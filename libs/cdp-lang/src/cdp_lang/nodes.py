@@ -395,6 +395,27 @@ _WHERE_KEYS = {
 }
 
 
+def path_key(path: tuple[str, ...]) -> str:
+    """One string per path, for keys and names: the steps joined by dots, a step that holds a dot itself
+    between backticks (`consent.`purpose:ads.personalised``, the path `("consent", "purpose:ads.personalised")`,
+    is not `consent.purpose:ads.personalised`, whose key is `purpose:ads`). A path without such a step keeps
+    the plain join it always had (a percentile's key, `percentiles.spec_of`)."""
+    return ".".join(f"`{step}`" if "." in step else step for step in path)
+
+
+def check_event_path(path: tuple[str, ...]) -> None:
+    """Invalid when a step of an event field's path (`properties.<path>`, `context.<path>`) holds a dot: the
+    profile service's filter names an event field by its steps joined with dots (`where_key`) and reads
+    each dot as a step into an object, so a property named `a.b` cannot be told from `b` inside `a`. A
+    profile field's step may hold one (a consent key `purpose:ads.personalised`): its flat key is read as it is."""
+    for step in path[1:]:
+        if "." in step:
+            raise Invalid(
+                f"an event field's name cannot hold a dot ({step!r}): the profile service reads a dot in an event "
+                "field's path as a step into an object; write it as steps (properties.a.b)"
+            )
+
+
 def where_key(path: tuple[str, ...]) -> str:
     """The profile service's name for an event path: `total` for properties.total, `$context.ip` for context.ip."""
     rest = ".".join(path[1:])

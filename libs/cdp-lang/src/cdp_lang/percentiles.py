@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cdp_lang.nodes import Percentile, percent_text
+from cdp_lang.nodes import Percentile, path_key, percent_text
 from cdp_lang.values import number
 
 
@@ -36,7 +36,7 @@ class PercentileSpec:
 
 
 def spec_of(node: Percentile) -> PercentileSpec:
-    key = f"{'.'.join(node.path)}@{percent_text(node.percent)}"
+    key = f"{path_key(node.path)}@{percent_text(node.percent)}"
     return PercentileSpec(key, node.field, node.path[2:], node.percent)
 
 

@@ -36,10 +36,14 @@ Grammar (keywords are lowercase; `or` binds loosest, then `and`, then `not`):
 PATH is `traits.<name>`, `computed.<name>`, `consent.<key>` or `scores.<name>` (or a root the caller adds
 with `parse(..., roots=...)`, like a journey's `entry.<name>`), then optionally more `.<key>` steps into an
 object value. EVENT_PATH is `properties.<path>` or `context.<path>`. A step is
-letters, digits, `_` and `:` (`consent.purpose:email`), or anything but a backtick or a dot between
-backticks (`` traits.`first name` ``). STRING is double-quoted with the escapes \\" \\\\ \\n \\t \\r \\uXXXX.
-NUMBER is an int or a float (1.5, 2e-3). DURATION is a whole number of seconds written as 90s, 15m, 12h,
-30d or 2w. `null` is not a value: `traits.x exists` and `not traits.x exists` test for it.
+letters, digits, `_` and `:` (`consent.purpose:email`), or anything but a backtick or a line break between
+backticks (`` traits.`first name` ``), dots included: `` consent.`purpose:ads.personalised` `` is the one
+consent key `purpose:ads.personalised`, where `consent.purpose:ads.personalised` is the key `purpose:ads`
+and a step `personalised` into its value. An EVENT_PATH's step holds no dot (`nodes.check_event_path`: the
+profile service reads a dot in an event filter's path as a step into an object). STRING is double-quoted
+with the escapes \\" \\\\ \\n \\t \\r \\uXXXX. NUMBER is an int or a float (1.5, 2e-3). DURATION is a
+whole number of seconds written as 90s, 15m, 12h, 30d or 2w. `null` is not a value: `traits.x exists` and
+`not traits.x exists` test for it.
 
 `not` and parentheses nest at most MAX_DEPTH deep, and so do `and`, `or`, `not` and arithmetic in the tree
 the text makes (see `nodes.MAX_DEPTH`): the parser never recurses deeper than that, whatever the text. A

@@ -20,6 +20,7 @@ from cdp_lang.nodes import (
     Invalid,
     Node,
     Performed,
+    check_event_path,
     check_event_type,
     where_document,
 )
@@ -79,7 +80,7 @@ class EventsParser:
             token = self.tokens.peek()
             if token.kind != "name" or token.value[0] != "properties" or len(token.value) < 2:
                 raise self.error(token, f"the property to {op}, like properties.total")
-            property_path = self.tokens.take().value
+            property_path = self.event_path(self.tokens.take())
             if self.is_punct(","):
                 self.tokens.take()
                 if self.is_word("within"):
@@ -207,9 +208,18 @@ class EventsParser:
             raise self.error(right_token, EVENT_VALUE_EXPECTED, FIELD_ONLY_IN_ARITHMETIC)
         return EventCondition(node.path, node.op, node.value)
 
+    def event_path(self, token: Token) -> tuple[str, ...]:
+        """The event field `token` names (`properties.<path>`, `context.<path>`), none of its steps holding a
+        dot (`nodes.check_event_path`)."""
+        try:
+            check_event_path(token.value)
+        except Invalid as error:
+            raise self.error(token, "an event field whose names hold no dot", str(error)) from None
+        return token.value
+
     def event_condition(self) -> EventCondition | Comparison:
         start = self.tokens.take()
-        path = start.value
+        path = self.event_path(start)
         operator = self.tokens.peek()
         if operator.kind == "punct" and operator.text in ARITHMETIC_OPERATORS:
             return self.event_arithmetic(start, FieldRef(path))

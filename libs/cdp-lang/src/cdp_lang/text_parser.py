@@ -253,7 +253,8 @@ class Parser(EventsParser):
         if self.is_word("percentile") and not self.in_event:
             return self.percentile(), 0
         if token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.operand_roots():
-            return FieldRef(self.tokens.take().value), 0
+            taken = self.tokens.take()
+            return FieldRef(self.event_path(taken) if self.in_event else taken.value), 0
         hint = ""
         if self.in_event and token.kind == "name" and (token.value[0] in self.roots or self.is_word("percentile")):
             hint = EVENT_FIELDS_ONLY

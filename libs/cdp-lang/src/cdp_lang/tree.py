@@ -2,6 +2,9 @@
 
     {"and": [<node>, ...]}                  {"or": [<node>, ...]}                  {"not": <node>}
     {"field": "traits.plan", "op": "=", "value": "pro"}         ops: = != < <= > >= in contains starts_with
+    {"field": ["consent", "purpose:ads.personalised"], "op": "=", "value": true}   (a path as a list of its
+                                      steps, where a step holds a dot; "consent.purpose:ads.personalised" is
+                                      the key purpose:ads, then a step personalised into its value)
     {"field": "traits.country", "op": "in", "value": ["DE", "AT"]}
     {"field": "traits.phone", "op": "exists"}                    (no "value")
     {"field": "traits.created_at", "op": "<", "value": {"now": "-30d"}}    {"now": "+3d"}, {"now": 0}
@@ -26,6 +29,11 @@
     an event's arithmetic is the same, its fields {"path": ...} (properties.<path>, context.<path>):
               {"path": "properties.total", "op": ">", "value": {"*": [{"path": "properties.shipping"}, 2]}}
               {"left": {"+": [{"path": "properties.a"}, {"path": "properties.b"}]}, "op": ">", "right": 100}
+
+A field path (`field`, `path`, `property`, `percentile`) is a string, split at its dots, or a list of its
+steps; `to_json` writes the list only for a path with a dot inside a step (the text form puts such a step
+between backticks: `` consent.`purpose:ads.personalised` ``). An event field's steps hold no dot
+(`nodes.check_event_path`).
 
 "within" is optional (no key: the person's whole history); an aggregate's "event" is optional ({} = every
 track event). Errors are InvalidArgument on the JSON path of the offending value, below the caller's root
@@ -69,6 +77,7 @@ from cdp_lang.nodes import (
     Performed,
     Scalar,
     check_date,
+    check_event_path,
     check_event_type,
     comparison,
     duration,
@@ -154,15 +163,32 @@ def _node(tree: Any, at: str, level: int, max_depth: int, roots: tuple[str, ...]
 
 
 def _path(value: Any, at: str, roots: tuple[str, ...]) -> tuple[str, ...]:
-    example = "properties.total" if roots[0] in EVENT_ROOTS else f"{roots[0]}.plan"
-    if not isinstance(value, str):
+    """A field path: a string, its steps split at the dots, or a list of the steps, for a step that holds a
+    dot itself (`["consent", "purpose:ads.personalised"]`; `_path_json` writes a path so only then)."""
+    events = roots[0] in EVENT_ROOTS
+    example = "properties.total" if events else f"{roots[0]}.plan"
+    if isinstance(value, list) and all(isinstance(step, str) for step in value):
+        steps = tuple(value)
+    elif isinstance(value, str):
+        steps = tuple(value.split("."))
+    else:
         raise InvalidArgument(at, f"{value!r} is not a field path: use e.g. {example!r}")
-    steps = tuple(value.split("."))
-    if steps[0] not in roots or len(steps) < 2:
+    if not steps or steps[0] not in roots or len(steps) < 2:
         raise InvalidArgument(at, f"{value!r} is not a field of {', '.join(roots)}: use e.g. {example!r}")
     if any(not step or "`" in step or "\n" in step for step in steps):
         raise InvalidArgument(at, f"{value!r} has an empty step or one with a backtick or a line break")
+    if events:
+        try:
+            check_event_path(steps)
+        except Invalid as error:
+            raise InvalidArgument(at, str(error)) from None
     return steps
+
+
+def _path_json(path: tuple[str, ...]) -> str | list[str]:
+    """A path as `_path` reads it back: its steps joined by dots, or, when a step holds a dot itself, the
+    list of its steps (the string would split it)."""
+    return list(path) if any("." in step for step in path) else ".".join(path)
 
 
 def _scalar(value: Any, at: str) -> Scalar:
@@ -483,10 +509,10 @@ def _value_json(value: Any, field_key: str = "field") -> Any:
     if isinstance(value, Date):
         return {"date": value.text}
     if isinstance(value, FieldRef):
-        return {field_key: ".".join(value.path)}
+        return {field_key: _path_json(value.path)}
     if isinstance(value, Percentile):
         percent = int(value.percent) if value.percent == int(value.percent) else value.percent
-        return {"percentile": ".".join(value.path), "percent": percent}
+        return {"percentile": _path_json(value.path), "percent": percent}
     if isinstance(value, Arithmetic):
         return {value.op: [_value_json(value.left, field_key), _value_json(value.right, field_key)]}
     if isinstance(value, tuple):
@@ -519,7 +545,7 @@ def _where_json(condition: EventCondition | Comparison) -> dict[str, Any]:
 
 
 def _condition_json(key: str, path: tuple[str, ...], op: str, value: Any, field_key: str = "field") -> dict[str, Any]:
-    document = {key: ".".join(path), "op": op}
+    document: dict[str, Any] = {key: _path_json(path), "op": op}
     if op != "exists":
         document["value"] = _value_json(value, field_key)
     return document
@@ -543,7 +569,7 @@ def to_json(node: Node) -> dict[str, Any]:
     if isinstance(node, Aggregate):
         document = {"aggregate": node.op}
         if node.property is not None:
-            document["property"] = ".".join(node.property)
+            document["property"] = _path_json(node.property)
         document["event"] = _event_json(node.event)
         if node.within is not None:
             document["within"] = duration_text(node.within)

@@ -29,6 +29,7 @@ from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
 from cdp_kit.person_export import REQUEST_ERRORS, Owners
 from cdp_kit.timestamps import set_seconds
+from cdp_lang.nodes import path_key
 from cdp_lang.plan import (
     AllOf,
     AnyOf,
@@ -68,7 +69,11 @@ class Read:
 
     @property
     def name(self) -> str:
-        return ".".join((self.field, *self.sub))
+        """The field as the language writes it (`path_key`): a name holding a dot between backticks, so
+        `consent.`purpose:ads.personalised`` (one consent key) is not `consent.purpose:ads.personalised`
+        (the key `purpose:ads`, a step into its value)."""
+        root, _, name = self.field.partition(".")
+        return path_key((root, name, *self.sub))
 
     def value(self, record: Mapping[str, Any]) -> Any:
         value = record.get(self.field)

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cdp_kit.profile_fields import CONSENT, TRAITS
-from cdp_lang.nodes import And, Condition, Date, FieldRef, Not, Now, Or, Percentile
+from cdp_lang.nodes import And, Condition, Date, FieldRef, Not, Now, Or, Percentile, path_key
 
 CHECKED_OPS = ("=", "!=", "<", "<=", ">", ">=", "in", "starts_with")
 LISTED = 8  # known names a warning lists at most
@@ -76,7 +76,7 @@ async def definition_warnings(node: Any, fields: Iterable[Mapping[str, Any]]) ->
             continue
         seen.add(key)
         held = await _kinds_held(rows, condition.field, condition.sub, wanted)
-        name = ".".join(condition.path)
+        name = path_key(condition.path)
         if held is None:
             continue  # some profile holds a value of a type it is compared with
         if held:
@@ -123,11 +123,18 @@ def _unknown(root: str, field: str, rows: list[Mapping[str, Any]]) -> str:
     close = [by_name[n] for n in difflib.get_close_matches(name, sorted(by_name), n=3, cutoff=0.6)]
     close += [n for n in names if n not in close and n.lower() == field.lower()]
     if close:
-        return f"{field}: no profile has this {what}; did you mean {' or '.join(close[:3])}?"
+        return f"{_shown(field)}: no profile has this {what}; did you mean {' or '.join(map(_shown, close[:3]))}?"
     if names:
         more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
-        return f"{field}: no profile has this {what}; known: {', '.join(names[:LISTED])}{more}"
-    return f"{field}: no profile has this {what}; no profile has any {root} field"
+        return f"{_shown(field)}: no profile has this {what}; known: {', '.join(map(_shown, names[:LISTED]))}{more}"
+    return f"{_shown(field)}: no profile has this {what}; no profile has any {root} field"
+
+
+def _shown(key: str) -> str:
+    """A flat field key as a definition names it: `consent.`purpose:ads.personalised`` for the consent key
+    `purpose:ads.personalised` (`path_key`), so a name a warning suggests reads back as that field."""
+    root, _, name = key.partition(".")
+    return path_key((root, name))
 
 
 def _conditions(node: Any) -> list[Condition]:

@@ -250,6 +250,9 @@ RECORD_PATHS = [
     ("traits", "nested", "city"),
     ("traits", "nested", "geo", "lat"),
     ("consent", "email"),
+    ("consent", "purpose:ads.personalised"),  # a key holding a dot, beside the key it would split into
+    ("consent", "purpose:ads"),
+    ("consent", "purpose:ads", "personalised"),
     ("scores", "s"),
 ]
 RECORD_FIELDS = sorted({f"{path[0]}.{path[1]}" for path in RECORD_PATHS})
@@ -543,12 +546,16 @@ def test_membership_holds_until_next_change(data, node, now, fractions):
 
 STEPS = ["plan", "a", "first name", "purpose:email", "0", "a-b", "é", "and", "now", "x_1"]
 path_tails = st.lists(st.sampled_from(STEPS), min_size=1, max_size=3).map(tuple)
+# A profile field's step may hold a dot (the consent key of the category "ads.personalised"); an event
+# field's may not (the profile service reads the dot as a step), so event paths keep `path_tails`.
+DOTTED_STEPS = ["purpose:ads.personalised", "purpose:ads", "personalised", "a.b", ".", "x."]
+profile_tails = st.lists(st.sampled_from(STEPS + DOTTED_STEPS), min_size=1, max_size=3).map(tuple)
 any_text = st.text(max_size=8)
 
 
 @st.composite
 def any_conditions(draw):
-    path = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(path_tails))
+    path = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(profile_tails))
     op = draw(st.sampled_from(CONDITION_OPS))
     literal = st.one_of(st.integers(-(10**30), 10**30), number_literals, any_text, st.booleans())
     if op == "exists":
@@ -556,15 +563,15 @@ def any_conditions(draw):
     if op == "in":
         return Condition(path, op, tuple(draw(st.lists(literal, min_size=1, max_size=3))))
     if op in ("in", "contains", "starts_with") and draw(st.integers(0, 3)) == 0:
-        other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(path_tails))
+        other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(profile_tails))
         return Condition(path, op, FieldRef(other))
     if op == "starts_with":
         return Condition(path, op, draw(any_text))
     if op in ("=", "!=", "<", "<=", ">", ">=") and draw(st.integers(0, 3)) == 0:
-        paths = [path, *(tuple([root, *draw(path_tails)]) for root in ("traits", "computed", "consent", "scores"))]
+        paths = [path, *(tuple([root, *draw(profile_tails)]) for root in ("traits", "computed", "consent", "scores"))]
         return draw(arithmetic_conditions(paths))
     if op in ("=", "!=", "<", "<=", ">", ">=") and draw(st.integers(0, 3)) == 0:
-        other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(path_tails))
+        other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(profile_tails))
         if op in ORDERINGS and draw(st.booleans()):
             return Condition(path, op, Percentile(other, draw(st.floats(0, 100).map(lambda v: v + 0.0))))
         return Condition(path, op, FieldRef(other))
