@@ -11,6 +11,37 @@ entry ages out it is taken out of the summary (or the summary is rebuilt from th
 the aggregate cannot subtract, as min/max/first/last). An entry is inside the window while
 `at + window > now`.
 
+Windowed traits are bounded whatever the event rate. Past MAX_WINDOW_ENTRIES entries, or WINDOW_ENTRY_BYTES
+of values that are no number, boolean or null, the oldest entries are coalesced, leaving the newest half
+exact: each goes into the *bucket* of its cell on an aligned grid window / WINDOW_BUCKETS wide (so about
+that many buckets span a window), a summary of the cell's contributions of the op's own kind (a count; a
+count and total; a min; a first; a count per distinct value with its latest time; max_speed's first and last
+points with the highest speed between neighbours inside as its floor). A bucket is an item of the entries,
+(its oldest contribution's time, BUCKET, [cell width, its summary as stored]), sorted among them: it leaves
+the window when its oldest contribution does, taking the rest of its cell along. So a person with at most
+MAX_WINDOW_ENTRIES contributions in the window is exact as before, and a busier one's value is over a set of
+contributions that holds every one younger than window - width and none older than the window: it errs
+only by leaving out contributions early, by less than the width (1h24m for 30 days) - a count or sum of
+positives *at most* the window's, a min at least, a max at most, a unique_count at most (at least where its
+values were refused, above). Nothing leaves late, and coalescing never moves a state's expiry earlier
+(an expiry schedule relies on it). Until something leaves, buckets are exact: they combine like any summary.
+
+Buckets together take at most WINDOW_BUCKET_BYTES: past it the cells double in width (neighbours
+combine; the error bound doubles), up to window / COARSEST_BUCKETS, as long as that shrinks them (a cell
+per distinct value does not: a bot's random ids); past it then, the oldest buckets leave early, and those of
+most_frequent, unique and unique_count may take WINDOW_VALUE_BUCKET_BYTES first (10,000 short values, so a
+window of 10,000 distinct values still reads 10,000). A windowed state is so at most ~1,000 entries of at most
+~200 bytes (the event id: the collector's 100-character message id) plus 64 KiB of values, plus 64 KiB of
+buckets (256 KiB for distinct values), plus its summary: 49 KB for a count of 30,000 events a month, where
+one entry per contribution was 1.05 MB. The record holds each state twice (the timeline base), per part.
+
+Taking one contribution out (`ComputedState.remove`, a merge finding the same event on both sides): an
+exact entry leaves as before; a coalesced one leaves its bucket - counts, sums and a value's count exactly,
+while a bucket's min, max, first, last, a value's latest time or max_speed's points stay as they were
+(harmless: the other side holds the very same contribution, as for all-time min/max/first/last). Taken
+out by event id alone (`remove_entry`, no timeline entry to say its time and value), a coalesced one stays
+until its bucket leaves.
+
 Results: count -> int; sum -> float; avg -> float or None; min/max -> number or None; first/last -> the
 value of the earliest/latest contribution by (event time, event id); most_frequent -> the value with the
 highest count, ties going to the smallest value in `sort_key` order (null < booleans < numbers < strings <
@@ -121,6 +152,11 @@ class CountAgg:
     def combine(self, other: CountAgg) -> None:
         self.n += other.n
 
+    def subtract(self, other: CountAgg) -> bool:
+        """Take out a coalesced bucket's contributions (`combine` undone)."""
+        self.n -= other.n
+        return True
+
     def result(self, op: str) -> Any:
         return self.n
 
@@ -180,6 +216,11 @@ class SumAgg:
     def combine(self, other: SumAgg) -> None:
         self.n += other.n
         self.total = _bounded(self.total + other.total)
+
+    def subtract(self, other: SumAgg) -> bool:
+        self.n -= other.n
+        self.total = _bounded(self.total - other.total) if self.n else 0
+        return True
 
     def result(self, op: str) -> Any:
         if op == "sum":
@@ -342,6 +383,22 @@ class ValuesAgg:
                 self.refused = True
         self.refused = self.refused or other.refused
         self._best = None
+
+    def subtract(self, other: ValuesAgg) -> bool:
+        """Take out a coalesced bucket's counts; False when this summary does not hold them all (it refused
+        some) or values were refused and a tenth of the bound has left since: the caller rebuilds."""
+        counts, values = self.counts, self.values
+        self._best = None
+        for key, count in other.counts.items():
+            held = counts.get(key)
+            if held is None or held < count:
+                return False
+            if held > count:
+                counts[key] = held - count
+            else:
+                del counts[key], values[key]
+                self.chars -= _chars(key)
+        return not (self.refused and len(counts) < REFILL_BELOW and self.chars < REFILL_CHARS)
 
     def result(self, op: str) -> Any:
         if op == "unique_count":
@@ -592,6 +649,10 @@ class TrueCountAgg:
     def combine(self, other: TrueCountAgg) -> None:
         self.n += other.n
 
+    def subtract(self, other: TrueCountAgg) -> bool:
+        self.n -= other.n
+        return True
+
     def result(self, op: str) -> Any:
         return self.n
 
@@ -729,6 +790,63 @@ def _agg_from_doc(op: str, doc: list[Any]) -> Any:
 # as fast as the kept array's bytes are cut and joined (~1 us either way; 100 entries: 6.2 us whole, 2.4 kept).
 _KEPT_ENTRIES_MIN = 16
 
+# The bound of a windowed state (module docstring): its contributions one by one up to this many of them and
+# this many bytes of their values that are no number, boolean or null (`_value_bytes`: strings, lists,
+# objects; an entry is otherwise at most ~200 bytes, its event id at most ~140 characters); past either, the
+# oldest are coalesced into buckets until half of each is left. 200,000 pings in a month under one user id
+# made a 4.9 MB state, and as much again in the timeline base: a 9.8 MB record, past the store's 8 MiB,
+# after which every event of the person failed its partition's batch.
+MAX_WINDOW_ENTRIES = 1000
+WINDOW_ENTRY_BYTES = 64 * 1024
+# Buckets are cells of an aligned grid, window / WINDOW_BUCKETS seconds wide to start with (so at most
+# WINDOW_BUCKETS + 1 of them are inside a window). Past WINDOW_BUCKET_BYTES of them as stored the cells
+# double in width (neighbours combine), up to window / COARSEST_BUCKETS; past it still, the oldest leave
+# early. A bucket of most_frequent, unique or unique_count holds a row per distinct value of its cell: at the
+# coarsest width theirs may take WINDOW_VALUE_BUCKET_BYTES, about what their summary may (10,000 short
+# values), so that a window of 10,000 distinct values still reads 10,000.
+WINDOW_BUCKETS = 512
+COARSEST_BUCKETS = 32
+WINDOW_BUCKET_BYTES = 64 * 1024
+WINDOW_VALUE_BUCKET_BYTES = 256 * 1024
+_VALUE_OPS = frozenset({"most_frequent", "unique", "unique_count"})
+# A bucket's event id: no event's (an event id is "<source id>:<message id>"), and the first of its time.
+BUCKET = ""
+
+
+def _value_bytes(value: Any) -> int:
+    """What an exact entry's value takes stored beyond a number's: 0 for numbers, booleans and null; strings
+    by their UTF-8 length (`isascii` saves measuring most); lists and objects as JSON."""
+    kind = type(value)
+    if kind is str:
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if kind is int or kind is float or kind is bool or value is None:
+        return 0
+    return len(orjson.dumps(value))
+
+
+def _cell(at: float, width: float) -> float:
+    """The start of the grid cell holding `at` (widths are the window over a power of two: cells of twice the
+    width are unions of two, and whole-second windows make every product exact)."""
+    return (at // width) * width
+
+
+def _bucket_doc(agg: Any) -> list[Any]:
+    """A bucket's summary as stored. max_speed keeps its first and last points and, as its floor, the highest
+    speed between neighbours inside it: with the points around it that gives the window's answer exactly (the
+    speed from its first point to its last is at most the highest between its neighbours)."""
+    if type(agg) is MaxSpeedAgg and len(agg.points) > 2:
+        agg = MaxSpeedAgg(agg.result("max_speed"), [agg.points[0], agg.points[-1]])
+    return agg.to_doc()
+
+
+def _buckets(cells: dict[float, list[Any]], width: float) -> list[tuple[float, str, Any]]:
+    """Cells ([oldest time, summary as stored or None, aggregate or None]) as bucket items, oldest first."""
+    items = [
+        (cell[0], BUCKET, [width, cell[1] if cell[2] is None else _bucket_doc(cell[2])]) for cell in cells.values()
+    ]
+    items.sort(key=_entry_key)
+    return items
+
 
 # The start of a state's encoding up to its aggregate ('{"op":...,"window":...,"sig":...,"agg":'), by
 # (op, window, signature): one per definition met.
@@ -748,16 +866,37 @@ class ComputedState:
     A windowed state's entries are most of its encoding, and an event adds one at their end: such an add
     keeps the last encoding (`_raw`, whose entries array starts at `_raw_at` and holds the first `_raw_n`
     entries), and the next `encoded()` reuses that array's bytes, encoding only the entries added since.
-    Every other change of the entries (an insertion before the end, a prune, a removal) drops it.
+    Every other change of the entries (an insertion before the end, a prune, a removal, a coalescing)
+    drops it.
+
+    `entries` also holds the buckets (`_coalesce`), as (its oldest contribution's time, BUCKET, [cell width,
+    its aggregate as stored]), in the same (time, event id) order: the first item's time plus the window is
+    still the state's next expiry, and a prune takes out buckets and entries alike. A state stored before
+    there were buckets reads as it did, and coalesces on its next add if it is past the bound.
     """
 
-    __slots__ = ("_encoded", "_raw", "_raw_at", "_raw_n", "agg", "entries", "op", "signature", "window")
+    __slots__ = (
+        "_buckets",
+        "_bytes",
+        "_encoded",
+        "_raw",
+        "_raw_at",
+        "_raw_n",
+        "agg",
+        "entries",
+        "op",
+        "signature",
+        "window",
+    )
 
     def __init__(self, op: str, window: float | None, signature: str, agg: Any = None, entries: Any = None) -> None:
         self._encoded: orjson.Fragment | None = None
         self._raw: bytes | None = None
         self._raw_at = 0
         self._raw_n = 0
+        # How many of the entries are buckets, and the `_value_bytes` of the others: None = count when needed.
+        self._buckets: int | None = None if entries else 0
+        self._bytes: int | None = None if entries else 0
         self.op = op
         self.window = window
         self.signature = signature
@@ -795,32 +934,169 @@ class ComputedState:
             self._raw = None
             insort(entries, entry, key=_entry_key)
         self.agg.add(at, event_id, value)
+        kind = type(value)
+        if kind is not int and kind is not float and kind is not bool and value is not None:
+            size = self._bytes
+            size = self._bytes = self._exact_bytes() if size is None else size + _value_bytes(value)
+            if size > WINDOW_ENTRY_BYTES:
+                self._coalesce()
+                return
+        if len(entries) > MAX_WINDOW_ENTRIES and len(entries) - self._bucket_count() > MAX_WINDOW_ENTRIES:
+            self._coalesce()
+
+    def _bucket_count(self) -> int:
+        count = self._buckets
+        if count is None:
+            count = self._buckets = sum(1 for entry in self.entries or () if entry[1] == BUCKET)
+        return count
+
+    def _exact_bytes(self) -> int:
+        return sum(_value_bytes(entry[2]) for entry in self.entries if entry[1] != BUCKET)
+
+    def _width(self) -> float:
+        """The buckets' width (all have the same); the finest when there are none."""
+        if self._bucket_count():
+            for entry in self.entries:
+                if entry[1] == BUCKET:
+                    return entry[2][0]
+        return self.window / WINDOW_BUCKETS
+
+    def _coalesce(self) -> None:
+        """Fold the oldest exact entries into the buckets of their cells, keeping the newest up to half of
+        each bound (the newest one at least); past the buckets' bytes, double their width, then let the
+        oldest leave (and rebuild the summary). The summary does not change otherwise: the same
+        contributions are in it.
+
+        A bucket's time is that of its oldest contribution: it leaves the window with it, taking the rest
+        of its cell (younger by less than the cell's width) along, and the state's expiry (its first
+        item's) never moves earlier, which an expiry schedule relies on (`Profile.take_added_due`)."""
+        entries = self.entries
+        width = self._width()
+        keep_n, keep_bytes = MAX_WINDOW_ENTRIES // 2, WINDOW_ENTRY_BYTES // 2
+        kept = kept_bytes = 0
+        cut: tuple[float, str] | None = None  # the oldest exact entry kept
+        for entry in reversed(entries):
+            if entry[1] == BUCKET:
+                continue
+            size = _value_bytes(entry[2])
+            if kept and (kept >= keep_n or kept_bytes + size > keep_bytes):
+                break
+            kept += 1
+            kept_bytes += size
+            cut = _entry_key(entry)
+        op = self.op
+        # cell start -> [its oldest contribution's time, its summary as stored, its aggregate when fed now]
+        cells: dict[float, list[Any]] = {
+            _cell(entry[0], width): [entry[0], entry[2][1], None] for entry in entries if entry[1] == BUCKET
+        }
+        out: list[tuple[float, str, Any]] = []
+        for entry in entries:
+            at, event_id = entry[0], entry[1]
+            if event_id == BUCKET:
+                continue
+            if (at, event_id) >= cut:
+                out.append(entry)
+                continue
+            cell = cells.get(start := _cell(at, width))
+            if cell is None:
+                cell = cells[start] = [at, None, AGGREGATES[op]()]
+            elif cell[2] is None:
+                cell[2] = _agg_from_doc(op, cell[1])
+            if at < cell[0]:
+                cell[0] = at
+            cell[2].add(*entry)
+        buckets = _buckets(cells, width)
+        # One encoding of them all is the check (numbers: ~513 buckets of ~40 bytes, far below).
+        size = len(orjson.dumps(buckets))
+        while size > WINDOW_BUCKET_BYTES and width * COARSEST_BUCKETS < self.window:
+            coarser: dict[float, list[Any]] = {}
+            for at, _, (_, doc) in buckets:
+                agg = _agg_from_doc(op, doc)
+                cell = coarser.get(start := _cell(at, width * 2))
+                if cell is None:
+                    coarser[start] = [at, None, agg]
+                else:
+                    cell[2].combine(agg)  # the older first: its time is the cell's
+            wider = _buckets(coarser, width * 2)
+            smaller = len(orjson.dumps(wider))
+            if smaller > size * 3 // 4:
+                break  # distinct values (a bot's ids): wider cells would only blur the expiry
+            buckets, size, width = wider, smaller, width * 2
+        dropped = 0
+        budget = WINDOW_VALUE_BUCKET_BYTES if op in _VALUE_OPS else WINDOW_BUCKET_BYTES
+        if size > budget:
+            sizes = [len(orjson.dumps(bucket)) for bucket in buckets]
+            total = sum(sizes)
+            while total > budget and dropped < len(sizes):
+                total -= sizes[dropped]
+                dropped += 1
+        out.extend(buckets[dropped:])
+        out.sort(key=_entry_key)
+        self.entries = out
+        self._buckets = len(buckets) - dropped
+        self._bytes = kept_bytes
+        self._encoded = self._raw = None
+        if dropped:
+            self._rebuild()
 
     def remove(self, event_id: str, at: float, value: Any) -> None:
         """Take one contribution back out (a merge found the same event on both sides)."""
         self._encoded = self._raw = None
         if self.window is not None:
-            self.remove_entry(event_id)
+            if not self.remove_entry(event_id):
+                self._retract_coalesced(event_id, at, value)
             return
         # min/max/first/last cannot subtract (remove says False): harmless here, because the other side
         # holds the very same contribution, so the combined value does not change.
         self.agg.remove(at, event_id, value)
 
-    def remove_entry(self, event_id: str) -> None:
-        """Take a windowed contribution out by event id (no-op when it already aged out)."""
+    def _retract_coalesced(self, event_id: str, at: float, value: Any) -> None:
+        """Take a contribution out of its bucket: counts, sums and a value's count exactly; a bucket's min,
+        max, first, last, a value's latest time and max_speed's points stay as they were (harmless for the
+        same reason as in `remove`: the other side holds the very same contribution).
+
+        The bucket of its cell holds it if it is no older than the bucket's oldest contribution: the
+        bucket is still inside the window, so this one was when it came (time only moves on), was added,
+        and being no exact entry now, was coalesced."""
+        if not self._bucket_count():
+            return
+        width = self._width()
+        start = _cell(at, width)
+        entries = self.entries
+        index = bisect_left(entries, (start, BUCKET), key=_entry_key)
+        while index < len(entries) and entries[index][1] != BUCKET and entries[index][0] < start + width:
+            index += 1  # exact entries of the cell older than its bucket (late ones, or not yet coalesced)
+        if index == len(entries) or _cell(entries[index][0], width) != start or entries[index][0] > at:
+            return  # aged out, came after it aged out, or its bucket left early (the buckets' bytes)
+        bucket = _agg_from_doc(self.op, entries[index][2][1])
+        if (type(bucket) in (CountAgg, SumAgg) or (type(bucket) is TrueCountAgg and value)) and bucket.n < 1:
+            return  # never below nothing
+        bucket.remove(at, event_id, value)
+        entries[index] = (entries[index][0], BUCKET, [width, _bucket_doc(bucket)])
+        if not self.agg.remove(at, event_id, value):
+            self._rebuild()
+
+    def remove_entry(self, event_id: str) -> bool:
+        """Take a windowed contribution out by event id (no-op when it already aged out or was coalesced);
+        True when it was there."""
+        if event_id == BUCKET:
+            return False
         for index, entry in enumerate(self.entries or ()):
             if entry[1] == event_id:
                 self._encoded = self._raw = None
                 del self.entries[index]
+                if self._bytes:
+                    self._bytes -= _value_bytes(entry[2])
                 if not self.agg.remove(*entry):
                     self._rebuild()
-                return
+                return True
+        return False
 
     def needs_prune(self, now: float) -> bool:
         return bool(self.entries) and self.entries[0][0] + self.window <= now
 
     def prune(self, now: float) -> bool:
-        """Drop entries that aged out by `now`; True when any did."""
+        """Drop entries (and buckets) that aged out by `now`; True when any did."""
         entries = self.entries
         if not entries:
             return False
@@ -834,22 +1110,35 @@ class ComputedState:
             return False
         self._encoded = self._raw = None
         removed = entries[:count]
+        if self._bucket_count():  # counted before the removal (a loaded state counts them on first need)
+            self._buckets -= sum(1 for entry in removed if entry[1] == BUCKET)
         del entries[:count]
+        if self._bytes:
+            self._bytes -= sum(_value_bytes(entry[2]) for entry in removed if entry[1] != BUCKET)
         if not entries:
             self.agg = AGGREGATES[self.op]()
             return True
         agg = self.agg
         for entry in removed:
-            if not agg.remove(*entry):
+            if entry[1] == BUCKET:
+                subtract = getattr(agg, "subtract", None)
+                done = subtract is not None and subtract(_agg_from_doc(self.op, entry[2][1]))
+            else:
+                done = agg.remove(*entry)
+            if not done:
                 self._rebuild()
                 break
         return True
 
     def _rebuild(self) -> None:
         self._encoded = self._raw = None
-        agg = self.agg = AGGREGATES[self.op]()
+        op = self.op
+        agg = self.agg = AGGREGATES[op]()
         for entry in self.entries:
-            agg.add(*entry)
+            if entry[1] == BUCKET:
+                agg.combine(_agg_from_doc(op, entry[2][1]))
+            else:
+                agg.add(*entry)
 
     def summary(self, now: float | None) -> Any:
         """The aggregate as of `now` without changing this state (a view must not mutate the profile)."""
@@ -864,7 +1153,9 @@ class ComputedState:
 
     def copy(self) -> ComputedState:
         entries = list(self.entries) if self.entries is not None else None
-        return ComputedState(self.op, self.window, self.signature, self.agg.copy(), entries)
+        state = ComputedState(self.op, self.window, self.signature, self.agg.copy(), entries)
+        state._buckets, state._bytes = self._buckets, self._bytes  # buckets are replaced, never changed in place
+        return state
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"op": self.op, "window": self.window, "sig": self.signature, "agg": self.agg.to_doc()}
