@@ -675,6 +675,11 @@ class CrmLogic:
                 self._merged(out, lkey, ldoc, skey, kept=True)
                 continue
             if sdoc["crm_id"] == ldoc["crm_id"]:
+                # A CRM user merged the survivor's record into the loser's first (inbound/news.py `_relink`): the
+                # survivor takes the one record over, its match key written there.
+                if sdoc.get("state") == MERGED and not await self._take_over(mapping, survivor, skey, sdoc, ldoc, out):
+                    complete = False
+                    continue
                 self._merged(out, lkey, ldoc, skey, kept=False)
                 continue
             if not await self._merge_records(partition, mapping, survivor, skey, sdoc, lkey, ldoc, out):
@@ -801,6 +806,38 @@ class CrmLogic:
             for name, value in theirs.items()
             if name not in keys and value not in (None, "", False) and held.get(name) in (None, "", False)
         }
+
+    async def _take_over(
+        self, mapping: ObjectMapping, survivor: str, skey: str, sdoc: dict[str, Any], ldoc: dict[str, Any],
+        out: Outcomes,
+    ) -> bool:  # fmt: skip
+        """Identity merged `survivor` and the loser after a CRM user merged their records into the loser's (the
+        survivor's record reads `merged` into it): the survivor's match key is written on that record, by CRM
+        id (an update never creating one), and the survivor's record is synced to it again, holding what the
+        loser's held. False when the CRM did not answer (next round). A refusal leaves the survivor's record
+        merged (written no more), logged."""
+        adapter = self.deliverer.adapters[mapping.connection]
+        budget = self.deliverer.budgets[mapping.connection]
+        update = getattr(adapter, "update", None)
+        field = mapping.match[0].crm_field
+        if update is None:
+            return True
+        reservation = await budget.acquire(1, self.clock, self.clock() + 5.0)
+        if reservation is None:
+            return False
+        results, headers = await update(mapping, [sdoc["crm_id"]], {field: survivor})
+        await budget.settle(reservation, self.clock(), headers, answered=results is not None)
+        if results is None:
+            return False
+        if results.get(sdoc["crm_id"]) is not None:
+            log.warning("crm record merged in the crm not taken over", extra={"mapping": mapping.name})
+            return True
+        doc = {**sdoc, "state": SYNCED, "fields": dict(ldoc.get("fields") or {}), "updated_at": out.now}
+        for name in ("merged_into", "merged_in_crm", "kept"):
+            doc.pop(name, None)
+        out.put(RECORDS, skey, doc)
+        log.info("crm record merged in the crm taken over by the survivor", extra={"mapping": mapping.name})
+        return True
 
     def _merged(self, out: Outcomes, lkey: str, ldoc: dict[str, Any], skey: str, *, kept: bool) -> None:
         """The loser's record document once merged: state `merged`, into the survivor's record; one kept in

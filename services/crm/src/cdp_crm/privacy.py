@@ -71,6 +71,7 @@ from cdp_crm.state import (
     DEAD_LETTERS,
     DELETED,
     ERASED,
+    MERGED,
     PENDING,
     PERSONS,
     PRIVACY,
@@ -195,6 +196,12 @@ class Privacy:
                 _count(done, connection, self.policy(connection), doc)
                 continue
             if connection in blocked:
+                continue
+            if doc.get("state") == MERGED and doc.get("merged_in_crm") and request.person_id == doc.get("person_id"):
+                # A CRM user merged this person's record into another person's (inbound/news.py `_relink`): the
+                # surviving record is theirs - erased with them, or as this person's once identity merged the
+                # two (the survivor's record then reads as this one's). Nothing of it is erased here.
+                ops.append(Put(RECORDS, record.key, erased(doc, self.policy(connection), key, now)))
                 continue
             if connection in self.unstarted:
                 # Not started (its credentials are not set): the request is not done; it comes again.

@@ -13,7 +13,7 @@ from cdp_crm.domain import projection as proj
 from cdp_crm.domain.coalesce import REMOVE, Change, Coalescer, Link, record_key
 from cdp_crm.domain.mapping import ObjectMapping
 from cdp_crm.inputs import Input
-from cdp_crm.state import PENDING_STATE, RECORDS, RUNS
+from cdp_crm.state import MERGED, PENDING_STATE, RECORDS, RUNS
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 
 COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units")
@@ -159,6 +159,11 @@ class Planned:
             doc = self.previous[key]
             self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
         fields_before, member_before = self.intended[key]
+        if self.previous[key].get("state") == MERGED:
+            # Merged into another record (identity's merge, or a CRM user's: inbound/news.py `_relink`): written
+            # no more - upserted by its own key it would make the record again.
+            self.unchanged[mapping.name] += 1
+            return
         if mapping.kind == "list":
             member = op != REMOVE
             # A membership never written (None) is not one: removing it would be a call for nothing (a

@@ -538,3 +538,15 @@ def test_a_connection_or_mapping_id_or_a_credential_name_with_a_trailing_newline
     credential = _document()
     credential["connections"][0]["credentials"] = {"token": "HUBSPOT_TOKEN\n"}
     assert any("credentials" in path for path in _problems(credential))
+
+
+def test_inbound_overlap_seconds_is_read_and_a_bad_one_named():
+    document = _document()
+    (connection,) = parse_connections(document, SCHEMAS)
+    assert connection.inbound_overlap is None  # the CRM's default (inbound/core.py INBOUND_OVERLAP)
+    document["connections"][0]["inbound"] = {"start": "now", "overlap_seconds": 30}
+    (connection,) = parse_connections(document, SCHEMAS)
+    assert connection.inbound_overlap == 30.0
+    for bad in (-1, 86_401, "180", True):
+        document["connections"][0]["inbound"] = {"overlap_seconds": bad}
+        assert list(_problems(document)) == ["hubspot.inbound.overlap_seconds"], bad

@@ -74,10 +74,10 @@ async def test_an_object_the_crm_refuses_to_read_does_not_stop_the_others(store,
         await poller.poll()
         search = poller.reader._search
 
-        async def refused(obj, since, after):
+        async def refused(obj, *rest):
             if obj == "tickets":
                 raise CrmReadFailed("hubspot search tickets answered 403")
-            return await search(obj, since, after)
+            return await search(obj, *rest)
 
         poller.reader._search = refused
         hubspot.clock.advance(5)

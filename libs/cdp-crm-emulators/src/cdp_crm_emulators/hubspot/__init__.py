@@ -99,6 +99,12 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, PagesMixin, Lists
         self._over_budget = 0
         self._event_ids = itertools.count(1)
         self._webhook_tasks: set[asyncio.Task[None]] = set()
+        # (object, id) merged away -> the surviving record's id (objects.merge_records).
+        self.retired: dict[tuple[str, str], str] = {}
+        # Search index lag (objects.index_late): seconds for each coming write, and per (object, id) a write
+        # not indexed yet - when it will be, and the record as the index holds it until then.
+        self._index_lag: list[float] = []
+        self._unindexed: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         r = self.app.router
         r.add_post("/crm/v3/objects/{object}/batch/upsert", self._batch_upsert)
         r.add_post("/crm/v3/objects/{object}/batch/read", self._batch_read)
@@ -162,12 +168,14 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, PagesMixin, Lists
             "lists": self.lists,
             "memberships": self.memberships,
             "next_id": next(self._ids),
+            "retired": [[obj, rid, survivor] for (obj, rid), survivor in self.retired.items()],
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.lists = state.get("lists", {})
         self.memberships = state.get("memberships", {})
         self._ids = itertools.count(state.get("next_id", 1001))
+        self.retired = {(obj, rid): survivor for obj, rid, survivor in state.get("retired", [])}
         for obj, rid, target, tid, types in state.get("links", []):
             self.links.setdefault((obj, rid), {})[(target, tid)] = types
         for obj, table in state.get("objects", {}).items():

@@ -55,6 +55,30 @@ class InboundMixin:
         self._emit(obj, record, "propertyChange", properties)
         return self._public(obj, record)
 
+    def user_merge(self, obj: str, primary: str, other: str) -> dict[str, Any]:
+        """A user's merge in HubSpot's UI: `other` merged into `primary` (`merge_records`: `other`'s id retired,
+        resolving to `primary`), and its ``<object>.merge`` webhook (``primaryObjectId``, ``mergedObjectIds``,
+        ``newObjectId``, ``numberOfPropertiesMoved``, as HubSpot's webhooks API sends it). Returns the
+        survivor."""
+        if primary == other or primary not in self.objects[obj] or other not in self.objects[obj]:
+            raise KeyError(f"cannot merge {other} into {primary}")
+        before = dict(self.objects[obj][primary]["properties"])
+        record = self.merge_records(obj, primary, other)
+        moved = sum(1 for k, v in record["properties"].items() if before.get(k) != v) - 2  # less the stamps
+        self._emit(
+            obj,
+            record,
+            "merge",
+            {},
+            merge={
+                "primaryObjectId": int(primary),
+                "mergedObjectIds": [int(other)],
+                "newObjectId": int(primary),
+                "numberOfPropertiesMoved": max(moved, 0),
+            },
+        )
+        return self._public(obj, record)
+
     def _refuse_held(self, obj: str, properties: dict[str, Any], record_id: str | None) -> None:
         if (holder := self._held_elsewhere(obj, properties, record_id)) is not None:
             body = error_body("CONFLICT", f"{SINGULAR[obj].capitalize()} already exists. Existing ID: {holder}")
@@ -64,7 +88,14 @@ class InboundMixin:
         while self._webhook_tasks:
             await asyncio.gather(*list(self._webhook_tasks), return_exceptions=True)
 
-    def _emit(self, obj: str, record: dict[str, Any], change: str, properties: dict[str, Any]) -> None:
+    def _emit(
+        self,
+        obj: str,
+        record: dict[str, Any],
+        change: str,
+        properties: dict[str, Any],
+        merge: dict[str, Any] | None = None,
+    ) -> None:
         if self.webhook_url is None:
             return
         now_ms = int(self.clock() * 1000)
@@ -80,6 +111,8 @@ class InboundMixin:
         subscription = f"{SINGULAR[obj]}.{change}"
         if change == "creation":
             events = [{**base, "eventId": next(self._event_ids), "subscriptionType": subscription}]
+        elif merge is not None:
+            events = [{**base, "eventId": next(self._event_ids), "subscriptionType": subscription, **merge}]
         else:
             events = [
                 {

@@ -1,5 +1,17 @@
 """CRM v3 objects: the record store with its unique-property indexes, the single and batch reads and writes,
 search, and v4 associations.
+
+Search reads an index that lags writes, as HubSpot's does (its search guide: changes "may take a few
+moments" to show; integrators measure seconds): `index_late(seconds, n)` makes the next `n` writes reach the
+index only `seconds` after they were made - until then a search finds the record as it was before the write
+(a record just made: not at all), while reads by id see the write at once. Records written after it may be
+found first: a reader whose cursor moved past the late one's stamp never sees it, unless it reads back.
+
+A record merged away (`_merge`, `user_merge`) is retired: its id resolves to the survivor, as HubSpot's
+"fetching any records using the original IDs will return the new merged record with the new ID"
+(developer changelog, "Updated merge functionality for contacts and companies") - a GET by that id or a
+batch read naming it answers the survivor, under the survivor's id; a write by it (PATCH) writes the
+survivor. Search never finds it: it is gone from the index.
 """
 
 from __future__ import annotations
@@ -36,8 +48,26 @@ class ObjectsMixin:
 
     def _lookup(self, obj: str, prop: str, value: Any) -> str | None:
         if prop in ("hs_object_id", "id"):
-            return str(value) if str(value) in self.objects[obj] else None
+            if str(value) in self.objects[obj]:
+                return str(value)
+            survivor = self.retired.get((obj, str(value)))  # merged away: the survivor answers for it
+            return survivor if survivor in self.objects[obj] else None
         return self._index.get((obj, prop), {}).get(str(value).lower())
+
+    def index_late(self, seconds: float, n: int = 1) -> None:
+        """The next `n` writes (the API's or a user's) reach the search index `seconds` after they are made:
+        until then a search finds the record as it was before each (a new record: not at all)."""
+        self._index_lag.extend([seconds] * n)
+
+    def _indexed(self, obj: str, record: dict[str, Any], now: float) -> dict[str, Any] | None:
+        """The record as the search index holds it at `now` (None: not indexed yet)."""
+        late = self._unindexed.get((obj, record["id"]))
+        if late is None:
+            return record
+        if now >= late[0]:
+            del self._unindexed[(obj, record["id"])]
+            return record
+        return late[1]
 
     def _write(self, obj: str, record_id: str | None, properties: dict[str, Any]) -> dict[str, Any]:
         now = iso_z(self.clock())
@@ -58,6 +88,12 @@ class ObjectsMixin:
             record["properties"]["hs_is_closed_won"] = str(stage == "closedwon").lower()
         record["updatedAt"] = now
         record["archived"] = False
+        if self._index_lag:
+            lag = self._index_lag.pop(0)
+            # What the index held before: an earlier late write still unindexed keeps its own older version.
+            held = self._unindexed.get((obj, record_id))
+            before = held[1] if held is not None else self.objects[obj].get(record_id)
+            self._unindexed[(obj, record_id)] = (self.clock() + lag, before)
         self._store(obj, record)
         return record
 
@@ -222,19 +258,25 @@ class ObjectsMixin:
             self.links.get(other, {}).pop((obj, record_id), None)
 
     async def _merge(self, request: web.Request) -> web.Response:
-        """``POST /crm/v3/objects/<object>/merge`` {primaryObjectId, objectIdToMerge}: the primary keeps its
-        values and takes those it lacks from the other; the other's associations and list memberships move
-        to it, the other is gone (its id listed in the primary's ``hs_merged_object_ids``). 200 with the
-        primary; 404 when either is not there; 400 for one record merged into itself."""
+        """``POST /crm/v3/objects/<object>/merge`` {primaryObjectId, objectIdToMerge}: `merge_records`. 200 with
+        the primary; 404 when either is not there; 400 for one record merged into itself."""
         obj = self._object(request)
         body = await read_json(request, {})
         primary, other = str(body.get("primaryObjectId", "")), str(body.get("objectIdToMerge", ""))
         if primary == other:
             return json_response(error_body("VALIDATION_ERROR", "Cannot merge a record into itself"), status=400)
-        table = self.objects[obj]
-        if primary not in table or other not in table:
+        if primary not in self.objects[obj] or other not in self.objects[obj]:
             return json_response(error_body("OBJECT_NOT_FOUND", "resource not found"), status=404)
+        return json_response(self._public(obj, self.merge_records(obj, primary, other)))
+
+    def merge_records(self, obj: str, primary: str, other: str) -> dict[str, Any]:
+        """`other` merged into `primary` (both there, distinct): the primary keeps its values and takes those it
+        lacks from the other; the other's associations and list memberships move to it; the other is gone
+        from the object and the index, its id retired - listed in the primary's ``hs_merged_object_ids`` and
+        resolving to the primary (reads and writes by id). Returns the primary's stored record."""
+        table = self.objects[obj]
         absorbed = table.pop(other)
+        self._unindexed.pop((obj, other), None)
         for prop in UNIQUE[obj]:
             if absorbed["properties"].get(prop):
                 self._index.get((obj, prop), {}).pop(str(absorbed["properties"][prop]).lower(), None)
@@ -246,7 +288,12 @@ class ObjectsMixin:
             if k not in system and v not in (None, "") and not held.get(k)
         }
         merged_ids = [i for i in str(held.get("hs_merged_object_ids") or "").split(";") if i]
-        lacking["hs_merged_object_ids"] = ";".join([*merged_ids, other])
+        absorbed_ids = [i for i in str(absorbed["properties"].get("hs_merged_object_ids") or "").split(";") if i]
+        lacking["hs_merged_object_ids"] = ";".join(dict.fromkeys([*merged_ids, other, *absorbed_ids]))
+        for (retired_obj, retired_id), survivor in list(self.retired.items()):
+            if retired_obj == obj and survivor == other:  # merged into the other before: now into the primary
+                self.retired[(obj, retired_id)] = primary
+        self.retired[(obj, other)] = primary
         record = self._write(obj, primary, lacking)
         for members in self.memberships.values():
             joined = members.pop(other, None)
@@ -256,7 +303,7 @@ class ObjectsMixin:
             self.links.get(target, {}).pop((obj, other), None)
             if target != (obj, primary):
                 self._link(obj, primary, target[0], target[1], types)
-        return json_response(self._public(obj, record))
+        return record
 
     async def _batch_read(self, request: web.Request) -> web.Response:
         obj = self._object(request)
@@ -300,11 +347,9 @@ class ObjectsMixin:
                 error_body("VALIDATION_ERROR", f"limit must be at most {SEARCH_PAGE_LIMIT}"), status=400
             )
         groups = body.get("filterGroups") or []
-        matched = [
-            r
-            for r in self.objects[obj].values()
-            if not groups or any(matches_all(r, g.get("filters", [])) for g in groups)
-        ]
+        now = self.clock()
+        indexed = [r for r in (self._indexed(obj, r, now) for r in list(self.objects[obj].values())) if r is not None]
+        matched = [r for r in indexed if not groups or any(matches_all(r, g.get("filters", [])) for g in groups)]
         for sort in reversed(body.get("sorts") or []):
             name = sort if isinstance(sort, str) else sort.get("propertyName")
             descending = isinstance(sort, dict) and sort.get("direction") == "DESCENDING"

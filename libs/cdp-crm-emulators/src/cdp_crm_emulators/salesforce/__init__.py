@@ -16,7 +16,11 @@ gets that same answer, since Salesforce throttles with it rather than with 429. 
 is 401 ``INVALID_SESSION_ID``.
 
 Inbound: `user_update` / `user_create` write as a Salesforce user would; every write moves the record's
-``SystemModstamp``, so ``SELECT ... WHERE SystemModstamp > <last seen>`` polling sees it.
+``SystemModstamp``, so ``SELECT ... WHERE SystemModstamp > <last seen>`` polling sees it. With
+`commit_after` seconds the write belongs to a transaction that commits that much later (a long Apex job, a
+data load): its ``SystemModstamp`` is when it was made, but until the commit SOQL finds the record as it was
+before (a new one: not at all) - records written and committed meanwhile are found first, with later stamps,
+and a poller whose high-water mark passed them never sees this one unless it reads back.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ class SalesforceEmulator(Emulator):
         self._calls: deque[float] = deque()
         self._over_budget = 0
         self._cursors: dict[str, tuple[str, list[dict[str, Any]], list[str], int]] = {}
+        # A write whose transaction commits later (`commit_after`): (object, id) -> (commit time, the record as
+        # queries see it until then, None for a record not there before).
+        self._in_flight: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         self._job_tasks: set[asyncio.Task[None]] = set()
         self.app.router.add_post("/services/oauth2/token", self._token)
         self.app.router.add_get("/services/data", self._versions)
@@ -113,17 +120,41 @@ class SalesforceEmulator(Emulator):
 
     # --- the CRM user's side (inbound) -----------------------------------------------------------
 
-    def user_create(self, obj: str, values: dict[str, Any]) -> dict[str, Any]:
+    def user_create(self, obj: str, values: dict[str, Any], *, commit_after: float = 0.0) -> dict[str, Any]:
         record_id, outcome = self.org.write(obj, None, dict(values))
         if record_id is None:
             raise ValueError(outcome)
+        if commit_after > 0:
+            self._in_flight[(obj, record_id)] = (self.clock() + commit_after, None)
         return dict(self.org.store.objects[obj][record_id])
 
-    def user_update(self, obj: str, record_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    def user_update(
+        self, obj: str, record_id: str, values: dict[str, Any], *, commit_after: float = 0.0
+    ) -> dict[str, Any]:
+        before = dict(self.org.store.objects[obj][record_id]) if record_id in self.org.store.objects[obj] else None
         written, outcome = self.org.write(obj, record_id, dict(values))
         if written is None:
             raise ValueError(outcome)
+        if commit_after > 0:
+            held = self._in_flight.get((obj, record_id))
+            self._in_flight[(obj, record_id)] = (self.clock() + commit_after, held[1] if held else before)
         return dict(self.org.store.objects[obj][record_id])
+
+    def _committed(self, obj: str) -> list[dict[str, Any]]:
+        """The object's records as a query sees them now: a write whose transaction has not committed yet
+        (`commit_after`) shows the record as it was before it (a new record: not at all)."""
+        now = self.clock()
+        seen = []
+        for record_id, record in self.org.store.objects.get(obj, {}).items():
+            flight = self._in_flight.get((obj, record_id))
+            if flight is not None:
+                if now < flight[0]:
+                    if flight[1] is not None:
+                        seen.append(flight[1])
+                    continue
+                del self._in_flight[(obj, record_id)]
+            seen.append(record)
+        return seen
 
     # --- auth and limits -------------------------------------------------------------------------
 
@@ -535,7 +566,7 @@ class SalesforceEmulator(Emulator):
                 parsed = soql.parse(text, types)
             except soql.QueryError as exc:
                 return 400, _error_list(exc.code, str(exc)), {}
-            matched = [r for r in self.org.store.objects.get(parsed.obj, {}).values() if parsed.where(r)]
+            matched = [r for r in self._committed(parsed.obj) if parsed.where(r)]
             for column, descending in reversed(parsed.order_by):
                 kind = types[parsed.obj][column]
                 matched.sort(key=lambda r, c=column, k=kind: soql.sort_key(r.get(c), k), reverse=descending)

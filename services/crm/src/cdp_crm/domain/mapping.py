@@ -15,7 +15,10 @@
         on_delete: anonymise              # privacy.deleted: anonymise | delete (default: CDP_CRM_PRIVACY_POLICY)
         on_merge: delete                  # two persons merged, in a CRM without a merge (HubSpot merges):
                                           # the loser's record deleted after the carry-over | keep
-        inbound: {start: now}             # where a new connection's change reading starts: now (default) | all
+        inbound: {start: now}             # where a new connection's change reading starts: now (default) | all;
+                                          # overlap_seconds: 180 - changes read back once settled, for those
+                                          # that become visible late (default per CRM: HubSpot 180,
+                                          # Salesforce 600; 0: none; Dynamics and Zoho read none)
         mappings:
           - id: contacts
             object: contacts
@@ -320,9 +323,10 @@ class _Reader(MappingReader):
                     )
         webhooks = self.webhooks(cid, kind, raw.get("webhooks"), credentials)
         start = self.inbound_start(cid, raw.get("inbound"))
+        overlap = self.inbound_overlap(cid, raw.get("inbound"))
         return Connection(
             cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url, webhooks, start,
-            on_merge,
+            on_merge, overlap,
         )  # fmt: skip
 
     def inbound_start(self, cid: str, raw: Any) -> str:
@@ -332,8 +336,8 @@ class _Reader(MappingReader):
             self.problem(cid, "inbound", "is a mapping {start: now | all}")
             return "now"
         for key in raw:
-            if key != "start":
-                self.problem(cid, f"inbound.{key}", "is not an inbound field (start)")
+            if key not in ("start", "overlap_seconds"):
+                self.problem(cid, f"inbound.{key}", "is not an inbound field (start, overlap_seconds)")
         start = raw.get("start", "now")
         if start not in INBOUND_START:
             self.problem(
@@ -344,6 +348,20 @@ class _Reader(MappingReader):
             )
             return "now"
         return start
+
+    def inbound_overlap(self, cid: str, raw: Any) -> float | None:
+        """`inbound.overlap_seconds`: 0 to a day (a number); None when not given (the CRM's default)."""
+        if not isinstance(raw, dict) or "overlap_seconds" not in raw:
+            return None
+        value = raw["overlap_seconds"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86_400:
+            self.problem(
+                cid,
+                "inbound.overlap_seconds",
+                "must be a number of seconds from 0 (read nothing back) to 86400",
+            )
+            return None
+        return float(value)
 
     def webhooks(self, cid: str, kind: str, raw: Any, credentials: Mapping[str, str]) -> Webhooks | None:
         if raw is None:

@@ -190,6 +190,9 @@ class Connection:
     inbound_start: str = "now"
     # What a merge of two persons does to the loser's record in a CRM without a merge (ON_MERGE).
     on_merge: str = "delete"
+    # Seconds of changes the inbound side reads back once settled (`inbound.overlap_seconds`: changes that
+    # become visible late); None: its CRM's default (inbound/core.py INBOUND_OVERLAP).
+    inbound_overlap: float | None = None
 
     def mapping(self, mapping_id: str) -> ObjectMapping:
         for m in self.mappings:

@@ -16,6 +16,20 @@ profile with that source and the event id as provenance; `context.source` names 
 connection. The event's time is the CRM's modification stamp, so an older CRM value never overrides a
 newer one.
 
+Changes that become visible late - HubSpot's search index lags writes by seconds ("may take a few
+moments": a contact edited at t can first be found at t+5 s, after records written after it moved the cursor
+past t); a Salesforce transaction committed late carries a SystemModstamp earlier than records read
+already (a transaction may last up to ten minutes) - are read back: once per `overlap` seconds (the
+connection's `inbound.overlap_seconds`, by default its CRM's `INBOUND_OVERLAP`) the poller reads each
+object's records modified between where the last read-back ended and `overlap` seconds ago (never past the
+object's cursor: what lies beyond is the forward read's), a window read once, so every record is read
+twice at most - once by the forward read, once settled. What the read-back finds that was posted already
+(its memo holds that stamp, or a later one) is dropped before anything else: no event is posted twice, the
+collector is not asked, and the connector's own writes read back stay no news. Where the read-back ended
+is `crm_cursors/<connection>:<object>#settled`. A record visible later than its stamp plus the overlap
+is still missed; a reader without a bounded read (Dataverse's delta links: the CRM's own change tracking)
+reads no overlap.
+
 Log lines name the connection, object and counts; never record values or emails.
 """
 
@@ -27,7 +41,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,6 +65,16 @@ BATCH_BYTES = 400_000  # a collector request stays under the Segment API's 500 K
 LOOKUPS_AT_ONCE = 100  # a page's store lookups of what the connector wrote, side by side
 
 
+# Seconds of each object's changes read back once settled (the module docstring), per CRM, unless the
+# connection sets `inbound.overlap_seconds`: HubSpot's search index lags writes by seconds and the reads are
+# searches from its few a second, so a few minutes; Salesforce's SystemModstamp is set when the write is
+# made and seen only once its transaction commits, which may take up to ten minutes (its transaction time
+# limit). The overlap costs no more requests however long it is (each record is read back once, one search
+# or query a window at least): only how late a late change arrives. Dataverse reads by delta links (the
+# CRM's own change tracking): none; Zoho's reader has no bounded read yet: none either.
+INBOUND_OVERLAP = {"hubspot": 180.0, "salesforce": 600.0}
+# Pages a read-back reads a polling turn, per object (the rest of its window at the next turns).
+READ_BACK_PAGES = 5
 # Seconds a read of an object that reached its end spares `read_first` another (see there).
 READ_FIRST_FRESH = 5.0
 # Where signed webhooks announced every object the poller reads (`Poller.notified`), each polling turn that
@@ -140,6 +164,11 @@ class Change:
     person: Person | None = None
     record: dict[str, Any] = field(default_factory=dict)  # every field read (for traits read backwards)
     at: str | None = None  # when it changed, where the stamp is not a time (a Dataverse version number)
+    merged: tuple[str, ...] = ()  # ids of records a CRM user merged into this one (HubSpot: retired ids)
+
+
+# A read-back's filter (`Poller._read_back`): of these (record id, stamp) pairs, those read and posted already.
+Posted = Callable[[list[tuple[str, str]]], Awaitable[set[tuple[str, str]]]]
 
 
 class Reader(Protocol):
@@ -150,7 +179,9 @@ class Reader(Protocol):
 
     def pages(self, obj: str, cursor: dict[str, Any] | None) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
         """The changes since `cursor` (None: from the beginning), a page at a time, each with the cursor
-        that follows it."""
+        that follows it. A modified-since reader that can read a window back (`reads_back`) also takes
+        `until` (only records whose stamp is before it) and `posted` (`Posted`: those it names left out
+        before anything else is asked about them)."""
         ...
 
 
@@ -258,6 +289,11 @@ class Poller(News):
         self.collector = collector
         self.clock = clock
         self.objects = objects or reader.objects
+        # Seconds read back once settled (module docstring); 0: no read-back (a reader without a bounded read).
+        overlap = connection.inbound_overlap
+        if overlap is None:
+            overlap = INBOUND_OVERLAP.get(connection.kind, 0.0)
+        self.overlap = overlap if getattr(reader, "reads_back", False) else 0.0
         self.traits = backwards(connection)
         self.placeholders = placeholders(connection)
         self.woken = asyncio.Event()  # set by a signed webhook: read the changes now
@@ -325,11 +361,13 @@ class Poller(News):
                 stretch = min(stretch * 2, QUIET_STRETCH) if posted == 0 and self.notified else 1
                 turn = began + every * stretch
 
-    async def poll(self, objects: set[str] | None = None) -> int:
+    async def poll(self, objects: set[str] | None = None, *, read_back: bool = True) -> int:
         """Post every change since the cursors (of `objects` only, when given); returns how many events
-        were posted."""
+        were posted. `read_back`: and a settled window read back where one is due (`_read_back`)."""
         async with self._reading:
-            return await self._read([obj for obj in self.objects if objects is None or obj in objects])
+            return await self._read(
+                [obj for obj in self.objects if objects is None or obj in objects], read_back=read_back
+            )
 
     def reads(self, obj: str) -> str | None:
         """This poller's name of the CRM object `obj` (any case), when it reads its changes."""
@@ -348,14 +386,15 @@ class Poller(News):
             return 0
         if time.monotonic() - self._read_began.get(mine, -math.inf) < self.read_first_fresh:
             return 0
-        return await self.poll({mine})
+        # Without a read-back: a batch's writes wait on this read (the polling turn reads back).
+        return await self.poll({mine}, read_back=False)
 
-    async def _read(self, objects: list[str]) -> int:
+    async def _read(self, objects: list[str], *, read_back: bool = False) -> int:
         posted = 0
         failed: Exception | None = None
         for obj in objects:
             try:
-                posted += await self._poll_object(obj)
+                posted += await self._poll_object(obj, read_back=read_back)
             except CollectorRefused:
                 raise  # the collector is every object's: the others would fail the same way
             except Exception as exc:
@@ -442,51 +481,82 @@ class Poller(News):
                 doc.update(state="succeeded", finished_at=self.clock())
         await self.store.put(RUNS, self.import_run, doc)
 
-    async def _poll_object(self, obj: str) -> int:
+    async def _poll_object(self, obj: str, *, read_back: bool = False) -> int:
         began = time.monotonic()
         posted = await self._poll_pages(obj)
+        if read_back:
+            posted += await self._read_back(obj)
         self._read_began[obj] = began  # reached its end: what changed before `began` is read
+        return posted
+
+    async def _read_back(self, obj: str) -> int:
+        """The object's settled window read back, when one is due (module docstring): the records modified
+        from where the last read-back ended to `overlap` seconds ago (or to the cursor, when that is older),
+        once `overlap` seconds have settled since that end; at most READ_BACK_PAGES pages a turn, the
+        window's progress kept (`crm_cursors/<connection>:<object>#settled`), so a busy window never holds
+        the forward read (or `read_first`, waiting on the same lock) for long. Returns the events posted
+        (late changes only)."""
+        if self.overlap <= 0:
+            return 0
+        cursor = await self.store.get(CURSORS, self._key(obj))
+        if cursor is None or "after" not in cursor.doc:
+            return 0  # nothing read forward yet (an import under way): nothing settled to read back
+        ahead = instant(cursor.doc["after"])
+        key = self._key(obj) + "#settled"
+        found = await self.store.get(CURSORS, key)
+        state = dict(found.doc) if found is not None else {}
+        if not state:
+            # First read-back of this object: from the overlap before what was read forward.
+            state = {"settled": _stamp_text(ahead - dt.timedelta(seconds=self.overlap))}
+            await self.store.put(CURSORS, key, state)
+        if "until" not in state:  # no window under way: one is due once per overlap
+            settled = instant(state["settled"])
+            now_settled = dt.datetime.fromtimestamp(self.clock() - self.overlap, dt.UTC)
+            if (now_settled - settled).total_seconds() < self.overlap:
+                return 0
+            until = min(now_settled, ahead)
+            if until <= settled:
+                return 0
+            state = {"settled": state["settled"], "until": _stamp_text(until), "at": None}
+        posted = pages = 0
+        window = state["at"] or {"after": state["settled"], "seen": []}
+
+        async def seen(pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+            memos = await self.store.get_many(CURSORS, [self._key(obj, record_id) for record_id, _ in pairs])
+            return {(rid, stamp) for rid, stamp in pairs if _posted_already(memos.get(self._key(obj, rid)), stamp)}
+
+        reading = self.reader.pages(obj, window, until=state["until"], posted=seen)  # type: ignore[call-arg]
+        try:
+            async for changes, following in reading:
+                events, writes = await self._page(obj, changes, late=True) if changes else (0, [])
+                state = {**state, "at": following}
+                await self.store.bulk_write([*writes, Put(CURSORS, key, state)])
+                posted += events
+                pages += 1
+                if pages >= READ_BACK_PAGES:
+                    break
+            else:
+                state = {"settled": state["until"]}  # the window read to its end
+                await self.store.put(CURSORS, key, state)
+        finally:
+            await reading.aclose()
+        if posted:
+            log.info("crm changes read back", extra={"connection": self.connection.id, "object": obj, "events": posted})
         return posted
 
     async def _poll_pages(self, obj: str) -> int:
         start, importing = await self._start(obj)
         posted = 0
         async for changes, cursor in self.reader.pages(obj, start):
-            memos = {}
-            events: list[dict[str, Any]] = []
-            sent: dict[str, str] = {}  # message id -> CRM record id
-            # The page's memos and the tombstones of the persons it names, each in one read: most of a busy
-            # poll is the connector's own writes read back, a hundred a page.
-            stored = await self.store.get_many(CURSORS, [self._key(obj, change.record_id) for change in changes])
-            tombstoned = await self._tombstoned(changes)
-            # What the connector wrote to each record, the lookups side by side (they only read), a hundred at
-            # a time (a Salesforce or Dataverse page holds thousands).
-            looked_up = []
-            for start in range(0, len(changes), LOOKUPS_AT_ONCE):
-                chunk = changes[start : start + LOOKUPS_AT_ONCE]
-                looked_up += await asyncio.gather(*(self._written(change, tombstoned) for change in chunk))
-            for change, (written, erased) in zip(changes, looked_up, strict=True):
-                memo_record = stored.get(self._key(obj, change.record_id))
-                before = _before(memo_record.doc if memo_record is not None else None, change.stamp)
-                memo = self._memo(change, written)
-                memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
-                if not erased:
-                    made = self.events(change, before, memo, written)
-                    sent.update((e["messageId"], change.record_id) for e in made)
-                    events.extend(made)
-            for batch in _batches(events):
-                rejected = await self.collector.post(batch)
-                if rejected:
-                    await keep_refused(self.store, self.connection.id, obj, rejected, sent, self.clock())
+            events, memo_writes = await self._page(obj, changes)
             # The memos, then the cursor, in one write: a page read again after a crash finds both or neither.
-            memo_writes = [Put(CURSORS, self._key(obj, record_id), memo) for record_id, memo in memos.items()]
             await self.store.bulk_write([*memo_writes, Put(CURSORS, self._key(obj), cursor)])
-            posted += len(events)
+            posted += events
             if importing:
-                await self._imported(None, len(changes), len(events))
+                await self._imported(None, len(changes), events)
             if events:  # a quiet poll every few seconds per connection is not worth a line
                 log.info(
-                    "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(events)}
+                    "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": events}
                 )
             await self._read_ahead(obj)
         if importing:
@@ -495,6 +565,65 @@ class Poller(News):
                 await self.store.put(CURSORS, self._key(obj), Keyset().doc())
             await self._imported(obj, 0, 0)
         return posted
+
+    async def _page(self, obj: str, changes: list[Change], *, late: bool = False) -> tuple[int, list[Put]]:
+        """Post a page's events; returns how many, and the memo writes to make with the cursor. `late`: a
+        read-back's page - a change whose memo holds its stamp, or a later one, was posted already and is
+        dropped first (`_posted_already`)."""
+        memos = {}
+        events: list[dict[str, Any]] = []
+        sent: dict[str, str] = {}  # message id -> CRM record id
+        # The page's memos and the tombstones of the persons it names, each in one read: most of a busy
+        # poll is the connector's own writes read back, a hundred a page.
+        stored = await self.store.get_many(CURSORS, [self._key(obj, change.record_id) for change in changes])
+        if late:
+            changes = [c for c in changes if not _posted_already(stored.get(self._key(obj, c.record_id)), c.stamp)]
+            if not changes:
+                return 0, []
+        tombstoned = await self._tombstoned(changes)
+        # What the connector wrote to each record, the lookups side by side (they only read), a hundred at
+        # a time (a Salesforce or Dataverse page holds thousands).
+        looked_up = []
+        for start in range(0, len(changes), LOOKUPS_AT_ONCE):
+            chunk = changes[start : start + LOOKUPS_AT_ONCE]
+            looked_up += await asyncio.gather(*(self._written(change, tombstoned) for change in chunk))
+        relinked: list[Put] = []
+        for change, (written, erased) in zip(changes, looked_up, strict=True):
+            memo_record = stored.get(self._key(obj, change.record_id))
+            before = _before(memo_record.doc if memo_record is not None else None, change.stamp)
+            memo = self._memo(change, written)
+            memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
+            if not erased:
+                made = self.events(change, before, memo, written)
+                if change.merged:  # a CRM user merged records into this one: followed (news.py `_relink`)
+                    claims, puts = await self._relink(change, self.clock())
+                    made = [*made, *claims]
+                    relinked.extend(puts)
+                sent.update((e["messageId"], change.record_id) for e in made)
+                events.extend(made)
+        for batch in _batches(events):
+            rejected = await self.collector.post(batch)
+            if rejected:
+                await keep_refused(self.store, self.connection.id, obj, rejected, sent, self.clock())
+        # The records relinked are written with the memos: a page read again finds them relinked already.
+        memo_writes = [Put(CURSORS, self._key(obj, record_id), memo) for record_id, memo in memos.items()]
+        return len(events), [*relinked, *memo_writes]
+
+
+def _posted_already(memo: Any, stamp: str) -> bool:
+    """A record's memo (its stored record, or None) shows this change, or a later one, read and posted."""
+    if memo is None or not memo.doc.get("stamp"):
+        return False
+    try:
+        return instant(memo.doc["stamp"]) >= instant(stamp)
+    except ValueError:  # not a time (a version number): the same stamp only
+        return memo.doc["stamp"] == stamp
+
+
+def _stamp_text(when: dt.datetime) -> str:
+    """A cursor's stamp: UTC, milliseconds, Z (what every modified-since reader takes)."""
+    when = when.astimezone(dt.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
 def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

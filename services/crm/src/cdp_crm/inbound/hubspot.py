@@ -22,6 +22,11 @@ The search starts AT the cursor's stamp (ids read at that stamp are skipped, `co
 again from the new cursor after each page; a full page of records all read already (more than a page
 changed in one instant) goes on with the search's own `after` paging instead. A record linked to a contact
 (tickets, tasks, deals: the v4 associations) carries that contact's email and CDP id.
+
+The search index lags writes by seconds, so a record can be found only after records written after it moved
+the cursor past it: the poller reads each settled window back (core.Poller._read_back: `until` bounds the
+search, LT; what was posted already is left out before its contact is looked up). Each record is read with
+its `hs_merged_object_ids`: one a HubSpot user merged others into is followed (news.py `_relink`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from cdp_crm.adapters.http import exchange, transport_error
 from cdp_crm.adapters.hubspot import SearchPace
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller
+from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller, Posted
 from cdp_crm.inbound.news import backwards
 from cdp_crm.inbound.refusals import RefusalLog
 from cdp_kit.storage import Store
@@ -79,6 +84,9 @@ HUBSPOT_OBJECTS: dict[str, tuple[str, ...]] = {
     ),
 }
 STAMP = {"contacts": "lastmodifieddate"}  # the others: hs_lastmodifieddate
+# The ids of the records a HubSpot user merged into this one (``;``-joined): each retired, HubSpot answering
+# for it with this record (developer changelog, "Updated merge functionality for contacts and companies").
+MERGED_IDS = "hs_merged_object_ids"
 KIND = {"tickets": "ticket", "tasks": "task", "contacts": "contact", "deals": "deal"}
 PLURAL = {singular: obj for obj, singular in KIND.items()}
 # A webhook names its object in its subscription type: the legacy ones by name (``contact.propertyChange``;
@@ -93,6 +101,7 @@ CLOSED_TICKET_STAGES = ("4", "closed")
 class HubSpotReader:
     kind = "hubspot"
     objects = tuple(HUBSPOT_OBJECTS)
+    reads_back = True  # `pages(..., until=)`: the poller reads the overlap back (core.INBOUND_OVERLAP)
 
     def __init__(
         self,
@@ -118,12 +127,14 @@ class HubSpotReader:
         self.mapped = backwards(connection)
 
     async def pages(
-        self, obj: str, cursor: dict[str, Any] | None
+        self, obj: str, cursor: dict[str, Any] | None, until: str | None = None, posted: Posted | None = None
     ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        """`until`, `posted`: a read-back's window (core.Poller._read_back) - records stamped before `until`,
+        those `posted` names (read and posted already) left out before their contacts are looked up."""
         keyset = Keyset.of(cursor)
         after: str | None = None  # the search's own paging, only within a run of already-read records
         while True:
-            page, following = await self._search(obj, keyset.after, after)
+            page, following = await self._search(obj, keyset.after, after, until)
             pairs = [(str(r["id"]), _stamp(obj, r)) for r in page]
             fresh = [page[i] for i in keyset.fresh(pairs)]
             if not fresh:
@@ -132,13 +143,24 @@ class HubSpotReader:
                 after = following  # a full page read already: more than a page changed in one instant
                 continue
             after = None
+            if posted is not None:
+                read = [(str(r["id"]), _stamp(obj, r)) for r in fresh]
+                keyset = keyset.advance(read)
+                known = await posted(read)
+                fresh = [r for r, pair in zip(fresh, read, strict=True) if pair not in known]
+                if not fresh:
+                    yield [], keyset.doc()
+                    if len(page) < PAGE:
+                        return
+                    continue
             # A task or ticket the connector itself just created is not news (`Change.own`): the contact it
             # is about is not looked up (a request per record, from the budget the writes share). A contact
             # is its own person, read from the page.
             linked = fresh if obj == "contacts" else [r for r in fresh if not _own_creation(obj, r)]
             contacts = await self._contacts(obj, linked)
             changes = [self._change(obj, r, contacts.get(str(r["id"]))) for r in fresh]
-            keyset = keyset.advance([(str(r["id"]), _stamp(obj, r)) for r in fresh])
+            if posted is None:
+                keyset = keyset.advance([(str(r["id"]), _stamp(obj, r)) for r in fresh])
             yield changes, keyset.doc()
             if len(page) < PAGE:
                 return
@@ -179,11 +201,16 @@ class HubSpotReader:
             return answer.body
         raise CrmReadFailed(f"hubspot {what} stayed over the search rate")
 
-    async def _search(self, obj: str, since: str, after: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    async def _search(
+        self, obj: str, since: str, after: str | None, until: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
         stamp = STAMP.get(obj, "hs_lastmodifieddate")
-        wanted = [*HUBSPOT_OBJECTS[obj], *self.mapped.get(obj, {}), stamp, "createdate"]
+        wanted = [*HUBSPOT_OBJECTS[obj], *self.mapped.get(obj, {}), stamp, "createdate", MERGED_IDS]
+        filters = [{"propertyName": stamp, "operator": "GTE", "value": since}]
+        if until is not None:  # a read-back's window (core.Poller._read_back): before `until` only
+            filters.append({"propertyName": stamp, "operator": "LT", "value": until})
         body: dict[str, Any] = {
-            "filterGroups": [{"filters": [{"propertyName": stamp, "operator": "GTE", "value": since}]}],
+            "filterGroups": [{"filters": filters}],
             "sorts": [{"propertyName": stamp, "direction": "ASCENDING"}],
             "properties": list(dict.fromkeys(wanted)),
             "limit": PAGE,
@@ -245,6 +272,9 @@ class HubSpotReader:
             own=_own_creation(obj, record),
             person=person,
             record=dict(props),
+            merged=tuple(
+                i for i in str(props.get(MERGED_IDS) or "").split(";") if i.strip() and i != str(record["id"])
+            ),
         )
 
 

@@ -20,6 +20,18 @@ anything about a person the connector erased. What the connector wrote is what t
 a timeout or a dropped connection, which the CRM may well have applied): such a value read back is the
 CDP's own write too, not a CRM user's edit.
 
+A record a CRM user merged others into (HubSpot's UI "merge": the survivor lists the retired ids in
+`hs_merged_object_ids`, and HubSpot answers for a retired id with the survivor) is followed, not undone
+(`News._relink`): a `crm_records` document naming a retired id is linked to the survivor. Where the survivor
+holds that record's match key (a contact a HubSpot user made takes the merged-away one's `cdp_id` in the
+merge, lacking one), the person's writes go there. Where it holds another's - another person's record -
+the two are one contact in the CRM and two persons in the CDP: the merged-away person's record reads
+`merged` (`merged_into`: the survivor's record, `merged_in_crm`) and is written no more, so no contact is
+made again for them, and the CRM's claim that they are one is posted as identity links: a `CRM Contact
+Merged` event per email, each under the survivor's anonymous id (`<kind>:<account>:<survivor id>`), the
+survivor's email and the one the connector wrote on the merged-away record; identity merges the persons
+and the connector follows that merge as any other (engine.py `_merge`).
+
 `News` is the poller's half that decides this; it reads `store`, `connection`, `traits` (`backwards`) and
 `placeholders` of the poller it is part of. Log lines name the connection, object and record id; never
 record values or emails.
@@ -36,8 +48,8 @@ import orjson
 
 from cdp_crm.domain.mapping import Connection
 from cdp_crm.inbound.sizes import fit
-from cdp_crm.state import ERASED, RECORDS, TOMBSTONES
-from cdp_kit.storage import Store
+from cdp_crm.state import ERASED, MERGED, RECORDS, TOMBSTONES
+from cdp_kit.storage import Put, Store
 
 if TYPE_CHECKING:
     from cdp_crm.inbound.core import Change
@@ -115,6 +127,92 @@ class News:
             else:
                 erased = await self.store.get(TOMBSTONES, person.cdp_id) is not None
         return written, erased
+
+    async def _relink(self, change: Change, now: float) -> tuple[list[dict[str, Any]], list[Put]]:
+        """A record CRM users merged others into (`change.merged`: the retired ids): the `crm_records` documents
+        naming a retired id linked to it (module docstring), and the CRM's claim that the persons are one
+        as events. Returns (events, store writes); nothing when the connector wrote none of the retired."""
+        survivor = change.record_id
+        relinked: list[tuple[str, dict[str, Any]]] = []
+        for retired in change.merged:
+            for record in await self.store.find(RECORDS, "crm_id", retired, limit=20):
+                doc = record.doc
+                if self._same_object(doc, change) and doc.get("state") not in (*ERASED, MERGED):
+                    relinked.append((record.key, doc))
+        if not relinked:
+            return [], []
+        owners = [
+            record
+            for record in await self.store.find(RECORDS, "crm_id", survivor, limit=20)
+            if self._same_object(record.doc, change) and record.doc.get("state") not in (*ERASED, MERGED)
+        ]
+        puts: list[Put] = []
+        emails: dict[str, None] = {}
+        for key, doc in relinked:
+            mine = doc.get("key") or []
+            field, value = (mine[0][0], mine[0][1]) if len(mine) == 1 else (None, None)
+            held = change.record.get(field) if field else None
+            other = [r for r in owners if r.doc.get("person_id") != doc.get("person_id")]
+            owner = next((r for r in other if r.doc.get("mapping") == doc.get("mapping")), None)
+            someone_else = owner is not None or (held not in (None, "") and str(held).lower() != str(value).lower())
+            if someone_else:
+                # Two persons, one contact: this one's writes would make their contact again (their key is
+                # not the survivor's). Merged into the survivor's record; identity is told (the claims below).
+                puts.append(Put(RECORDS, key, {
+                    **doc, "crm_id": survivor, "state": MERGED, "merged_into": owner.key if owner else "",
+                    "kept": False, "merged_in_crm": True, "updated_at": now,
+                }))  # fmt: skip
+            else:
+                puts.append(Put(RECORDS, key, {**doc, "crm_id": survivor, "updated_at": now}))
+            email = self._email_written(doc)
+            if email:
+                emails[email] = None
+            log.info(
+                "crm record merged in the crm followed",
+                extra={"connection": self.connection.id, "object": change.obj, "crm_id": survivor,
+                       "merged": someone_else},
+            )  # fmt: skip
+        person = change.person
+        if person is not None and person.email:
+            emails = {person.email: None, **emails}
+        return self._merge_claims(change, list(emails)), puts
+
+    def _email_written(self, doc: dict[str, Any]) -> str | None:
+        """The email the connector wrote on a record (its field mapped from `traits.email`), if any."""
+        fields = doc.get("fields") or {}
+        for crm_field, target in self.traits.get(str(doc.get("object", "")).lower(), {}).items():
+            if target == "traits.email" and fields.get(crm_field):
+                return str(fields[crm_field])
+        return None
+
+    def _merge_claims(self, change: Change, emails: list[str]) -> list[dict[str, Any]]:
+        """`CRM Contact Merged`, one per email, each under the survivor's anonymous id: identity links each email's
+        person to that id, so persons the CRM holds as one become one. Stable ids: a read again posts the
+        same events (which the collector takes once)."""
+        kind, conn = self.connection.kind, self.connection.id
+        survivor = change.record_id
+        merged = sorted(change.merged)
+        properties: dict[str, Any] = {
+            "crm": kind, "connection": conn, "object": change.obj, "crm_id": survivor, "crm_contact_id": survivor,
+            "merged_crm_ids": merged,
+        }  # fmt: skip
+        if change.person is not None and change.person.cdp_id:
+            properties["cdp_person_id"] = change.person.cdp_id
+        timestamp = _iso(change.stamp)
+        claims = []
+        for email in emails:
+            claim: dict[str, Any] = {
+                "type": "track",
+                "event": "CRM Contact Merged",
+                "messageId": event_id(conn, change.obj, survivor, ";".join(merged), "merged:" + email.lower()),
+                "properties": dict(properties),
+                "context": {"source": {"crm": kind, "connection": conn}, "traits": {"email": email}},
+                "anonymousId": f"{kind}:{self.connection.account}:{survivor}",
+            }
+            if timestamp:
+                claim["timestamp"] = timestamp
+            claims.append(claim)
+        return claims
 
     def _same_object(self, doc: dict[str, Any], change: Change) -> bool:
         """A `crm_records` document of this connection and of the change's object."""

@@ -26,7 +26,16 @@ from typing import Any
 from cdp_crm.adapters.salesforce import API_VERSION, SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.inbound.core import POST_CHUNK, AdapterReader, Change, Keyset, Person, instant, person_id_field
+from cdp_crm.inbound.core import (
+    POST_CHUNK,
+    AdapterReader,
+    Change,
+    Keyset,
+    Person,
+    Posted,
+    instant,
+    person_id_field,
+)
 
 # object -> (what it is, the fields the event reports, the field naming its person, the watched field)
 OBJECTS: dict[str, tuple[str, tuple[str, ...], str | None, str | None]] = {
@@ -69,6 +78,7 @@ _BASE = f"/services/data/v{API_VERSION}"
 class SalesforceReader(AdapterReader):
     kind = "salesforce"
     objects = tuple(OBJECTS)
+    reads_back = True  # `pages(..., until=)`: the poller reads the overlap back (core.INBOUND_OVERLAP)
     adapter: SalesforceAdapter
 
     def __init__(
@@ -86,8 +96,10 @@ class SalesforceReader(AdapterReader):
         }
 
     async def pages(
-        self, obj: str, cursor: dict[str, Any] | None
+        self, obj: str, cursor: dict[str, Any] | None, until: str | None = None, posted: Posted | None = None
     ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        """`until`, `posted`: a read-back's window (core.Poller._read_back) - rows stamped before `until`, those
+        `posted` names (read and posted already) left out before their persons are looked up."""
         kind, reported, link, _ = OBJECTS[obj]
         keyset = Keyset.of(cursor)
         person_fields = (*self._person_fields(obj),) if kind in ("contact", "lead") else ()
@@ -97,8 +109,10 @@ class SalesforceReader(AdapterReader):
         if obj == "CampaignMember":
             fields["LeadId"] = None
         fields.update(dict.fromkeys(self.mapped.get(obj.lower(), {})))
+        # A read-back's window (core.Poller._read_back) ends before `until`.
+        before = f" AND SystemModstamp < {_literal(until)}" if until is not None else ""
         soql = (
-            f"SELECT {', '.join(fields)} FROM {obj} WHERE SystemModstamp >= {_literal(keyset.after)} "
+            f"SELECT {', '.join(fields)} FROM {obj} WHERE SystemModstamp >= {_literal(keyset.after)}{before} "
             "ORDER BY SystemModstamp, Id"
         )
         answer = await self._get("/query?" + urllib.parse.urlencode({"q": soql}), f"query {obj}")
@@ -110,10 +124,13 @@ class SalesforceReader(AdapterReader):
                 fresh = [chunk[i] for i in keyset.fresh(pairs)]
                 if not fresh:
                     continue
-                people = await self._people(obj, fresh)
-                changes = [self._change(obj, r, people) for r in fresh]
-                keyset = keyset.advance([(r["Id"], r["SystemModstamp"]) for r in fresh])
-                yield changes, keyset.doc()
+                read = [(r["Id"], r["SystemModstamp"]) for r in fresh]
+                keyset = keyset.advance(read)
+                if posted is not None:
+                    known = await posted(read)
+                    fresh = [r for r, pair in zip(fresh, read, strict=True) if pair not in known]
+                people = await self._people(obj, fresh) if fresh else {}
+                yield [self._change(obj, r, people) for r in fresh], keyset.doc()
             following = answer.get("nextRecordsUrl")
             if answer.get("done", True) or not following:
                 return
