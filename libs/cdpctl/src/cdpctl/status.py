@@ -16,7 +16,11 @@ orchestration sends to it fails and is dead-lettered on its schedule: `cdpctl la
 Then, of a nats-server that answers, every durable consumer's backlog (`stuck_backlogs`): one whose oldest
 unacknowledged message is older than STUCK_AFTER (5 minutes; orchestration's dispatchers, which hold
 deferred actions on purpose, aside) is named below the table (`--json`: `stuck`) and the platform is not
-healthy - a consumer that stopped moving, which the health checks of live processes cannot see.
+healthy - a consumer that stopped moving, which the health checks of live processes cannot see. A listing
+that fails (nats-server refuses the operator's credentials, or a request) or has no answer by its deadline
+is said below the table (`--json`: `backlogs` "not checked: <why>", `stuck` null). A failed listing makes
+the platform not healthy (a backlog not seen is not one found moving, and the refusal will not pass by
+itself); a late one does not (a loaded nats-server: `cdpctl lag` waits longer).
 
 Every check starts at once and all end by one deadline (`STATUS_TIMEOUT` after the start): a service's
 health gets `HEALTH_TIMEOUT` of it, a listener's probe `PROBE_TIMEOUT`, and whatever has not answered
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import click
@@ -239,28 +244,53 @@ def bus_age(seconds: float | None) -> str:
     return age_text(seconds)
 
 
-async def stuck_backlogs(ws: Workspace) -> list[dict] | None:
-    """The durable consumers whose oldest unacknowledged message is older than STUCK_AFTER (None: nats did
-    not say): what an on-call trial could not tell from a busy one without sampling `cdpctl lag` twice."""
+@dataclass
+class Backlogs:
+    """What `status` found on the bus of a nats-server that answers its probes."""
+
+    # Consumers whose oldest unacknowledged message is older than STUCK_AFTER; None: not looked at.
+    stuck: list[dict] | None = None
+    unchecked: str | None = None  # why they were not looked at
+    failed: bool = False  # ... the listing failed (refused: the operator's credentials), not a late answer
+
+
+async def stuck_backlogs(ws: Workspace) -> list[dict]:
+    """The durable consumers whose oldest unacknowledged message is older than STUCK_AFTER: what an on-call
+    trial could not tell from a busy one without sampling `cdpctl lag` twice. Raises what stopped the
+    listing (nats-server refused the operator's credentials, a request failed): `_backlogs` says so."""
     from cdp_kit.natsroles import ACTION_CHANNELS, dispatch_durable
     from cdpctl import bus
     from cdpctl.common import nats_tls, nats_url
 
     deferring = {dispatch_durable(channel) for channel in ACTION_CHANNELS}
-    try:
-        url = nats_url(ws, None)
-        rows = await bus.consumer_lag(url, nats_tls(ws, url))
-    except Exception:
-        return None
+    url = nats_url(ws, None)
+    rows = await bus.consumer_lag(url, nats_tls(ws, url))
     return [
         row for row in rows if row["consumer"] not in deferring and (row["oldest_age_seconds"] or 0.0) > STUCK_AFTER
     ]
 
 
-async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict[str, str], list[dict] | None]:
+async def _backlogs(ws: Workspace, deadline: float) -> Backlogs:
+    """The bus as `stuck_backlogs` finds it by `deadline` (loop time), or why it could not be looked at and
+    whether that was a refusal. `status` used to say nothing either way, and to call the platform healthy
+    while the operator's credentials were refused."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return Backlogs(stuck=await stuck_backlogs(ws))
+    except TimeoutError:  # nats.py's own timeouts are TimeoutErrors too
+        return Backlogs(unchecked=f"nats-server gave no answer listing the consumers within {STATUS_TIMEOUT:g} s")
+    except Exception as exc:
+        text = str(exc).strip() or type(exc).__name__
+        password = urlsplit((ws.read_run() or {}).get("nats") or "").password
+        if password:
+            text = text.replace(password, "***")  # what an error quotes of the URL, never the operator's password
+        return Backlogs(unchecked=f"listing the consumers failed: {text}", failed=True)
+
+
+async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict[str, str], Backlogs]:
     state = ws.running()
     if state is None:
-        return None, {}, DOWN, {}, None
+        return None, {}, DOWN, {}, Backlogs()
     # Everything at once, under one deadline: a wedged platform answers in one timeout, whatever is wedged
     # and however many listeners there are. The table keeps run.json's order.
     deadline = asyncio.get_running_loop().time() + STATUS_TIMEOUT + _GRACE
@@ -275,11 +305,11 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict
     companions = dict(zip(listed, found[len(services) :], strict=True))
     # Then, only of a nats-server that answers, the consumers' backlogs, under a deadline of their own: run
     # beside the probes, its imports and requests on a loaded machine made quick probes miss the deadline.
-    stuck = None
+    backlogs = Backlogs(unchecked=f"nats-server {nats}")
     if nats == UP:
         later = asyncio.get_running_loop().time() + STATUS_TIMEOUT + _GRACE
-        stuck = await _by(later, stuck_backlogs(ws), None)  # type: ignore[arg-type]
-    return state, health, nats, companions, stuck
+        backlogs = await _backlogs(ws, later)
+    return state, health, nats, companions, backlogs
 
 
 @click.command()
@@ -287,7 +317,8 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict
 @click.pass_obj
 def status(ws: Workspace, as_json: bool) -> None:
     """Health of every service of the platform `cdpctl up` runs here (and whether its dev companions are up)."""
-    state, health, nats, companions, stuck = asyncio.run(_status(ws))
+    state, health, nats, companions, backlogs = asyncio.run(_status(ws))
+    stuck, unchecked = backlogs.stuck, backlogs.unchecked
     if state is None:
         if as_json:
             out.print_json(json.dumps({"running": False, "home": str(ws.root)}))
@@ -296,7 +327,7 @@ def status(ws: Workspace, as_json: bool) -> None:
         raise SystemExit(1)
     # Companions stand in for what is outside the platform: one that is down or not answering does not make
     # it unhealthy, and the output says so (`companions_note`).
-    healthy = nats == UP and all(h == "SERVING" for h in health.values()) and not stuck
+    healthy = nats == UP and all(h == "SERVING" for h in health.values()) and not stuck and not backlogs.failed
     note = companions_note({name: companions[name] for name in state.get("companions", {})})
     stuck_note = (
         "stuck: "
@@ -333,8 +364,10 @@ def status(ws: Workspace, as_json: bool) -> None:
                     },
                     "companions_counted": False,
                     **({"note": note} if note else {}),
-                    # Consumers whose oldest unacknowledged message is older than STUCK_AFTER (null: unknown).
+                    # Consumers whose oldest unacknowledged message is older than STUCK_AFTER (null: unknown,
+                    # and `backlogs` says why).
                     "stuck": stuck,
+                    "backlogs": "checked" if unchecked is None else f"not checked: {unchecked}",
                     "write_key": state.get("write_key"),
                     "admin_token_file": state.get("admin_token_file"),
                 }
@@ -347,4 +380,13 @@ def status(ws: Workspace, as_json: bool) -> None:
             out.print(note, soft_wrap=True, highlight=False, markup=False)
         if stuck_note:
             out.print(stuck_note, soft_wrap=True, highlight=False, markup=False)
+        if unchecked is not None and nats == UP:  # nats-server's own row says why when it is not up
+            out.print(
+                f"consumers' backlogs not checked: {unchecked}"
+                + ("; the platform is not counted healthy" if backlogs.failed else "")
+                + " (cdpctl lag lists them)",
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
+            )
     raise SystemExit(0 if healthy else 1)
