@@ -16,7 +16,8 @@ every consumer of the other stream sees it again too. A dead letter of one
 event of an `events.raw` message of several (`Cdp-Dlq-Part`: the others were applied) replays that event
 alone, as a message of its own, with `:<part>` after the sequence in its id. A listing or a replay
 reads the DLQ only up to its last message when the command started: a replayed message that fails again
-is a new dead letter, left for the operator, never replayed again by the same command. A STREAM or
+is a new dead letter, left for the operator, never replayed again by the same command. Past `--limit` (at
+least 1) it says that more remain (`--json`: `more`), and run again it goes on with them. A STREAM or
 CONSUMER that names nothing (a misspelling, the wrong case) is refused naming it, rather than shown as
 having no dead letters. The table shows a long detail's start and its end, where the cause is (an
 exception's message follows what was being done: "... : database or disk is full"), wrapped in its column;
@@ -187,8 +188,9 @@ def answered(url: str, work: Coroutine[Any, Any, T], timeout: float = ANSWER_TIM
 
 async def dead_letters(
     url: str, subject: str, *, limit: int, replay: bool, tls: ssl.SSLContext | None = None
-) -> tuple[list[DeadLetter], int]:
-    """The first `limit` dead letters on `subject`, oldest first; replayed (and removed) when asked."""
+) -> tuple[list[DeadLetter], int, bool]:
+    """The first `limit` dead letters on `subject`, oldest first; replayed (and removed) when asked; and
+    whether more were there when the command started (past `limit`: the operator is told)."""
     nc = await connect(url, tls)
     try:
         js = nc.jetstream()
@@ -197,7 +199,7 @@ async def dead_letters(
         try:
             info = await js.stream_info(DLQ)
         except NotFoundError:
-            return found, replayed  # nothing was ever dead-lettered here
+            return found, replayed, False  # nothing was ever dead-lettered here
         seq = max(1, info.state.first_seq)
         # Only what the DLQ held when we looked: a replayed message that fails again is dead-lettered
         # behind this point, and reading on would replay it again, round after round, up to `limit`.
@@ -214,7 +216,13 @@ async def dead_letters(
             seq = msg.seq + 1
             if replay and await _replay(js, msg, letter):
                 replayed += 1
-        return found, replayed
+        more = False
+        if len(found) >= limit and seq <= last:
+            try:
+                more = (await js.get_msg(DLQ, seq, subject=subject, next=True)).seq <= last
+            except NotFoundError:
+                pass
+        return found, replayed, more
     finally:
         await nc.close()
 
@@ -361,7 +369,7 @@ async def missing_name(
 @click.argument("stream", required=False)
 @click.argument("consumer", required=False)
 @click.option("--replay", is_flag=True, help="republish each to its original subject, then remove it from the DLQ")
-@click.option("--limit", default=1000, show_default=True, help="at most this many")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1), help="at most this many")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--wide", is_flag=True, help=f"every detail whole (the table shows {DETAIL_SHOWN} characters of one)")
 @click.option("--nats", "url", help="NATS URL (default: the one `cdpctl up` runs)")
@@ -380,7 +388,7 @@ def dlq(
     subject = dlq_subject(stream, consumer)
     url = nats_url(ws, url)
     secured = nats_tls(ws, url)
-    letters, replayed = answered(url, dead_letters(url, subject, limit=limit, replay=replay, tls=secured), ws=ws)
+    letters, replayed, more = answered(url, dead_letters(url, subject, limit=limit, replay=replay, tls=secured), ws=ws)
     if not letters and stream:
         # A misspelt name (the wrong case) finds no dead letters either: say so rather than show none. The
         # dead letters of a stream or consumer since removed are still listed (the check runs on none).
@@ -388,7 +396,8 @@ def dlq(
         if problem is not None:
             raise problem
     if as_json:
-        out.print_json(json.dumps({"dead_letters": [asdict(d) for d in letters], "replayed": replayed}))
+        document = {"dead_letters": [asdict(d) for d in letters], "replayed": replayed, "more": more}
+        out.print_json(json.dumps(document))
         return
     table = Table(title=f"dead letters ({subject})")
     for column in ("seq", "stream", "consumer", "subject", "original seq", "deliveries", "reason"):
@@ -406,6 +415,13 @@ def dlq(
     out.print(table)
     if replay:
         out.print(f"replayed {replayed} of {len(letters)}")
+    if more:
+        # "replayed 1000 of 1000" alone read as the DLQ emptied, the rest unseen.
+        out.print(
+            f"more dead letters remain past the first {limit}: run it again, or with a larger --limit",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 # The wait between `lag --watch`'s two samples (a name of its own: the tests act in between).
