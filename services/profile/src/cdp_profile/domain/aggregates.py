@@ -809,6 +809,7 @@ COARSEST_BUCKETS = 32
 WINDOW_BUCKET_BYTES = 64 * 1024
 WINDOW_VALUE_BUCKET_BYTES = 256 * 1024
 _VALUE_OPS = frozenset({"most_frequent", "unique", "unique_count"})
+_FIXED_SIZE = frozenset({int, float, bool, type(None)})  # values `_value_bytes` counts as 0
 # A bucket's event id: no event's (an event id is "<source id>:<message id>"), and the first of its time.
 BUCKET = ""
 
@@ -935,9 +936,13 @@ class ComputedState:
             insort(entries, entry, key=_entry_key)
         self.agg.add(at, event_id, value)
         kind = type(value)
-        if kind is not int and kind is not float and kind is not bool and value is not None:
+        if kind not in _FIXED_SIZE:
             size = self._bytes
-            size = self._bytes = self._exact_bytes() if size is None else size + _value_bytes(value)
+            if size is None:
+                size = self._exact_bytes()
+            else:  # `_value_bytes`, inline for the common ASCII string
+                size += len(value) if kind is str and value.isascii() else _value_bytes(value)
+            self._bytes = size
             if size > WINDOW_ENTRY_BYTES:
                 self._coalesce()
                 return
@@ -1110,17 +1115,24 @@ class ComputedState:
             return False
         self._encoded = self._raw = None
         removed = entries[:count]
-        if self._bucket_count():  # counted before the removal (a loaded state counts them on first need)
-            self._buckets -= sum(1 for entry in removed if entry[1] == BUCKET)
+        buckets = self._buckets
+        if buckets is None:
+            buckets = self._bucket_count()  # counted before the removal (a loaded state's first need)
+        if buckets:
+            self._buckets = buckets - sum(1 for entry in removed if entry[1] == BUCKET)
         del entries[:count]
-        if self._bytes:
-            self._bytes -= sum(_value_bytes(entry[2]) for entry in removed if entry[1] != BUCKET)
+        size = self._bytes
+        if size:
+            for entry in removed:  # most often one
+                if entry[1] != BUCKET:
+                    size -= _value_bytes(entry[2])
+            self._bytes = size
         if not entries:
             self.agg = AGGREGATES[self.op]()
             return True
         agg = self.agg
         for entry in removed:
-            if entry[1] == BUCKET:
+            if buckets and entry[1] == BUCKET:
                 subtract = getattr(agg, "subtract", None)
                 done = subtract is not None and subtract(_agg_from_doc(self.op, entry[2][1]))
             else:
