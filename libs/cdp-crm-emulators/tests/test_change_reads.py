@@ -137,3 +137,29 @@ async def test_hubspot_deals_carry_their_stage_and_close_flags():
         assert deal["properties"]["hs_is_closed"] == "false"
         won = hubspot.user_update("deals", deal["id"], {"dealstage": "closedwon"})
         assert (won["properties"]["hs_is_closed"], won["properties"]["hs_is_closed_won"]) == ("true", "true")
+
+
+async def test_a_write_committed_late_is_found_late_behind_later_ones_in_salesforce_and_zoho():
+    async with SalesforceEmulator(tls=True) as sf, ZohoEmulator() as zoho:
+        ada = sf.user_create("Contact", {"LastName": "Lovelace"})
+        start = ada["SystemModstamp"].replace("+0000", "Z")
+        sf.clock.advance(1)
+        late = sf.user_create("Case", {"Subject": "Refund", "ContactId": ada["Id"]}, commit_after=30)
+        sf.clock.advance(1)
+        soon = sf.user_create("Case", {"Subject": "Cannot log in", "ContactId": ada["Id"]})
+        soql = f"SELECT Id, SystemModstamp FROM Case WHERE SystemModstamp >= {start} ORDER BY SystemModstamp, Id"
+        found = await asyncio.to_thread(_client(sf).query_all, soql)
+        assert [r["Id"] for r in found["records"]] == [soon["Id"]]
+        sf.clock.advance(30)  # committed: found before the later one, by its stamp
+        found = await asyncio.to_thread(_client(sf).query_all, soql)
+        assert [r["Id"] for r in found["records"]] == [late["Id"], soon["Id"]]
+
+        deal = zoho.user_create("Deals", {"Deal_Name": "Renewal", "Stage": "Qualification"})
+        zoho.clock.advance(1)
+        zoho.user_update("Deals", deal["id"], {"Stage": "Closed Won"}, commit_after=30)
+        params = {"fields": "Stage,Modified_Time", "sort_by": "Modified_Time", "sort_order": "asc"}
+        _, listed = await zoho_call(zoho, "GET", "/crm/v8/Deals", params=params)
+        assert [r["Stage"] for r in listed["data"]] == ["Qualification"]  # as it was before the write
+        zoho.clock.advance(30)
+        _, listed = await zoho_call(zoho, "GET", "/crm/v8/Deals", params=params)
+        assert [r["Stage"] for r in listed["data"]] == ["Closed Won"]

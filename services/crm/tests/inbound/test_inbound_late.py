@@ -8,12 +8,15 @@ posted twice and the connector's own writes read back are no news."""
 from __future__ import annotations
 
 from cdp_crm.adapters.salesforce import SalesforceAdapter
+from cdp_crm.adapters.zoho import ZohoAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.inbound import HubSpotPoller, Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
+from cdp_crm.inbound.zoho import ZohoReader
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_crm_emulators.zoho import ZohoEmulator
 
 TOKEN = "pat-local-hubspot"
 
@@ -150,3 +153,42 @@ async def test_a_read_back_costs_a_search_a_page_and_asks_nothing_about_what_was
             await poller.poll()
         assert requests_since(mark) == ["/crm/v3/objects/tickets/search"] * 3
         assert len(collector.events("CRM Ticket Opened")) == 150 and collector.duplicates == 0
+
+
+async def test_a_zoho_case_committed_late_is_posted_once_after_the_overlap(store, session, collector):
+    async with ZohoEmulator() as zoho:
+        ada = zoho.user_create("Contacts", {"Last_Name": "Lovelace", "Email": "ada@example.com"})
+        about_ada = {"id": ada["id"], "name": "Ada Lovelace"}
+        document = {"connections": [{
+            "id": "zoho", "kind": "zoho", "account": "org-z", "url": zoho.base_url,
+            "credentials": {"client_id": "Z_ID", "client_secret": "Z_SECRET", "refresh_token": "Z_REFRESH"},
+            "mappings": [{"id": "contacts", "object": "Contacts", "match": {"CDP_Id": "person.id"},
+                          "fields": {"Email": "traits.email", "Last_Name": "traits.last_name"}}],
+        }]}  # fmt: skip
+        (connection,) = parse_connections(document)
+        adapter = ZohoAdapter(
+            session, client_id=zoho.client_id, client_secret=zoho.client_secret,
+            refresh_token="1000.local-refresh-token", accounts_url=zoho.base_url,
+        )  # fmt: skip
+        reader = ZohoReader(connection, adapter, SharedBudget(store, connection), clock=zoho.clock)
+        poller = Poller(store, connection, reader, collector.client(session), objects=("Cases",), clock=zoho.clock)
+        await poller.poll()
+        zoho.clock.advance(2)
+        late = zoho.user_create(
+            "Cases", {"Subject": "Refund", "Status": "New", "Related_To": about_ada}, commit_after=30
+        )
+        zoho.clock.advance(2)
+        soon = zoho.user_create("Cases", {"Subject": "Cannot log in", "Status": "New", "Related_To": about_ada})
+        await poller.poll()
+        zoho.clock.advance(40)  # committed now, behind the cursor
+        await poller.poll()
+        assert [e["properties"]["crm_id"] for e in collector.events()] == [soon["id"]]
+
+        zoho.clock.advance(120)  # Zoho's default overlap: read back once settled
+        await poller.poll()
+        assert [e["properties"]["crm_id"] for e in collector.events()] == [soon["id"], late["id"]]
+        assert collector.names() == ["CRM Case Opened"] * 2
+        for _ in range(3):
+            zoho.clock.advance(200)
+            assert await poller.poll() == 0
+        assert collector.names() == ["CRM Case Opened"] * 2 and collector.duplicates == 0

@@ -22,7 +22,9 @@ nothing did), ``sort_by`` (id, Created_Time, Modified_Time) and ``sort_order`` (
 (at most 100) and ``page`` / ``per_page``; ``info.next_page_token`` continues the same listing with
 ``page_token`` (a snapshot taken at the first page, as Zoho requires past 2,000 records); search takes
 ``(Modified_Time:greater_than:<iso>)``. `user_update` / `user_create` act
-as a Zoho user.
+as a Zoho user; with `commit_after` seconds the write's ``Modified_Time`` is when it was made, but listings
+and searches find it only that much later (as it was before until then; a new record: not at all) - a
+write committed late, behind records a poller's cursor passed.
 
 Also: Update Records (``PUT /crm/v8/<Module>``: by id, never creating one; an unknown id answers
 ``INVALID_DATA``), and the Query API (``POST /crm/v8/coql``: ``select ... from ... where`` with ``=``,
@@ -78,6 +80,9 @@ class ZohoEmulator(Emulator):
         self._used = 0
         self._refused = 0
         self._listings: dict[str, list[dict[str, Any]]] = {}  # page_token -> the listing's remaining rows
+        # A write committed late (`commit_after`): (module, id) -> (commit time, the record as listings see it
+        # until then, None for a record not there before).
+        self._in_flight: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         r = self.app.router
         r.add_post("/oauth/v2/token", self._token)
         r.add_get("/crm/v8/users", self._users)
@@ -117,13 +122,38 @@ class ZohoEmulator(Emulator):
 
     # --- the CRM user's side (inbound) -----------------------------------------------------------
 
-    def user_create(self, module: str, values: dict[str, Any]) -> dict[str, Any]:
+    def user_create(self, module: str, values: dict[str, Any], *, commit_after: float = 0.0) -> dict[str, Any]:
         record_id = self._write(module, None, values)
+        if commit_after > 0:
+            self._in_flight[(module, record_id)] = (self.clock() + commit_after, None)
         return dict(self.store.objects[module][record_id])
 
-    def user_update(self, module: str, record_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    def user_update(
+        self, module: str, record_id: str, values: dict[str, Any], *, commit_after: float = 0.0
+    ) -> dict[str, Any]:
+        held = self.store.objects.get(module, {}).get(record_id)
+        before = dict(held) if held is not None else None
         self._write(module, record_id, values)
+        if commit_after > 0:
+            flight = self._in_flight.get((module, record_id))
+            self._in_flight[(module, record_id)] = (self.clock() + commit_after, flight[1] if flight else before)
         return dict(self.store.objects[module][record_id])
+
+    def _committed(self, module: str) -> list[dict[str, Any]]:
+        """The module's records as listings and searches see them now: a write not committed yet
+        (`commit_after`) shows the record as it was before it (a new record: not at all)."""
+        now = self.clock()
+        seen = []
+        for record_id, record in self.store.objects.get(module, {}).items():
+            flight = self._in_flight.get((module, record_id))
+            if flight is not None:
+                if now < flight[0]:
+                    if flight[1] is not None:
+                        seen.append(flight[1])
+                    continue
+                del self._in_flight[(module, record_id)]
+            seen.append(record)
+        return seen
 
     def user_delete(self, module: str, record_id: str) -> None:
         self.store.delete(module, record_id)
@@ -491,7 +521,7 @@ class ZohoEmulator(Emulator):
             if token not in self._listings:
                 return _error(400, "INVALID_DATA", "invalid data", {"api_name": "page_token"})
             return self._listing_page(self._listings.pop(token), request.query)
-        rows = list(self.store.objects.get(module.name, {}).values())
+        rows = self._committed(module.name)
         if "ids" in request.query:
             ids = request.query["ids"].split(",")
             if len(ids) > 100:

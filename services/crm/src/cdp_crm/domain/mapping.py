@@ -18,7 +18,7 @@
         inbound: {start: now}             # where a new connection's change reading starts: now (default) | all;
                                           # overlap_seconds: 180 - changes read back once settled, for those
                                           # that become visible late (default per CRM: HubSpot 180,
-                                          # Salesforce 600; 0: none; Dynamics and Zoho read none)
+                                          # Salesforce 600, Zoho 120; 0: none; Dynamics reads none)
         mappings:
           - id: contacts
             object: contacts

@@ -27,8 +27,7 @@ twice at most - once by the forward read, once settled. What the read-back finds
 (its memo holds that stamp, or a later one) is dropped before anything else: no event is posted twice, the
 collector is not asked, and the connector's own writes read back stay no news. Where the read-back ended
 is `crm_cursors/<connection>:<object>#settled`. A record visible later than its stamp plus the overlap
-is still missed; a reader without a bounded read (Dataverse's delta links: the CRM's own change tracking)
-reads no overlap.
+is still missed; Dataverse (delta links: the CRM's own change tracking) reads no overlap.
 
 Log lines name the connection, object and counts; never record values or emails.
 """
@@ -69,10 +68,11 @@ LOOKUPS_AT_ONCE = 100  # a page's store lookups of what the connector wrote, sid
 # connection sets `inbound.overlap_seconds`: HubSpot's search index lags writes by seconds and the reads are
 # searches from its few a second, so a few minutes; Salesforce's SystemModstamp is set when the write is
 # made and seen only once its transaction commits, which may take up to ten minutes (its transaction time
-# limit). The overlap costs no more requests however long it is (each record is read back once, one search
-# or query a window at least): only how late a late change arrives. Dataverse reads by delta links (the
-# CRM's own change tracking): none; Zoho's reader has no bounded read yet: none either.
-INBOUND_OVERLAP = {"hubspot": 180.0, "salesforce": 600.0}
+# limit); Zoho's listing by Modified_Time likewise sees a write only once it is committed (a workflow's or
+# a blueprint's field update), so two minutes. The overlap costs no more requests however long it is (each
+# record is read back once, one search or listing page a window at least): only how late a late change
+# arrives. Dataverse reads by delta links (the CRM's own change tracking): none.
+INBOUND_OVERLAP = {"hubspot": 180.0, "salesforce": 600.0, "zoho": 120.0}
 # Pages a read-back reads a polling turn, per object (the rest of its window at the next turns).
 READ_BACK_PAGES = 5
 # Seconds a read of an object that reached its end spares `read_first` another (see there).

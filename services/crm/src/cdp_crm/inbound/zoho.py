@@ -4,7 +4,10 @@ Per module one listing a poll - ``GET /crm/v8/<Module>?fields=...&sort_by=Modifi
 with ``If-Modified-Since`` one second before the cursor's stamp (Zoho's times have whole seconds and it
 lists what changed after the header's time: the second itself is asked again, and the ids read at it are
 skipped, `core.Keyset`) - continued with ``page_token`` while ``info.more_records``. A 304 or 204 means
-nothing changed. The cursor moves after every hundred records the collector took.
+nothing changed. The cursor moves after every hundred records the collector took. A write committed late (a
+workflow's field update) carries a Modified_Time the cursor may have passed: the poller reads each settled
+window back (core.Poller._read_back; the listing has no upper bound, so it is read up to the first record
+past the window).
 
 Modules: Contacts (the person; traits and consent a mapping fills), Cases (opened, status changes,
 closed), Tasks (created by a user, completed), Deals (stage changes, won, lost). A record's person is its
@@ -26,7 +29,16 @@ from typing import Any
 from cdp_crm.adapters.zoho import ZohoAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.inbound.core import POST_CHUNK, AdapterReader, Change, Keyset, Person, instant, person_id_field
+from cdp_crm.inbound.core import (
+    POST_CHUNK,
+    AdapterReader,
+    Change,
+    Keyset,
+    Person,
+    Posted,
+    instant,
+    person_id_field,
+)
 
 PAGE = 200
 # module -> (what it is, the fields the event reports, the lookup naming its contact, the watched field)
@@ -46,6 +58,7 @@ OBJECTS: dict[str, tuple[str, tuple[str, ...], str | None, str | None]] = {
 class ZohoReader(AdapterReader):
     kind = "zoho"
     objects = tuple(OBJECTS)
+    reads_back = True  # `pages(..., until=)`: the poller reads the overlap back (core.INBOUND_OVERLAP)
     adapter: ZohoAdapter
 
     def __init__(
@@ -60,9 +73,13 @@ class ZohoReader(AdapterReader):
         self.cdp_field = person_id_field(connection, "contacts")
 
     async def pages(
-        self, obj: str, cursor: dict[str, Any] | None
+        self, obj: str, cursor: dict[str, Any] | None, until: str | None = None, posted: Posted | None = None
     ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        """`until`, `posted`: a read-back's window (core.Poller._read_back) - the listing (which has no upper
+        bound) read only up to the first record modified at `until` or later, those `posted` names (read
+        and posted already) left out before their contacts are looked up."""
         kind, reported, link, _ = OBJECTS[obj]
+        end = instant(until) if until is not None else None
         keyset = Keyset.of(cursor)
         fields = dict.fromkeys(["Created_Time", "Modified_Time", *reported, *((link,) if link else ())])
         if kind == "contact" and self.cdp_field:
@@ -79,13 +96,23 @@ class ZohoReader(AdapterReader):
         answer = await self._get(f"/{obj}?{urllib.parse.urlencode(query)}", headers, obj)
         while answer is not None:
             rows = answer.get("data", [])
+            ended = False
+            if end is not None:  # sorted by Modified_Time: the window ends at the first row past it
+                within = [r for r in rows if instant(r["Modified_Time"]) < end]
+                ended = len(within) < len(rows)
+                rows = within
             fresh = [rows[i] for i in keyset.fresh([(str(r["id"]), r["Modified_Time"]) for r in rows])]
             for start in range(0, len(fresh), POST_CHUNK):
                 chunk = fresh[start : start + POST_CHUNK]
-                people = await self._people(obj, chunk)
-                changes = [self._change(obj, r, people) for r in chunk]
-                keyset = keyset.advance([(str(r["id"]), r["Modified_Time"]) for r in chunk])
-                yield changes, keyset.doc()
+                read = [(str(r["id"]), r["Modified_Time"]) for r in chunk]
+                keyset = keyset.advance(read)
+                if posted is not None:
+                    known = await posted(read)
+                    chunk = [r for r, pair in zip(chunk, read, strict=True) if pair not in known]
+                people = await self._people(obj, chunk) if chunk else {}
+                yield [self._change(obj, r, people) for r in chunk], keyset.doc()
+            if ended:
+                return
             info = answer.get("info") or {}
             token = info.get("next_page_token")
             if not info.get("more_records") or not token:
