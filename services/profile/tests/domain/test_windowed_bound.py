@@ -121,6 +121,25 @@ def test_a_busy_person_with_a_windowed_trait_stays_within_what_the_store_keeps()
     assert profile.view(now=at).computed == {"pings_30d": 200_000.0}
 
 
+def test_long_values_in_a_window_are_bounded_by_their_bytes_not_only_by_their_number():
+    """300 searches of 30 KB in a day made a 9.25 MB record through a windowed unique_count's entries (its
+    summary had long refused values past 256K characters): 300 entries are few, their values are not. Now
+    0.54 MB, and the same answer: at least 8 distinct queries, as many as the summary holds."""
+    defs = ComputedTraits(
+        [ComputedTrait("searches_1d", "unique_count", event_names=("Searched",), property="query", window="1d")]
+    )
+    profile = Profile.new("p")
+    for n in range(300):
+        at = T0 + n * 60.0
+        query = f"{n:05d}" + "x" * 30_000
+        event = ProfileEvent(
+            event_id=f"web:{n}", type="track", name="Searched", at=at, source="web", properties={"query": query}
+        )
+        profile.apply(event, defs, now=at)
+    assert len(profile.to_json()) < MAX_DOCUMENT_BYTES // 8
+    assert profile.view(now=at).computed == {"searches_1d": 8}
+
+
 def test_every_windowed_op_of_a_busy_person_is_bounded_and_exact_while_nothing_left_its_window():
     """12 windowed traits (every op) over 30,000 events in 21 days: each state within its bound, the record
     within a quarter of the store's limit (1.5 MB; before: 25.6 MB), and every value what one entry per contribution

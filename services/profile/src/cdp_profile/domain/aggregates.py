@@ -35,6 +35,11 @@ window of 10,000 distinct values still reads 10,000). A windowed state is so at 
 buckets (256 KiB for distinct values), plus its summary: 49 KB for a count of 30,000 events a month, where
 one entry per contribution was 1.05 MB. The record holds each state twice (the timeline base), per part.
 
+Merges combine the parts' summaries (buckets included) as before: a merged person is the person built from
+the union of its events while no part-state is past the bound, and past it, until something leaves a
+window; after that both are within the bound above, but they may differ by what left early (their cells
+were coalesced apart). A split gives each side back its own states, as before.
+
 Taking one contribution out (`ComputedState.remove`, a merge finding the same event on both sides): an
 exact entry leaves as before; a coalesced one leaves its bucket - counts, sums and a value's count exactly,
 while a bucket's min, max, first, last, a value's latest time or max_speed's points stay as they were
