@@ -17,9 +17,11 @@ import time
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.coalesce import UPSERT, Change
 from cdp_crm.inbound import HubSpotPoller
 from cdp_crm.privacy import Privacy
-from cdp_crm.state import MERGED, RECORDS
+from cdp_crm.state import MERGED, PENDING, RECORDS
+from cdp_crm.writes import change_doc
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import subjects
 from cdp_kit.timestamps import from_seconds
@@ -182,4 +184,31 @@ async def test_erasing_the_merged_away_person_alone_leaves_the_other_persons_con
             ada["id"], "person-a", "ada@example.com",
         )  # fmt: skip
         assert (await _record(world, "person-b"))["state"] == "anonymised"
+        await world.stop()
+
+
+async def test_a_change_queued_before_the_merge_was_read_makes_no_contact_again(world_factory, collector):
+    """The merged-away person's change was queued (`crm_pending`: HubSpot failing) before the merge was read:
+    the retrier drops it once the record reads `merged`, rather than sending it by the person's own key."""
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        await world.start()
+        await world.profiles({"person-a": {"traits.email": "ada@example.com"},
+                              "person-b": {"traits.email": "ada@work.example"}})  # fmt: skip
+        await world.eventually(lambda: len(emulator.records("contacts")) == 2)
+        ada, work = (emulator.find("contacts", "cdp_id", p) for p in ("person-a", "person-b"))
+        poller = _poller(world, collector)
+        await poller.poll()
+        world._stop_retrier()  # the queued change stays queued until this test retries it
+        (mine,) = [r for r in await world.store.find(RECORDS, "person_id", "person-b")]
+        (mapping,) = [m for m in world.logic.mappings.values() if m.id == "contacts"]
+        queued = Change(mapping.name, (("cdp_id", "person-b"),), {"firstname": "Augusta"}, 1, UPSERT, "person-b", "t")
+        await world.store.put(PENDING, mine.key, change_doc(queued, world.partition("person-b")))
+
+        emulator.clock.advance(1)
+        emulator.user_merge("contacts", ada["id"], work["id"])
+        await poller.poll()
+        await world.logic.retry_pending(world.partition("person-b"))
+        assert await world.store.get(PENDING, mine.key) is None
+        assert [c["properties"]["cdp_id"] for c in emulator.records("contacts")] == ["person-a"]
         await world.stop()

@@ -898,10 +898,22 @@ class CrmLogic:
             previous = await self.store.get_many(RECORDS, [r.key for r in records])
             by_mapping: dict[str, list[Change]] = defaultdict(list)
             attempts = {r.key: r.doc.get("attempts", 1) for r in records}
+            dropped = 0
             for record in records:
                 change = change_from_doc(record.doc)
+                stored = previous.get(record.key)
+                if stored is not None and stored.doc.get("state") == MERGED:
+                    # Queued before its record was merged into another (identity's merge, or a CRM user's:
+                    # inbound/news.py `_relink`): sent by its own key it would make the record again.
+                    out.delete(PENDING, record.key)
+                    dropped += 1
+                    continue
                 if change.mapping in self.mappings:
                     by_mapping[change.mapping].append(change)
+            if dropped:
+                log.info(
+                    "queued crm changes of merged records dropped", extra={"partition": partition, "records": dropped}
+                )
             intended = {k: (p.doc.get("fields", {}), p.doc.get("member")) for k, p in previous.items() if p is not None}
             prev = {k: p.doc for k, p in previous.items()}
 
