@@ -286,7 +286,7 @@ class Evaluation:
                 else:
                     # Threshold segments first (they refer to no segment), then the rest, dependencies first.
                     segments = self.index.affected(frozenset(changed))
-                    if self.index.thresholds:
+                    if self.index.indexed:
                         crossed = self.index.crossed(changed, person.fields)
                         if crossed:
                             segments = crossed + list(segments)

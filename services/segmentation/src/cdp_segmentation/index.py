@@ -18,6 +18,12 @@ The threshold index: several segments comparing one field with one number (`comp
 `>= 5`, `>= 10`) are not evaluated on every change of the field but only those whose number lies in the
 range the field moved over (`crossed`); the others give the same outcome for the old and the new value.
 
+The equality index: several segments comparing one field with text (`traits.country = "DE"`, `traits.plan
+in ["pro", "team"]`, one per country or plan: a customer's hundreds of them) are evaluated on a change of
+the field only when the old or the new value is one of their words; for every other value each of them is
+false before and after. Without it a change of `traits.country` evaluated every such segment: 544 of 3,000
+segments, 4 times the cost of a change read by one.
+
 Plain data, no I/O: rebuilt, never changed in place.
 """
 
@@ -29,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from cdp_lang.percentiles import PercentileSpec
 from cdp_segmentation.catalogue import Segment
 from cdp_segmentation.domain import CompiledSegment, check_segment_graph
-from cdp_segmentation.domain.plan import NumberTest, Test, expression_tests, percentile_tests, percentiles_of
+from cdp_segmentation.domain.plan import NumberTest, OneOf, Test, expression_tests, percentile_tests, percentiles_of
 from cdp_segmentation.domain.values import number
 
 TIME = "$time"  # the pseudo-field every time-dependent segment reads
@@ -83,7 +89,26 @@ class FieldIndex:
             for name, items in by_field.items()
             if len(items) > 1
         }
+        by_words: dict[str, list[tuple[frozenset[str], str]]] = {}
+        for segment in serving.values():
+            found_words = equality(segment.compiled)
+            if found_words is not None:
+                by_words.setdefault(found_words[0], []).append((found_words[1], segment.id))
+        # field -> word -> its segments (`= "word"`, `in [... "word" ...]`): a change can move only those
+        # holding its old or its new value
+        self.equalities: dict[str, dict[str, tuple[tuple[Segment, bool], ...]]] = {}
+        for name, items in by_words.items():
+            if len(items) > 1:
+                words: dict[str, list[tuple[Segment, bool]]] = {}
+                for values, segment_id in sorted(items, key=lambda item: position[item[1]]):
+                    for word in values:
+                        words.setdefault(word, []).append((serving[segment_id], True))
+                self.equalities[name] = {word: tuple(segments) for word, segments in words.items()}
         self.indexed = {name: frozenset(s.id for s, _ in index[1]) for name, index in self.thresholds.items()}
+        for name, words in self.equalities.items():
+            self.indexed[name] = self.indexed.get(name, frozenset()) | {
+                s.id for segments in words.values() for s, _ in segments
+            }
         # percentile key -> its spec, and the segments comparing a field (and sub-path) with it
         self.percentiles: dict[str, PercentileSpec] = {}
         self.percentile_readers: dict[str, list[tuple[Segment, str, tuple[str, ...]]]] = {}
@@ -135,11 +160,26 @@ class FieldIndex:
 
     def crossed(self, changed: Mapping[str, object], fields: Mapping[str, object]) -> list[tuple[Segment, bool]]:
         """Of the threshold segments (one field compared with one number) on the changed fields (path ->
-        value before), those whose number lies in the range the field moved over: the others give the same
-        outcome for the old and the new value, so their membership, equal to that outcome since their last
-        evaluation, stays."""
+        value before), those whose number lies in the range the field moved over, and of the equality
+        segments (one field compared with words), those holding the old or the new value: the others give
+        the same outcome for the old and the new value, so their membership, equal to that outcome since
+        their last evaluation, stays."""
         crossed: list[tuple[Segment, bool]] = []
+        equalities = self.equalities
         for path, old in changed.items():
+            words = equalities.get(path)
+            if words is not None:
+                new = fields.get(path)
+                # A value that is no text is outside every one of them (`=` and `in` with words hold only
+                # for text), so only a word the field left or took can have moved one.
+                before = words.get(old, ()) if isinstance(old, str) else ()
+                after = words.get(new, ()) if isinstance(new, str) and new != old else ()
+                if before and after:
+                    seen = {s.id for s, _ in before}
+                    crossed.extend(before)
+                    crossed.extend(item for item in after if item[0].id not in seen)  # `in` holding both
+                else:
+                    crossed.extend(before or after)
             index = self.thresholds.get(path)
             if index is None:
                 continue
@@ -168,6 +208,20 @@ class FieldIndex:
             if candidate.compiled.segments & found.keys():
                 found[segment_id] = candidate
         return tuple((s, True) for s in found.values())
+
+
+def equality(compiled: CompiledSegment) -> tuple[str, frozenset[str]] | None:
+    """(field, words) when the whole definition holds for a top-level field's text among those words and
+    for nothing else (`= "word"`, `in` a list of words only)."""
+    plan = compiled.plan
+    if not isinstance(plan, Test) or plan.sub:
+        return None
+    if plan.op == "=" and type(plan.literal) is str:
+        return plan.field, frozenset((plan.literal,))
+    literal = plan.literal
+    if plan.op == "in" and isinstance(literal, OneOf) and not literal.numbers and not literal.bools:
+        return plan.field, literal.strings
+    return None
 
 
 def threshold(compiled: CompiledSegment) -> tuple[str, float] | None:
