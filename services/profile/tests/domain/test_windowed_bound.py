@@ -211,20 +211,27 @@ def test_a_contribution_taken_out_of_its_bucket_leaves_the_sum_and_one_never_in_
 
 ADDS = st.lists(
     st.tuples(st.integers(0, 400), st.integers(0, 9), st.integers(0, 3)),  # (time step, value, what next)
-    min_size=1,
+    min_size=10,
     max_size=120,
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps=ADDS, op=st.sampled_from(["count", "sum", "min", "max", "unique_count", "most_frequent", "first"]))
-def test_a_coalesced_window_holds_every_contribution_younger_than_a_bucket_less_and_none_older(steps, op):
+@given(
+    steps=ADDS,
+    op=st.sampled_from(["count", "sum", "min", "max", "unique_count", "most_frequent", "first", "unique"]),
+    tight=st.booleans(),
+)
+def test_a_coalesced_window_holds_every_contribution_younger_than_a_bucket_less_and_none_older(steps, op, tight):
     """Random contributions (late ones too), prunes and take-outs against the model: the answer is one of a
     set between L (every contribution younger than window - width) and U (every one inside the window),
-    for monotone ops checked as L's answer <= it <= U's; the stored form is `to_doc()`'s and reads back the
-    same; coalescing never moves the state's expiry earlier; two parts combine within the same bounds."""
+    for monotone ops checked as L's answer <= it <= U's; the summary is what its buckets and entries give
+    (what `prune` subtracts is what `_rebuild` would leave out); the stored form is `to_doc()`'s and reads
+    back the same; coalescing never moves the state's expiry earlier; two parts combine within the same
+    bounds. `tight`: bucket bytes so few that cells widen and the oldest leave early (no L then)."""
     window, width = 800.0, 100.0
-    with _bounds(MAX_WINDOW_ENTRIES=4, WINDOW_BUCKETS=8):
+    tight_bounds = {"WINDOW_BUCKET_BYTES": 120, "WINDOW_VALUE_BUCKET_BYTES": 240, "COARSEST_BUCKETS": 2}
+    with _bounds(MAX_WINDOW_ENTRIES=4, WINDOW_BUCKETS=8, **(tight_bounds if tight else {})):
         parts = [ComputedState(op, window, "sig"), ComputedState(op, window, "sig")]
         live: dict[str, tuple[float, int, int]] = {}  # added, not taken out: (at, value, part)
         gone: dict[str, tuple[float, int, int]] = {}  # taken out (a bucket's min or first may keep them)
@@ -252,12 +259,14 @@ def test_a_coalesced_window_holds_every_contribution_younger_than_a_bucket_less_
                 assert orjson.dumps(state.encoded()) == orjson.dumps(state.to_doc())
                 again = ComputedState.from_doc(orjson.loads(orjson.dumps(state.encoded())))
                 assert _close(again.result(), state.result())
+                again._rebuild()  # what its buckets and entries give: the summary kept in step with them
+                assert _close(again.result(), state.result())
             for sides, result in (
                 ({0}, parts[0].summary(now).result(op)),
                 ({1}, parts[1].summary(now).result(op)),
                 ({0, 1}, _combined(parts, now, op)),
             ):
-                young = [c for c in live.values() if c[2] in sides and c[0] + window - width > now]
+                young = [c for c in live.values() if c[2] in sides and c[0] + window - width > now and not tight]
                 kept = live.values() if op not in ("min", "max", "first") else (*live.values(), *gone.values())
                 inside = [c for c in kept if c[2] in sides and c[0] + window > now]
                 _within(op, result, young, inside)
@@ -279,5 +288,7 @@ def _within(op: str, result: Any, young: list[tuple[float, int, int]], inside: l
         assert result is None or max(values_young, default=-math.inf) <= result <= max(values_inside)
     elif op == "unique_count":
         assert len(set(values_young)) <= result <= len(set(values_inside))
+    elif op == "unique":
+        assert set(values_young) <= set(result) <= set(values_inside)  # fewer than 100 values here
     else:  # most_frequent, first: one of the values inside
         assert result is None or result in values_inside

@@ -580,6 +580,25 @@ class UniqueAgg:
         self._forget(MAX_DISTINCT_VALUES)  # the values seen last of both stay
         self._top = self._unique = None
 
+    def subtract(self, other: UniqueAgg) -> bool:
+        """Take out a coalesced bucket's counts; False when this summary does not hold them all (it forgot
+        some) or a value's latest contribution leaves while others remain (the one before is not known
+        here): the caller rebuilds."""
+        counts, at, ids = self.counts, self.at, self.ids
+        self._top = self._unique = None
+        for key, count in other.counts.items():
+            held = counts.get(key)
+            if held is None or held < count:
+                return False
+            if held == count:
+                del counts[key], self.values[key], at[key], ids[key]
+                self.chars -= _chars(key)
+            elif at[key] is None or (at[key] == other.at[key] and ids[key] == other.ids[key]):
+                return False
+            else:
+                counts[key] = held - count
+        return True
+
     def result(self, op: str) -> Any:
         unique = self._unique
         if unique is None:
@@ -885,6 +904,7 @@ class ComputedState:
         "_buckets",
         "_bytes",
         "_encoded",
+        "_narrow",
         "_raw",
         "_raw_at",
         "_raw_n",
@@ -903,6 +923,7 @@ class ComputedState:
         # How many of the entries are buckets, and the `_value_bytes` of the others: None = count when needed.
         self._buckets: int | None = None if entries else 0
         self._bytes: int | None = None if entries else 0
+        self._narrow = 0  # coalescings to go before wider cells are tried again (they did not shrink them)
         self.op = op
         self.window = window
         self.signature = signature
@@ -1018,7 +1039,7 @@ class ComputedState:
         buckets = _buckets(cells, width)
         # One encoding of them all is the check (numbers: ~513 buckets of ~40 bytes, far below).
         size = len(orjson.dumps(buckets))
-        while size > WINDOW_BUCKET_BYTES and width * COARSEST_BUCKETS < self.window:
+        while size > WINDOW_BUCKET_BYTES and width * COARSEST_BUCKETS < self.window and not self._narrow:
             coarser: dict[float, list[Any]] = {}
             for at, _, (_, doc) in buckets:
                 agg = _agg_from_doc(op, doc)
@@ -1030,8 +1051,13 @@ class ComputedState:
             wider = _buckets(coarser, width * 2)
             smaller = len(orjson.dumps(wider))
             if smaller > size * 3 // 4:
-                break  # distinct values (a bot's ids): wider cells would only blur the expiry
+                # Distinct values (a bot's ids): wider cells would only blur the expiry. Trying costs a
+                # pass over every bucket: not again for the next 16 coalescings (8,000 contributions).
+                self._narrow = 16
+                break
             buckets, size, width = wider, smaller, width * 2
+        if self._narrow:
+            self._narrow -= 1
         dropped = 0
         budget = WINDOW_VALUE_BUCKET_BYTES if op in _VALUE_OPS else WINDOW_BUCKET_BYTES
         if size > budget:
@@ -1046,8 +1072,11 @@ class ComputedState:
         self._buckets = len(buckets) - dropped
         self._bytes = kept_bytes
         self._encoded = self._raw = None
-        if dropped:
-            self._rebuild()
+        subtract = getattr(self.agg, "subtract", None)
+        for bucket in buckets[:dropped]:
+            if subtract is None or not subtract(_agg_from_doc(op, bucket[2][1])):
+                self._rebuild()
+                break
 
     def remove(self, event_id: str, at: float, value: Any) -> None:
         """Take one contribution back out (a merge found the same event on both sides)."""
