@@ -400,6 +400,13 @@ async def _up_private(
                 state["nats_pid"] = nats._proc.pid if nats._proc is not None else None
                 ws.write_run(state)
                 console.print(f"[green]nats-server is UP again (pid {state['nats_pid']})[/]")
+                # Its store may not have come back with it (lost, wiped, a fresh volume): then no stream
+                # exists and every event was answered 503 for as long as the platform ran. Made again here,
+                # bounded as before a service's restart; it says nothing when nothing had to change.
+                try:
+                    await asyncio.wait_for(_provision(ws, nats.url, client, quiet=True), 10.0)
+                except TimeoutError:
+                    console.print("[yellow]provisioning the streams again took over 10 s; left for now[/]")
             for name, request in restart_requests(ws):
                 if name not in children.names:
                     console.print(f"[yellow]a restart was asked for {name!r}, which this platform does not run[/]")
