@@ -116,3 +116,21 @@ async def test_a_contact_merged_away_answers_the_survivor_by_its_old_id_and_its_
         (int(ada["id"]), int(ada["id"]), [int(other["id"])], int(ada["id"])),
         (int(third["id"]), int(third["id"]), [int(ada["id"])], int(third["id"])),
     ]
+
+
+async def test_with_merge_new_ids_a_merge_makes_a_new_contact_and_retires_both_ids():
+    async with HubSpotEmulator(merge_new_ids=True) as hs:
+        client = _client(hs)
+        ada = hs.user_create("contacts", {"email": "ada@example.com", "firstname": "Ada", "cdp_id": "p-1"})
+        other = hs.user_create("contacts", {"email": "ada@work.example", "phone": "+4412", "cdp_id": "p-2"})
+        survivor = hs.user_merge("contacts", ada["id"], other["id"])
+        assert survivor["id"] not in (ada["id"], other["id"])
+        assert survivor["properties"]["hs_merged_object_ids"] == f"{ada['id']};{other['id']}"
+        props = survivor["properties"]
+        assert (props["email"], props["cdp_id"], props["phone"]) == ("ada@example.com", "p-1", "+4412")
+        for old in (ada["id"], other["id"]):
+            read = await asyncio.to_thread(client.crm.contacts.basic_api.get_by_id, old)
+            assert read.id == survivor["id"]
+        assert [c["id"] for c in hs.records("contacts")] == [survivor["id"]]
+        assert hs.find("contacts", "email", "ada@example.com")["id"] == survivor["id"]
+        assert hs.find("contacts", "cdp_id", "p-2") is None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp_crm.budgets import SharedBudget
@@ -47,10 +49,13 @@ async def _record(world, person: str) -> dict:
     return found
 
 
+@pytest.mark.parametrize("merge_new_ids", [False, True], ids=["primary-kept", "new-id"])
 async def test_a_contact_merged_into_another_persons_keeps_one_contact_and_claims_the_two_are_one(
-    world_factory, collector
+    world_factory, collector, merge_new_ids
 ):
-    async with HubSpotEmulator() as emulator:
+    """`new-id`: HubSpot's merge of contacts today - a new record, both ids retired (the person whose key it
+    holds is linked to it too)."""
+    async with HubSpotEmulator(merge_new_ids=merge_new_ids) as emulator:
         world = await world_factory(emulator)
         await world.start()
         await world.profiles({"person-a": {"traits.email": "ada@example.com", "traits.first_name": "Ada"},
@@ -62,16 +67,21 @@ async def test_a_contact_merged_into_another_persons_keeps_one_contact_and_claim
         assert collector.names() == []  # the connector's own contacts: no news
 
         emulator.clock.advance(1)
-        emulator.user_merge("contacts", ada["id"], work["id"])  # a HubSpot user merges the two
+        survivor = emulator.user_merge("contacts", ada["id"], work["id"])["id"]  # a HubSpot user merges the two
         await poller.poll()
         record = await _record(world, "person-b")
-        assert (record["state"], record["crm_id"]) == (MERGED, ada["id"])
+        assert (record["state"], record["crm_id"]) == (MERGED, survivor)
+        assert ((await _record(world, "person-a"))["state"], (await _record(world, "person-a"))["crm_id"]) == (
+            "synced",
+            survivor,
+        )
         (survivors,) = [r.key for r in await world.store.find(RECORDS, "person_id", "person-a")]
         assert record["merged_into"] == survivors and record["merged_in_crm"] is True
         claims = collector.events("CRM Contact Merged")
         assert {c["context"]["traits"]["email"] for c in claims} == {"ada@example.com", "ada@work.example"}
-        assert {c["anonymousId"] for c in claims} == {f"hubspot:62515:{ada['id']}"}
-        assert all(c["properties"]["merged_crm_ids"] == [work["id"]] for c in claims)
+        assert {c["anonymousId"] for c in claims} == {f"hubspot:62515:{survivor}"}
+        retired = sorted([work["id"], *([ada["id"]] if merge_new_ids else [])])
+        assert all(c["properties"]["merged_crm_ids"] == retired for c in claims)
 
         # The merged-away person changes: no contact is made again for them.
         marker = _beside(world, "person-b")

@@ -273,13 +273,32 @@ class ObjectsMixin:
         """`other` merged into `primary` (both there, distinct): the primary keeps its values and takes those it
         lacks from the other; the other's associations and list memberships move to it; the other is gone
         from the object and the index, its id retired - listed in the primary's ``hs_merged_object_ids`` and
-        resolving to the primary (reads and writes by id). Returns the primary's stored record."""
+        resolving to the primary (reads and writes by id). With `merge_new_ids` (HubSpot's behaviour for
+        contacts and companies since its changelog "Updated merge functionality for contacts and
+        companies"), both are merged into a new record with a new id, both ids retired and listed. Returns
+        the surviving record."""
+        if self.merge_new_ids and obj in ("contacts", "companies"):
+            kept = self.objects[obj][primary]
+            fresh = str(next(self._ids))
+            self.objects[obj][fresh] = {
+                "id": fresh, "properties": {**kept["properties"], "hs_object_id": fresh},
+                "createdAt": kept["createdAt"], "updatedAt": kept["updatedAt"], "archived": False,
+            }  # fmt: skip
+            self._store(obj, self.objects[obj][fresh])  # its unique values now index the new record
+            record = self.merge_records_into(obj, fresh, primary)
+            return self.merge_records_into(obj, fresh, other) if other in self.objects[obj] else record
+        return self.merge_records_into(obj, primary, other)
+
+    def merge_records_into(self, obj: str, primary: str, other: str) -> dict[str, Any]:
+        """`merge_records` keeping the primary's id."""
         table = self.objects[obj]
         absorbed = table.pop(other)
         self._unindexed.pop((obj, other), None)
         for prop in UNIQUE[obj]:
-            if absorbed["properties"].get(prop):
-                self._index.get((obj, prop), {}).pop(str(absorbed["properties"][prop]).lower(), None)
+            index = self._index.get((obj, prop), {})
+            value = str(absorbed["properties"].get(prop) or "").lower()
+            if value and index.get(value) == other:  # (a new record made by the merge holds it now)
+                del index[value]
         held = table[primary]["properties"]
         system = {"hs_object_id", "createdate", "hs_lastmodifieddate", "lastmodifieddate", "hs_merged_object_ids"}
         lacking = {

@@ -146,20 +146,20 @@ class News:
             for record in await self.store.find(RECORDS, "crm_id", survivor, limit=20)
             if self._same_object(record.doc, change) and record.doc.get("state") not in (*ERASED, MERGED)
         ]
+        # Whose key the survivor holds: a record relinked here whose key it holds owns it as well (HubSpot's
+        # merge of contacts makes a new record - both ids retired - holding the primary's values).
+        holders = [(r.key, r.doc) for r in owners] + [(k, d) for k, d in relinked if self._holds(change, d)]
         puts: list[Put] = []
         emails: dict[str, None] = {}
         for key, doc in relinked:
-            mine = doc.get("key") or []
-            field, value = (mine[0][0], mine[0][1]) if len(mine) == 1 else (None, None)
-            held = change.record.get(field) if field else None
-            other = [r for r in owners if r.doc.get("person_id") != doc.get("person_id")]
-            owner = next((r for r in other if r.doc.get("mapping") == doc.get("mapping")), None)
-            someone_else = owner is not None or (held not in (None, "") and str(held).lower() != str(value).lower())
+            others = [(k, d) for k, d in holders if d.get("person_id") != doc.get("person_id")]
+            owner = next((k for k, d in others if d.get("mapping") == doc.get("mapping")), None)
+            someone_else = owner is not None or self._holds(change, doc) is False
             if someone_else:
                 # Two persons, one contact: this one's writes would make their contact again (their key is
                 # not the survivor's). Merged into the survivor's record; identity is told (the claims below).
                 puts.append(Put(RECORDS, key, {
-                    **doc, "crm_id": survivor, "state": MERGED, "merged_into": owner.key if owner else "",
+                    **doc, "crm_id": survivor, "state": MERGED, "merged_into": owner or "",
                     "kept": False, "merged_in_crm": True, "updated_at": now,
                 }))  # fmt: skip
             else:
@@ -176,6 +176,18 @@ class News:
         if person is not None and person.email:
             emails = {person.email: None, **emails}
         return self._merge_claims(change, list(emails)), puts
+
+    @staticmethod
+    def _holds(change: Change, doc: dict[str, Any]) -> bool | None:
+        """Whether the record read holds `doc`'s match key: True, False (another value), None (no value, or
+        a key of several fields or of a field not read)."""
+        mine = doc.get("key") or []
+        if len(mine) != 1:
+            return None
+        held = change.record.get(mine[0][0])
+        if held in (None, ""):
+            return None
+        return str(held).lower() == str(mine[0][1]).lower()
 
     def _email_written(self, doc: dict[str, Any]) -> str | None:
         """The email the connector wrote on a record (its field mapped from `traits.email`), if any."""
