@@ -137,9 +137,19 @@ class Journeys:
         self.generation = 0
 
     async def load(self) -> None:
+        """Every stored journey taken in (at start, and on each ListJourneys: journeys created or changed
+        through other replicas). A record whose stored version is the one held is the one held: it is not
+        taken in again, and the index is rebuilt only when one was. Taking each in again parsed every
+        journey's draft (a draft is not kept parsed by version) and bumped `generation`, so the next batch
+        computed the fields read again (`reads.py`): a ListJourneys over 500 journeys took 0.75 s."""
+        taken = False
         async for stored in self.store.scan_all(JOURNEYS):
+            if self._stored_at.get(stored.key) == stored.version and stored.key in self.records:
+                continue
             self._take(stored.key, stored.doc, stored.version, index=False)
-        self._index()
+            taken = True
+        if taken or self.generation == 0:
+            self._index()
 
     async def reload(self, journey_id: str) -> JourneyRecord | None:
         read = await self.read(journey_id)
@@ -259,7 +269,10 @@ class Journeys:
         self._paused_by_segment = {segment: tuple(js) for segment, js in paused_by_segment.items()}
         self._live = live
         self._by_event = {name: tuple(js) for name, js in by_event.items()}
-        self._keyed = {name: _keyed(js, live) for name, js in by_event.items()}
+        # Each journey's place in `live()`, found once: per event name it made the index quadratic in the
+        # live journeys (70 ms of a publish's 97 ms at 500).
+        rank = {id(journey): position for position, journey in enumerate(live)}
+        self._keyed = {name: _keyed(js, rank) for name, js in by_event.items()}
         self._any_event = tuple(any_event)
         self._by_segment = {segment: tuple(js) for segment, js in by_segment.items()}
         self._scheduled = {segment: tuple(js) for segment, js in scheduled.items()}
@@ -421,8 +434,8 @@ class _Keyed:
     always_ranked: tuple[tuple[int, Journey], ...]
 
 
-def _keyed(journeys: list[Journey], live: tuple[Journey, ...]) -> _Keyed:
-    rank = {id(journey): position for position, journey in enumerate(live)}
+def _keyed(journeys: list[Journey], rank: Mapping[int, int]) -> _Keyed:
+    """`rank`: each live journey's position in `live()`, by `id`."""
     by_value: dict[str, dict[str, list[tuple[int, Journey]]]] = {}
     always: list[tuple[int, Journey]] = []
     for journey in journeys:
