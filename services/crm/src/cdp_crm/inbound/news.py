@@ -172,6 +172,8 @@ class News:
                 extra={"connection": self.connection.id, "object": change.obj, "crm_id": survivor,
                        "merged": someone_else},
             )  # fmt: skip
+        if change.kind not in ("contact", "lead"):
+            return [], puts  # a deal or ticket merged: relinked, no claim about persons
         person = change.person
         if person is not None and person.email:
             emails = {person.email: None, **emails}
