@@ -68,8 +68,11 @@ back: its last sequence is below the checkpoint, or another subject's message is
 after the last message of the subject stored before the checkpoint was written (none if the stream was
 created since), writes that as the checkpoint, logs ERROR once (partition, checkpoint, the stream's last
 sequence for it) and counts `cdp.engine.checkpoint.rewinds`. What the stream held was applied (it is
-older than the store), and the positions in between never reached this stream: nothing twice. Purged
-or aged-out messages (first sequence past the checkpoint) are normal: sequences go on.
+older than the store), and the positions in between never reached this stream: nothing twice. A stream
+created after the checkpoint was written that already numbers as far (events taken before the partition
+bound: nats-server back on an empty store, its streams made again) resumes from its start, said and
+counted the same way: nothing in it was applied. Purged or aged-out messages (first sequence past the
+checkpoint) are normal: sequences go on.
 
 Ownership: `run(ownership)` takes partitions from a `cdp_kit.ownership.Ownership` (static by default);
 `start_partition(p)` / `stop_partition(p)` are its acquire / release hooks (stop = stop fetching, drain

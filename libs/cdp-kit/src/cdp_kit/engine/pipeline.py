@@ -335,17 +335,32 @@ class PartitionPipeline:
             return
         last, held = ahead
         await self.chain.submit([Put(feed.checkpoints, feed.subject, {"stream_seq": held, "at": time.time()})])
-        log.error(
-            "engine partition %s of %s: checkpoint %s is past the stream's last sequence %s for the partition; "
-            "resuming after sequence %s (a stream restored older than the store, or created again: messages "
-            "numbered at or below the checkpoint would have been skipped)",
-            self.partition,
-            feed.spec.service,
-            feed.checkpoint,
-            last,
-            held,
-            extra={"partition": self.partition, "subject": feed.subject, "stream": feed.consumer.stream},
-        )
+        where = {"partition": self.partition, "subject": feed.subject, "stream": feed.consumer.stream}
+        if last >= feed.checkpoint:  # made again since, and already as far: every message in it is new
+            log.error(
+                "engine partition %s of %s: checkpoint %s was written before stream %s was created again, which "
+                "holds messages up to sequence %s for the partition; resuming after sequence %s (messages "
+                "numbered at or below the checkpoint would have been skipped)",
+                self.partition,
+                feed.spec.service,
+                feed.checkpoint,
+                feed.consumer.stream,
+                last,
+                held,
+                extra=where,
+            )
+        else:
+            log.error(
+                "engine partition %s of %s: checkpoint %s is past the stream's last sequence %s for the "
+                "partition; resuming after sequence %s (a stream restored older than the store, or created "
+                "again: messages numbered at or below the checkpoint would have been skipped)",
+                self.partition,
+                feed.spec.service,
+                feed.checkpoint,
+                last,
+                held,
+                extra=where,
+            )
         self.engine.m_rewinds.add(1, feed.partition_attrs)
         feed.checkpoint = feed.position = held
 
@@ -363,6 +378,15 @@ class PartitionPipeline:
             last_msg = None  # no message of the subject (purged, aged out, a new stream)
         held = last_msg.seq or 0 if last_msg is not None else 0
         if held >= checkpoint:
+            # At or past the checkpoint: normal - unless the stream was made again after the checkpoint was
+            # written and has already numbered as many new messages (published before this bind: events
+            # the collector took while the partition was still binding after nats-server came back on an
+            # empty store). Then nothing in it was applied, and its messages up to the checkpoint would be
+            # skipped as applied, without a word.
+            info = await js.stream_info(stream)
+            written = await self._written_at(feed)
+            if written is not None and info.created is not None and info.created.timestamp() > written:
+                return held, 0
             return None
         info = await js.stream_info(stream)
         if (info.state.last_seq or 0) >= checkpoint:
@@ -375,8 +399,7 @@ class PartitionPipeline:
             # Another subject's message at the checkpoint: the stream's sequences started again.
         if last_msg is None:
             return 0, 0
-        record = await self.engine.store.get(feed.checkpoints, feed.subject)
-        written = record.doc.get("at") if record is not None else None
+        written = await self._written_at(feed)
         if written is None:
             return held, held
         if info.created is not None and info.created.timestamp() > written:
@@ -399,6 +422,11 @@ class PartitionPipeline:
             else:
                 hi = msg.seq or 0
         return held, lo
+
+    async def _written_at(self, feed: _Feed) -> float | None:
+        """When `feed`'s stored checkpoint was written (epoch seconds; None: not recorded)."""
+        record = await self.engine.store.get(feed.checkpoints, feed.subject)
+        return record.doc.get("at") if record is not None else None
 
     async def _unsubscribe(self) -> None:
         """Stop the standing pulls: once this returns nothing more is delivered to them, and what was
