@@ -1052,7 +1052,7 @@ class ComputedState:
             smaller = len(orjson.dumps(wider))
             if smaller > size * 3 // 4:
                 # Distinct values (a bot's ids): wider cells would only blur the expiry. Trying costs a
-                # pass over every bucket: not again for the next 16 coalescings (8,000 contributions).
+                # pass over every bucket: not again for the next 15 coalescings (7,500 contributions).
                 self._narrow = 16
                 break
             buckets, size, width = wider, smaller, width * 2
