@@ -382,12 +382,18 @@ class PartitionPipeline:
             # written and has already numbered as many new messages (published before this bind: events
             # the collector took while the partition was still binding after nats-server came back on an
             # empty store). Then nothing in it was applied, and its messages up to the checkpoint would be
-            # skipped as applied, without a word.
+            # skipped as applied, without a word. A stream made again has none of the old consumers: one
+            # that exists says the stream is the one the checkpoint was written against (and a service's
+            # clock, which `written` is read from, cannot make a rewind of a stream it is consuming).
             info = await js.stream_info(stream)
             written = await self._written_at(feed)
-            if written is not None and info.created is not None and info.created.timestamp() > written:
+            if written is None or info.created is None or info.created.timestamp() <= written:
+                return None
+            try:
+                await js.consumer_info(stream, feed.consumer.durable)
+                return None
+            except NotFoundError:
                 return held, 0
-            return None
         info = await js.stream_info(stream)
         if (info.state.last_seq or 0) >= checkpoint:
             try:
