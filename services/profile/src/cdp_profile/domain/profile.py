@@ -45,7 +45,7 @@ import orjson
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.profile_fields import CONSENT, SCORES, field_key
-from cdp_profile.domain.aggregates import ComputedState, combined_result
+from cdp_profile.domain.aggregates import BUCKET, ComputedState, combined_result
 from cdp_profile.domain.change import ProfileChange, ProfileView
 from cdp_profile.domain.computed import MISSING, ComputedTrait, ComputedTraits, EventScope
 from cdp_profile.domain.events import (
@@ -980,7 +980,7 @@ class Profile:
             for name, state in part.computed.items():
                 for at, event_id, value in state.entries or ():
                     contributions.setdefault(name, []).append(
-                        {"at": at, "event_id": event_id, "value": value, "origin": part.origin}
+                        {**_exported_contribution(at, event_id, value), "origin": part.origin}
                     )
         view = self._view(now)
         return {
@@ -1008,9 +1008,7 @@ class Profile:
                     "cut_event_id": part.base.event_id,
                     "computed": {name: _copy(state.result()) for name, state in sorted(part.base.computed.items())},
                     "contributions": {
-                        name: [
-                            {"at": at, "event_id": event_id, "value": value} for at, event_id, value in state.entries
-                        ]
+                        name: [_exported_contribution(at, event_id, value) for at, event_id, value in state.entries]
                         for name, state in sorted(part.base.computed.items())
                         if state.entries
                     },
@@ -1394,6 +1392,16 @@ class Profile:
                         else:
                             del histories[key]
         return retracted
+
+
+def _exported_contribution(at: float, event_id: str, value: Any) -> dict[str, Any]:
+    """A windowed state's item as an export shows it: one contribution, or a bucket of coalesced ones (a busy
+    window, `aggregates`) with its oldest contribution's time, its cell's width and its summary (its event id
+    is empty: no event's, and it sorts first among those of its time)."""
+    if event_id == BUCKET:
+        width, summary = value
+        return {"at": at, "event_id": event_id, "coalesced": {"width": width, "summary": summary}}
+    return {"at": at, "event_id": event_id, "value": value}
 
 
 def _insort_entry(timeline: list[TimelineEntry], entry: TimelineEntry) -> None:
