@@ -9,14 +9,21 @@ evaluates are counted with a spy on each live segment's predicate.
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 
 import pytest
+from google.protobuf import json_format
 
+import cdp_lang.compiler
+import cdp_segmentation.index as index_module
 from cdp_kit.bus import Bus, profiles_stream, segments_stream
 from cdp_kit.storage import open_store
+from cdp_segmentation.domain import compile_segment, parse
 from cdp_testing.fakes import T0, Clock
 
 from .test_engine import Profile, change, changed, create, make_engine, moves, published
+
+DAY = 86_400.0
 
 
 @pytest.fixture
@@ -106,3 +113,158 @@ async def test_memberships_through_the_word_index_are_what_evaluating_every_segm
                 if segment.compiled.predicate(held.fields, expected, engine.clock()):
                     expected.add(segment_id)
             assert set(held.members) == expected, (seq, person_id, held.fields)
+
+
+async def test_a_change_of_a_field_many_time_segments_read_schedules_from_the_windows_that_can_flip_first(
+    many, monkeypatch
+):
+    # A person's timer is the earliest flip of any of their time comparisons. It was found by asking every
+    # time-based segment for its next change after every evaluation of one: with 200 segments on
+    # traits.last_seen_at (one window each), three quarters of what a change of it cost.
+    engine, *_ = many
+    for days in range(1, 61):
+        await create(engine, f"away_{days}d", f"traits.seen_at < now - {days}d")
+    await create(engine, "back", "traits.seen_at > now - 12h")
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - 10 * DAY})], 1)])
+    flips = []
+    for module in (cdp_lang.compiler, index_module):
+        original = getattr(module, "flip_time", None)
+        if original is not None:
+
+            def counting(test, record, now, _original=original):
+                flips.append(test.offset)
+                return _original(test, record, now)
+
+            monkeypatch.setattr(module, "flip_time", counting)
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - 20.5 * DAY}, at=T0 + 1.0)], 2)])
+    assert len(flips) <= 3, len(flips)
+    assert engine._due["p1"] == pytest.approx(T0 + 0.5 * DAY, abs=1e-3)  # away_21d is the next to flip
+    assert set(engine.membership("p1")) == {f"away_{days}d" for days in range(1, 21)}
+
+
+class Held:
+    """A live segment as TimeFlips reads it."""
+
+    def __init__(self, text: str) -> None:
+        self.compiled = compile_segment(parse(text))
+
+
+def test_the_next_flip_is_every_time_segments_next_change_at_its_earliest():
+    rng = random.Random(11)
+    now = 1_790_000_000.0
+    ops = ["<", "<=", ">", ">="]
+    texts = []
+    for _ in range(80):
+        field = rng.choice(["traits.a", "traits.b", "traits.c.d"])
+        amount = rng.choice([1, 2, 7, 30, 90, 365])
+        unit = rng.choice(["s", "m", "h", "d"])
+        sign = rng.choice(["-", "+"])
+        test = f"{field} {rng.choice(ops)} now {sign} {amount}{unit}"
+        shape = rng.randrange(4)
+        if shape == 1:
+            test = f'{test} and traits.plan = "pro"'
+        elif shape == 2:
+            test = f"not ({test}) or traits.x > {rng.randrange(5)}"
+        elif shape == 3:
+            test = f"{test} and traits.a > now - 3d"
+        texts.append(test)
+    for trial in range(400):
+        chosen = [Held(text) for text in rng.sample(texts, rng.randrange(1, 40))]
+        flips = index_module.TimeFlips(chosen)
+
+        def a_time():
+            base = now + rng.choice([-1, 1]) * rng.choice([0, 1, 60, 3600, 86_400, 7 * 86_400, 400 * 86_400])
+            base += rng.choice([0.0, 0.5, 1e-6])
+            form = rng.randrange(4)
+            if form == 0:
+                return base * 1000.0  # milliseconds
+            if form == 1:
+                return datetime.fromtimestamp(round(base), UTC).isoformat()
+            if form == 2:
+                return "not a time"
+            return base
+
+        fields = {"traits.a": a_time(), "traits.b": a_time(), "traits.c": {"d": a_time()}, "traits.plan": "pro"}
+        if rng.random() < 0.2:
+            del fields["traits.a"]
+        at = now + rng.choice([0.0, 0.25, 86_400.0])
+        expected = min(
+            (t for held in chosen if (t := held.compiled.next_change(fields, (), at)) is not None), default=None
+        )
+        assert flips.next_flip(fields, at) == expected, (trial, fields, at)
+
+
+async def test_a_person_first_seen_is_evaluated_against_the_segments_their_fields_or_an_empty_profile_can_move(
+    many,
+):
+    # Every live segment was evaluated for a person first seen (an anonymous visitor's first change): all
+    # 3,000 of a customer's segments for a profile of two fields.
+    engine, *_ = many
+    for i in range(40):
+        await create(engine, f"s{i}", f"scores.s{i} > 0.5")
+    await create(engine, "no_email", "not traits.email exists")
+    await create(engine, "not_s1", 'not in_segment("s1")')
+    await create(engine, "pro_no_email", 'in_segment("no_email") and traits.plan = "pro"')
+    await create(engine, "s3_ref", 'in_segment("s3") or scores.s4 > 2')
+    evaluated = spy_on(engine)
+    await engine.handle([changed([change("p1", scores={"s3": 0.9}, traits={"plan": "pro"})], 1)])
+    assert sorted(evaluated) == ["no_email", "not_s1", "pro_no_email", "s3", "s3_ref"]
+    assert set(engine.membership("p1")) == {"s3", "s3_ref", "no_email", "not_s1", "pro_no_email"}
+    evaluated.clear()
+    await engine.handle([changed([change("p2", scores={"s1": 0.9}, traits={"email": "x"})], 2)])
+    assert sorted(evaluated) == ["no_email", "not_s1", "pro_no_email", "s1"]
+    assert set(engine.membership("p2")) == {"s1"}
+
+
+async def test_memberships_of_persons_first_seen_are_what_evaluating_every_segment_finds(many):
+    engine, *_ = many
+    definitions = [
+        "traits.a > 1",
+        "not traits.a > 1",
+        "traits.a exists",
+        "not traits.b exists",
+        'traits.b = "x" or traits.c < now - 1d',
+        "not (traits.c > now - 2d)",
+        'in_segment("d1") and not in_segment("d0")',
+        'not in_segment("d2") and traits.d.e = 3',
+        "traits.a > traits.d.e",
+        "not traits.a != 2",
+        'in_segment("d5") or in_segment("d7")',
+    ]
+    for i, text in enumerate(definitions):
+        await create(engine, f"d{i}", text)
+    rng = random.Random(5)
+    values = {
+        "a": [0.0, 2.0, 5.0, "x", True],
+        "b": ["x", "y", 1.0],
+        "c": [T0 - 3 * DAY, T0 - 0.5 * DAY, "nope"],
+        "d": [{"e": 3.0}, {"e": 1.0}, {}, "flat"],
+    }
+    for n in range(200):
+        traits = {name: rng.choice(options) for name, options in values.items() if rng.random() < 0.5}
+        person = f"p{n}"
+        first = change(person)
+        for name, value in traits.items():  # (nested values and booleans too)
+            json_format.ParseDict(value, first.traits[name])
+        await engine.handle([changed([first], n + 1)])
+        held = engine.persons[person]
+        expected: set[str] = set()
+        for segment_id in engine.index.order:
+            if engine.segments[segment_id].compiled.predicate(held.fields, expected, engine.clock()):
+                expected.add(segment_id)
+        assert set(held.members) == expected, (traits, held.members)
+
+
+async def test_a_person_first_seen_is_evaluated_against_a_segment_on_a_percentile_alone(many):
+    # `percentile(scores.a, 50) > 5` reads no field of the person: it holds for an empty profile once the
+    # population's median passes 5, after the index was built.
+    engine, _store = many
+    await engine.handle([changed([change(f"p{i}", scores={"a": 1.0}) for i in range(5)], 1)])
+    await create(engine, "median_high", "percentile(scores.a, 50) > 5")
+    assert engine.membership("p0") == {}
+    await engine.handle([changed([change(f"p{i}", scores={"a": 10.0}, at=T0 + 1) for i in range(5)], 2)])
+    engine.clock.now = T0 + engine.percentile_interval  # the next round's boundary
+    await engine.recompute_percentiles()
+    assert set(engine.membership("p0")) == {"median_high"}
+    await engine.handle([changed([change("newcomer", traits={"plan": "pro"}, at=T0 + 10)], 3)])
+    assert set(engine.membership("newcomer")) == {"median_high"}

@@ -59,7 +59,8 @@ async def test_transitions_evaluations_members_timers_and_builds_are_measured_un
     unit, (entered,) = metrics["cdp.segmentation.transitions"]
     assert unit == "{transition}" and entered.value == 2 and dict(entered.attributes) == {"direction": "entered"}
     unit, (evaluations,) = metrics["cdp.segmentation.evaluations"]
-    assert unit == "{evaluation}" and evaluations.value == 4  # each new person against every segment
+    # Each new person against the segments that can hold for them: p1 both, p2 (no last_seen_at) only pro.
+    assert unit == "{evaluation}" and evaluations.value == 3
     unit, (freshness,) = metrics["cdp.segmentation.freshness"]
     assert unit == "ms" and freshness.count == 1 and freshness.sum == pytest.approx(250)
     unit, builds = metrics["cdp.segmentation.population.duration"]

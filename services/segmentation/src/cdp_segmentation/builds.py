@@ -321,8 +321,9 @@ class Builds:
                     held = by_partition.get(partition_of(person_id))
                     if held is not None:
                         held.append(person_id)
-            # A person first seen from here on is evaluated against every live segment, this one too; one
-            # gone is passed over; a partition arriving is brought to the segment as it arrives.
+            # A person first seen from here on is evaluated against the live segments, this one too (those
+            # that can hold for them: index.py, `first_seen`); one gone is passed over; a partition arriving
+            # is brought to the segment as it arrives.
             for partition, persons in sorted(by_partition.items()):
                 async with self._quiet(), self.held.mutating():
                     if partition not in self.active:

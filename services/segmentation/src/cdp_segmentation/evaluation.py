@@ -4,8 +4,10 @@ person's memberships.
 A change updates the person's flat fields ("traits.plan" -> "pro"); the live segments reading a changed
 field (and those referring to them, in dependency order: index.py) are evaluated for that person with
 the per-profile predicate; every flip is a `Transition`. A person first seen is read from the profile
-service (cdp_kit.held) and evaluated against every live segment (`not traits.x exists` holds for an
-empty profile). A removed person (deleted, or merged into another) exits every segment.
+service (cdp_kit.held) and evaluated against every live segment that can hold for them: those reading
+one of their fields, those holding for an empty profile (`not traits.x exists`), and those referring to
+either (index.py, `first_seen`); every other one is false for them. A removed person (deleted, or merged
+into another) exits every segment.
 
 Segments whose membership time alone can change (`traits.trial_ends_at < now`) give each person a
 timer: the earliest instant one of their time comparisons flips, kept in a heap per partition. A
@@ -120,13 +122,10 @@ class Evaluation:
         pending = self._due.get(person_id)
         if pending is not None and pending <= now:
             return  # overdue: the timer round evaluates every time segment of the person, then reschedules
-        due = math.inf
-        for segment, _direct in self.index.time_segments:
-            if segment.timed:
-                t = segment.compiled.next_change(person.fields, person.members, now)
-                if t is not None and t < due:
-                    due = t
-        if due == math.inf:
+        # The minimum of every time segment's `next_change`, from the comparisons whose flip can come first
+        # (index.py, `TimeFlips`).
+        due = self.index.flips.next_flip(person.fields, now)
+        if due is None:
             self._due.pop(person_id, None)
             return
         if self._due.get(person_id) != due:
@@ -280,9 +279,10 @@ class Evaluation:
             if self.index.percentile_sources and (new or not self.index.percentile_sources.isdisjoint(changed)):
                 self.percentiles_stale = True  # the population's values moved: recomputed at the next round
             if new or changed:
-                # A person first seen: every live segment (`not traits.x exists` holds for an empty profile).
+                # A person first seen: every live segment reading one of their fields, or holding for an empty
+                # profile (`not traits.x exists`), and those referring to them (index.py, `first_seen`).
                 if new:
-                    segments = self.index.all
+                    segments = self.index.first_seen(person.fields)
                 else:
                     # Threshold segments first (they refer to no segment), then the rest, dependencies first.
                     segments = self.index.affected(frozenset(changed))

@@ -24,19 +24,38 @@ the field only when the old or the new value is one of their words; for every ot
 false before and after. Without it a change of `traits.country` evaluated every such segment: 544 of 3,000
 segments, 4 times the cost of a change read by one.
 
+The time flips (`flips`): a person's timer is the earliest instant one of their time comparisons flips
+(evaluation.py, `_schedule`, after every evaluation of a time-based segment). That instant depends on the
+comparison alone (`traits.last_seen_at < now - 30d` flips at last_seen_at + 30d), not on the rest of the
+definition, so it is taken over the distinct comparisons, not the segments (hundreds of segments share a
+few recency windows), and per field from the one window whose flip comes next (a bisection over the sorted
+offsets): with 200 segments on `traits.last_seen_at`, one window each, scheduling was three quarters of
+what a change of it cost.
+
 Plain data, no I/O: rebuilt, never changed in place.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterable, Mapping
 
 from cdp_lang.percentiles import PercentileSpec
+from cdp_lang.row import flip_time
 from cdp_segmentation.catalogue import Segment
 from cdp_segmentation.domain import CompiledSegment, check_segment_graph
-from cdp_segmentation.domain.plan import NumberTest, OneOf, Test, expression_tests, percentile_tests, percentiles_of
-from cdp_segmentation.domain.values import number
+from cdp_segmentation.domain.plan import (
+    NumberTest,
+    OneOf,
+    Test,
+    TimeTest,
+    expression_tests,
+    moving_tests,
+    percentile_tests,
+    percentiles_of,
+)
+from cdp_segmentation.domain.values import epoch, number
 
 TIME = "$time"  # the pseudo-field every time-dependent segment reads
 
@@ -132,7 +151,22 @@ class FieldIndex:
         self.percentile_sources = frozenset(spec.field for spec in self.percentiles.values())
         self._affected_cache: dict[frozenset[str], Affected] = {}
         self.time_segments: Affected = self.affected(frozenset({TIME})) if TIME in direct else ()
+        self.flips = TimeFlips(segment for segment, _ in self.time_segments if segment.timed)
         self.all: Affected = tuple((serving[s], True) for s in order)
+        # The segments an empty profile is in (`not traits.email exists`, `computed.orders < 1` of a counted
+        # trait, `not in_segment(...)` of one), found as a first evaluation finds them, dependencies first;
+        # with those referring to them, what a person first seen is evaluated against besides the readers
+        # of their fields (`first_seen`). Missing fields make every comparison false whatever the time; not
+        # whatever the population: `percentile(scores.a, 90) > 5` reads no field of the person, and holds
+        # for an empty profile once the percentile passes 5, so a segment comparing with a percentile is
+        # always evaluated.
+        on_empty: set[str] = set()
+        for segment_id in order:
+            if serving[segment_id].predicate({}, on_empty, 0.0):
+                on_empty.add(segment_id)
+        self.on_empty = frozenset(on_empty)
+        moving = {segment.id for segment in serving.values() if segment.compiled.percentiles}
+        self._from_empty = frozenset(s.id for s in closure(on_empty | moving))
 
     def affected(self, changed: frozenset[str]) -> Affected:
         """The segments a change of these fields can move, dependencies first, each with whether it reads
@@ -157,6 +191,22 @@ class FieldIndex:
                 self._affected_cache.clear()
             self._affected_cache[changed] = found
         return found
+
+    def first_seen(self, fields: Iterable[str]) -> Affected:
+        """What a person first seen with these fields is evaluated against, dependencies first: the segments
+        reading one of the fields, those an empty profile is in, and the segments referring to either. Every
+        other segment reads only fields the person lacks and refers only to segments the person is not in
+        (were they in one, it would be among these), so it holds for them what it holds for an empty
+        profile: false. With 3,000 segments a visitor's first change evaluated all of them."""
+        found = set(self._from_empty)
+        readers = self.readers
+        for name in fields:
+            for segment in readers.get(name, ()):
+                found.add(segment.id)
+        if len(found) == len(self.order):
+            return self.all
+        position = self._position
+        return tuple((self.serving[s], True) for s in sorted(found, key=position.__getitem__))
 
     def crossed(self, changed: Mapping[str, object], fields: Mapping[str, object]) -> list[tuple[Segment, bool]]:
         """Of the threshold segments (one field compared with one number) on the changed fields (path ->
@@ -208,6 +258,55 @@ class FieldIndex:
             if candidate.compiled.segments & found.keys():
                 found[segment_id] = candidate
         return tuple((s, True) for s in found.values())
+
+
+class TimeFlips:
+    """The distinct comparisons of a field with `now` the live time-based segments make, by field (and
+    sub-path), sorted by offset: `next_flip` is the earliest instant one of them flips for a person, what the
+    minimum of every segment's `next_change` is, found from the few comparisons whose flip can come first."""
+
+    def __init__(self, segments: Iterable[Segment] = ()) -> None:
+        distinct: dict[TimeTest, None] = {}
+        for segment in segments:
+            for test in moving_tests(segment.compiled.plan):
+                distinct[test] = None
+        groups: dict[tuple[str, tuple[str, ...]], list[TimeTest]] = {}
+        for test in distinct:
+            groups.setdefault((test.field, test.sub), []).append(test)
+        self.tests = len(distinct)
+        # (field, sub-path, the offsets ascending, their comparisons in that order)
+        self.groups: list[tuple[str, tuple[str, ...], list[float], list[TimeTest]]] = []
+        for (name, sub), tests in groups.items():
+            offset = {test: float(test.offset or 0.0) for test in tests}  # (a moving test has one)
+            tests.sort(key=offset.__getitem__)
+            self.groups.append((name, sub, [offset[test] for test in tests], tests))
+
+    def next_flip(self, fields: Mapping[str, object], now: float) -> float | None:
+        """The earliest instant after `now` one of the comparisons flips for a person with these fields.
+
+        `field op now + offset` flips once, at about `field - offset`, and only when that is after `now`
+        (`flip_time`): so only the comparisons with an offset below about `field - now` flip at all, and
+        of those the one with the largest offset first. They are tried from there down, each with
+        `flip_time` itself (exact to the float), while one could still come first: `margin` covers the few
+        ulps its bisection may place a flip from `field - offset`."""
+        best = math.inf
+        for name, sub, offsets, tests in self.groups:
+            value: object = fields.get(name)
+            for key in sub:
+                value = value.get(key) if isinstance(value, dict) else None
+            seconds = epoch(value)
+            if seconds is None:
+                continue
+            margin = 1e-3 + abs(seconds) * 2.0**-40
+            i = bisect.bisect_right(offsets, seconds - now + margin)
+            while i:
+                i -= 1
+                if seconds - offsets[i] > best + margin:
+                    break  # this one and every one below it flip later than one found
+                found = flip_time(tests[i], fields, now)
+                if found is not None and found < best:
+                    best = found
+        return None if best == math.inf else best
 
 
 def equality(compiled: CompiledSegment) -> tuple[str, frozenset[str]] | None:
