@@ -564,6 +564,22 @@ class UniqueAgg:
             self._top = self._unique = None  # another value may take its place
         return True
 
+    def take_out(self, value: Any) -> None:
+        """Take one contribution of `value` out by its count alone: a bucket's (`_retract_coalesced`), whose
+        counts are exact and whose latest times stay as they were. `remove` would keep a value whose one
+        counted contribution is not its recorded latest (forgotten at the bound and seen again), which in a
+        bucket is a latest that a take-out before this one left behind: the value stayed for ever."""
+        key = value_key(value)
+        count = self.counts.get(key)
+        if count is None:
+            return
+        if count > 1:
+            self.counts[key] = count - 1
+            return
+        del self.counts[key], self.values[key], self.at[key], self.ids[key]
+        self.chars -= _chars(key)
+        self._top = self._unique = None
+
     def combine(self, other: UniqueAgg) -> None:
         counts, values = self.counts, self.values
         for key, count in other.counts.items():
@@ -1110,7 +1126,10 @@ class ComputedState:
         bucket = _agg_from_doc(self.op, entries[index][2][1])
         if (type(bucket) in (CountAgg, SumAgg) or (type(bucket) is TrueCountAgg and value)) and bucket.n < 1:
             return  # never below nothing
-        bucket.remove(at, event_id, value)
+        if type(bucket) is UniqueAgg:
+            bucket.take_out(value)
+        else:
+            bucket.remove(at, event_id, value)
         entries[index] = (entries[index][0], BUCKET, [width, _bucket_doc(bucket)])
         if not self.agg.remove(at, event_id, value):
             self._rebuild()
