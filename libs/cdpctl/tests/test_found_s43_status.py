@@ -87,11 +87,11 @@ def test_backlogs_nats_server_does_not_list_in_time_are_said_so(nats_server, tmp
     ws = Workspace(tmp_path / "home")
     ws.prepare(())
     ws.write_run({"pid": os.getpid(), "nats": nats_server.url, "services": {}, "companions": {}})
-    listing = bus_module.consumer_lag
+    listing = bus_module.streams_and_lag
 
     async def slow(url, tls=None):  # JetStream's API slower than status's deadline (a loaded server)
         await asyncio.sleep(status_module.STATUS_TIMEOUT + 1.0)
         return await listing(url, tls)
 
-    monkeypatch.setattr(bus_module, "consumer_lag", slow)
+    monkeypatch.setattr(bus_module, "streams_and_lag", slow)
     _assert_not_checked(ws, "no answer", healthy=True)

@@ -126,7 +126,7 @@ def test_events_and_cdpctls_bus_commands_go_over_mutual_tls(platform):
             break
         assert time.monotonic() < deadline, f"consumers behind: {behind}"
         time.sleep(1)
-    assert json.loads(cdpctl(platform, "dlq", "--json").stdout) == {"dead_letters": [], "replayed": 0}
+    assert json.loads(cdpctl(platform, "dlq", "--json").stdout) == {"dead_letters": [], "replayed": 0, "more": False}
     misspelt = cdpctl(platform, "dlq", "EVENTS_RAW", "no-such-consumer", ok=False)
     assert misspelt.returncode == 2 and "no consumer named 'no-such-consumer'" in misspelt.stderr, misspelt.stderr
 

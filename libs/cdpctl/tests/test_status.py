@@ -31,6 +31,20 @@ from cdpctl.platform import (
 from cdpctl.run import STORE_HEALTH
 
 
+async def _platform_streams(url: str, services) -> None:
+    """The streams `services` use, as the provisioner makes them (`cdpctl status` names missing ones)."""
+    import nats
+
+    from cdp_kit.streamtable import needed, stream_config
+
+    nc = await nats.connect(url)
+    try:
+        for name in needed(services):
+            await nc.jetstream().add_stream(stream_config(name, {}))
+    finally:
+        await nc.close()
+
+
 async def test_a_service_whose_store_cannot_write_is_shown_so_and_the_platform_is_not_healthy(nats_server, tmp_path):
     assert STORE_HEALTH == HEALTH_NAME  # cdpctl spells it without importing the kit's storage
     servicer = health.aio.HealthServicer()
@@ -42,6 +56,7 @@ async def test_a_service_whose_store_cannot_write_is_shown_so_and_the_platform_i
     await servicer.set(HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     ws = Workspace(tmp_path / "home")
     ws.prepare(())
+    await _platform_streams(nats_server.url, ["profile"])
     ws.write_run({"pid": os.getpid(), "nats": nats_server.url, "services": {"profile": {"grpc": f"127.0.0.1:{port}"}}})
     runner = CliRunner()
     try:

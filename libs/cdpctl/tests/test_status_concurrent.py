@@ -59,6 +59,20 @@ def _workspace(tmp_path, nats_url: str, ports: dict[str, int]) -> Workspace:
     return ws
 
 
+async def _platform_streams(url: str, services) -> None:
+    """The streams `services` use, as the provisioner makes them (`cdpctl status` names missing ones)."""
+    import nats
+
+    from cdp_kit.streamtable import needed, stream_config
+
+    nc = await nats.connect(url)
+    try:
+        for name in needed(services):
+            await nc.jetstream().add_stream(stream_config(name, {}))
+    finally:
+        await nc.close()
+
+
 async def test_status_asks_the_services_at_the_same_time(nats_server, tmp_path):
     names = ["identity", "profile", "scoring"]
     arrived, count = asyncio.Event(), [0]
@@ -69,6 +83,7 @@ async def test_status_asks_the_services_at_the_same_time(nats_server, tmp_path):
         ports[name] = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)
+    await _platform_streams(nats_server.url, names)
     ws = _workspace(tmp_path, nats_server.url, ports)
     try:
         result = await asyncio.to_thread(CliRunner().invoke, main, ["--home", str(ws.root), "status", "--json"])

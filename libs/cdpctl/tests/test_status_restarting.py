@@ -24,6 +24,20 @@ def _platform(tmp_path, nats_url: str, services: dict[str, dict], companions: di
     return ws
 
 
+async def _platform_streams(url: str, services) -> None:
+    """The streams `services` use, as the provisioner makes them (`cdpctl status` names missing ones)."""
+    import nats
+
+    from cdp_kit.streamtable import needed, stream_config
+
+    nc = await nats.connect(url)
+    try:
+        for name in needed(services):
+            await nc.jetstream().add_stream(stream_config(name, {}))
+    finally:
+        await nc.close()
+
+
 def _row(output: str, name: str) -> str:
     return next(line for line in output.splitlines() if line.startswith(f"│ {name} "))
 
@@ -64,6 +78,7 @@ async def test_a_service_serving_again_is_shown_serving_even_before_the_record_i
     await server.start()
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     services = {"profile": {"grpc": f"127.0.0.1:{port}", "restarting": {"crash": 1, "of": 5}}}
+    await _platform_streams(nats_server.url, list(services))
     ws = _platform(tmp_path, nats_server.url, services)
     try:
         result = await asyncio.to_thread(CliRunner().invoke, main, ["--home", str(ws.root), "status"])

@@ -429,11 +429,18 @@ _pause = time.sleep
 
 
 async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict]:
+    """Every durable consumer's row (the module docstring)."""
+    return (await streams_and_lag(url, tls))[1]
+
+
+async def streams_and_lag(url: str, tls: ssl.SSLContext | None = None) -> tuple[list[str], list[dict]]:
+    """The names of the streams nats-server holds, and every durable consumer's row (`consumer_lag`)."""
     nc = await connect(url, tls)
     try:
         js = nc.jetstream()
         rows = []
-        for stream in sorted(await js.streams_info(), key=lambda s: s.config.name):
+        streams = sorted(await js.streams_info(), key=lambda s: s.config.name)
+        for stream in streams:
             for info in sorted(await js.consumers_info(stream.config.name), key=lambda c: c.name):
                 if not info.config.durable_name:
                     continue  # ephemeral: a reader, not a service's position
@@ -451,7 +458,7 @@ async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict
                         "ack_floor": (info.ack_floor.stream_seq if info.ack_floor is not None else 0) or 0,
                     }
                 )
-        return rows
+        return [stream.config.name for stream in streams], rows
     finally:
         await nc.close()
 

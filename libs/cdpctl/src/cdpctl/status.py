@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import click
@@ -250,33 +250,40 @@ class Backlogs:
 
     # Consumers whose oldest unacknowledged message is older than STUCK_AFTER; None: not looked at.
     stuck: list[dict] | None = None
+    # The streams the services of run.json use that nats-server does not hold: nothing published there is
+    # stored (the collector answers 503), and no consumer of them exists to be stuck.
+    missing: list[str] = field(default_factory=list)
     unchecked: str | None = None  # why they were not looked at
     failed: bool = False  # ... the listing failed (refused: the operator's credentials), not a late answer
 
 
-async def stuck_backlogs(ws: Workspace) -> list[dict]:
+async def stuck_backlogs(ws: Workspace, services: Iterable[str] = ()) -> tuple[list[dict], list[str]]:
     """The durable consumers whose oldest unacknowledged message is older than STUCK_AFTER: what an on-call
     trial could not tell from a busy one without sampling `cdpctl lag` twice. Raises what stopped the
     listing (nats-server refused the operator's credentials, a request failed): `_backlogs` says so."""
-    from cdp_kit.natsroles import ACTION_CHANNELS, dispatch_durable
+    from cdp_kit.natsroles import ACTION_CHANNELS, ROLES, dispatch_durable
+    from cdp_kit.streamtable import needed
     from cdpctl import bus
     from cdpctl.common import nats_tls, nats_url
 
     deferring = {dispatch_durable(channel) for channel in ACTION_CHANNELS}
     url = nats_url(ws, None)
-    rows = await bus.consumer_lag(url, nats_tls(ws, url))
-    return [
+    streams, rows = await bus.streams_and_lag(url, nats_tls(ws, url))
+    missing = [name for name in needed([s for s in services if s in ROLES]) if name not in streams]
+    stuck = [
         row for row in rows if row["consumer"] not in deferring and (row["oldest_age_seconds"] or 0.0) > STUCK_AFTER
     ]
+    return stuck, missing
 
 
-async def _backlogs(ws: Workspace, deadline: float) -> Backlogs:
+async def _backlogs(ws: Workspace, services: Iterable[str], deadline: float) -> Backlogs:
     """The bus as `stuck_backlogs` finds it by `deadline` (loop time), or why it could not be looked at and
     whether that was a refusal. `status` used to say nothing either way, and to call the platform healthy
     while the operator's credentials were refused."""
     try:
         async with asyncio.timeout_at(deadline):
-            return Backlogs(stuck=await stuck_backlogs(ws))
+            stuck, missing = await stuck_backlogs(ws, services)
+            return Backlogs(stuck=stuck, missing=missing)
     except TimeoutError:  # nats.py's own timeouts are TimeoutErrors too
         return Backlogs(unchecked=f"nats-server gave no answer listing the consumers within {STATUS_TIMEOUT:g} s")
     except Exception as exc:
@@ -308,7 +315,7 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict
     backlogs = Backlogs(unchecked=f"nats-server {nats}")
     if nats == UP:
         later = asyncio.get_running_loop().time() + STATUS_TIMEOUT + _GRACE
-        backlogs = await _backlogs(ws, later)
+        backlogs = await _backlogs(ws, services, later)
     return state, health, nats, companions, backlogs
 
 
@@ -327,7 +334,13 @@ def status(ws: Workspace, as_json: bool) -> None:
         raise SystemExit(1)
     # Companions stand in for what is outside the platform: one that is down or not answering does not make
     # it unhealthy, and the output says so (`companions_note`).
-    healthy = nats == UP and all(h == "SERVING" for h in health.values()) and not stuck and not backlogs.failed
+    healthy = (
+        nats == UP
+        and all(h == "SERVING" for h in health.values())
+        and not stuck
+        and not backlogs.failed
+        and not backlogs.missing
+    )
     note = companions_note({name: companions[name] for name in state.get("companions", {})})
     stuck_note = (
         "stuck: "
@@ -368,6 +381,7 @@ def status(ws: Workspace, as_json: bool) -> None:
                     # and `backlogs` says why).
                     "stuck": stuck,
                     "backlogs": "checked" if unchecked is None else f"not checked: {unchecked}",
+                    "missing_streams": backlogs.missing,
                     "write_key": state.get("write_key"),
                     "admin_token_file": state.get("admin_token_file"),
                 }
@@ -380,6 +394,16 @@ def status(ws: Workspace, as_json: bool) -> None:
             out.print(note, soft_wrap=True, highlight=False, markup=False)
         if stuck_note:
             out.print(stuck_note, soft_wrap=True, highlight=False, markup=False)
+        if backlogs.missing:
+            out.print(
+                f"streams missing on nats-server: {', '.join(backlogs.missing)} - nothing published there is "
+                "stored (the collector answers 503) and their consumers wait; the provisioner makes them "
+                "(`make up` at its start, after nats-server restarts and before a crashed service starts again; the "
+                "chart's provisioning Job)",
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
+            )
         if unchecked is not None and nats == UP:  # nats-server's own row says why when it is not up
             out.print(
                 f"consumers' backlogs not checked: {unchecked}"
