@@ -1,0 +1,179 @@
+"""Segmentation at a customer's scale of definitions: what one profile change costs with many segments.
+
+segmentation-definitions  CPU per profile change applied (evaluated, transitions found; not published) in
+                          process, with 3,000 live segments, against the same with 10: the ratio says how
+                          much a change costs more because many segments are defined. The segments mix
+                          what a mid-size customer runs: one per country (`traits.country = "C12"`), one
+                          per score (`scores.s7 > 0.5`), plan and age (`traits.plan in [...] and traits.age
+                          > 40`), text either side of an `or`, and inactivity windows (`traits.last_seen_at
+                          < now - 12d`). The changes: a country moved, a score moved, last_seen_at moved (a
+                          recency window crossed or not), and a person first seen with two traits. Also,
+                          per count (10, 100, 1,000, 3,000) and per kind: CPU per change and segments
+                          evaluated per change (`params.curve`), and CPU per segment created (to live, over
+                          200 persons) at each count (`params.create_ms`). Target ratio <= 2, not met
+                          yet: a country or a score moved costs the same at 3,000 segments as at 10 (the
+                          word and threshold indexes), but a change of last_seen_at still evaluates every
+                          segment comparing it with now (600 at 3,000: no index by window yet), and a
+                          person first seen every segment reading one of their fields; 16x on 2026-12-07.
+
+    make bench-segmentation_definitions   # writes bench/results/segmentation-definitions.json
+    BENCH_DEFINITIONS_COUNTS=10,100,1000 python bench/bench_segmentation_definitions.py
+
+A real nats-server (the engine publishes builds' transitions) and the memory store; one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchlib import write_result
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
+from cdp_kit.natsserver import NatsServer
+from cdp_kit.storage import open_store
+from cdp_kit.timestamps import set_seconds
+from cdp_segmentation.domain import parse
+from cdp_segmentation.engine import SegmentationEngine
+from cdp_testing.fakes import Clock, Delivery
+
+COUNTS = [int(c) for c in os.environ.get("BENCH_DEFINITIONS_COUNTS", "10,100,1000,3000").split(",")]
+NOW = 1_790_000_000.0
+DAY = 86_400.0
+PERSONS = 200  # held before the segments are created (each create builds over them)
+CHANGES = 2_000  # per kind and count
+CREATES = 20  # timed creates at each count
+
+
+def definition(i: int) -> str:
+    kind = i % 5
+    if kind == 0:
+        return f'traits.country = "C{i}"'
+    if kind == 1:
+        return f"scores.s{i} > 0.5"
+    if kind == 2:
+        return f'traits.plan in ["p{i}", "q{i}"] and traits.age > {i % 90}'
+    if kind == 3:
+        return f'traits.city = "X{i}" or traits.tier = "T{i}"'
+    return f"traits.last_seen_at < now - {i % 60 + 1}d"
+
+
+def change(person: str, at: float, *, traits: dict | None = None, scores: dict | None = None):
+    message = profile_pb2.ProfileChanged(person_id=person, cause="event")
+    set_seconds(message.at, at)
+    for name, value in (traits or {}).items():
+        if isinstance(value, str):
+            message.traits[name].string_value = value
+        else:
+            message.traits[name].number_value = value
+    for name, value in (scores or {}).items():
+        message.scores[name] = value
+    return message
+
+
+KINDS = {
+    "country": lambda r: {"traits": {"country": f"C{(r % 40) * 5}"}},
+    "score": lambda r: {"scores": {"s1": float(r // 50 % 2)}},
+    "last_seen": lambda r: {"traits": {"last_seen_at": NOW - (r % 90) * DAY}},
+    "first_seen": lambda r: {"traits": {"plan": "p2", "age": 30.0}},
+}
+
+
+async def create(engine: SegmentationEngine, n: int) -> None:
+    segment = await engine.create(f"s{n}", parse(definition(n)))
+    await engine.wait_live(segment.id)
+
+
+async def measure(url: str) -> dict:
+    curve: dict[str, dict[str, dict[str, float]]] = {}
+    create_ms: dict[str, float] = {}
+    async with open_store("memory://") as store, Bus.connect(url, name="bench-definitions") as bus:
+        await bus.ensure_streams(profiles_stream(), segments_stream())
+        engine = SegmentationEngine(
+            store,
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            telemetry=bus.telemetry,
+            snapshot_interval=3600,
+            timer_resolution=3600,
+            clock=Clock(NOW),
+        )
+        await engine.start()
+        try:
+            held = [change(f"p{j}", NOW, traits={"country": "C0", "age": float(j % 90)}) for j in range(PERSONS)]
+            batch = profile_pb2.ProfileChangedBatch(changes=held)
+            await engine.handle([Delivery(batch, subjects.profiles_changed(0), 1)])
+            n, seq = 0, 10
+            for count in COUNTS:
+                while n < count - CREATES:
+                    await create(engine, n)
+                    n += 1
+                started = time.process_time()
+                while n < count:
+                    await create(engine, n)
+                    n += 1
+                create_ms[str(count)] = round((time.process_time() - started) / CREATES * 1000, 2)
+                curve[str(count)] = {}
+                for kind, make in KINDS.items():
+                    messages = []
+                    for r in range(CHANGES):
+                        seq += 1
+                        person = f"new{seq}" if kind == "first_seen" else f"p{r % 50}"
+                        one = change(person, NOW + seq, **make(r))
+                        messages.append((seq, profile_pb2.ProfileChangedBatch(changes=[one])))
+                    evaluations = engine.evaluations
+                    started = time.process_time()
+                    for position, message in messages:
+                        await engine._apply_message(0, position, message, NOW + position, [])
+                    cpu = (time.process_time() - started) / CHANGES * 1e6
+                    curve[str(count)][kind] = {
+                        "cpu_us": round(cpu, 1),
+                        "evaluated": round((engine.evaluations - evaluations) / CHANGES, 1),
+                    }
+                print(f"{count:>5} segments: create {create_ms[str(count)]} ms, {curve[str(count)]}", flush=True)
+        finally:
+            await engine.stop()
+    return {"curve": curve, "create_ms": create_ms}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(store_dir=Path(tmp) / "nats").start()
+        try:
+            found = asyncio.run(measure(server.url))
+        finally:
+            server.close()
+    curve = found["curve"]
+    first, last = str(COUNTS[0]), str(COUNTS[-1])
+
+    def mean(count: str) -> float:
+        return sum(kind["cpu_us"] for kind in curve[count].values()) / len(curve[count])
+
+    write_result(
+        "segmentation-definitions",
+        value=mean(last),
+        unit="us_cpu_per_change",
+        baseline=mean(first),
+        higher_is_better=False,
+        params={
+            "segments": COUNTS[-1],
+            "baseline_segments": COUNTS[0],
+            "persons": PERSONS,
+            "changes_per_kind": CHANGES,
+            "definitions": [definition(i) for i in range(5)],
+            "curve": curve,
+            "create_ms": found["create_ms"],
+            "target_ratio": 2.0,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
