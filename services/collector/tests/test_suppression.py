@@ -254,3 +254,30 @@ async def test_a_deletion_suppresses_as_it_is_published_not_once_the_stream_has_
         assert (await nats_client.jetstream().stream_info("PRIVACY")).state.messages == 1  # never stored
     finally:
         await follower.stop()
+
+
+async def test_a_deletion_stored_in_a_privacy_stream_created_again_is_read(nats_client, caplog):
+    """PRIVACY deleted by hand, or nats-server started again on an empty store (`make up` creates the streams
+    again): the new stream's sequences start over. A deletion published while the collector's signal
+    subscription missed it (disconnected) is in the stream only; the follower, which had read up to sequence
+    3, waited for the new stream to pass 3 before reading anything, so the person's events went on being
+    accepted until a restart."""
+    for n in range(3):
+        await publish_deletion(nats_client, f"user_id:u-old-{n}", request_id=f"old-{n}")
+    suppression = SuppressionList()
+    follower = SuppressionFollower(nats_client, nats_client.jetstream(), suppression, follow_every=0.1)
+    await follower.load(timeout=10)
+    try:
+        assert len(suppression) == 3
+        js = nats_client.jetstream()
+        await js.delete_stream("PRIVACY")
+        await ensure_stream(js, privacy_stream())
+        # Stored while the follower heard nothing: its signal subscription is gone (a disconnection).
+        await follower._signal.unsubscribe()
+        await publish_deletion(nats_client, "user_id:u-9", request_id="after-recreate")
+        with caplog.at_level(logging.WARNING, logger="cdp.collector"):
+            await until(lambda: len(suppression) == 4, "the deletion stored in the stream created again")
+        assert any("created again" in r.getMessage() for r in caplog.records)
+    finally:
+        follower._signal = None  # unsubscribed above
+        await follower.stop()

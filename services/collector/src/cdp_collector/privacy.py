@@ -140,7 +140,19 @@ class SuppressionFollower:
         return state.first_seq or 0, state.last_seq or 0
 
     async def _read(self, first: int, last: int) -> None:
-        """Every message after the last one read, up to `last`; what an operator purged is not asked for."""
+        """Every message after the last one read, up to `last`; what an operator purged is not asked for. A
+        stream whose last sequence is below the last one read was created again (deleted by hand, nats-server
+        started on an empty store): its sequences start over, so it is read from its first message. A purge
+        keeps the last sequence, so it never reads as this."""
+        if last < self._applied:
+            log.warning(
+                "stream %s holds sequences up to %d, below the %d read already: it was created again; reading "
+                "it from its first message",
+                PRIVACY,
+                last,
+                self._applied,
+            )
+            self._applied = 0
         self._applied = max(self._applied, first - 1)
         while self._applied < last:
             window = range(self._applied + 1, min(last, self._applied + READ_WINDOW) + 1)
