@@ -25,7 +25,8 @@ it drops it folds into the part's *timeline base* (stored with the profile): eac
 over the dropped events as of the cut, the position of the newest dropped event (all-time traits their
 summary, windowed ones the dropped contributions still inside their window at the cut). `profile_at`
 starts each trait from the base and replays the retained entries up to T, which is exactly what the
-whole history gives for any T at or after the cut: the most active customers, those past the cap, get
+whole history gives for any T at or after the cut (a windowed trait of a person past its bound - over 1,000
+contributions in its window - within the bound `cdp_profile.domain.aggregates` documents): the most active customers, those past the cap, get
 their rows like everyone else. A person gets no row only when a loss reaches the row uncovered
 (`whole_at`): T is before a part's cut (the base holds events after T), or a trait reaching back past the
 cut (an all-time trait always does; a windowed one when its window starts before the cut) is not in the
