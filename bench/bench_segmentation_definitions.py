@@ -11,10 +11,10 @@ segmentation-definitions  CPU per profile change applied (evaluated, transitions
                           per count (10, 100, 1,000, 3,000) and per kind: CPU per change and segments
                           evaluated per change (`params.curve`), and CPU per segment created (to live, over
                           200 persons) at each count (`params.create_ms`). Target ratio <= 2, not met
-                          yet: a country or a score moved costs the same at 3,000 segments as at 10 (the
-                          word and threshold indexes), but a change of last_seen_at still evaluates every
-                          segment comparing it with now (600 at 3,000: no index by window yet), and a
-                          person first seen every segment reading one of their fields; 16x on 2026-12-07.
+                          yet: a country, a score or last_seen_at moved costs about the same at 3,000
+                          segments as at 10 (the word, threshold and window indexes; last_seen_at moved
+                          across many windows evaluates each one crossed), but a person first seen is
+                          evaluated against every segment reading one of their fields.
 
     make bench-segmentation_definitions   # writes bench/results/segmentation-definitions.json
     BENCH_DEFINITIONS_COUNTS=10,100,1000 python bench/bench_segmentation_definitions.py

@@ -268,3 +268,56 @@ async def test_a_person_first_seen_is_evaluated_against_a_segment_on_a_percentil
     assert set(engine.membership("p0")) == {"median_high"}
     await engine.handle([changed([change("newcomer", traits={"plan": "pro"}, at=T0 + 10)], 3)])
     assert set(engine.membership("newcomer")) == {"median_high"}
+
+
+async def test_a_change_of_a_field_compared_with_now_evaluates_the_windows_it_crossed(many, nats_server):
+    # One segment per inactivity window (`traits.seen_at < now - 12d`): a change of seen_at, made by every
+    # event of every person, evaluated all of them; only a window the field moved across can flip (the rest
+    # had, at this instant, the outcome they have for the new value: their earlier flips fired as timers).
+    engine, *_ = many
+    for days in range(1, 31):
+        await create(engine, f"away_{days}d", f"traits.seen_at < now - {days}d")
+    await create(engine, "lapsed_pro", 'in_segment("away_20d") and traits.plan = "pro"')
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - 25.5 * DAY, "plan": "pro"})], 1)])
+    assert set(engine.membership("p1")) == {f"away_{d}d" for d in range(1, 26)} | {"lapsed_pro"}
+    evaluated = spy_on(engine)
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - 21.5 * DAY}, at=T0 + 1)], 2)])
+    assert sorted(evaluated) == ["away_22d", "away_23d", "away_24d", "away_25d"]
+    evaluated.clear()
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - 0.5 * DAY}, at=T0 + 2)], 3)])
+    assert len(evaluated) == 22 and "lapsed_pro" in evaluated  # 1d..21d crossed, and the one referring to 20d
+    assert engine.membership("p1") == {}
+    # The person's timer follows the field, crossed or not: away_1d is entered half a day later, on time.
+    assert engine._due["p1"] == pytest.approx(T0 + 0.5 * DAY, abs=1e-3)
+    evaluated.clear()
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - 0.25 * DAY}, at=T0 + 3)], 4)])
+    assert evaluated == [] and engine._due["p1"] == pytest.approx(T0 + 0.75 * DAY, abs=1e-3)
+    assert moves(await published(nats_server.url))[-1] == ("p1", "lapsed_pro", "exit", "event")
+
+
+async def test_memberships_of_windows_kept_through_changes_and_time_are_what_evaluating_every_segment_finds(many):
+    engine, *_ = many
+    clock = engine.clock
+    texts = [f"traits.t {op} now {sign} {n}{unit}" for op, sign, n, unit in (
+        ("<", "-", 1, "d"), ("<=", "-", 2, "d"), (">", "-", 3, "d"), (">=", "-", 36, "h"), ("<", "+", 1, "d"),
+        (">", "+", 12, "h"), ("<", "-", 90, "m"), (">", "-", 7, "d"),
+    )]  # fmt: skip
+    texts += ['in_segment("w0") and not in_segment("w2")', "traits.t < now - 2d and traits.u > 1"]
+    for i, text in enumerate(texts):
+        await create(engine, f"w{i}", text)
+    rng = random.Random(3)
+    for step in range(400):
+        clock.now += rng.choice([0.0, 60.0, 3_600.0, 0.4 * DAY, 2 * DAY])
+        person = f"p{rng.randrange(4)}"
+        value = rng.choice(
+            [clock.now - rng.uniform(-2, 10) * DAY, (clock.now - rng.uniform(0, 4) * DAY) * 1000.0, "soon", None]
+        )
+        await engine.handle([changed([change(person, traits={"t": value, "u": 2.0}, at=clock.now)], step + 1)])
+        for person_id, held in engine.persons.items():
+            expected: set[str] = set()
+            for segment_id in engine.index.order:
+                if engine.segments[segment_id].compiled.predicate(held.fields, expected, clock.now):
+                    expected.add(segment_id)
+            # A person whose timer is due now is brought to it by the next batch (theirs, or the timer loop's).
+            if engine._due.get(person_id, float("inf")) > clock.now:
+                assert set(held.members) == expected, (step, person_id, held.fields, clock.now)

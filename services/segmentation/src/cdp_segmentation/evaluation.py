@@ -287,7 +287,7 @@ class Evaluation:
                     # Threshold segments first (they refer to no segment), then the rest, dependencies first.
                     segments = self.index.affected(frozenset(changed))
                     if self.index.indexed:
-                        crossed = self.index.crossed(changed, person.fields)
+                        crossed = self.index.crossed(changed, person.fields, now)
                         if crossed:
                             segments = crossed + list(segments)
                 if segments:
@@ -301,6 +301,10 @@ class Evaluation:
                         cause=f"{cause}.{index}",
                         out=out,
                     )
+                if not new and self.index.windows and not self.index.windows.keys().isdisjoint(changed):
+                    # A field window segments compare with `now` moved: the person's next flip moved with
+                    # it, whether or not a window was crossed and evaluated (`_evaluate` schedules then).
+                    self._schedule(person_id, person, now)
         return oldest
 
     def forget_timer(self, person_id: str) -> None:

@@ -24,6 +24,14 @@ the field only when the old or the new value is one of their words; for every ot
 false before and after. Without it a change of `traits.country` evaluated every such segment: 544 of 3,000
 segments, 4 times the cost of a change read by one.
 
+The window index: several segments comparing one field with `now` and an offset (`traits.last_seen_at <
+now - 12d`, one per inactivity window) are evaluated on a change of the field only when `now + offset`
+lies in the range it moved over (`crossed`). Every other one holds for the new value, at this instant,
+what it holds for the old one, which is its membership: a batch fires the partition's due timers before
+its changes, so every flip up to now is in. The person's timer is set again from the new value whether or
+not one was crossed (evaluation.py). A change of last_seen_at (every event's) evaluated all 200 windows of
+1,000 segments: 80-110 µs, now 17-19.
+
 The time flips (`flips`): a person's timer is the earliest instant one of their time comparisons flips
 (evaluation.py, `_schedule`, after every evaluation of a time-based segment). That instant depends on the
 comparison alone (`traits.last_seen_at < now - 30d` flips at last_seen_at + 30d), not on the rest of the
@@ -123,7 +131,24 @@ class FieldIndex:
                     for word in values:
                         words.setdefault(word, []).append((serving[segment_id], True))
                 self.equalities[name] = {word: tuple(segments) for word, segments in words.items()}
+        by_window: dict[str, list[tuple[float, str, Segment]]] = {}
+        for segment in serving.values():
+            found_window = window(segment.compiled)
+            if found_window is not None:
+                by_window.setdefault(found_window[0], []).append((found_window[1], segment.id, segment))
+        # field -> (offsets ascending, their segments): segments comparing one field with `now` and an offset
+        # (`traits.last_seen_at < now - 30d`, one per window), where a change can move only those whose
+        # `now + offset` lies in the range the field moved over: the others had the same outcome at `now` for
+        # the old value, which is their membership (their flips up to `now` fired as timers first: a batch
+        # fires the partition's due timers before its changes), as for the new one
+        self.windows: dict[str, tuple[list[float], list[tuple[Segment, bool]]]] = {
+            name: ([o for o, _, _ in sorted(items)], [(s, True) for _, _, s in sorted(items, key=lambda i: i[:2])])
+            for name, items in by_window.items()
+            if len(items) > 1
+        }
         self.indexed = {name: frozenset(s.id for s, _ in index[1]) for name, index in self.thresholds.items()}
+        for name, (_offsets, window_segments) in self.windows.items():
+            self.indexed[name] = self.indexed.get(name, frozenset()) | {s.id for s, _ in window_segments}
         for name, words in self.equalities.items():
             self.indexed[name] = self.indexed.get(name, frozenset()) | {
                 s.id for segments in words.values() for s, _ in segments
@@ -208,7 +233,9 @@ class FieldIndex:
         position = self._position
         return tuple((self.serving[s], True) for s in sorted(found, key=position.__getitem__))
 
-    def crossed(self, changed: Mapping[str, object], fields: Mapping[str, object]) -> list[tuple[Segment, bool]]:
+    def crossed(
+        self, changed: Mapping[str, object], fields: Mapping[str, object], now: float = 0.0
+    ) -> list[tuple[Segment, bool]]:
         """Of the threshold segments (one field compared with one number) on the changed fields (path ->
         value before), those whose number lies in the range the field moved over, and of the equality
         segments (one field compared with words), those holding the old or the new value: the others give
@@ -216,7 +243,20 @@ class FieldIndex:
         their last evaluation, stays."""
         crossed: list[tuple[Segment, bool]] = []
         equalities = self.equalities
+        windows = self.windows
         for path, old in changed.items():
+            indexed_windows = windows.get(path)
+            if indexed_windows is not None:
+                offsets, segments = indexed_windows
+                before, after = epoch(old), epoch(fields.get(path))
+                if before is None or after is None:
+                    crossed.extend(segments)  # appeared, vanished or no time: every one of them
+                else:
+                    low, high = (before, after) if before <= after else (after, before)
+                    # `now + offset` as the predicate computes it (float addition keeps the order).
+                    start = bisect.bisect_left(offsets, low, key=lambda offset: now + offset)
+                    end = bisect.bisect_right(offsets, high, key=lambda offset: now + offset)
+                    crossed.extend(segments[start:end])
             words = equalities.get(path)
             if words is not None:
                 new = fields.get(path)
@@ -307,6 +347,14 @@ class TimeFlips:
                 if found is not None and found < best:
                     best = found
         return None if best == math.inf else best
+
+
+def window(compiled: CompiledSegment) -> tuple[str, float] | None:
+    """(field, offset) when the whole definition compares a top-level field with `now` and an offset."""
+    plan = compiled.plan
+    if isinstance(plan, TimeTest) and not plan.sub and plan.offset is not None and plan.op in ("<", "<=", ">", ">="):
+        return plan.field, plan.offset
+    return None
 
 
 def equality(compiled: CompiledSegment) -> tuple[str, frozenset[str]] | None:
