@@ -7,7 +7,7 @@ from __future__ import annotations
 from cdp_kit.bus import Bus, profiles_stream, subjects
 from cdp_kit.service import serving
 from cdp_scoring.__main__ import setup
-from cdp_testing.core_subjects import pushed_then_published, taken
+from cdp_testing.core_subjects import reloads_taken
 
 from .conftest import settings
 
@@ -16,21 +16,7 @@ async def test_messages_a_push_consumer_delivers_onto_the_subject_reload_nothing
     async with Bus.connect(nats_server.url, name="core-subject-test") as bus:
         await bus.ensure_streams(profiles_stream())
         async with serving(settings(nats_server, tmp_path), setup) as runtime:
-            engine = runtime.parts["engine"]
-            reloaded: list[str] = []
-            reload = engine.reload
-
-            async def recording(name: str) -> None:
-                reloaded.append(name)
-                await reload(name)
-
-            monkeypatch.setattr(engine, "reload", recording)
-            await pushed_then_published(
-                bus,
-                stream=subjects.PROFILES,
-                stream_subject=subjects.profiles_changed(0),
-                subject=subjects.SCORING_MODELS_CHANGED,
-                pushed=b"pushed-model",
-                published=b"control-model",
+            reloaded = await reloads_taken(
+                bus, monkeypatch, runtime.parts["engine"], "reload", subjects.SCORING_MODELS_CHANGED
             )
-            assert await taken(lambda: reloaded, "control-model") == ["control-model"]
+            assert reloaded == ["control"]

@@ -12,7 +12,7 @@ from cdp_kit.bus import Bus, profiles_stream, subjects
 from cdp_kit.service import serving
 from cdp_segmentation.__main__ import setup
 from cdp_segmentation.settings import SegmentationSettings
-from cdp_testing.core_subjects import pushed_then_published, taken
+from cdp_testing.core_subjects import pushed_then_published, reloads_taken, taken
 
 
 async def test_messages_a_push_consumer_delivers_onto_segment_changes_reload_nothing(nats_server, monkeypatch):
@@ -23,24 +23,10 @@ async def test_messages_a_push_consumer_delivers_onto_segment_changes_reload_not
     async with Bus.connect(nats_server.url, name="core-subject-test") as bus:
         await bus.ensure_streams(profiles_stream())
         async with serving(settings, setup) as runtime:
-            engine = runtime.parts["engine"]
-            reloaded: list[str] = []
-            reload = engine.reload
-
-            async def recording(segment_id: str) -> None:
-                reloaded.append(segment_id)
-                await reload(segment_id)
-
-            monkeypatch.setattr(engine, "reload", recording)
-            await pushed_then_published(
-                bus,
-                stream=subjects.PROFILES,
-                stream_subject=subjects.profiles_changed(0),
-                subject=subjects.SEGMENTATION_SEGMENTS_CHANGED,
-                pushed=b"pushed-segment",
-                published=b"control-segment",
+            reloaded = await reloads_taken(
+                bus, monkeypatch, runtime.parts["engine"], "reload", subjects.SEGMENTATION_SEGMENTS_CHANGED
             )
-            assert await taken(lambda: reloaded, "control-segment") == ["control-segment"]
+            assert reloaded == ["control"]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ pushed message keeps its stream subject (`cdp_kit.bus.subjects.published_on`), a
 `pushed_then_published` drives one receiver: it stores `pushed` in `stream`, makes a push consumer of
 that stream deliver onto `subject`, waits until nats-server has pushed the message there, then publishes
 `published` on the subject as its owner would. The receiver's subscription handles the two in that order,
-so once the caller sees `published` taken, the pushed message was already dropped (or taken)."""
+so once the caller sees `published` taken, the pushed message was already dropped (or taken).
+`reloads_taken` does it for a receiver that reloads what a message names (`owner.<method>(name)`) and
+returns every name it reloaded: `["control"]` when it drops the pushed message."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from cdp_kit.bus import Bus
+from cdp_kit.bus import Bus, subjects
 
 DURABLE = "aimed-at-a-core-subject"
 
@@ -44,3 +46,25 @@ async def taken(seen: Callable[[], list[str]], published: str) -> list[str]:
         assert time.monotonic() < deadline, f"the announcement was not taken: {seen()}"
         await asyncio.sleep(0.02)
     return seen()
+
+
+async def reloads_taken(bus: Bus, monkeypatch, owner: object, method: str, subject: str) -> list[str]:
+    """Every name `owner.<method>` was called with (recorded, then called through) while a message of
+    PROFILES is pushed onto `subject` ("pushed") and "control" is published on it; once "control" is taken."""
+    reloaded: list[str] = []
+    reload = getattr(owner, method)
+
+    async def recording(name: str) -> None:
+        reloaded.append(name)
+        await reload(name)
+
+    monkeypatch.setattr(owner, method, recording)
+    await pushed_then_published(
+        bus,
+        stream=subjects.PROFILES,
+        stream_subject=subjects.profiles_changed(0),
+        subject=subject,
+        pushed=b"pushed",
+        published=b"control",
+    )
+    return await taken(lambda: reloaded, "control")
