@@ -60,17 +60,30 @@ CHANGES = 2_000  # per kind and count
 CREATES = 20  # timed creates at each count
 
 
+# The five kinds of segment, each as the segment language writes it and as DuckDB SQL over a row of the
+# baseline's persons table (now fixed at NOW): segment i is of kind i % 5.
+DEFINITIONS = (
+    (lambda i: f'traits.country = "C{i}"', lambda i: f"country = 'C{i}'"),
+    (lambda i: f"scores.s{i} > 0.5", lambda i: f"s{i} > 0.5"),
+    (
+        lambda i: f'traits.plan in ["p{i}", "q{i}"] and traits.age > {i % 90}',
+        lambda i: f"plan IN ('p{i}', 'q{i}') AND age > {i % 90}",
+    ),
+    (lambda i: f'traits.city = "X{i}" or traits.tier = "T{i}"', lambda i: f"city = 'X{i}' OR tier = 'T{i}'"),
+    (
+        lambda i: f"traits.last_seen_at < now - {i % 60 + 1}d",
+        lambda i: f"last_seen_at < {NOW - (i % 60 + 1) * DAY}",
+    ),
+)
+
+
 def definition(i: int) -> str:
-    kind = i % 5
-    if kind == 0:
-        return f'traits.country = "C{i}"'
-    if kind == 1:
-        return f"scores.s{i} > 0.5"
-    if kind == 2:
-        return f'traits.plan in ["p{i}", "q{i}"] and traits.age > {i % 90}'
-    if kind == 3:
-        return f'traits.city = "X{i}" or traits.tier = "T{i}"'
-    return f"traits.last_seen_at < now - {i % 60 + 1}d"
+    return DEFINITIONS[i % 5][0](i)
+
+
+def sql_predicate(i: int) -> str:
+    """`definition(i)` as DuckDB SQL."""
+    return DEFINITIONS[i % 5][1](i)
 
 
 def change(person: str, at: float, *, traits: dict | None = None, scores: dict | None = None):
@@ -151,20 +164,6 @@ async def measure(url: str) -> dict:
         finally:
             await engine.stop()
     return {"curve": curve, "create_ms": create_ms}
-
-
-def sql_predicate(i: int) -> str:
-    """`definition(i)` as DuckDB SQL over a row of the persons table (now fixed at NOW)."""
-    kind = i % 5
-    if kind == 0:
-        return f"country = 'C{i}'"
-    if kind == 1:
-        return f"s{i} > 0.5"
-    if kind == 2:
-        return f"plan IN ('p{i}', 'q{i}') AND age > {i % 90}"
-    if kind == 3:
-        return f"city = 'X{i}' OR tier = 'T{i}'"
-    return f"last_seen_at < {NOW - (i % 60 + 1) * DAY}"
 
 
 def duckdb_per_change(count: int, rounds: int = 5) -> dict[str, float]:
