@@ -162,7 +162,7 @@ async def slow_releaser_delays_the_new_owner(make: MakeMember) -> None:
     await settled([a], ledger)
 
     b = await make("replica-1", ledger, drain)
-    after = await settled([a, b], ledger, timeout=20)
+    after = await settled([a, b], ledger, timeout=max(20.0, 4 * getattr(make, "ttl", TTL)))
     handed = {p for p, owner in after.items() if owner == "replica-1"}
     assert handed
     assert ledger.violations == []
