@@ -10,7 +10,8 @@ any name), so with them the edge could rewrite, drain or delete identity's consu
 `load()` returns only once every message that was in the stream when it was called has been applied,
 and the collector reports ready after that, so its first answer already honours every suppression made
 before it started. Then it follows: a core-NATS subscription to privacy.deleted delivers each deletion as it
-is published, and its suppression is applied at once (adding hashes to the list twice changes nothing).
+is published, and its suppression is applied at once (adding hashes to the list twice changes nothing);
+a message another service's push consumer delivers onto the subject is dropped (`_on_signal`).
 nats-server hands a published message to core subscribers before the stream has stored it, so a
 follower that only read the stream on the signal could find nothing new yet and wait for its next look:
 seconds in which a deleted person's events were accepted again (a CI run caught 5 s of them). The
@@ -43,7 +44,7 @@ from nats.js.errors import NotFoundError
 from cdp.privacy.v1 import privacy_pb2
 from cdp_collector.domain import SuppressionList
 from cdp_collector.domain.suppression import UnknownHashKey
-from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED
+from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED, published_on
 from cdp_kit.errors import Unavailable
 from cdp_kit.identifier_hash import SETTING
 from cdp_kit.stopping import raise_if_cancelling
@@ -114,6 +115,13 @@ class SuppressionFollower:
                 await signal.unsubscribe()
 
     async def _on_signal(self, msg: Msg) -> None:
+        # Only what profile published on privacy.deleted. Any service keeping a consumer can make it a push
+        # consumer delivering onto this subject (its permissions do not see the deliver subject), and
+        # orchestration consumes a stream it writes itself: what that delivers would otherwise be applied
+        # as a deletion, suppressing at the edge whoever its bytes name. It keeps its stream subject
+        # (`subjects.published_on`). Nor does it wake the follower: the stream is read every look anyway.
+        if not published_on(msg, PRIVACY_DELETED):
+            return
         self._suppress(msg.data, "signal")
         self._wake.set()
 

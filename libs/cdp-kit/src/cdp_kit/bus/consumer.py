@@ -569,10 +569,7 @@ class ConsumerRunner:
                 log.warning("consumer %s not ready: %s", self.spec.durable, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        advisories = await self.nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.spec.stream}.{self.spec.durable}",
-            cb=self._on_max_deliveries,
-        )
+        advisories = await self.nc.subscribe(self.advisory_subject, cb=self._on_max_deliveries)
         self._ready.set()
         lag_task = asyncio.create_task(self._poll_lag(), name=f"lag {self.spec.durable}")
         try:
@@ -947,7 +944,19 @@ class ConsumerRunner:
             log.warning("dead-lettered part %d of message %d of %s: %s", part, seq, self.spec.durable, reason)
         return True
 
+    @property
+    def advisory_subject(self) -> str:
+        """Where nats-server says this consumer gave up on a message (max deliveries reached)."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.spec.stream}.{self.spec.durable}"
+
     async def _on_max_deliveries(self, msg: Msg) -> None:
+        # Only what nats-server published on the subject. Any service keeping a consumer can make it a push
+        # consumer delivering onto it (the create permission does not see the deliver subject), and one
+        # that writes into a stream it consumes (orchestration) chooses the bytes: an advisory taken from it
+        # would copy whichever message of this stream it names into the dead letters, for a replay to
+        # resend. Such a message keeps its stream subject (`subjects.published_on`).
+        if not subjects.published_on(msg, self.advisory_subject):
+            return
         try:
             advisory = orjson.loads(msg.data)
             seq = int(advisory["stream_seq"])
