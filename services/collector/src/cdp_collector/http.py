@@ -455,20 +455,35 @@ class HttpApi:
 
         return handle
 
+    def _trusted(self, address) -> bool:
+        return address is not None and any(address in network for network in self.trusted_proxies)
+
     def _from_trusted_proxy(self, request: web.Request) -> bool:
-        peer = _address(request.remote)
-        return peer is not None and any(peer in network for network in self.trusted_proxies)
+        return self._trusted(_address(request.remote))
 
     def _client_address(self, request: web.Request) -> str:
-        """The connection's peer address; X-Forwarded-For's first address instead only when the peer is one
-        of CDP_COLLECTOR_TRUSTED_PROXIES (anyone else can write the header). "" when there is none."""
-        if self._from_trusted_proxy(request):
-            forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
-            first = _address(forwarded.split(",")[0]) if forwarded else None
-            if first is not None:
-                return str(first)
+        """The connection's peer address; when the peer is one of CDP_COLLECTOR_TRUSTED_PROXIES (anyone else
+        can write the header), the address X-Forwarded-For names before the trusted proxies. "" when there
+        is none.
+
+        Read from the right: each proxy appends the address it was connected from to the header it
+        received (nginx's $proxy_add_x_forwarded_for, the cloud load balancers), so what is left of the
+        trusted proxies' entries is whatever the client sent, and its first address could be anything. The
+        last address not of a trusted proxy is the client; every one trusted, the first of them. An entry
+        that is not an address ends the walk at the last one read (the peer when it is the last entry)."""
         peer = _address(request.remote)
-        return str(peer) if peer is not None else ""
+        if not self._trusted(peer):
+            return str(peer) if peer is not None else ""
+        client = peer
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
+        for entry in reversed(forwarded.split(",") if forwarded else ()):
+            hop = _address(entry)
+            if hop is None:
+                break
+            client = hop
+            if not self._trusted(hop):
+                break
+        return str(client)
 
     def _scheme(self, request: web.Request) -> str:
         if self._from_trusted_proxy(request):

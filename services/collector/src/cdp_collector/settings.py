@@ -47,9 +47,9 @@ class CollectorSettings(IdentifierHashSettings, ServiceSettings):
         "CDP_COLLECTOR_TRUSTED_PROXIES",
         (),
         help="addresses or networks of the proxies and load balancers in front of the collector "
-        "(comma-separated, e.g. 10.0.0.0/8,192.168.1.5): only from them is X-Forwarded-For's first address "
-        "taken as the client's (context.ip, the SDK settings' protocol from X-Forwarded-Proto); empty: the "
-        "connection's peer address, whatever headers say",
+        "(comma-separated, e.g. 10.0.0.0/8,192.168.1.5): only from them is X-Forwarded-For read, from the "
+        "right, and its last address that is none of them taken as the client's (context.ip; the SDK settings' "
+        "protocol from X-Forwarded-Proto); empty: the connection's peer address, whatever headers say",
     )
     max_event_bytes: int = env(
         "CDP_COLLECTOR_MAX_EVENT_BYTES", 32 * 1024, help="largest event accepted (Segment: 32 KB)"
