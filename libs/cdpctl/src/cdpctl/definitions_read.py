@@ -120,9 +120,17 @@ def _owned(s: Services, name: str) -> bool:
 async def read_segments(s: Services) -> list[dict[str, Any]]:
     from cdp.segmentation.v1 import segmentation_pb2
 
-    reply = await s.call("segmentation", "ListSegments", segmentation_pb2.ListSegmentsRequest())
+    listed, token = [], ""
+    while True:  # every page: ListSegments answers at most 1,000 segments (and under 3 MiB) a call
+        page = await s.call(
+            "segmentation", "ListSegments", segmentation_pb2.ListSegmentsRequest(page_size=PAGE, page_token=token)
+        )
+        listed.extend(page.segments)
+        token = page.next_page_token
+        if not token:
+            break
     segments, depends_on = [], {}
-    for segment in reply.segments:
+    for segment in listed:
         entry = {"id": segment.id, "definition": segment.text}
         if segment.name:
             entry["name"] = segment.name

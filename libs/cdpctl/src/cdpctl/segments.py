@@ -30,6 +30,8 @@ from cdpctl.common import (
 )
 from cdpctl.platform import Workspace
 
+SEGMENTS_PAGE = 1_000  # the most ListSegments answers a call
+
 # ------------------------------------------------------------------------------------ computed traits
 
 TRAIT_OPS = (
@@ -436,16 +438,25 @@ def segments(ws: Workspace, as_json: bool, address) -> None:
     from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
     async def listed() -> list[dict]:
+        # Every page (ListSegments answers at most 1,000 segments, and less than 3 MiB, a call).
+        documents, token = [], ""
         async with tls.aio_channel(_segmentation_address(ws, address)) as channel:
-            try:
-                reply = await segmentation_pb2_grpc.SegmentationServiceStub(channel).ListSegments(
-                    segmentation_pb2.ListSegmentsRequest(),
-                    metadata=(("authorization", f"Bearer {ws.admin_token()}"),),
-                    timeout=10,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc) from None
-        return [json_format.MessageToDict(s, always_print_fields_with_no_presence=True) for s in reply.segments]
+            stub = segmentation_pb2_grpc.SegmentationServiceStub(channel)
+            while True:
+                try:
+                    reply = await stub.ListSegments(
+                        segmentation_pb2.ListSegmentsRequest(page_size=SEGMENTS_PAGE, page_token=token),
+                        metadata=(("authorization", f"Bearer {ws.admin_token()}"),),
+                        timeout=10,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise rpc_error(exc) from None
+                documents += [
+                    json_format.MessageToDict(s, always_print_fields_with_no_presence=True) for s in reply.segments
+                ]
+                token = reply.next_page_token
+                if not token:
+                    return documents
 
     documents = asyncio.run(listed())
     if as_json:

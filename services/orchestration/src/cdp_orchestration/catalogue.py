@@ -56,6 +56,7 @@ ComputedTraits = Callable[[], Awaitable[Mapping[str, str] | frozenset[str]]]
 Names = Callable[[], Awaitable[frozenset[str] | None]]  # None: nothing to check against yet
 
 PROFILE, SEGMENTATION, SCORING = "profile", "segmentation", "scoring"
+SEGMENTS_PAGE = 1_000  # the most ListSegments answers a call
 
 
 class CatalogueError(ValueError):
@@ -114,8 +115,20 @@ def live_segments(channel: grpc.aio.Channel, token: str) -> Names:
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     async def listed() -> frozenset[str]:
-        answer = await stub.ListSegments(segmentation_pb2.ListSegmentsRequest(), metadata=metadata, timeout=5.0)
-        return frozenset(segment.id for segment in answer.segments)
+        # Every page: ListSegments answers at most 1,000 segments (and under 3 MiB) a call, and a segment on
+        # a later page is as real as one on the first (a journey naming it must not be refused).
+        ids: set[str] = set()
+        token = ""
+        while True:
+            answer = await stub.ListSegments(
+                segmentation_pb2.ListSegmentsRequest(page_size=SEGMENTS_PAGE, page_token=token),
+                metadata=metadata,
+                timeout=5.0,
+            )
+            ids.update(segment.id for segment in answer.segments)
+            token = answer.next_page_token
+            if not token:
+                return frozenset(ids)
 
     return listed
 

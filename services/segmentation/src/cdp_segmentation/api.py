@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import logging
 import weakref
 from typing import Any
@@ -43,6 +44,16 @@ STATE_TO_PB = {
 }
 MAX_PAGE = 10_000
 DEFAULT_PAGE = 1_000
+# ListSegments pages (AIP-158). Unpaged, the listing grew with the segments until it passed the 4 MiB a gRPC
+# client receives by default (about 1,000 segments with 4 KB descriptions) and failed for every caller.
+# A page also ends before its segments pass SEGMENTS_PAGE_BYTES encoded, whatever page_size asked: one segment
+# is at most about 150 KB (64 KiB of text, its tree, a 4,096-character description), so a page always fits.
+MAX_SEGMENTS_PAGE = 1_000
+DEFAULT_SEGMENTS_PAGE = 100
+SEGMENTS_PAGE_BYTES = 3 * 1024 * 1024
+# A ListSegments token is the last id listed after this mark. A person id holds no NUL (the store refuses
+# one), so a ListMembers token, or anything else, never reads as one.
+_SEGMENTS_TOKEN = "segments\x00"
 MAX_TEXT = 64 * 1024
 # A segment's name and description travel in every GetSegment and ListSegments answer: unlimited, a few
 # segments named with megabytes made the listing larger than a client receives (4 MiB by default) or the
@@ -182,6 +193,24 @@ def segment_message(engine: SegmentationEngine, segment: Segment) -> segmentatio
     return message
 
 
+def segments_token(last: str) -> str:
+    """The opaque ListSegments page token after segment id `last`."""
+    return base64.urlsafe_b64encode((_SEGMENTS_TOKEN + last).encode()).decode()
+
+
+def segments_after(token: str) -> str:
+    """The segment id a ListSegments page token continues after; INVALID_ARGUMENT naming `page_token` for a
+    token ListSegments did not give."""
+    try:
+        decoded = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        decoded = ""
+    after = decoded.removeprefix(_SEGMENTS_TOKEN)
+    if after == decoded or not after:
+        raise InvalidArgument("page_token", "is not a token ListSegments gave")
+    return after
+
+
 class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
     def __init__(self, engine: SegmentationEngine, explainer: Explainer | None = None) -> None:
         self.engine = engine
@@ -262,8 +291,25 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
     async def ListSegments(
         self, request: segmentation_pb2.ListSegmentsRequest, context
     ) -> segmentation_pb2.ListSegmentsResponse:
+        """A page of the segments in id order, from the id after the previous page's last (a key, not an
+        offset: a segment created or deleted between two pages moves no other one across the boundary, so
+        none is listed twice or skipped). Ends at page_size segments or before SEGMENTS_PAGE_BYTES."""
+        if request.page_size < 0 or request.page_size > MAX_SEGMENTS_PAGE:
+            raise InvalidArgument(
+                "page_size",
+                f"{request.page_size} is out of range: 0 (default {DEFAULT_SEGMENTS_PAGE}) to {MAX_SEGMENTS_PAGE}",
+            )
+        after = segments_after(request.page_token) if request.page_token else None
+        limit = request.page_size or DEFAULT_SEGMENTS_PAGE
+        ids = sorted(self.engine.segments)
+        start = 0 if after is None else bisect.bisect_right(ids, after)
         response = segmentation_pb2.ListSegmentsResponse()
-        for segment in sorted(self.engine.segments.values(), key=lambda s: s.id):
+        size = 0
+        last = None
+        for segment_id in ids[start:]:
+            if len(response.segments) >= limit:
+                break
+            segment = self.engine.segments[segment_id]
             # One segment that cannot be sent (stored before the nesting limit) is left out and named in the
             # log; the listing stays readable for everyone.
             try:
@@ -273,8 +319,17 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
                     "segment left out of ListSegments: its definition cannot be sent",
                     extra={"segment": segment.id, "error": type(exc).__name__},
                 )
+                last = segment_id
                 continue
+            # The field's tag and length prefix: at most 1 + 5 bytes.
+            grown = size + message.ByteSize() + 6
+            if response.segments and grown > SEGMENTS_PAGE_BYTES:
+                break
             response.segments.append(message)
+            size = grown
+            last = segment_id
+        if last is not None and last != ids[-1]:
+            response.next_page_token = segments_token(last)
         return response
 
     async def Estimate(self, request: segmentation_pb2.EstimateRequest, context) -> segmentation_pb2.EstimateResponse:

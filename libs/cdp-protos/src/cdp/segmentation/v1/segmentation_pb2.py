@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cdp/segmentation/v1/segmentation.proto\x12\x13\x63\x64p.segmentation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\nDefinition\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04tree\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04\x66orm\"\xe0\x03\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x30\n\x05state\x18\x07 \x01(\x0e\x32!.cdp.segmentation.v1.SegmentState\x12\x15\n\rprofiles_done\x18\x08 \x01(\x03\x12\x16\n\x0eprofiles_total\x18\t \x01(\x03\x12\x0c\n\x04size\x18\n \x01(\x03\x12\x12\n\ndepends_on\x18\x0b \x03(\t\x12\x17\n\x0f\x63omputed_traits\x18\x0c \x03(\t\x12\x16\n\x0etime_dependent\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07live_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12\x10\n\x08warnings\x18\x12 \x03(\t\"\x88\x01\n\x14\x43reateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"z\n\x14UpdateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\x96\x01\n\x15UpdateSegmentResponse\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Segment\x12\x0f\n\x07\x65ntered\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x03\x12\x16\n\x0esample_entered\x18\x04 \x03(\t\x12\x15\n\rsample_exited\x18\x05 \x03(\t\"1\n\x14\x44\x65leteSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\'\n\x15\x44\x65leteSegmentResponse\x12\x0e\n\x06\x65xited\x18\x01 \x01(\x03\"\x1f\n\x11GetSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13ListSegmentsRequest\"F\n\x14ListSegmentsResponse\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Segment\"F\n\x0f\x45stimateRequest\x12\x33\n\ndefinition\x18\x01 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\xd1\x01\n\x10\x45stimateResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x12\n\npopulation\x18\x02 \x01(\x03\x12\x0e\n\x06sample\x18\x03 \x03(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x63omputed_traits\x18\x06 \x03(\t\x12\x16\n\x0etime_dependent\x18\x07 \x01(\x08\x12\x13\n\x0b\x65valuate_ms\x18\x08 \x01(\x01\x12\x10\n\x08warnings\x18\t \x03(\t\"O\n\x12ListMembersRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x06Member\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x13ListMembersResponse\x12,\n\x07members\x18\x01 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\")\n\x14GetMembershipRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\"K\n\nMembership\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x15GetMembershipResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x31\n\x08segments\x18\x02 \x03(\x0b\x32\x1f.cdp.segmentation.v1.Membership\"/\n\x1fListComputedTraitReadersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x06Reader\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xe4\x01\n ListComputedTraitReadersResponse\x12-\n\x08segments\x18\x01 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Reader\x12-\n\x08journeys\x18\x02 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Reader\x12\x18\n\x10journeys_checked\x18\x03 \x01(\x08\x12\x30\n\x06models\x18\x04 \x03(\x0b\x32 .cdp.segmentation.v1.ModelReader\x12\x16\n\x0emodels_checked\x18\x05 \x01(\x08\":\n\x0bModelReader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"A\n\x18\x45xplainMembershipRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\"\xd6\x01\n\x12\x45xplainedCondition\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x34\n\x06result\x18\x03 \x01(\x0e\x32$.cdp.segmentation.v1.ConditionResult\x12\x0e\n\x06\x66ields\x18\x04 \x03(\t\x12\x0f\n\x07missing\x18\x05 \x03(\t\x12\x12\n\nsegment_id\x18\x06 \x01(\t\x12\x39\n\x08operands\x18\x07 \x03(\x0b\x32\'.cdp.segmentation.v1.ExplainedCondition\"\x9e\x02\n\x19\x45xplainMembershipResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x17\n\x0fsegment_version\x18\x03 \x01(\x03\x12\x0e\n\x06member\x18\x04 \x01(\x08\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07matches\x18\x06 \x01(\x08\x12\x0c\n\x04note\x18\x07 \x01(\t\x12\x35\n\x04tree\x18\x08 \x01(\x0b\x32\'.cdp.segmentation.v1.ExplainedCondition\x12\x30\n\x0c\x65valuated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x01\n\x0cSegmentEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntered\x18\x04 \x01(\x08\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x17\n\x0fsegment_version\x18\x07 \x01(\x03\"F\n\x11SegmentEventBatch\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.cdp.segmentation.v1.SegmentEvent*{\n\x0cSegmentState\x12\x1d\n\x19SEGMENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SEGMENT_STATE_BUILDING\x10\x01\x12\x16\n\x12SEGMENT_STATE_LIVE\x10\x02\x12\x18\n\x14SEGMENT_STATE_FAILED\x10\x03*\xa6\x01\n\x0f\x43onditionResult\x12 \n\x1c\x43ONDITION_RESULT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONDITION_RESULT_TRUE\x10\x01\x12\x1a\n\x16\x43ONDITION_RESULT_FALSE\x10\x02\x12\x1c\n\x18\x43ONDITION_RESULT_MISSING\x10\x03\x12\x1c\n\x18\x43ONDITION_RESULT_UNKNOWN\x10\x04\x32\x99\x08\n\x13SegmentationService\x12X\n\rCreateSegment\x12).cdp.segmentation.v1.CreateSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x66\n\rUpdateSegment\x12).cdp.segmentation.v1.UpdateSegmentRequest\x1a*.cdp.segmentation.v1.UpdateSegmentResponse\x12\x66\n\rDeleteSegment\x12).cdp.segmentation.v1.DeleteSegmentRequest\x1a*.cdp.segmentation.v1.DeleteSegmentResponse\x12R\n\nGetSegment\x12&.cdp.segmentation.v1.GetSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x63\n\x0cListSegments\x12(.cdp.segmentation.v1.ListSegmentsRequest\x1a).cdp.segmentation.v1.ListSegmentsResponse\x12W\n\x08\x45stimate\x12$.cdp.segmentation.v1.EstimateRequest\x1a%.cdp.segmentation.v1.EstimateResponse\x12`\n\x0bListMembers\x12\'.cdp.segmentation.v1.ListMembersRequest\x1a(.cdp.segmentation.v1.ListMembersResponse\x12\x66\n\rGetMembership\x12).cdp.segmentation.v1.GetMembershipRequest\x1a*.cdp.segmentation.v1.GetMembershipResponse\x12\x87\x01\n\x18ListComputedTraitReaders\x12\x34.cdp.segmentation.v1.ListComputedTraitReadersRequest\x1a\x35.cdp.segmentation.v1.ListComputedTraitReadersResponse\x12r\n\x11\x45xplainMembership\x12-.cdp.segmentation.v1.ExplainMembershipRequest\x1a..cdp.segmentation.v1.ExplainMembershipResponseB>Z<github.com/cdp/cdp/gen/go/cdp/segmentation/v1;segmentationv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cdp/segmentation/v1/segmentation.proto\x12\x13\x63\x64p.segmentation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\nDefinition\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04tree\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04\x66orm\"\xe0\x03\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x30\n\x05state\x18\x07 \x01(\x0e\x32!.cdp.segmentation.v1.SegmentState\x12\x15\n\rprofiles_done\x18\x08 \x01(\x03\x12\x16\n\x0eprofiles_total\x18\t \x01(\x03\x12\x0c\n\x04size\x18\n \x01(\x03\x12\x12\n\ndepends_on\x18\x0b \x03(\t\x12\x17\n\x0f\x63omputed_traits\x18\x0c \x03(\t\x12\x16\n\x0etime_dependent\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07live_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12\x10\n\x08warnings\x18\x12 \x03(\t\"\x88\x01\n\x14\x43reateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"z\n\x14UpdateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\x96\x01\n\x15UpdateSegmentResponse\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Segment\x12\x0f\n\x07\x65ntered\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x03\x12\x16\n\x0esample_entered\x18\x04 \x03(\t\x12\x15\n\rsample_exited\x18\x05 \x03(\t\"1\n\x14\x44\x65leteSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\'\n\x15\x44\x65leteSegmentResponse\x12\x0e\n\x06\x65xited\x18\x01 \x01(\x03\"\x1f\n\x11GetSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13ListSegmentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListSegmentsResponse\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Segment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x0f\x45stimateRequest\x12\x33\n\ndefinition\x18\x01 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\xd1\x01\n\x10\x45stimateResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x12\n\npopulation\x18\x02 \x01(\x03\x12\x0e\n\x06sample\x18\x03 \x03(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x63omputed_traits\x18\x06 \x03(\t\x12\x16\n\x0etime_dependent\x18\x07 \x01(\x08\x12\x13\n\x0b\x65valuate_ms\x18\x08 \x01(\x01\x12\x10\n\x08warnings\x18\t \x03(\t\"O\n\x12ListMembersRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x06Member\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x13ListMembersResponse\x12,\n\x07members\x18\x01 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\")\n\x14GetMembershipRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\"K\n\nMembership\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x15GetMembershipResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x31\n\x08segments\x18\x02 \x03(\x0b\x32\x1f.cdp.segmentation.v1.Membership\"/\n\x1fListComputedTraitReadersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x06Reader\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xe4\x01\n ListComputedTraitReadersResponse\x12-\n\x08segments\x18\x01 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Reader\x12-\n\x08journeys\x18\x02 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Reader\x12\x18\n\x10journeys_checked\x18\x03 \x01(\x08\x12\x30\n\x06models\x18\x04 \x03(\x0b\x32 .cdp.segmentation.v1.ModelReader\x12\x16\n\x0emodels_checked\x18\x05 \x01(\x08\":\n\x0bModelReader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"A\n\x18\x45xplainMembershipRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\"\xd6\x01\n\x12\x45xplainedCondition\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x34\n\x06result\x18\x03 \x01(\x0e\x32$.cdp.segmentation.v1.ConditionResult\x12\x0e\n\x06\x66ields\x18\x04 \x03(\t\x12\x0f\n\x07missing\x18\x05 \x03(\t\x12\x12\n\nsegment_id\x18\x06 \x01(\t\x12\x39\n\x08operands\x18\x07 \x03(\x0b\x32\'.cdp.segmentation.v1.ExplainedCondition\"\x9e\x02\n\x19\x45xplainMembershipResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x17\n\x0fsegment_version\x18\x03 \x01(\x03\x12\x0e\n\x06member\x18\x04 \x01(\x08\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07matches\x18\x06 \x01(\x08\x12\x0c\n\x04note\x18\x07 \x01(\t\x12\x35\n\x04tree\x18\x08 \x01(\x0b\x32\'.cdp.segmentation.v1.ExplainedCondition\x12\x30\n\x0c\x65valuated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x01\n\x0cSegmentEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntered\x18\x04 \x01(\x08\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x17\n\x0fsegment_version\x18\x07 \x01(\x03\"F\n\x11SegmentEventBatch\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.cdp.segmentation.v1.SegmentEvent*{\n\x0cSegmentState\x12\x1d\n\x19SEGMENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SEGMENT_STATE_BUILDING\x10\x01\x12\x16\n\x12SEGMENT_STATE_LIVE\x10\x02\x12\x18\n\x14SEGMENT_STATE_FAILED\x10\x03*\xa6\x01\n\x0f\x43onditionResult\x12 \n\x1c\x43ONDITION_RESULT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONDITION_RESULT_TRUE\x10\x01\x12\x1a\n\x16\x43ONDITION_RESULT_FALSE\x10\x02\x12\x1c\n\x18\x43ONDITION_RESULT_MISSING\x10\x03\x12\x1c\n\x18\x43ONDITION_RESULT_UNKNOWN\x10\x04\x32\x99\x08\n\x13SegmentationService\x12X\n\rCreateSegment\x12).cdp.segmentation.v1.CreateSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x66\n\rUpdateSegment\x12).cdp.segmentation.v1.UpdateSegmentRequest\x1a*.cdp.segmentation.v1.UpdateSegmentResponse\x12\x66\n\rDeleteSegment\x12).cdp.segmentation.v1.DeleteSegmentRequest\x1a*.cdp.segmentation.v1.DeleteSegmentResponse\x12R\n\nGetSegment\x12&.cdp.segmentation.v1.GetSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x63\n\x0cListSegments\x12(.cdp.segmentation.v1.ListSegmentsRequest\x1a).cdp.segmentation.v1.ListSegmentsResponse\x12W\n\x08\x45stimate\x12$.cdp.segmentation.v1.EstimateRequest\x1a%.cdp.segmentation.v1.EstimateResponse\x12`\n\x0bListMembers\x12\'.cdp.segmentation.v1.ListMembersRequest\x1a(.cdp.segmentation.v1.ListMembersResponse\x12\x66\n\rGetMembership\x12).cdp.segmentation.v1.GetMembershipRequest\x1a*.cdp.segmentation.v1.GetMembershipResponse\x12\x87\x01\n\x18ListComputedTraitReaders\x12\x34.cdp.segmentation.v1.ListComputedTraitReadersRequest\x1a\x35.cdp.segmentation.v1.ListComputedTraitReadersResponse\x12r\n\x11\x45xplainMembership\x12-.cdp.segmentation.v1.ExplainMembershipRequest\x1a..cdp.segmentation.v1.ExplainMembershipResponseB>Z<github.com/cdp/cdp/gen/go/cdp/segmentation/v1;segmentationv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.segmentation.v1.segment
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z<github.com/cdp/cdp/gen/go/cdp/segmentation/v1;segmentationv1'
-  _globals['_SEGMENTSTATE']._serialized_start=3272
-  _globals['_SEGMENTSTATE']._serialized_end=3395
-  _globals['_CONDITIONRESULT']._serialized_start=3398
-  _globals['_CONDITIONRESULT']._serialized_end=3564
+  _globals['_SEGMENTSTATE']._serialized_start=3336
+  _globals['_SEGMENTSTATE']._serialized_end=3459
+  _globals['_CONDITIONRESULT']._serialized_start=3462
+  _globals['_CONDITIONRESULT']._serialized_end=3628
   _globals['_DEFINITION']._serialized_start=126
   _globals['_DEFINITION']._serialized_end=203
   _globals['_SEGMENT']._serialized_start=206
@@ -55,43 +55,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSEGMENTREQUEST']._serialized_start=1196
   _globals['_GETSEGMENTREQUEST']._serialized_end=1227
   _globals['_LISTSEGMENTSREQUEST']._serialized_start=1229
-  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1250
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1252
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1322
-  _globals['_ESTIMATEREQUEST']._serialized_start=1324
-  _globals['_ESTIMATEREQUEST']._serialized_end=1394
-  _globals['_ESTIMATERESPONSE']._serialized_start=1397
-  _globals['_ESTIMATERESPONSE']._serialized_end=1606
-  _globals['_LISTMEMBERSREQUEST']._serialized_start=1608
-  _globals['_LISTMEMBERSREQUEST']._serialized_end=1687
-  _globals['_MEMBER']._serialized_start=1689
-  _globals['_MEMBER']._serialized_end=1759
-  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1761
-  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1868
-  _globals['_GETMEMBERSHIPREQUEST']._serialized_start=1870
-  _globals['_GETMEMBERSHIPREQUEST']._serialized_end=1911
-  _globals['_MEMBERSHIP']._serialized_start=1913
-  _globals['_MEMBERSHIP']._serialized_end=1988
-  _globals['_GETMEMBERSHIPRESPONSE']._serialized_start=1990
-  _globals['_GETMEMBERSHIPRESPONSE']._serialized_end=2083
-  _globals['_LISTCOMPUTEDTRAITREADERSREQUEST']._serialized_start=2085
-  _globals['_LISTCOMPUTEDTRAITREADERSREQUEST']._serialized_end=2132
-  _globals['_READER']._serialized_start=2134
-  _globals['_READER']._serialized_end=2168
-  _globals['_LISTCOMPUTEDTRAITREADERSRESPONSE']._serialized_start=2171
-  _globals['_LISTCOMPUTEDTRAITREADERSRESPONSE']._serialized_end=2399
-  _globals['_MODELREADER']._serialized_start=2401
-  _globals['_MODELREADER']._serialized_end=2459
-  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_start=2461
-  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_end=2526
-  _globals['_EXPLAINEDCONDITION']._serialized_start=2529
-  _globals['_EXPLAINEDCONDITION']._serialized_end=2743
-  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_start=2746
-  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_end=3032
-  _globals['_SEGMENTEVENT']._serialized_start=3035
-  _globals['_SEGMENTEVENT']._serialized_end=3198
-  _globals['_SEGMENTEVENTBATCH']._serialized_start=3200
-  _globals['_SEGMENTEVENTBATCH']._serialized_end=3270
-  _globals['_SEGMENTATIONSERVICE']._serialized_start=3567
-  _globals['_SEGMENTATIONSERVICE']._serialized_end=4616
+  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1289
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1291
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1386
+  _globals['_ESTIMATEREQUEST']._serialized_start=1388
+  _globals['_ESTIMATEREQUEST']._serialized_end=1458
+  _globals['_ESTIMATERESPONSE']._serialized_start=1461
+  _globals['_ESTIMATERESPONSE']._serialized_end=1670
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1672
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1751
+  _globals['_MEMBER']._serialized_start=1753
+  _globals['_MEMBER']._serialized_end=1823
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1825
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1932
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_start=1934
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_end=1975
+  _globals['_MEMBERSHIP']._serialized_start=1977
+  _globals['_MEMBERSHIP']._serialized_end=2052
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_start=2054
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_end=2147
+  _globals['_LISTCOMPUTEDTRAITREADERSREQUEST']._serialized_start=2149
+  _globals['_LISTCOMPUTEDTRAITREADERSREQUEST']._serialized_end=2196
+  _globals['_READER']._serialized_start=2198
+  _globals['_READER']._serialized_end=2232
+  _globals['_LISTCOMPUTEDTRAITREADERSRESPONSE']._serialized_start=2235
+  _globals['_LISTCOMPUTEDTRAITREADERSRESPONSE']._serialized_end=2463
+  _globals['_MODELREADER']._serialized_start=2465
+  _globals['_MODELREADER']._serialized_end=2523
+  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_start=2525
+  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_end=2590
+  _globals['_EXPLAINEDCONDITION']._serialized_start=2593
+  _globals['_EXPLAINEDCONDITION']._serialized_end=2807
+  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_start=2810
+  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_end=3096
+  _globals['_SEGMENTEVENT']._serialized_start=3099
+  _globals['_SEGMENTEVENT']._serialized_end=3262
+  _globals['_SEGMENTEVENTBATCH']._serialized_start=3264
+  _globals['_SEGMENTEVENTBATCH']._serialized_end=3334
+  _globals['_SEGMENTATIONSERVICE']._serialized_start=3631
+  _globals['_SEGMENTATIONSERVICE']._serialized_end=4680
 # @@protoc_insertion_point(module_scope)

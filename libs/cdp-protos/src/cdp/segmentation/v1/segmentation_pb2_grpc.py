@@ -122,7 +122,10 @@ class SegmentationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSegments(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The segments in id order, a page at a time (AIP-158): ask again with `next_page_token` until it is
+        empty. A segment created between two pages is listed when its id comes after the last one listed; one
+        deleted between two pages is not; every other is listed once, whatever happens between pages.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
