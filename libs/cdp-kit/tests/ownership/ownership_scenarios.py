@@ -58,8 +58,11 @@ class Member:
         self.ledger.begin(self.name, p)
 
     async def on_release(self, p: int) -> None:
-        await asyncio.sleep(self.release_delay)  # an engine draining its in-flight commits
-        self.ledger.end(self.name, p)
+        try:
+            await asyncio.sleep(self.release_delay)  # an engine draining its in-flight commits
+        finally:
+            # Cancelled (its lease lost mid-drain), the engine aborts the partition: it works no more.
+            self.ledger.end(self.name, p)
 
     async def start(self) -> Member:
         await self.ownership.start(self.on_acquire, self.on_release)

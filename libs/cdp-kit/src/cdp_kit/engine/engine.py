@@ -118,6 +118,7 @@ class PartitionedEngine:
         if len({feed[3] for feed in self.feeds}) < len(self.feeds):
             raise ValueError("each input of an engine needs an outbox of its own")
         self.pipelines: dict[int, PartitionPipeline] = {}
+        self._cut: set[int] = set()  # partitions whose release was cut short since they last started
         self._count_lock = asyncio.Lock()
         self._count_checked = False
         self.gate = asyncio.Event()  # cleared while anyone holds (or waits for) a quiescent point
@@ -219,16 +220,34 @@ class PartitionedEngine:
         if partition in self.pipelines:
             return
         await self.check_partitions()
+        if partition in self._cut:
+            # Its last release was cut short: hot state may hold what never landed. Recovered as after a
+            # failed batch (each logic waits for the writes still in flight, then drops that state).
+            for logic in {id(feed[0]): feed[0] for feed in self.feeds}.values():
+                await logic.recover(partition)
+            self._cut.discard(partition)
         pipeline = PartitionPipeline(self, partition)
         pipeline.task = asyncio.create_task(pipeline.run(), name=f"{self.spec.service} partition {partition}")
         self.pipelines[partition] = pipeline
 
     async def stop_partition(self, partition: int) -> None:
         """Stop fetching, drain the commits in flight, acknowledge, release (an ownership's
-        `on_release`): returns when another replica may take the partition."""
+        `on_release`): returns when another replica may take the partition.
+
+        Cancelled (the ownership cuts a release its lease no longer covers), the partition is aborted
+        as a crash would abort it: its pipeline is cancelled (nothing more acknowledged or published)
+        and its own write chain aborted (nothing more of its written); a chain shared with other
+        partitions lands what it already holds. Its hot state may then hold changes the store never
+        gets: should the partition come back here, the logic recovers it first (`start_partition`)."""
         pipeline = self.pipelines.pop(partition, None)
         if pipeline is not None:
-            await pipeline.stop()
+            try:
+                await pipeline.stop()  # cancelled, its gather cancels the pipeline's task
+            except asyncio.CancelledError:
+                if pipeline.chain is not self.chain:
+                    pipeline.chain.abort()
+                self._cut.add(partition)
+                raise
 
     async def wait_ready(self) -> None:
         """Every owned partition restored and subscribed (tests, start-up probes)."""

@@ -21,7 +21,9 @@ class Ownership(abc.ABC):
     `start(on_acquire, on_release)`: `on_acquire(p)` is awaited once this replica holds p (start its
     pipeline); `on_release(p)` is awaited when it must give p up (stop fetching, drain in-flight
     commits, return): returning *is* the acknowledgement, and nobody else gets p before it. The two
-    never run at once for one partition and alternate, acquire first.
+    never run at once for one partition and alternate, acquire first. An `on_release` may be
+    cancelled (a lease-based ownership whose lease is lost mid-drain): it must then stop working on p
+    at once, finishing nothing (the engine aborts the partition as a crash would).
     `owned()`: the partitions acquired and not being released. `changes()`: each new `owned()`.
     `stop()`: release everything (awaiting `on_release`) and leave, so the others take over at once.
     """

@@ -22,8 +22,14 @@ Invariants:
   keeps renewing, so it delays the new owner rather than overlapping with it.
 - A member that dies keeps its leases until they expire (`ttl` without a renewal); a member that
   cannot renew (cut off from the store) fences itself: `fence` seconds (half the TTL) after the
-  start of its last successful renewal it drops every lease from `owned()` and calls `on_release`,
-  which leaves the other half of the TTL for the drain before anyone else may take the lease.
+  start of its last successful renewal it drops every lease from `owned()` and calls `on_release`.
+- A release may not outlast the lease it stands on. Once the lease is lost, a release (one just begun
+  by the fence, or one already draining) is *cut*: cancelled `ttl - fence / 2` seconds after the start
+  of the last renewal (a quarter of the TTL before anyone else may take the lease, the margin for the
+  members' clock rates), or at once when the store shows another holder. A cancelled `on_release`
+  must stop working on the partition without finishing (the engine aborts the partition as a crash
+  would). A drain that outlived the lease overlapped the next owner: a loop stalled past the fence
+  fenced its member, whose drain then ran on after the lease had expired under it.
 - `on_acquire` and `on_release` of one partition never run at once on one member, and alternate:
   acquire, release, acquire, ... A callback that raises is logged and counts as done (an engine
   that failed to start a partition still holds it: it must retry or stop the process).
@@ -133,6 +139,10 @@ class LeasedOwnership(Ownership):
         self._owned: set[int] = set()  # held, acquired (on_acquire called) and not being released
         self._holders: dict[int, str] = {}  # others' live leases as of the last round (see `holder`)
         self._releasing: set[int] = set()
+        # Per partition whose release must end by a time (its lease lost): that time, on this member's clock;
+        # and the timeout of its running release, rescheduled when the lease is lost while it runs.
+        self._cut_at: dict[int, float] = {}
+        self._cuts: dict[int, asyncio.Timeout] = {}
         self._callbacks: dict[int, asyncio.Task[None]] = {}  # per partition: the last callback chain
         self._renewed_at: float | None = None  # clock at the start of the last round that renewed all
         self._watchers: list[asyncio.Queue[frozenset[int]]] = []
@@ -288,7 +298,7 @@ class LeasedOwnership(Ownership):
         for p in list(self._held):
             current = leases.get(p)
             if current is None or current.holder != self.identity:
-                self._lose(p)
+                self._lose(p, at=self._clock())  # another may be working on it already
         renewed = await self._renew_all()
         if renewed:
             self._renewed_at = started
@@ -306,6 +316,7 @@ class LeasedOwnership(Ownership):
             if lease is None:
                 continue  # someone else wrote first: look again next round
             self._held[p] = lease
+            self._cut_at.pop(p, None)
             self._owned.add(p)
             self._chain(p, self._on_acquire)
             self._notify()
@@ -320,7 +331,7 @@ class LeasedOwnership(Ownership):
                     continue
                 renewed = await self.store.write(p, self.identity, lease)
             if renewed is None:
-                self._lose(p)
+                self._lose(p, at=self._clock())  # someone else wrote it: taken
                 ok = False
             elif p in self._held:
                 self._held[p] = renewed
@@ -329,21 +340,45 @@ class LeasedOwnership(Ownership):
     def _fence_if_stale(self) -> None:
         if self._held and (self._renewed_at is None or self._clock() - self._renewed_at >= self.fence):
             log.warning("ownership leases not renewed in time: releasing all", extra={"member": self.identity})
+            # Nobody may take a lease before `ttl` after the renewal this member last saw succeed began;
+            # the release stops a quarter of a TTL before that.
+            end = self._clock() if self._renewed_at is None else self._renewed_at + self.ttl - self.fence / 2
             for p in list(self._held):
-                self._lose(p)
+                self._lose(p, at=end)
 
     # -- acquire and release --------------------------------------------------------------------
 
     def _chain(self, p: int, callback: PartitionCallback, then: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Run `callback(p)` after the partition's previous callback, then `then()`."""
+        """Run `callback(p)` after the partition's previous callback, then `then()`. A release
+        (`callback` is `on_release`) runs under a timeout that `_lose` sets (`_cut_at`, `_cuts`)."""
         previous = self._callbacks.get(p)
+        releasing = callback is self._on_release
 
         async def step() -> None:
             if previous is not None:
                 # Wait for it without taking on its outcome; a cancellation of this step still stops it.
                 await asyncio.wait([previous])
             try:
-                await callback(p)
+                if not releasing:
+                    await callback(p)
+                else:
+                    # Begun even when its deadline has passed while it waited: the callback's first steps
+                    # (the engine takes the partition out of its pipelines) run before it is cancelled.
+                    async with asyncio.timeout_at(self._loop_time(self._cut_at.get(p))) as cut:
+                        self._cuts[p] = cut
+                        try:
+                            await callback(p)
+                        finally:
+                            del self._cuts[p]
+                            self._cut_at.pop(p, None)
+            except TimeoutError as exc:
+                if not (releasing and cut.expired()):
+                    log.error("ownership callback failed", extra={"partition": p, "error": type(exc).__name__})
+                else:
+                    log.error(
+                        "ownership release cut short: its lease was lost before the partition drained",
+                        extra={"member": self.identity, "partition": p},
+                    )
             except Exception as exc:  # an engine's failure to start or drain must not stop the rounds
                 log.error("ownership callback failed", extra={"partition": p, "error": type(exc).__name__})
             if then is not None:
@@ -362,6 +397,7 @@ class LeasedOwnership(Ownership):
 
         async def free() -> None:
             self._releasing.discard(p)
+            self._cut_at.pop(p, None)  # lost after its release ended: nothing left to cut
             async with self._lock:
                 lease = self._held.pop(p, None)
                 if lease is None:
@@ -373,15 +409,30 @@ class LeasedOwnership(Ownership):
 
         self._chain(p, self._on_release, free)
 
-    def _lose(self, p: int) -> None:
-        """The lease is gone (taken or unrenewable): stop working on the partition, free nothing."""
+    def _lose(self, p: int, *, at: float) -> None:
+        """The lease is gone (taken or unrenewable): stop working on the partition, free nothing, and
+        be done by `at` (this member's clock): a release still running then is cut."""
         self._held.pop(p, None)
+        if p not in self._releasing and p not in self._owned:
+            return
+        self._cut_at[p] = min(at, self._cut_at.get(p, at))
         if p in self._releasing:
-            return  # on_release already under way
-        if p in self._owned:
-            self._owned.discard(p)
-            self._notify()
-            self._chain(p, self._on_release)
+            # on_release already under way (or queued), renewed no more: it must end before the lease does.
+            cut = self._cuts.get(p)
+            if cut is not None:
+                deadline = self._loop_time(self._cut_at[p])
+                if cut.when() is None or deadline < cut.when():
+                    cut.reschedule(deadline)
+            return
+        self._owned.discard(p)
+        self._notify()
+        self._chain(p, self._on_release)
+
+    def _loop_time(self, at: float | None) -> float | None:
+        """This member's clock time `at` as the event loop's (None stays None)."""
+        if at is None:
+            return None
+        return asyncio.get_running_loop().time() + max(0.0, at - self._clock())
 
     def _notify(self) -> None:
         owned = frozenset(self._owned)
