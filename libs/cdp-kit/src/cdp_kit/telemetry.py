@@ -28,6 +28,13 @@ histograms (the kit's engine times batches per service, and only its lag gauge i
 page carries no scope labels: each process has one meter, `cdp.<service>`. cdp-kit's `tests/test_metric_names.py` checks every instrument created in the
 repository's sources.
 
+An exception that leaves a span (`with tracer.start_as_current_span(...)`: the engine's apply span) is
+recorded by its type and its traceback with every exception's message withheld (`cdp_kit.logging`), and the
+span's status says the type alone: spans are exported like logs, and an exception's text quotes the values
+the code had in hand (`KeyError('email:ada@example.com')`). The OpenTelemetry SDK itself records `str(exc)`
+in an event and in the status, so `Telemetry.tracer` is the SDK's behind `WithheldExceptions`; a test
+checks no source takes a tracer from OpenTelemetry directly.
+
 OpenTelemetry keeps one global provider per process. The first service set up in a process installs its
 providers as the globals (a real deployment runs one service per process); later calls in the same
 process (in-process tests) reuse them, so instruments never end up on a provider nobody reads.
@@ -35,10 +42,11 @@ process (in-process tests) reuse them, so instruments never end up on a provider
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 from opentelemetry import metrics, propagate, trace
@@ -49,6 +57,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import Status, StatusCode
+
+from cdp_kit.logging import format_exception
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,74 @@ DEFAULT_TRACE_RATIO = 0.1
 
 # Histogram buckets in milliseconds: sub-millisecond to tens of seconds.
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+
+
+class WithheldExceptions(trace.Tracer):
+    """A tracer whose spans record an exception that leaves them by its type and where it was raised, never
+    its message (module docstring); everything else is the wrapped tracer's."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+        attributes=None,
+        links=None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        # What the SDK records from these two is done by `start_as_current_span` below; a span started here
+        # and made current by `trace.use_span` records nothing of an exception.
+        return self._tracer.start_span(
+            name, context, kind, attributes, links, start_time, record_exception=False, set_status_on_exception=False
+        )
+
+    @contextlib.contextmanager
+    def start_as_current_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+        attributes=None,
+        links=None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace.Span]:
+        with self._tracer.start_as_current_span(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception=False,
+            set_status_on_exception=False,
+            end_on_exit=end_on_exit,
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                if span.is_recording():
+                    kind_name = type(exc).__qualname__
+                    if record_exception:
+                        span.add_event(
+                            "exception",
+                            {
+                                "exception.type": kind_name,
+                                "exception.message": "withheld",
+                                "exception.stacktrace": format_exception(exc),
+                                "exception.escaped": "False",
+                            },
+                        )
+                    if set_status_on_exception:
+                        span.set_status(Status(StatusCode.ERROR, kind_name))
+                raise
 
 
 @dataclass
@@ -126,7 +205,7 @@ def setup_telemetry(
             metrics.set_meter_provider(meter_provider)
     return Telemetry(
         service_name=service_name,
-        tracer=tracer_provider.get_tracer(f"cdp.{service_name}"),
+        tracer=WithheldExceptions(tracer_provider.get_tracer(f"cdp.{service_name}")),
         meter=meter_provider.get_meter(f"cdp.{service_name}"),
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
