@@ -4,6 +4,7 @@ not once per rewrite, so a reconnect that did not happen is asked for again."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from cdp_kit.natsauth import CredentialsFile, write_credentials
@@ -51,3 +52,27 @@ def test_a_broken_file_after_a_rotation_keeps_asking_for_the_last_good_new_crede
     # The reconnect sends the new credentials it read before the file broke, not the old ones.
     assert (credentials.user(), credentials.password()) == ("scoring.2", "new")
     assert not credentials.changed()
+
+
+def test_the_password_is_never_on_disk_readable_by_others(tmp_path, monkeypatch):
+    """Before: the staging file was written under the umask (0644) and restricted after; a process that died
+    between the two (here: the permission change never comes) left the password readable to every user of
+    the machine in `<file>.new`, and a staging file so left stayed that way when written again."""
+    path = tmp_path / "profile.json"
+    previous = os.umask(0o022)
+    try:
+
+        def dies(*_args, **_kwargs):
+            raise SystemExit("killed before the permissions changed")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "chmod", dies)
+            patched.setattr(os, "fchmod", dies)
+            with contextlib.suppress(SystemExit):
+                write_credentials(path, "profile", "secret-password")
+        holding = [p for p in tmp_path.iterdir() if "secret-password" in p.read_text()]
+        assert all(p.stat().st_mode & 0o077 == 0 for p in holding), [oct(p.stat().st_mode) for p in holding]
+        write_credentials(path, "profile", "secret-password")  # again, over whatever was left
+        assert [oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()] == ["0o600"]
+    finally:
+        os.umask(previous)

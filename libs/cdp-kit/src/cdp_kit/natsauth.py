@@ -221,11 +221,18 @@ def new_password() -> str:
 
 
 def write_credentials(path: Path, user: str, password: str) -> None:
-    """Write a service's credentials file, readable by its owner only (replaced in one rename)."""
+    """Write a service's credentials file, readable by its owner only from the moment it holds the password
+    (replaced in one rename). The staging file is made 0600 before anything is written to it: written first
+    and restricted after, it held the password under the process's umask (0644 by default) until the chmod,
+    and for good when the process died in between."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".new")
-    staging.write_text(json.dumps({"user": user, "password": password}) + "\n")
-    staging.chmod(0o600)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a staging file an earlier crash left may have been made looser
+        os.write(fd, (json.dumps({"user": user, "password": password}) + "\n").encode())
+    finally:
+        os.close(fd)
     staging.replace(path)
 
 
