@@ -33,7 +33,21 @@ carries the next ``@odata.deltaLink``, taken when the delta was read (a change m
 the next delta, never lost). A delta token is ``<version>!<issue>``; `expire_change_tracking` makes every
 token issued so far expired, as when the organisation's ExpireChangeTrackingInDays passed: following one
 answers 400 with ExpiredVersionStamp (0x80044352), and a new change-tracking read gives a fresh link.
-`user_update` / `user_create` / `user_delete` act as a Dynamics user. ``GET WhoAmI`` answers the calling
+`user_update` / `user_create` / `user_delete` act as a Dynamics user. With `commit_after` seconds a user's
+write belongs to a transaction that commits that much later (a plug-in's or a bulk job's): its
+``versionnumber`` and ``modifiedon`` are stamped when it is made - ``versionnumber`` is SQL Server's
+rowversion, a database-wide counter taken at each write, not at commit - but until the commit deltas and
+queries read the row as it was (a new row: not at all). A delta link is the highest ``versionnumber``
+stamped when it is issued, so one issued meanwhile has passed the late write: the next delta from it never
+lists that row (unless it changes again); a ``modifiedon`` query after the commit finds it.
+
+Merge: the unbound action ``POST Merge`` (``Target`` and ``Subordinate`` as entity references with their
+``@odata.type``, ``UpdateContent``, ``PerformParentingChecks``) merges two contacts, accounts or incidents as
+Dataverse does: the target is updated with ``UpdateContent``, the lookups naming the subordinate in other
+rows are moved to the target, and the subordinate is deactivated (``statecode`` 1, ``statuscode`` 2), its
+``merged`` set and its ``masterid`` lookup (``_masterid_value``) naming the target - it is not deleted: a read
+by its id or alternate key still finds it, and a delta lists it as changed. `user_merge` is the same merge
+made by a user in the UI. ``GET WhoAmI`` answers the calling
 user's ``UserId``, ``BusinessUnitId`` and ``OrganizationId`` (a cheap authenticated read: the connector's
 probe of a held connection).
 """
@@ -65,6 +79,8 @@ from cdp_crm_emulators.dynamics.odata import (
     split_key,
 )
 
+# Tables the Merge action takes (Dataverse's: account, contact, lead, incident; no leads here).
+MERGEABLE = ("accounts", "contacts", "incidents")
 API = "/api/data/v9.2"
 BATCH_LIMIT = 1000
 
@@ -100,6 +116,9 @@ class DynamicsEmulator(Emulator):
         self._delta_pages: dict[str, dict[str, Any]] = {}
         self._issued = itertools.count(1)  # delta tokens issued: each names its issue
         self._expired_through = 0  # tokens issued up to this one are expired
+        # A write whose transaction commits later (`commit_after`): (set, id) -> (commit time, the row as
+        # others read it until then, None for a row not there before).
+        self._in_flight: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         r = self.app.router
         r.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
         r.add_post("/{tenant}/oauth2/v2.0/token", self._token)
@@ -142,17 +161,91 @@ class DynamicsEmulator(Emulator):
 
     # --- the CRM user's side (inbound) -----------------------------------------------------------
 
-    def user_create(self, entity_set: str, values: dict[str, Any]) -> dict[str, Any]:
+    def user_create(self, entity_set: str, values: dict[str, Any], *, commit_after: float = 0.0) -> dict[str, Any]:
         record_id = self._write(entity_set, None, values)
+        if commit_after > 0:
+            self._in_flight[(entity_set, record_id)] = (self.clock() + commit_after, None)
         return dict(self.store.objects[entity_set][record_id])
 
-    def user_update(self, entity_set: str, record_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    def user_update(
+        self, entity_set: str, record_id: str, values: dict[str, Any], *, commit_after: float = 0.0
+    ) -> dict[str, Any]:
+        before = dict(self.store.objects[entity_set][record_id])
         self._write(entity_set, record_id, values)
+        if commit_after > 0:
+            held = self._in_flight.get((entity_set, record_id))
+            self._in_flight[(entity_set, record_id)] = (self.clock() + commit_after, held[1] if held else before)
         return dict(self.store.objects[entity_set][record_id])
+
+    def _pending(self, entity_set: str, record_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """Whether the row's last write has not committed yet (`commit_after`), and the row as others read it
+        until then (None: a row not there before)."""
+        flight = self._in_flight.get((entity_set, record_id))
+        if flight is None:
+            return False, None
+        if self.clock() < flight[0]:
+            return True, flight[1]
+        del self._in_flight[(entity_set, record_id)]
+        return False, None
+
+    def _visible(self, entity_set: str) -> list[dict[str, Any]]:
+        """The table's rows as a query reads them now: a row whose write has not committed shows as it was."""
+        rows = []
+        for record_id, record in self.store.objects.get(entity_set, {}).items():
+            pending, before = self._pending(entity_set, record_id)
+            if not pending:
+                rows.append(record)
+            elif before is not None:
+                rows.append(before)
+        return rows
 
     def user_delete(self, entity_set: str, record_id: str) -> None:
         if self.store.delete(entity_set, record_id) is not None:
             self.changes.append((next(self._versions), entity_set, record_id, True))
+
+    def user_merge(
+        self, entity_set: str, target: str, subordinate: str, update: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A user merges `subordinate` into `target` (the Merge action); the target as it is after."""
+        self._merge(entity_set, target, subordinate, dict(update or {}))
+        return dict(self.store.objects[entity_set][target])
+
+    def _merge(self, entity_set: str, target: str, subordinate: str, update: dict[str, Any]) -> None:
+        entity = self.sets[entity_set]
+        for record_id in (target, subordinate):
+            if self.store.get(entity_set, record_id) is None:
+                raise DataverseError(404, "0x80040217", f"{entity.logical} With Ids = {record_id} Does Not Exist")
+        if target == subordinate or self.store.objects[entity_set][subordinate].get("merged"):
+            raise DataverseError(
+                400, "0x8004022b", "The subordinate record cannot be merged: it is the target or merged already."
+            )
+        now = iso_z(self.clock())
+        # The subordinate's related rows are parented to the target (each a change of its own).
+        for other, table in self.store.objects.items():
+            for record_id, record in list(table.items()):
+                moved = {k: target for k, v in record.items() if k.endswith("_value") and v == subordinate}
+                if moved and not (other == entity_set and record_id == subordinate):
+                    version = next(self._versions)
+                    self.store.put(other, record_id, {**record, **moved, "modifiedon": now, "versionnumber": version})
+                    self.changes.append((version, other, record_id, False))
+        version = next(self._versions)
+        gone = {**self.store.objects[entity_set][subordinate], "statecode": 1, "statuscode": 2, "merged": True,
+                "_masterid_value": target, "modifiedon": now, "versionnumber": version}  # fmt: skip
+        self.store.put(entity_set, subordinate, gone)
+        self.changes.append((version, entity_set, subordinate, False))
+        self._write(entity_set, target, update)
+
+    def _merge_action(self, payload: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+        target, subordinate = payload.get("Target") or {}, payload.get("Subordinate") or {}
+        logical = str(target.get("@odata.type", "")).removeprefix("#").removeprefix(f"{NAMESPACE}.")
+        entity = next((e for e in self.sets.values() if e.logical == logical and e.name in MERGEABLE), None)
+        if entity is None or str(subordinate.get("@odata.type", "")).removeprefix("#") != f"{NAMESPACE}.{logical}":
+            raise DataverseError(
+                400, "0x80040203", "Merge takes a Target and Subordinate of one table: account, contact or incident."
+            )
+        update = {k: v for k, v in (payload.get("UpdateContent") or {}).items() if not k.startswith("@odata")}
+        self._merge(entity.name, str(target.get(entity.primary)), str(subordinate.get(entity.primary)), update)
+        return 204, {}, None
 
     # --- token -----------------------------------------------------------------------------------
 
@@ -284,6 +377,10 @@ class DynamicsEmulator(Emulator):
             if method != "GET":
                 raise DataverseError(405, "0x80060888", f"The HTTP method '{method}' is not allowed.")
             return 200, {}, self._who_am_i()
+        if path.strip("/") == "Merge":
+            if method != "POST":
+                raise DataverseError(405, "0x80060888", f"The HTTP method '{method}' is not allowed.")
+            return self._merge_action(orjson.loads(body) if body.strip() else {})
         if path.strip("/").startswith("EntityDefinitions"):
             return metadata.handle(self.sets, f"{self.base_url}{API}/$metadata", method, path, query)
         if (listed := re.fullmatch(r"lists\(([^)/]+)\)/(.+)", path.strip("/"))) is not None:
@@ -404,7 +501,9 @@ class DynamicsEmulator(Emulator):
                     # $filter reads it (`_customerid_value eq <id>`); the navigation's name is kept beside it.
                     values[f"_{column}_value"] = values[f"_{nav}_value"]
                 continue
-            if name not in entity.attributes or name in (entity.primary, "createdon", "modifiedon", "versionnumber"):
+            if name not in entity.attributes or name in (
+                entity.primary, "createdon", "modifiedon", "versionnumber", "merged",
+            ):  # fmt: skip
                 raise DataverseError(
                     400,
                     "0x80060888",
@@ -429,6 +528,8 @@ class DynamicsEmulator(Emulator):
             record: dict[str, Any] = {entity.primary: record_id, "createdon": now, "statecode": 0, "statuscode": 1}
             if entity_set == "incidents":
                 record["ticketnumber"] = f"CAS-{next(self._tickets):05d}-LOCAL"
+            if entity_set in MERGEABLE:
+                record["merged"] = False
         else:
             record = dict(self.store.objects[entity_set][record_id])
         record.update(values)
@@ -488,13 +589,14 @@ class DynamicsEmulator(Emulator):
             _, select, rows = self._pages.pop(token)
         else:
             predicate = parse_filter(query.get("$filter", [""])[0], entity)
-            rows = [r for r in self.store.objects.get(entity.name, {}).values() if predicate(r)]
-            if "$orderby" in query:
-                column, _, direction = query["$orderby"][0].partition(" ")
-                rows.sort(
-                    key=lambda r: (r.get(column) is None, r.get(column) or ""),
-                    reverse=direction.strip().lower() == "desc",
-                )
+            rows = [r for r in self._visible(entity.name) if predicate(r)]
+            if "$orderby" in query:  # `a asc,b desc`: sorted by the last column first, each stable
+                for order in reversed(query["$orderby"][0].split(",")):
+                    column, _, direction = order.strip().partition(" ")
+                    rows.sort(
+                        key=lambda r, c=column: (r.get(c) is None, r.get(c) or ""),
+                        reverse=direction.strip().lower() == "desc",
+                    )
             if "$top" in query:
                 rows = rows[: int(query["$top"][0])]
         applied = {"Preference-Applied": prefer} if prefer else {}
@@ -523,7 +625,7 @@ class DynamicsEmulator(Emulator):
     def _delta(self, entity: EntitySet, since: int, select: list[str] | None, context: str) -> dict[str, Any]:
         latest: dict[str, tuple[int, bool]] = {}
         for version, entity_set, record_id, deleted in self.changes:
-            if entity_set == entity.name and version > since:
+            if entity_set == entity.name and version > since and not self._pending(entity_set, record_id)[0]:
                 latest[record_id] = (version, deleted)
         value = []
         for record_id, (_, deleted) in sorted(latest.items(), key=lambda item: item[1][0]):

@@ -64,6 +64,8 @@ class EntitySet:
     ):
         self.name, self.logical, self.primary = name, logical, primary
         self.attributes = attributes | {primary, *SYSTEM_COLUMNS, "statecode", "statuscode"}
+        if name in ("accounts", "contacts", "incidents"):  # the Merge action's tables: `merged`, read only
+            self.attributes |= {"merged"}
         self.keys, self.lookups, self.required = keys, lookups, required
         self.primary_name = primary_name or (required[0] if required else primary)
         self.application_required = application_required

@@ -21,6 +21,16 @@ Inbound: `user_update` / `user_create` write as a Salesforce user would; every w
 data load): its ``SystemModstamp`` is when it was made, but until the commit SOQL finds the record as it was
 before (a new one: not at all) - records written and committed meanwhile are found first, with later stamps,
 and a poller whose high-water mark passed them never sees this one unless it reads back.
+
+Merges: `user_merge(object, master, losers)` is a user's merge of up to three Leads, Contacts or Accounts (the
+UI's, or the SOAP API's merge() - the REST API has none): the master keeps its Id and its values, takes the
+values named in `take` (the fields the user picked from a losing record), its related records' lookups
+are moved to it (Cases, Tasks, Opportunities, CampaignMembers naming a loser) and its ``SystemModstamp``
+moves; each loser is deleted with ``MasterRecordId`` set to the master's Id. A deleted loser stays in the
+recycle bin: ``/queryAll`` finds it (``IsDeleted`` true, ``MasterRecordId``, its ``SystemModstamp`` the
+deletion), ``/query`` and upserts by external id do not (a write by its external id value creates a new
+record), and a read or update by its Id answers 404 ``ENTITY_IS_DELETED`` (Salesforce's "entity is deleted").
+Other deletions here are permanent (not in the recycle bin).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from cdp_crm_emulators._server import Emulator, json_response, new_id
 from cdp_crm_emulators.salesforce import bulk, soql
 from cdp_crm_emulators.salesforce.auth import JWT_BEARER, GrantError, load_public_key, verify_assertion
 from cdp_crm_emulators.salesforce.org import API_VERSION, Org, sf_datetime
-from cdp_crm_emulators.salesforce.schema import DEFAULT_OWNER, SObject, default_objects, error
+from cdp_crm_emulators.salesforce.schema import DEFAULT_OWNER, MERGEABLE, SObject, default_objects, error
 
 COLLECTION_LIMIT = 200
 COMPOSITE_LIMIT = 25
@@ -105,12 +115,14 @@ class SalesforceEmulator(Emulator):
     def state(self) -> dict[str, Any]:
         return {
             "objects": self.org.store.objects,
+            "recycled": self.org.recycled,
             "counter": next(self.org.counter),
             "case_number": next(self.org.case_numbers),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.org.store.restore(state.get("objects", {}))
+        self.org.recycled = state.get("recycled", {})
         self.org.counter = itertools.count(state.get("counter", 1))
         self.org.case_numbers = itertools.count(state.get("case_number", 1001))
 
@@ -140,7 +152,35 @@ class SalesforceEmulator(Emulator):
             self._in_flight[(obj, record_id)] = (self.clock() + commit_after, held[1] if held else before)
         return dict(self.org.store.objects[obj][record_id])
 
-    def _committed(self, obj: str) -> list[dict[str, Any]]:
+    def user_merge(
+        self, obj: str, master: str, losers: str | list[str], take: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A user merges `losers` (one or two) into `master` (module docstring); the master as it is after."""
+        losers = [losers] if isinstance(losers, str) else list(losers)
+        if obj not in MERGEABLE or not 1 <= len(losers) <= 2 or master in losers:
+            raise ValueError("merge takes a Lead, Contact or Account and one or two other records of it")
+        table = self.org.store.objects.get(obj, {})
+        if master not in table or any(loser not in table for loser in losers):
+            raise ValueError("ENTITY_IS_DELETED: a record to merge is not there")
+        now = sf_datetime(self.clock())
+        gone = [self.org.store.delete(obj, loser) for loser in losers]
+        for loser, record in zip(losers, gone, strict=True):
+            assert record is not None
+            self.org.recycled.setdefault(obj, {})[loser] = {
+                **record, "IsDeleted": True, "MasterRecordId": master, "LastModifiedDate": now, "SystemModstamp": now,
+            }  # fmt: skip
+        for child, sobject in self.org.objects.items():  # related records follow the master
+            links = [name for name, target in sobject.references.items() if target == obj or name == "WhoId"]
+            for record in self.org.store.objects.get(child, {}).values():
+                for name in links:
+                    if record.get(name) in losers:
+                        record[name] = master
+        written, outcome = self.org.write(obj, master, dict(take or {}))
+        if written is None:
+            raise ValueError(outcome)
+        return dict(self.org.store.objects[obj][master])
+
+    def _committed(self, obj: str, *, deleted: bool = False) -> list[dict[str, Any]]:
         """The object's records as a query sees them now: a write whose transaction has not committed yet
         (`commit_after`) shows the record as it was before it (a new record: not at all)."""
         now = self.clock()
@@ -154,6 +194,8 @@ class SalesforceEmulator(Emulator):
                     continue
                 del self._in_flight[(obj, record_id)]
             seen.append(record)
+        if deleted:  # queryAll: the recycle bin too
+            seen.extend(self.org.recycled.get(obj, {}).values())
         return seen
 
     # --- auth and limits -------------------------------------------------------------------------
@@ -281,7 +323,7 @@ class SalesforceEmulator(Emulator):
         if head == "sobjects":
             return self._sobjects(method, parts[1:], payload)
         if head in ("query", "queryAll") and method == "GET":
-            return self._query(parts[1:], query, headers, version)
+            return self._query(parts[1:], query, headers, version, deleted=head == "queryAll")
         if head == "composite" and len(parts) == 1 and method == "POST":
             return await self._composite(payload or {}, version)
         if head == "composite" and parts[1:] == ["sobjects"] and method == "DELETE":
@@ -327,6 +369,8 @@ class SalesforceEmulator(Emulator):
             return 200, sobject.describe(), {}
         if len(parts) == 2:
             record_id = parts[1]
+            if record_id in self.org.recycled.get(obj, {}):
+                return 404, _error_list("ENTITY_IS_DELETED", "entity is deleted"), {}
             if self.org.store.get(obj, record_id) is None:
                 return 404, _error_list("NOT_FOUND", "The requested resource does not exist"), {}
             if method == "GET":
@@ -550,7 +594,7 @@ class SalesforceEmulator(Emulator):
     # --- SOQL ------------------------------------------------------------------------------------
 
     def _query(
-        self, parts: list[str], query: dict[str, str], headers: Any, version: str
+        self, parts: list[str], query: dict[str, str], headers: Any, version: str, *, deleted: bool = False
     ) -> tuple[int, Any, dict[str, str]]:
         if parts:
             locator = parts[0]
@@ -566,7 +610,7 @@ class SalesforceEmulator(Emulator):
                 parsed = soql.parse(text, types)
             except soql.QueryError as exc:
                 return 400, _error_list(exc.code, str(exc)), {}
-            matched = [r for r in self._committed(parsed.obj) if parsed.where(r)]
+            matched = [r for r in self._committed(parsed.obj, deleted=deleted) if parsed.where(r)]
             for column, descending in reversed(parsed.order_by):
                 kind = types[parsed.obj][column]
                 matched.sort(key=lambda r, c=column, k=kind: soql.sort_key(r.get(c), k), reverse=descending)

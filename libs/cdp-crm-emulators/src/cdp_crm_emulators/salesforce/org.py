@@ -30,6 +30,9 @@ class Org:
         self.store = Records({name: s.external_ids for name, s in objects.items()})
         self.counter = itertools.count(1)
         self.case_numbers = itertools.count(1001)
+        # The recycle bin: records a merge deleted (object -> id -> record, IsDeleted and MasterRecordId set),
+        # found by queryAll only.
+        self.recycled: dict[str, dict[str, dict[str, Any]]] = {}
 
     def upsert(self, obj: str, ext_field: str, value: Any, values: dict[str, Any]) -> tuple[str | None, Any]:
         """(id, created) or (None, error)."""

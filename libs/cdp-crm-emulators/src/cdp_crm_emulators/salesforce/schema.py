@@ -21,6 +21,7 @@ SYSTEM_FIELDS = {
     "SystemModstamp": "datetime",
     "IsDeleted": "boolean",
 }
+READ_ONLY = {*SYSTEM_FIELDS, "MasterRecordId"}  # no API write sets these
 KEY_PREFIXES = {
     "Account": "001",
     "Contact": "003",
@@ -33,6 +34,9 @@ KEY_PREFIXES = {
     "User": "005",
 }
 DEFAULT_OWNER = "005Dp0000000001AAA"
+# Objects a user can merge (the UI's and the SOAP API's merge(): Lead, Contact, Account): each has the read-only
+# MasterRecordId, the winning record's Id, set on a losing record as the merge deletes it.
+MERGEABLE = ("Account", "Contact", "Lead")
 # The values of a new org's standard picklists (Setup > Object Manager): object -> field -> values.
 PICKLISTS: dict[str, dict[str, tuple[str, ...]]] = {
     "Account": {
@@ -99,12 +103,13 @@ class SObject:
             self.picklists = {n: declared[n] for n, kind in self.fields.items() if kind == "picklist" and n in declared}
 
     def all_fields(self) -> dict[str, str]:
-        return {**SYSTEM_FIELDS, "OwnerId": "reference", **self.fields}
+        merged = {"MasterRecordId": "reference"} if self.name in MERGEABLE else {}
+        return {**SYSTEM_FIELDS, **merged, "OwnerId": "reference", **self.fields}
 
     def describe(self) -> dict[str, Any]:
         fields = []
         for name, kind in self.all_fields().items():
-            system = name in SYSTEM_FIELDS
+            system = name in READ_ONLY
             fields.append(
                 {
                     "name": name,
@@ -298,7 +303,7 @@ def validate(sobject: SObject, values: dict[str, Any], *, creating: bool) -> dic
     for name in values:
         if name not in known:
             return error("INVALID_FIELD", f"No such column '{name}' on sobject of type {sobject.name}", [name])
-    system = [name for name in values if name in SYSTEM_FIELDS and name != "Id"]
+    system = [name for name in values if name in READ_ONLY and name != "Id"]
     if system:
         return error("INVALID_FIELD_FOR_INSERT_UPDATE", f"Unable to create/update fields: {', '.join(system)}.", system)
     if creating:

@@ -29,6 +29,15 @@ write committed late, behind records a poller's cursor passed.
 Also: Update Records (``PUT /crm/v8/<Module>``: by id, never creating one; an unknown id answers
 ``INVALID_DATA``), and the Query API (``POST /crm/v8/coql``: ``select ... from ... where`` with ``=``,
 ``in``, ``is [not] null``, ``limit`` / ``offset``; see `coql`).
+
+Merge Records (``POST /crm/v8/<Module>/<master id>/actions/merge``, body ``{"merge": [{"data": [{"id":
+<child>, "_fields": [{"api_name": ...}]}]}]}``: Leads, Contacts, Accounts, Deals): up to two child records are
+merged into the master - it keeps its id and values, takes each child's fields named in ``_fields``, and its
+``Modified_Time`` moves; the lookups naming a child (a Case's ``Related_To``, a Deal's ``Contact_Name``, a
+Task's ``Who_Id``) are moved to the master; each child is deleted: to the recycle bin, listed by ``GET
+/crm/v8/<Module>/deleted`` (``type`` all or recycle, ``If-Modified-Since``: ``id``, ``display_name``,
+``type``, ``deleted_by``, ``deleted_time`` - nothing naming the master it was merged into), and a read by its
+id answers 204 as for any record no longer there. `user_merge` is the same merge made in the UI.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from cdp_crm_emulators.zoho.criteria import parse_time, search_predicate
 from cdp_crm_emulators.zoho.modules import SYSTEM, Module, default_modules
 
 UPSERT_LIMIT = 100
+MERGEABLE = ("Leads", "Contacts", "Accounts", "Deals")  # the modules Merge Records takes (and custom ones)
 PAGE_LIMIT = 200
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _USER = {"name": "Local Admin", "id": "5725767000000411001", "email": "admin@example.com"}
@@ -83,6 +93,8 @@ class ZohoEmulator(Emulator):
         # A write committed late (`commit_after`): (module, id) -> (commit time, the record as listings see it
         # until then, None for a record not there before).
         self._in_flight: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+        # The recycle bin: module -> id -> what the deleted records listing shows of it.
+        self.recycled: dict[str, dict[str, dict[str, Any]]] = {}
         r = self.app.router
         r.add_post("/oauth/v2/token", self._token)
         r.add_get("/crm/v8/users", self._users)
@@ -94,6 +106,8 @@ class ZohoEmulator(Emulator):
         r.add_put("/crm/v8/{module}", self._update)
         r.add_delete("/crm/v8/{module}", self._delete)
         r.add_get("/crm/v8/{module}/search", self._search)
+        r.add_get("/crm/v8/{module}/deleted", self._deleted)
+        r.add_post("/crm/v8/{module}/{id}/actions/merge", self._merge)
         r.add_get("/crm/v8/{module}", self._list)
         r.add_get("/crm/v8/{module}/{id}", self._get)
         r.add_put("/crm/v8/{module}/{id}/{related}", self._relate)
@@ -114,10 +128,11 @@ class ZohoEmulator(Emulator):
         return {"daily_credits": self.daily_credits, "credits_used": self._used, "refused": self._refused}
 
     def state(self) -> dict[str, Any]:
-        return {"objects": self.store.objects, "next_id": next(self._ids)}
+        return {"objects": self.store.objects, "recycled": self.recycled, "next_id": next(self._ids)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.store.restore(state.get("objects", {}))
+        self.recycled = state.get("recycled", {})
         self._ids = itertools.count(state.get("next_id", 5725767000000500001))
 
     # --- the CRM user's side (inbound) -----------------------------------------------------------
@@ -156,7 +171,55 @@ class ZohoEmulator(Emulator):
         return seen
 
     def user_delete(self, module: str, record_id: str) -> None:
-        self.store.delete(module, record_id)
+        self._recycle(module, record_id)
+
+    def user_merge(
+        self, module: str, master: str, children: str | list[str], take: dict[str, list[str]] | None = None
+    ) -> dict[str, Any]:
+        """A user merges `children` (one or two) into `master` (module docstring), taking the fields `take`
+        names per child from that child; the master as it is after."""
+        children = [children] if isinstance(children, str) else list(children)
+        problem = self._merge_records(module, master, children, take or {})
+        if problem is not None:
+            raise ValueError(problem["message"])
+        return dict(self.store.objects[module][master])
+
+    def _merge_records(
+        self, module: str, master: str, children: list[str], take: dict[str, list[str]]
+    ) -> dict[str, Any] | None:
+        """The merge, or the error it meets (nothing changed then)."""
+        table = self.store.objects.get(module, {})
+        if module not in MERGEABLE:
+            return _record_error("INVALID_MODULE", "the module name given seems to be invalid", {})
+        if master not in table:
+            return _record_error("INVALID_DATA", "Specified master record ID is invalid", {"id": master})
+        if not 1 <= len(children) <= 2 or master in children or any(c not in table for c in children):
+            return _record_error("INVALID_DATA", "the child record ids given are invalid", {"api_name": "id"})
+        values: dict[str, Any] = {}
+        for child in children:
+            values.update({name: table[child].get(name) for name in take.get(child, [])})
+        for other, rows in self.store.objects.items():  # the children's related records follow the master
+            for record_id, record in list(rows.items()):
+                moved = {
+                    k: {**v, "id": master} for k, v in record.items() if isinstance(v, dict) and v.get("id") in children
+                }
+                if moved:
+                    self.store.put(other, record_id, {**record, **moved})
+        for child in children:
+            self._recycle(module, child)
+        self._write(module, master, values)
+        return None
+
+    def _recycle(self, module: str, record_id: str) -> None:
+        record = self.store.delete(module, record_id)
+        if record is not None:
+            when = dt.datetime.fromtimestamp(self.clock(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+            name = (
+                record.get("Full_Name") or record.get("Last_Name") or record.get("Deal_Name") or record.get("Subject")
+            )
+            self.recycled.setdefault(module, {})[record_id] = {
+                "id": record_id, "display_name": name, "type": "recycle", "deleted_by": _USER, "deleted_time": when,
+            }  # fmt: skip
 
     # --- auth and credits ------------------------------------------------------------------------
 
@@ -603,6 +666,32 @@ class ZohoEmulator(Emulator):
         rows = [self.store.get(related_module, i) for i in related.members(self.store, campaign_id, related_module)]
         return _page([dict(r) for r in rows if r is not None], request.query)
 
+    async def _merge(self, request: web.Request) -> web.Response:
+        module = self._module(request)
+        try:
+            body = orjson.loads(await request.read())
+            (merge,) = body["merge"]
+            data = list(merge["data"])
+            children = [str(d["id"]) for d in data]
+            take = {str(d["id"]): [f["api_name"] for f in d.get("_fields", [])] for d in data}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return _error(400, "INVALID_DATA", "invalid data", {"api_name": "merge"})
+        master = request.match_info["id"]
+        problem = self._merge_records(module.name, master, children, take)
+        if problem is not None:
+            return json_response(problem, status=400)
+        done = {"code": "SUCCESS", "details": {"id": master}, "message": "records merged", "status": "success"}
+        return json_response({"merge": [done]})
+
+    async def _deleted(self, request: web.Request) -> web.Response:
+        module = self._module(request)
+        kind = request.query.get("type", "all")
+        rows = [r for r in self.recycled.get(module.name, {}).values() if kind in ("all", r["type"])]
+        since = request.headers.get("If-Modified-Since")
+        if since:
+            rows = [r for r in rows if parse_time(r["deleted_time"]) > parse_time(since)]
+        return _page(rows, request.query)
+
     async def _get(self, request: web.Request) -> web.Response:
         module = self._module(request)
         record = self.store.get(module.name, request.match_info["id"])
@@ -621,11 +710,12 @@ class ZohoEmulator(Emulator):
             return _error(400, "LIMIT_EXCEEDED", "the ids exceed the limit", {"limit": UPSERT_LIMIT})
         data = []
         for record_id in ids:
-            if self.store.delete(module.name, record_id) is None:
+            if record_id not in self.store.objects.get(module.name, {}):
                 data.append(
                     _record_error("INVALID_DATA", "the related id given seems to be invalid", {"id": record_id})
                 )
             else:
+                self._recycle(module.name, record_id)
                 data.append(
                     {"code": "SUCCESS", "details": {"id": record_id}, "message": "record deleted", "status": "success"}
                 )
