@@ -53,7 +53,7 @@ from cdp_crm.domain.mapping import PERSON_ID, Connection
 from cdp_crm.inbound.news import News, _before, backwards, instant, placeholders
 from cdp_crm.inbound.refused import keep_refused
 from cdp_crm.state import CURSORS, RUNS
-from cdp_kit.storage import Put, Store
+from cdp_kit.storage import Put, Store, VersionConflict
 
 log = logging.getLogger("cdp.crm.inbound")
 
@@ -69,12 +69,16 @@ LOOKUPS_AT_ONCE = 100  # a page's store lookups of what the connector wrote, sid
 # searches from its few a second, so a few minutes; Salesforce's SystemModstamp is set when the write is
 # made and seen only once its transaction commits, which may take up to ten minutes (its transaction time
 # limit); Zoho's listing by Modified_Time likewise sees a write only once it is committed (a workflow's or
-# a blueprint's field update), so two minutes. The overlap costs no more requests however long it is (each
-# record is read back once, one search or listing page a window at least): only how late a late change
-# arrives. Dataverse reads by delta links (the CRM's own change tracking): none.
-INBOUND_OVERLAP = {"hubspot": 180.0, "salesforce": 600.0, "zoho": 120.0}
+# a blueprint's field update), so two minutes; a Dataverse delta link starts after the highest rowversion
+# stamped when it was issued, which a write committed later may lie below (dynamics.py), and Dataverse ends
+# a request (a plug-in's transaction with it) after two minutes, so three. The overlap costs no more
+# requests however long it is (each record is read back once, one search or listing page a window at
+# least): only how late a late change arrives.
+INBOUND_OVERLAP = {"hubspot": 180.0, "salesforce": 600.0, "zoho": 120.0, "dynamics": 180.0}
 # Pages a read-back reads a polling turn, per object (the rest of its window at the next turns).
 READ_BACK_PAGES = 5
+# Tries of a page's relink writes (`Poller._relinked`) that meet another write before the turn gives up.
+RELINK_ATTEMPTS = 5
 # Seconds a read of an object that reached its end spares `read_first` another (see there).
 READ_FIRST_FRESH = 5.0
 # Where signed webhooks announced every object the poller reads (`Poller.notified`), each polling turn that
@@ -588,6 +592,7 @@ class Poller(News):
             chunk = changes[start : start + LOOKUPS_AT_ONCE]
             looked_up += await asyncio.gather(*(self._written(change, tombstoned) for change in chunk))
         relinked: list[Put] = []
+        merges: list[Change] = []
         for change, (written, erased) in zip(changes, looked_up, strict=True):
             memo_record = stored.get(self._key(obj, change.record_id))
             before = _before(memo_record.doc if memo_record is not None else None, change.stamp)
@@ -599,15 +604,39 @@ class Poller(News):
                     claims, puts = await self._relink(change, self.clock())
                     made = [*made, *claims]
                     relinked.extend(puts)
+                    merges.append(change)
                 sent.update((e["messageId"], change.record_id) for e in made)
                 events.extend(made)
         for batch in _batches(events):
             rejected = await self.collector.post(batch)
             if rejected:
                 await keep_refused(self.store, self.connection.id, obj, rejected, sent, self.clock())
-        # The records relinked are written with the memos: a page read again finds them relinked already.
+        # The records relinked are written once the claims were posted, before the memos: a page read again
+        # finds them relinked already (and its claims posted, under the same ids).
+        if relinked:
+            await self._relinked(merges, relinked)
         memo_writes = [Put(CURSORS, self._key(obj, record_id), memo) for record_id, memo in memos.items()]
-        return len(events), [*relinked, *memo_writes]
+        return len(events), memo_writes
+
+    async def _relinked(self, merges: list[Change], puts: list[Put]) -> None:
+        """Write a page's relinks (news.py `_relink`), each a compare-and-set on the version read: when
+        another write came first - another replica following the same merge, the engine writing the
+        person's record (a change, an erasure) - the documents are read again and relinked from what they
+        hold now, up to RELINK_ATTEMPTS times; then the turn fails (`CrmReadFailed`) and the page, its
+        cursor unmoved, is read again at the next turn."""
+        for _attempt in range(RELINK_ATTEMPTS):
+            try:
+                await self.store.bulk_write(puts)
+                return
+            except VersionConflict:
+                log.info(
+                    "crm relink met another write; read again",
+                    extra={"connection": self.connection.id, "object": merges[0].obj},
+                )
+            puts = [put for change in merges for put in (await self._relink(change, self.clock()))[1]]
+            if not puts:
+                return  # relinked already (another replica), or no longer to be (erased meanwhile)
+        raise CrmReadFailed(f"{self.connection.kind} relink of a merge kept meeting other writes")
 
 
 def _posted_already(memo: Any, stamp: str) -> bool:

@@ -23,22 +23,52 @@ read, and of its records those modified since the last delta was read (`read_at`
 posted - a change posted before has the same event id, so the collector keeps it once. The same filter
 serves `inbound.start: now` (the cursor's `after`): a new connection's first read only takes the delta link.
 
+Changes committed late: a row's ``versionnumber`` is SQL Server's rowversion, stamped when the write is made
+(a database-wide counter), not when its transaction commits, and a delta link starts after the highest
+version stamped when it was issued. Dataverse does not document that a delta from it lists a row written
+before it and committed after (a plug-in's or a bulk job's transaction, up to the platform's two-minute
+request limit), and a rowversion cursor would not: so, as the other three readers do, the poller reads each
+settled window back (core.Poller._read_back) - ``$filter=modifiedon ge <after> and modifiedon lt <until>``
+ordered by ``modifiedon`` and the primary id, 100 rows a page, the window's progress a keyset on
+(``modifiedon``, id) - and posts what it finds that the forward read did not (the memo holds the record's
+``versionnumber``: one posted already, at that version, is dropped before its contact is read). Where a
+window starts: the forward cursor's ``after``, when the last delta read began. A deletion committed late
+cannot be read back (a deleted row is not listed).
+
+Merges: a Dynamics user's merge (the Merge action: a subordinate contact merged into a target) deactivates
+the subordinate, sets its ``merged`` and its ``masterid`` lookup (``_masterid_value``) to the target, and
+updates the target: both are in the next delta. The subordinate's row becomes the target's change naming it
+(`Change.merged`; the target read by id when the delta does not hold it), which the poller follows as it
+follows a HubSpot merge (news.py `_relink`); the subordinate itself posts nothing (it is not deleted, and
+its values are the merged-away contact's).
+
 Calls go through the outbound adapter's `read` (its Entra ID token, renewed once on a 401; a unit of the
 account's shared budget each; 429 with Retry-After is Dataverse's service protection).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cdp_crm.adapters.dynamics import DynamicsAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.inbound.core import AdapterReader, Change, CrmReadFailed, Person, instant, person_id_field
+from cdp_crm.inbound.core import (
+    AdapterReader,
+    Change,
+    CrmReadFailed,
+    Keyset,
+    Person,
+    Posted,
+    instant,
+    person_id_field,
+)
 
 log = logging.getLogger("cdp.crm.inbound")
 
@@ -82,6 +112,7 @@ LOOKUP_TYPE = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 class DynamicsReader(AdapterReader):
     kind = "dynamics"
     objects = tuple(OBJECTS)
+    reads_back = True  # `pages(..., until=)`: the poller reads the overlap back (core.INBOUND_OVERLAP)
     adapter: DynamicsAdapter
 
     def __init__(
@@ -95,10 +126,16 @@ class DynamicsReader(AdapterReader):
         super().__init__(connection, adapter, budget, clock=clock)
         self.cdp_field = person_id_field(connection, "contacts")
         self.prefer = f'odata.track-changes,odata.maxpagesize={PAGE},odata.include-annotations="{LOOKUP_TYPE[1:]}"'
+        self.prefer_window = f'odata.maxpagesize={PAGE},odata.include-annotations="{LOOKUP_TYPE[1:]}"'
 
     async def pages(
-        self, obj: str, cursor: dict[str, Any] | None
+        self, obj: str, cursor: dict[str, Any] | None, until: str | None = None, posted: Posted | None = None
     ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        """`until`, `posted`: a read-back's window (core.Poller._read_back, `_window`)."""
+        if until is not None:
+            async for page in self._window(obj, cursor, until, posted):
+                yield page
+            return
         cursor = cursor or {}
         url = cursor.get("delta") or obj
         # A fresh read returns every record: with `after` (inbound.start: now, or a delta link expired)
@@ -129,17 +166,73 @@ class DynamicsReader(AdapterReader):
                 rows = [
                     r for r in rows if "reason" in r or not r.get("modifiedon") or instant(r["modifiedon"]) >= since
                 ]
+            rows, losers = await self._merges(obj, rows)
             people = await self._people(obj, rows)
-            changes = [self._change(obj, row, people) for row in rows]
+            changes = _merged_into(obj, [self._change(obj, row, people) for row in rows], losers)
             delta = answer.get("@odata.deltaLink")
             following = answer.get("@odata.nextLink")
             if delta is not None or following is None:
-                # The delta read to its end: from now on, what changed after it.
-                yield changes, ({"delta": delta, "read_at": started} if delta else cursor)
+                # The delta read to its end: from now on, what changed after it. `after`: where the settled
+                # window read back may reach (what was stamped before this read began).
+                yield changes, ({"delta": delta, "read_at": started, "after": started} if delta else cursor)
                 return
             # The middle of a delta: read again from its start after a crash (a fresh read from its `after`).
             yield changes, ({"after": _iso(since.timestamp())} if since is not None else cursor)
             url = following
+
+    async def _window(
+        self, obj: str, cursor: dict[str, Any] | None, until: str, posted: Posted | None
+    ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        """The rows modified from the keyset `cursor` to before `until`, as they are now (module docstring);
+        those `posted` names (id and versionnumber: read and posted already) left out before their contacts
+        are looked up."""
+        keyset = Keyset.of(cursor)
+        primary = _PRIMARY.get(obj, "opportunityid")
+        query = urllib.parse.urlencode({
+            "$filter": f"modifiedon ge {_iso(instant(keyset.after).timestamp())} and modifiedon lt {until}",
+            "$orderby": f"modifiedon asc,{primary} asc",
+        })  # fmt: skip
+        url: str | None = f"{obj}?{query}"
+        while url is not None:
+            answer = await self.adapter.read(
+                url, self.budget, self.clock, headers={"Prefer": self.prefer_window}, what=obj
+            )
+            page = self._json(answer, obj)
+            rows = page.get("value", [])
+            fresh = [rows[i] for i in keyset.fresh([(str(r[primary]), str(r["modifiedon"])) for r in rows])]
+            if fresh:
+                keyset = keyset.advance([(str(r[primary]), str(r["modifiedon"])) for r in fresh])
+                if posted is not None:
+                    known = await posted([(str(r[primary]), str(r.get("versionnumber"))) for r in fresh])
+                    fresh = [r for r in fresh if (str(r[primary]), str(r.get("versionnumber"))) not in known]
+                fresh, losers = await self._merges(obj, fresh)
+                people = await self._people(obj, fresh) if fresh else {}
+                yield _merged_into(obj, [self._change(obj, r, people) for r in fresh], losers), keyset.doc()
+            url = page.get("@odata.nextLink")
+
+    async def _merges(self, obj: str, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """A page's rows with its merged subordinates replaced by the targets they were merged into (module
+        docstring), and the subordinates' rows."""
+        losers = [r for r in rows if r.get("merged") is True and r.get("_masterid_value") and "reason" not in r]
+        if not losers:
+            return rows, []
+        kept = [r for r in rows if r not in losers]
+        return kept + await self._masters(obj, losers, kept), losers
+
+    async def _masters(
+        self, obj: str, losers: list[dict[str, Any]], rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The targets the page's merged subordinates were merged into that the page does not hold, each read
+        by id (merges are rare; a target deleted since is left out: its deletion is the news then)."""
+        primary = _PRIMARY.get(obj, "opportunityid")
+        held = {str(r.get(primary)) for r in rows}
+        found = []
+        for master in sorted({str(r["_masterid_value"]) for r in losers} - held):
+            try:
+                found.append(await self._get(f"{obj}({master})", obj))
+            except CrmReadFailed:
+                continue
+        return found
 
     async def _get(self, url: str, what: str) -> dict[str, Any]:
         answer = await self.adapter.read(url, self.budget, self.clock, headers={"Prefer": self.prefer}, what=what)
@@ -172,7 +265,7 @@ class DynamicsReader(AdapterReader):
             record_id = str(row["id"])
             person = people.get(record_id) if kind == "contact" else None
             return Change(obj, record_id, "deleted", kind, {}, deleted=True, person=person)
-        primary = {"contacts": "contactid", "incidents": "incidentid", "tasks": "activityid"}.get(obj, "opportunityid")
+        primary = _PRIMARY.get(obj, "opportunityid")
         record_id = str(row[primary])
         state = row.get("statecode")
         watched = row.get(watched_field) if watched_field else None
@@ -201,6 +294,20 @@ class DynamicsReader(AdapterReader):
             record=row,
             at=row.get("modifiedon"),
         )
+
+
+_PRIMARY = {"contacts": "contactid", "incidents": "incidentid", "tasks": "activityid"}
+
+
+def _merged_into(obj: str, changes: list[Change], losers: list[dict[str, Any]]) -> list[Change]:
+    """`changes` with each merge target naming the subordinates merged into it (`Change.merged`)."""
+    retired: dict[str, list[str]] = {}
+    for row in losers:
+        retired.setdefault(str(row["_masterid_value"]), []).append(str(row[_PRIMARY.get(obj, "opportunityid")]))
+    if not retired:
+        return changes
+    return [dataclasses.replace(c, merged=tuple(sorted(retired[c.record_id]))) if c.record_id in retired else c
+            for c in changes]  # fmt: skip
 
 
 class DeltaExpired(CrmReadFailed):

@@ -131,14 +131,19 @@ class News:
     async def _relink(self, change: Change, now: float) -> tuple[list[dict[str, Any]], list[Put]]:
         """A record CRM users merged others into (`change.merged`: the retired ids): the `crm_records` documents
         naming a retired id linked to it (module docstring), and the CRM's claim that the persons are one
-        as events. Returns (events, store writes); nothing when the connector wrote none of the retired."""
+        as events. Returns (events, store writes); nothing when the connector wrote none of the retired.
+        Each write expects the version its document was read at: another replica following the same merge,
+        or the engine writing the person's record meanwhile (a change written, an erasure), makes it fail
+        rather than be overwritten with what was read before (core.Poller._relinked reads again)."""
         survivor = change.record_id
         relinked: list[tuple[str, dict[str, Any]]] = []
+        versions: dict[str, int] = {}  # the version each was read at: its write is a compare-and-set
         for retired in change.merged:
             for record in await self.store.find(RECORDS, "crm_id", retired, limit=20):
                 doc = record.doc
                 if self._same_object(doc, change) and doc.get("state") not in (*ERASED, MERGED):
                     relinked.append((record.key, doc))
+                    versions[record.key] = record.version
         if not relinked:
             return [], []
         owners = [
@@ -161,9 +166,11 @@ class News:
                 puts.append(Put(RECORDS, key, {
                     **doc, "crm_id": survivor, "state": MERGED, "merged_into": owner or "",
                     "kept": False, "merged_in_crm": True, "updated_at": now,
-                }))  # fmt: skip
+                }, expected_version=versions[key]))  # fmt: skip
             else:
-                puts.append(Put(RECORDS, key, {**doc, "crm_id": survivor, "updated_at": now}))
+                puts.append(
+                    Put(RECORDS, key, {**doc, "crm_id": survivor, "updated_at": now}, expected_version=versions[key])
+                )
             email = self._email_written(doc)
             if email:
                 emails[email] = None

@@ -12,12 +12,23 @@ changes, won, lost), CampaignMember (added, its status - the campaign engagement
 its ContactId / WhoId / LeadId, read in one query per page for their Email and the CDP id field the
 connection's mapping matches on.
 
+Merges: a Salesforce user's merge of Contacts or Leads (the UI's, or the SOAP API's merge()) keeps the
+master's Id and deletes each losing record with ``MasterRecordId`` set to the master's (the deletion moves
+its ``SystemModstamp``; a read of its Id answers 404 ENTITY_IS_DELETED; an upsert by its external id value
+creates a new record). So Contact and Lead are read with ``/queryAll`` and ``(IsDeleted = false OR
+MasterRecordId != null)`` - the same one query a page, the losers of merges in it ("To find all records that
+have been merged since a given point in time, use queryAll() with a SELECT statement", the merge() call's
+guide) and no other deleted record. A loser read becomes the master's change naming it (`Change.merged`, its
+record read by Id in one query for the page's merges unless the page holds it), which the poller follows
+as it follows a HubSpot merge (news.py `_relink`).
+
 Calls go through the outbound adapter's `read` (its token, renewed once on INVALID_SESSION_ID; a unit of
 the account's shared budget each); 403 REQUEST_LIMIT_EXCEEDED is the day's allocation spent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -109,13 +120,18 @@ class SalesforceReader(AdapterReader):
         if obj == "CampaignMember":
             fields["LeadId"] = None
         fields.update(dict.fromkeys(self.mapped.get(obj.lower(), {})))
+        mergeable = kind in ("contact", "lead")
+        if mergeable:  # the losers of merges, deleted with MasterRecordId (module docstring)
+            fields.update(dict.fromkeys(["IsDeleted", "MasterRecordId"]))
         # A read-back's window (core.Poller._read_back) ends before `until`.
         before = f" AND SystemModstamp < {_literal(until)}" if until is not None else ""
+        merged = " AND (IsDeleted = false OR MasterRecordId != null)" if mergeable else ""
         soql = (
-            f"SELECT {', '.join(fields)} FROM {obj} WHERE SystemModstamp >= {_literal(keyset.after)}{before} "
-            "ORDER BY SystemModstamp, Id"
+            f"SELECT {', '.join(fields)} FROM {obj} WHERE SystemModstamp >= {_literal(keyset.after)}{before}"
+            f"{merged} ORDER BY SystemModstamp, Id"
         )
-        answer = await self._get("/query?" + urllib.parse.urlencode({"q": soql}), f"query {obj}")
+        resource = "/queryAll?" if mergeable else "/query?"
+        answer = await self._get(resource + urllib.parse.urlencode({"q": soql}), f"query {obj}")
         while True:
             rows = answer.get("records", [])
             for start in range(0, len(rows), POST_CHUNK):
@@ -129,12 +145,30 @@ class SalesforceReader(AdapterReader):
                 if posted is not None:
                     known = await posted(read)
                     fresh = [r for r, pair in zip(fresh, read, strict=True) if pair not in known]
-                people = await self._people(obj, fresh) if fresh else {}
-                yield [self._change(obj, r, people) for r in fresh], keyset.doc()
+                losers = [r for r in fresh if r.get("IsDeleted") and r.get("MasterRecordId")]
+                live = [r for r in fresh if not r.get("IsDeleted")]
+                masters = await self._masters(obj, list(fields), losers, live) if losers else []
+                people = await self._people(obj, [*live, *masters]) if live or masters else {}
+                changes = [self._change(obj, r, people) for r in [*live, *masters]]
+                yield _merged_into(changes, losers), keyset.doc()
             following = answer.get("nextRecordsUrl")
             if answer.get("done", True) or not following:
                 return
             answer = await self._get(following.removeprefix(_BASE), f"query {obj} (more)")
+
+    async def _masters(
+        self, obj: str, fields: list[str], losers: list[dict[str, Any]], live: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The records the page's merged-away rows were merged into that the page does not hold, read by Id
+        in one query (a master deleted since is not found: its own deletion is the news then)."""
+        held = {r["Id"] for r in live}
+        wanted = sorted({str(r["MasterRecordId"]) for r in losers} - held)
+        if not wanted:
+            return []
+        shown = [f for f in fields if f not in ("IsDeleted", "MasterRecordId")]
+        soql = f"SELECT {', '.join(shown)} FROM {obj} WHERE Id IN ({', '.join(_quoted(i) for i in wanted)})"
+        answer = await self._get("/query?" + urllib.parse.urlencode({"q": soql}), f"query {obj} (merged into)")
+        return list(answer.get("records", []))
 
     def _person_fields(self, obj: str) -> tuple[str, ...]:
         field = self.cdp_field.get(obj.lower())
@@ -159,7 +193,7 @@ class SalesforceReader(AdapterReader):
             if not wanted:
                 continue
             fields = ", ".join(dict.fromkeys(["Id", *self._person_fields(target)]))
-            quoted = ", ".join("'" + i.replace("\\", "\\\\").replace("'", "\\'") + "'" for i in wanted)
+            quoted = ", ".join(_quoted(i) for i in wanted)
             soql = f"SELECT {fields} FROM {target} WHERE Id IN ({quoted})"
             answer = await self._get("/query?" + urllib.parse.urlencode({"q": soql}), f"query {target} (people)")
             field = self.cdp_field.get(target.lower())
@@ -197,6 +231,22 @@ class SalesforceReader(AdapterReader):
             person=person,
             record={k: v for k, v in row.items() if k != "attributes"},
         )
+
+
+def _quoted(text: str) -> str:
+    """A SOQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _merged_into(changes: list[Change], losers: list[dict[str, Any]]) -> list[Change]:
+    """`changes` with each master naming the rows merged into it (`Change.merged`), in its change."""
+    retired: dict[str, list[str]] = {}
+    for row in losers:
+        retired.setdefault(str(row["MasterRecordId"]), []).append(str(row["Id"]))
+    if not retired:
+        return changes
+    return [dataclasses.replace(c, merged=tuple(sorted(retired[c.record_id]))) if c.record_id in retired else c
+            for c in changes]  # fmt: skip
 
 
 def _literal(stamp: str) -> str:
