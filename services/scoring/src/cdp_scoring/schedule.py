@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.errors import InvalidArgument
 
 log = logging.getLogger("cdp.scoring.schedule")
@@ -154,4 +155,6 @@ async def every(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("scheduled %s failed: %s", name, exc)
+            # The type and the traceback, whose messages the log's formatter withholds: never the text,
+            # which quotes what the job had in hand (a trait's value in a conversion error, a store key).
+            log.error("scheduled %s failed: %s", name, describe_error(exc), exc_info=exc)
