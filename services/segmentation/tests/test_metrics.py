@@ -59,8 +59,9 @@ async def test_transitions_evaluations_members_timers_and_builds_are_measured_un
     unit, (entered,) = metrics["cdp.segmentation.transitions"]
     assert unit == "{transition}" and entered.value == 2 and dict(entered.attributes) == {"direction": "entered"}
     unit, (evaluations,) = metrics["cdp.segmentation.evaluations"]
-    # Each new person against the segments that can hold for them: p1 both, p2 (no last_seen_at) only pro.
-    assert unit == "{evaluation}" and evaluations.value == 3
+    # Each new person against the segments that can hold for them: p1 both, p2 (no last_seen_at, plan free:
+    # not the word pro needs) neither.
+    assert unit == "{evaluation}" and evaluations.value == 2
     unit, (freshness,) = metrics["cdp.segmentation.freshness"]
     assert unit == "ms" and freshness.count == 1 and freshness.sum == pytest.approx(250)
     unit, builds = metrics["cdp.segmentation.population.duration"]

@@ -5,8 +5,9 @@ A change updates the person's flat fields ("traits.plan" -> "pro"); the live seg
 field (and those referring to them, in dependency order: index.py) are evaluated for that person with
 the per-profile predicate; every flip is a `Transition`. A person first seen is read from the profile
 service (cdp_kit.held) and evaluated against every live segment that can hold for them: those reading
-one of their fields, those holding for an empty profile (`not traits.x exists`), and those referring to
-either (index.py, `first_seen`); every other one is false for them. A removed person (deleted, or merged
+one of their fields (less those needing a word of a field they do not hold: `traits.plan = "pro" and ...`),
+those holding for an empty profile (`not traits.x exists`), and those referring to either (index.py,
+`first_seen`); every other one is false for them. A removed person (deleted, or merged
 into another) exits every segment.
 
 Segments whose membership time alone can change (`traits.trial_ends_at < now`) give each person a

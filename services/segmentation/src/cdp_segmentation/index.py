@@ -32,6 +32,13 @@ its changes, so every flip up to now is in. The person's timer is set again from
 not one was crossed (evaluation.py). A change of last_seen_at (every event's) evaluated all 200 windows of
 1,000 segments: 80-110 µs, now 17-19.
 
+What a person first seen needs (`first_seen`): such a person is evaluated against the segments reading one
+of their fields, those an empty profile is in, and those referring to either; but a segment that can hold
+only when a field holds one of a few words (`traits.plan in ["p2", "q2"] and traits.age > 40`: one per plan;
+`traits.city = "X3" or traits.tier = "T8"`; `requirement`) is a candidate only for a person holding one of
+them, found by field and word. With 3,000 segments, 600 of them one per plan and age, a visitor with a plan
+and an age evaluated the 600, of which one could hold.
+
 The time flips (`flips`): a person's timer is the earliest instant one of their time comparisons flips
 (evaluation.py, `_schedule`, after every evaluation of a time-based segment). That instant depends on the
 comparison alone (`traits.last_seen_at < now - 30d` flips at last_seen_at + 30d), not on the rest of the
@@ -54,8 +61,11 @@ from cdp_lang.row import flip_time
 from cdp_segmentation.catalogue import Segment
 from cdp_segmentation.domain import CompiledSegment, check_segment_graph
 from cdp_segmentation.domain.plan import (
+    AllOf,
+    AnyOf,
     NumberTest,
     OneOf,
+    Plan,
     Test,
     TimeTest,
     expression_tests,
@@ -192,6 +202,26 @@ class FieldIndex:
         self.on_empty = frozenset(on_empty)
         moving = {segment.id for segment in serving.values() if segment.compiled.percentiles}
         self._from_empty = frozenset(s.id for s in closure(on_empty | moving))
+        # What a segment needs to hold for a person first seen (`requirement`): a segment that can hold only
+        # when one of a few fields holds one of a few words (`traits.plan in ["pro", "team"] and traits.age >
+        # 40`, `traits.city = "X3" or traits.tier = "T8"`) is a candidate only for a person whose value is one
+        # of them, found by field and word; the other readers of a field, for anyone with it.
+        self._dependents = dependents
+        needs: dict[str, dict[str, set[str]]] = {}
+        needing: set[str] = set()
+        for segment in serving.values():
+            found_needs = requirement(segment.compiled.plan)
+            if found_needs is None:
+                continue
+            needing.add(segment.id)
+            for name, values in found_needs:
+                by_word = needs.setdefault(name, {})
+                for word in values:
+                    by_word.setdefault(word, set()).add(segment.id)
+        self._needs = needs
+        self._needing = needing
+        # field -> the segments reading it that need nothing of a word: a candidate for anyone with the field
+        self._unconditional = {name: frozenset(ids - needing) for name, ids in direct.items() if name != TIME}
 
     def affected(self, changed: frozenset[str]) -> Affected:
         """The segments a change of these fields can move, dependencies first, each with whether it reads
@@ -217,17 +247,36 @@ class FieldIndex:
             self._affected_cache[changed] = found
         return found
 
-    def first_seen(self, fields: Iterable[str]) -> Affected:
-        """What a person first seen with these fields is evaluated against, dependencies first: the segments
-        reading one of the fields, those an empty profile is in, and the segments referring to either. Every
-        other segment reads only fields the person lacks and refers only to segments the person is not in
-        (were they in one, it would be among these), so it holds for them what it holds for an empty
-        profile: false. With 3,000 segments a visitor's first change evaluated all of them."""
+    def first_seen(self, fields: Mapping[str, object]) -> Affected:
+        """What a person first seen with these fields (path -> value) is evaluated against, dependencies
+        first: the segments reading one of the fields, less those needing a word of a field (`requirement`)
+        the person does not hold, with those needing one they hold, those an empty profile is in, and the
+        segments referring to any of them. Every other segment either reads only fields the person lacks
+        and refers only to segments the person is not in (were they in one, it would be among these), so it
+        holds for them what it holds for an empty profile: false; or needs a word the person does not hold:
+        false too. With 3,000 segments a visitor's first change evaluated all of them, then the 600 reading
+        one of their two fields, of which one could hold."""
         found = set(self._from_empty)
-        readers = self.readers
-        for name in fields:
-            for segment in readers.get(name, ()):
-                found.add(segment.id)
+        unconditional = self._unconditional
+        needs = self._needs
+        for name, value in fields.items():
+            readers = unconditional.get(name)
+            if readers:
+                found |= readers
+            if needs and isinstance(value, str):
+                by_word = needs.get(name)
+                if by_word is not None:
+                    needing = by_word.get(value)
+                    if needing:
+                        found |= needing
+        dependents = self._dependents
+        if dependents:
+            stack = [segment_id for segment_id in found if segment_id in dependents]
+            while stack:
+                for referring in dependents.get(stack.pop(), ()):
+                    if referring not in found:
+                        found.add(referring)
+                        stack.append(referring)
         if len(found) == len(self.order):
             return self.all
         position = self._position
@@ -354,6 +403,40 @@ def window(compiled: CompiledSegment) -> tuple[str, float] | None:
     plan = compiled.plan
     if isinstance(plan, TimeTest) and not plan.sub and plan.offset is not None and plan.op in ("<", "<=", ">", ">="):
         return plan.field, plan.offset
+    return None
+
+
+def requirement(plan: Plan) -> tuple[tuple[str, frozenset[str]], ...] | None:
+    """What the plan needs to hold, as alternatives (field, words): it can hold only for a person whose value
+    of one of those top-level fields is text among its words (`=` and `in` with words hold for nothing
+    else). None: no such need is found. A conjunction needs what any one of its parts needs (the one with
+    the fewest alternatives is kept); a disjunction, one of what each part needs (when each needs one)."""
+    if isinstance(plan, Test):
+        if plan.sub:
+            return None
+        literal = plan.literal
+        if plan.op == "=" and type(literal) is str:
+            return ((plan.field, frozenset((literal,))),)
+        if plan.op == "in" and isinstance(literal, OneOf) and not literal.numbers and not literal.bools:
+            return ((plan.field, literal.strings),)
+        return None
+    if isinstance(plan, AllOf):
+        best, narrowest = None, (math.inf, math.inf)
+        for part in plan.parts:
+            found = requirement(part)
+            if found is not None:
+                width = (len(found), sum(len(words) for _, words in found))
+                if width < narrowest:
+                    best, narrowest = found, width
+        return best
+    if isinstance(plan, AnyOf):
+        alternatives: list[tuple[str, frozenset[str]]] = []
+        for part in plan.parts:
+            found = requirement(part)
+            if found is None:
+                return None
+            alternatives.extend(found)
+        return tuple(alternatives)
     return None
 
 
