@@ -11,6 +11,12 @@ Two things can take a port between its pick and its listener's bind:
   (or until it has made `KEPT` newer picks): the kernel drops the lock when the process ends however it ends
   (SIGKILL included), so there is no stale pick to take over and no window in which two pickers both see one
   as stale. The file holds the picker's pid for people; it is removed when the process exits.
+
+The folder is in the machine's shared temporary folder, so another user could make it first (writable by
+all) and put a symbolic link named after a port in it, pointing at a file of ours: opening it to write the
+pid truncated that file (a credentials file, a shell profile). So the folder is used only when it is a
+folder of this user's, made private if it was not (`_private`), else this user's own (`cdp-ports-<uid>`);
+and a reservation is opened without following a link and taken only when it is a plain file of ours.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import fcntl
 import os
 import random
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -44,6 +51,7 @@ KEPT = 1024
 
 _mine: dict[Path, int] = {}  # picked port's file -> the descriptor holding its lock, oldest first
 _owner = os.getpid()  # a forked child inherits `_mine` but must not release its parent's picks
+_in_use: dict[Path, Path] = {}  # RESERVATIONS -> the folder its picks are made in (`_private`), once checked
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -58,7 +66,8 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def is_mine(port: int) -> bool:
-    return (RESERVATIONS / str(port)) in _mine and _owner == os.getpid()
+    folder = _in_use.get(RESERVATIONS)
+    return folder is not None and (folder / str(port)) in _mine and _owner == os.getpid()
 
 
 def reserve(port: int) -> bool:
@@ -67,12 +76,18 @@ def reserve(port: int) -> bool:
     if _owner != os.getpid():  # forked: the picks inherited are the parent's
         _mine.clear()
         _owner = os.getpid()
-    RESERVATIONS.mkdir(mode=0o700, exist_ok=True)
-    path = RESERVATIONS / str(port)
+    path = _private(RESERVATIONS) / str(port)
     if path in _mine:
         return True
     for _ in range(3):
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        except OSError:  # a link (ELOOP), or a name we may not open: not a reservation of ours to take
+            return False
+        held = os.fstat(fd)
+        if not stat.S_ISREG(held.st_mode) or held.st_uid != os.getuid() or held.st_nlink > 1:
+            os.close(fd)  # a hard link to another file, or someone else's: left alone
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,6 +109,30 @@ def reserve(port: int) -> bool:
             _release(next(iter(_mine)))
         return True
     return False
+
+
+def _private(folder: Path) -> Path:
+    """`folder` when it is (or is now made) a folder of this user's that only this user can write in; else
+    this user's own beside it, `<folder>-<uid>` (module docstring). RuntimeError when neither is. Checked
+    once a process: only its owner (or root) can rename or change a folder of the sticky temporary folder."""
+    chosen = _in_use.get(folder)
+    if chosen is not None:
+        return chosen
+    for candidate in (folder, folder.with_name(f"{folder.name}-{os.getuid()}")):
+        with contextlib.suppress(FileExistsError):
+            candidate.mkdir(mode=0o700)
+        try:
+            found = os.lstat(candidate)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid():
+            if found.st_mode & 0o077:
+                os.chmod(candidate, 0o700)  # a folder (lstat), ours: no link to follow
+            _in_use[folder] = candidate
+            return candidate
+    raise RuntimeError(
+        f"{folder} and {folder}-{os.getuid()} are not folders of this user's: remove them to pick ports here"
+    )
 
 
 def _release(path: Path) -> None:
