@@ -55,7 +55,7 @@ from cdp_profile.backfill import Backfill as Backfill  # also imported from here
 from cdp_profile.backfill import ComputedTraitCatalogue
 from cdp_profile.changes import change_messages
 from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileChange, Retention
-from cdp_profile.domain.profile import HISTORY_MAX_BYTES
+from cdp_profile.domain.profile import COMPUTED_MAX_BYTES, HISTORY_MAX_BYTES
 from cdp_profile.expiry import expire, expiry_loop
 from cdp_profile.privacy import Privacy
 from cdp_profile.records import (
@@ -141,6 +141,12 @@ class ProfileEngine:
             unit="ms",
             description="time to write the changes made outside the partitioned streams",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self._m_trimmed = meter.create_counter(
+            "cdp.profile.record.trimmed",
+            unit="{record}",
+            description="profile writes that coarsened computed states or trimmed histories to keep the record "
+            "within the store's limit, by part",
         )
         self._m_freshness = meter.create_histogram(
             "cdp.profile.freshness",
@@ -317,9 +323,9 @@ class ProfileEngine:
         if not step.changes:
             await self.commit({}, ops=step.ops)
             return
-        messages = self.messages_by_cause(step, default="merge", now=self.clock())
+        now = self.clock()
         await self.commit(step.changes, ops=step.ops)
-        await self.publish(messages)
+        await self.publish(self.messages_by_cause(step, default="merge", now=now))
 
     def messages_by_cause(self, step: Applied, *, default: str, now: float) -> list[OutMessage]:
         """The `profiles.changed` messages of a step whose changes have causes of their own (merges)."""
@@ -506,7 +512,11 @@ class ProfileEngine:
     ) -> list[WriteOp]:
         """The store writes of these changes: `ops`, the timeline entries added and removed, and each
         changed (or `dirty`: written although no visible value changed) live profile as a versioned put.
-        Built right before it is queued on the chain (nothing awaits between), so the versions follow."""
+        Built right before it is queued on the chain (nothing awaits between), so the versions follow.
+
+        Encoding a record may coarsen its computed states (`Profile.to_json`), which can move a value (a
+        bucket leaving early, a state emptied): those go into the person's change, so the change messages
+        are made after this."""
         out: list[WriteOp] = list(ops)
         profiles = self.hot.profiles
         persons = set(dirty)
@@ -521,7 +531,30 @@ class ProfileEngine:
             profile = profiles.get(person)
             if profile is not None:  # else merged away or deleted: its marker is in `ops`
                 out.append(self.hot.versioned_put(person, encode_profile(profile)))
+                trimmed = profile.take_trimmed()
+                if trimmed:
+                    self._record_trimmed(person, trimmed)
+                    moved = profile.take_trim_moves()
+                    change = changes.get(person)
+                    if moved and change is not None:
+                        change.computed.update(moved)
         return out
+
+    def _record_trimmed(self, person: str, trimmed: Mapping[str, int]) -> None:
+        """A write kept a record within the store's limit by coarsening or trimming (`Profile.to_json`): counted
+        by part; logged unless only the histories were trimmed (routine for a person at their budget)."""
+        for part in trimmed:
+            self._m_trimmed.add(1, {"part": part})
+        if trimmed.keys() - {"history"}:
+            log.warning(
+                "profile record past its computed-trait budget (%d bytes): states coarsened %d, dropped from the "
+                "timeline base %d, emptied %d",
+                COMPUTED_MAX_BYTES,
+                trimmed.get("computed", 0),
+                trimmed.get("base", 0),
+                trimmed.get("reset", 0),
+                extra={"person_id": person},
+            )
 
     def score_writes(self, changes: Mapping[str, ProfileChange]) -> list[WriteOp]:
         """The store writes of model score changes (`scores.updated`): each changed live person's scores
@@ -538,10 +571,10 @@ class ProfileEngine:
         ops: Sequence[Put | Delete] = (),
         dirty: Collection[str] = (),
     ) -> None:
-        """Commit changes made outside the partitioned streams and publish them."""
-        messages = self.messages(changes, cause=cause, now=now)
+        """Commit changes made outside the partitioned streams and publish them (the messages made after
+        the writes: a write that coarsens a record adds the values it moved to the change, `writes`)."""
         await self.commit(changes, ops=ops, dirty=dirty)
-        await self.publish(messages)
+        await self.publish(self.messages(changes, cause=cause, now=now))
 
     async def commit(
         self,

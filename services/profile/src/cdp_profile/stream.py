@@ -90,8 +90,8 @@ class EventsLogic:
                 engine._m_events.add(count, {"outcome": outcome})
         if step.newest_received:
             engine._m_freshness.record(max(0.0, (engine.clock() - step.newest_received) * 1000))
-        messages = engine.messages(step.changes, cause="event", now=now)
-        return Effects(engine.writes(step.changes, ops=step.ops), messages)
+        writes = engine.writes(step.changes, ops=step.ops)  # first: it may add to the changes (`writes`)
+        return Effects(writes, engine.messages(step.changes, cause="event", now=now))
 
     async def recover(self, partition: int) -> None:
         await self.engine.recover_stream(("events", partition))
@@ -143,6 +143,7 @@ class MergesLogic:
             return notice.forwarded or engine.partition_of(survivor) == partition
 
         step = apply_identity_notices(engine.hot, items, engine.defs, here=here, now=now)
+        writes = engine.writes(step.changes, ops=step.ops)  # first: it may add to the changes (`writes`)
         messages = engine.messages_by_cause(step, default="merge", now=now)
         for notice, survivor in step.elsewhere:
             to = engine.partition_of(survivor)
@@ -155,7 +156,7 @@ class MergesLogic:
                     headers={FORWARDED_FROM: str(partition)},
                 )
             )
-        return Effects(engine.writes(step.changes, ops=step.ops), messages)
+        return Effects(writes, messages)
 
     async def recover(self, partition: int) -> None:
         await self.engine.recover_stream(("merges", partition))

@@ -35,6 +35,12 @@ window of 10,000 distinct values still reads 10,000). A windowed state is so at 
 buckets (256 KiB for distinct values), plus its summary: 49 KB for a count of 30,000 events a month, where
 one entry per contribution was 1.05 MB. The record holds each state twice (the timeline base), per part.
 
+These bounds are per state. A record holding many of them is bounded as a whole (profile.py:
+COMPUTED_MAX_BYTES), by asking its largest states to take less (`ComputedState.shrink`): a windowed one
+coalesces all but its newest contribution and keeps to narrower bounds (fewer exact entries, fewer bytes of
+buckets) while it stays in memory; an all-time one of distinct values or points keeps those that matter to
+its answer. The loss is of the kinds above, larger.
+
 Merges combine the parts' summaries (buckets included) as before: a merged person is the person built from
 the union of its events while no part-state is past the bound, and past it, until something leaves a
 window; after that both are within the bound above, but they may differ by what left early (their cells
@@ -917,13 +923,16 @@ class ComputedState:
     """
 
     __slots__ = (
+        "_bucket_budget",
         "_buckets",
         "_bytes",
         "_encoded",
+        "_limit",
         "_narrow",
         "_raw",
         "_raw_at",
         "_raw_n",
+        "_size",
         "agg",
         "entries",
         "op",
@@ -940,6 +949,12 @@ class ComputedState:
         self._buckets: int | None = None if entries else 0
         self._bytes: int | None = None if entries else 0
         self._narrow = 0  # coalescings to go before wider cells are tried again (they did not shrink them)
+        # The stored size of `_encoded` (`stored_bytes`), and the tighter bounds the record's bound set
+        # (`shrink`): exact entries kept before coalescing, bytes of buckets. None: the module's. Not stored:
+        # a state loaded is bounded by the module's until the record's bound meets it again.
+        self._size = 0
+        self._limit: int | None = None
+        self._bucket_budget: int | None = None
         self.op = op
         self.window = window
         self.signature = signature
@@ -988,7 +1003,8 @@ class ComputedState:
             if size > WINDOW_ENTRY_BYTES:
                 self._coalesce()
                 return
-        if len(entries) > MAX_WINDOW_ENTRIES and len(entries) - self._bucket_count() > MAX_WINDOW_ENTRIES:
+        limit = MAX_WINDOW_ENTRIES if self._limit is None else self._limit
+        if len(entries) > limit and len(entries) - self._bucket_count() > limit:
             self._coalesce()
 
     def _bucket_count(self) -> int:
@@ -1008,18 +1024,21 @@ class ComputedState:
                     return entry[2][0]
         return self.window / WINDOW_BUCKETS
 
-    def _coalesce(self) -> None:
+    def _coalesce(self, keep_n: int | None = None, keep_bytes: int | None = None, widen: bool = False) -> None:
         """Fold the oldest exact entries into the buckets of their cells, keeping the newest up to half of
-        each bound (the newest one at least); past the buckets' bytes, double their width, then let the
-        oldest leave (and rebuild the summary). The summary does not change otherwise: the same
-        contributions are in it.
+        each bound (the newest one at least; `keep_n` and `keep_bytes` when given); past the buckets' bytes,
+        double their width (`widen`: even where that did not shrink them lately), then let the oldest leave
+        (and rebuild the summary). The summary does not change otherwise: the same contributions are in it.
 
         A bucket's time is that of its oldest contribution: it leaves the window with it, taking the rest
         of its cell (younger by less than the cell's width) along, and the state's expiry (its first
         item's) never moves earlier, which an expiry schedule relies on (`Profile.take_added_due`)."""
         entries = self.entries
         width = self._width()
-        keep_n, keep_bytes = MAX_WINDOW_ENTRIES // 2, WINDOW_ENTRY_BYTES // 2
+        if keep_n is None:
+            keep_n = (MAX_WINDOW_ENTRIES if self._limit is None else self._limit) // 2
+        if keep_bytes is None:
+            keep_bytes = WINDOW_ENTRY_BYTES // 2
         kept = kept_bytes = 0
         cut: tuple[float, str] | None = None  # the oldest exact entry kept
         for entry in reversed(entries):
@@ -1055,7 +1074,12 @@ class ComputedState:
         buckets = _buckets(cells, width)
         # One encoding of them all is the check (numbers: ~513 buckets of ~40 bytes, far below).
         size = len(orjson.dumps(buckets))
-        while size > WINDOW_BUCKET_BYTES and width * COARSEST_BUCKETS < self.window and not self._narrow:
+        budget = WINDOW_VALUE_BUCKET_BYTES if op in _VALUE_OPS else WINDOW_BUCKET_BYTES
+        if self._bucket_budget is not None:
+            budget = min(budget, self._bucket_budget)
+        if widen:
+            self._narrow = 0
+        while size > min(WINDOW_BUCKET_BYTES, budget) and width * COARSEST_BUCKETS < self.window and not self._narrow:
             coarser: dict[float, list[Any]] = {}
             for at, _, (_, doc) in buckets:
                 agg = _agg_from_doc(op, doc)
@@ -1075,7 +1099,6 @@ class ComputedState:
         if self._narrow:
             self._narrow -= 1
         dropped = 0
-        budget = WINDOW_VALUE_BUCKET_BYTES if op in _VALUE_OPS else WINDOW_BUCKET_BYTES
         if size > budget:
             sizes = [len(orjson.dumps(bucket)) for bucket in buckets]
             total = sum(sizes)
@@ -1234,8 +1257,136 @@ class ComputedState:
         """`to_doc()` as JSON, for a writer that embeds it (orjson): made once per change of the state."""
         encoded = self._encoded
         if encoded is None:
-            encoded = self._encoded = orjson.Fragment(self._encode())
+            raw = self._encode()
+            self._size = stored_size(raw)
+            encoded = self._encoded = orjson.Fragment(raw)
         return encoded
+
+    def stored_bytes(self) -> int:
+        """What the state's encoding takes in the store's document, where the profile's JSON is a string:
+        each quote and backslash of it is escaped (`stored_size`)."""
+        if self._encoded is None:
+            self.encoded()
+        return self._size
+
+    def shrink(self, cap: int) -> bool:
+        """Coarsen the state until its stored form takes at most about `cap` bytes, or as near as it can
+        come; True when it changed. The record's bound (`Profile`, "A record within the store's limit")
+        asks the largest states of a record past COMPUTED_MAX_BYTES for it, in this order of loss:
+
+        - a windowed state coalesces every exact entry but the newest into its buckets (`compact`), and
+          keeps to fewer exact entries from then on; past `cap` still, the buckets of distinct values keep
+          a share of their rows (the most frequent; unique: the latest), and then any buckets widen up to
+          window / COARSEST_BUCKETS and the oldest leave early, as past WINDOW_BUCKET_BYTES;
+        - an all-time most_frequent or unique_count keeps its most frequent values (unique_count then
+          reads *at least*, as past MAX_DISTINCT_VALUES), a unique those seen last, a max_speed its newest
+          points (the pairs dropped kept as its floor, as past MAX_SPEED_POINTS).
+
+        The other all-time summaries are a few numbers or one value: nothing to take."""
+        size = self.stored_bytes()
+        if size <= cap:
+            return False
+        if self.entries is not None:
+            self._shrink_window(cap, size)
+            return self.stored_bytes() < size
+        agg = self.agg
+        room = max(0, cap - (size - stored_size(orjson.dumps(agg.to_doc()))))
+        if type(agg) is ValuesAgg:
+            counts, values = agg.counts, agg.values
+            order = sorted(counts, key=lambda k: (-counts[k], sort_key(values[k])))
+            kept = _fitting([[values[key], counts[key]] for key in order], room)
+            for key in order[kept:]:
+                del counts[key], values[key]
+                agg.chars -= _chars(key)
+            agg.refused = True
+            agg._best = None
+        elif type(agg) is UniqueAgg:
+            at, ids, values, counts = agg.at, agg.ids, agg.values, agg.counts
+            order = sorted(counts, key=lambda k: (at[k] is not None, at[k] or 0.0, ids[k]), reverse=True)
+            kept = _fitting([[values[key], counts[key], at[key], ids[key]] for key in order], room)
+            agg._forget(kept)
+        elif type(agg) is MaxSpeedAgg:
+            kept = _fitting(list(reversed(agg.points)), room)
+            excess = len(agg.points) - kept
+            if excess > 0 and len(agg.points) > 1:
+                points = agg.points
+                for index in range(min(excess, len(points) - 1)):
+                    agg.retired = _max(agg.retired, speed_kmh(points[index], points[index + 1]))
+                del points[: min(excess, len(points) - 1)]
+                agg._best = MISSING
+        else:
+            return False
+        self._encoded = self._raw = None
+        return self.stored_bytes() < size
+
+    def compact(self) -> bool:
+        """A windowed state's exact entries but the newest into their buckets (and max_speed's summary down
+        to the buckets' points): the value stays exact until something leaves the window, so this loses
+        nothing yet. The record's bound asks for it before any `shrink`; True when it took less after."""
+        entries = self.entries
+        if entries is None or len(entries) - self._bucket_count() <= 1:
+            return False
+        size = self.stored_bytes()
+        self._coalesce(keep_n=1, keep_bytes=0)
+        if self.op == "max_speed":
+            self._rebuild()  # the buckets keep their first and last points, and the speed between
+        return self.stored_bytes() < size
+
+    def cleared(self) -> ComputedState:
+        """The state without a contribution (the record's last resort: `Profile.fit_computed`)."""
+        return ComputedState(self.op, self.window, self.signature)
+
+    def _shrink_window(self, cap: int, size: int) -> None:
+        """`shrink` of a windowed state: every exact entry but the newest into the buckets, then narrower
+        bounds for the buckets and the exact entries to come."""
+        entries = self.entries
+        exact = [entry for entry in entries if entry[1] != BUCKET]
+        per_entry = stored_size(orjson.dumps(exact)) // max(1, len(exact))
+        if self.compact():
+            size = self.stored_bytes()
+        if size > cap and self.op in _VALUE_OPS:
+            # A bucket of distinct values may hold every contribution (a burst inside one cell): its rows
+            # thin out instead, the least frequent (unique: least recent) first, and the summary, which
+            # holds what the buckets do, with them: half of what is left for each.
+            buckets = [entry for entry in self.entries if entry[1] == BUCKET]
+            held = stored_size(orjson.dumps(buckets))
+            self._thin_values(held, max(0, (cap - (size - held)) // 2))
+            size = self.stored_bytes()
+        if size > cap:
+            buckets = [entry for entry in self.entries if entry[1] == BUCKET]
+            held = stored_size(orjson.dumps(buckets))
+            share = 2 if self.op in _VALUE_OPS else 1
+            self._bucket_budget = max(0, (cap - (size - held)) // share)
+            self._coalesce(keep_n=1, keep_bytes=0, widen=True)
+            size = self.stored_bytes()
+        # From here on the state coalesces when its exact entries would take what is left of `cap`.
+        self._limit = max(2, min(MAX_WINDOW_ENTRIES, (cap - size) // max(1, per_entry)))
+
+    def _thin_values(self, held: int, room: int) -> None:
+        """Keep the same share of every bucket's rows (of distinct values) so that they take about `room`
+        of the `held` bytes; what goes leaves the summary too (its contributions left early)."""
+        if held <= room:
+            return
+        share = room / held
+        op, entries, agg = self.op, self.entries, self.agg
+        rebuild = False
+        for index, (at, event_id, bucket) in enumerate(entries):
+            if event_id != BUCKET:
+                continue
+            width, doc = bucket
+            if op == "unique":  # [value, count, at, id]: the latest first (rows without a time last)
+                rows = sorted(doc, key=lambda row: (len(row) >= 4, row[2] if len(row) >= 4 else 0.0), reverse=True)
+            else:  # [value, count]: the most frequent first
+                rows = sorted(doc, key=lambda row: row[1], reverse=True)
+            keep = int(len(rows) * share)
+            if keep >= len(rows):
+                continue
+            entries[index] = (at, BUCKET, [width, rows[:keep]])
+            if not rebuild and not agg.subtract(_agg_from_doc(op, rows[keep:])):
+                rebuild = True
+        self._encoded = self._raw = None
+        if rebuild:
+            self._rebuild()
 
     def _encode(self) -> bytes:
         # The same bytes as `to_doc()`'s, written in parts: the head (op, window, sig) made once per
@@ -1274,6 +1425,22 @@ class ComputedState:
     def from_doc(cls, doc: dict[str, Any]) -> ComputedState:
         entries = [tuple(entry) for entry in doc["entries"]] if "entries" in doc else None
         return cls(doc["op"], doc["window"], doc["sig"], _agg_from_doc(doc["op"], doc["agg"]), entries)
+
+
+def stored_size(data: bytes) -> int:
+    """The length of `data` (JSON) once written as a JSON string: the profile record keeps its JSON as one
+    string (records.py), in which every quote and backslash takes two bytes."""
+    return len(data) + data.count(b'"') + data.count(b"\\")
+
+
+def _fitting(rows: list[Any], room: int) -> int:
+    """How many of `rows` (as stored in an array) fit in `room` bytes, from the first."""
+    used = 0
+    for index, row in enumerate(rows):
+        used += stored_size(orjson.dumps(row)) + 1
+        if used > room:
+            return index
+    return len(rows)
 
 
 def combined_result(op: str, aggs: Iterable[Any]) -> Any:

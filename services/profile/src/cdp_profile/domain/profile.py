@@ -45,7 +45,7 @@ import orjson
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.profile_fields import CONSENT, SCORES, field_key
-from cdp_profile.domain.aggregates import BUCKET, ComputedState, combined_result
+from cdp_profile.domain.aggregates import BUCKET, ComputedState, combined_result, stored_size
 from cdp_profile.domain.change import ProfileChange, ProfileView
 from cdp_profile.domain.computed import MISSING, ComputedTrait, ComputedTraits, EventScope
 from cdp_profile.domain.events import (
@@ -80,6 +80,24 @@ MIN_SEEN_IDS = 1000
 #: events carrying a consent manager's three categories, every later event of theirs failed its
 #: partition's batch, holding the partition's other persons behind it until the message was dead-lettered.
 HISTORY_MAX_BYTES = 2 * 1024 * 1024
+#: The identifiers a part keeps, the first seen (identity's own bound, `cdp_identity.domain.graph.
+#: MAX_IDENTIFIERS`: identity links no more to a person, so events name no more of them as the person's).
+#: Each event's identifiers were added without bound: a server integration making an anonymous id of 256
+#: characters per call took a record past the store's 8 MiB in 30,000 events of one user id.
+MAX_PART_IDENTIFIERS = 2000
+#: What a profile's computed states may take in all as stored (escaped in the record's string: `stored_size`),
+#: the live ones and the timeline base's, of every part. Each windowed state is bounded on its own (~1,000
+#: exact contributions, then buckets: aggregates), an all-time one of distinct values at 10,000 of them, but
+#: the bound was per state: 60 busy windowed traits, each held twice (live and in the base), took a record
+#: past the store's 8 MiB in 500 events, after which every later event of the person failed its partition's
+#: batch. Past it, a write first coarsens the largest states (`ComputedState.shrink`) down to three quarters
+#: of it, each to a common cap (the smaller ones stay as they are), so a write of a person at the bound does
+#: not coarsen again at once.
+COMPUTED_MAX_BYTES = 4 * 1024 * 1024
+#: The most a profile record takes in the store (its JSON, as the record's string): past it (histories of
+#: values full of quotes, escaped twice over; many parts), a write halves both budgets above until it fits,
+#: up to 1/16 of them. The store's limit is 8 MiB: the rest is the record's other fields.
+RECORD_MAX_BYTES = 7 * 1024 * 1024
 
 Cursor = tuple[float, str]
 
@@ -352,6 +370,9 @@ class Part:
     # `_history_bytes` at the part's last write: a history under a new key is not started past the budget
     # (`Profile._record`), read without a walk over every key.
     _written_history_bytes: int = field(default=0, compare=False, repr=False)
+    # Times the histories were fitted within their budget since the profile last counted them (`Profile.
+    # take_trimmed`: the metric an operator alerts on).
+    _history_trims: int = field(default=0, compare=False, repr=False)
 
     def _history_bytes(self) -> int:
         """The length of the histories' JSON as last encoded (`_histories_doc`)."""
@@ -403,6 +424,7 @@ class Part:
             held = self._history_bytes()
             if held > history_budget:
                 self.fit_histories(history_budget * 3 // 4)
+                self._history_trims += 1
                 traits = histories_doc("traits", self.traits)
                 groups = histories_doc("groups", self.groups)
                 consent = histories_doc("consent", self.consent)
@@ -470,7 +492,17 @@ def _replayed(trait: ComputedTrait, entry: TimelineEntry) -> Any:
 class Profile:
     """One person's unified profile. Not thread-safe: one partition owner applies its events in order."""
 
-    __slots__ = ("_added_due", "_owners", "_root", "merges", "parts", "person_id", "retention")
+    __slots__ = (
+        "_added_due",
+        "_owners",
+        "_root",
+        "_trim_moves",
+        "_trimmed",
+        "merges",
+        "parts",
+        "person_id",
+        "retention",
+    )
 
     def __init__(
         self,
@@ -492,6 +524,9 @@ class Profile:
         self._owners: dict[str, str] | None = None  # identifier -> origin; built only for merged profiles
         # The earliest time a windowed entry added by `apply` leaves its window, since `take_added_due`.
         self._added_due: float | None = None
+        # What the record's bound took since `take_trimmed`: "computed" states coarsened, "history" fits.
+        self._trimmed: dict[str, int] | None = None
+        self._trim_moves: dict[str, Any] | None = None  # computed values the bound moved, since taken
 
     @classmethod
     def new(cls, person_id: str, *, retention: Retention = DEFAULT_RETENTION) -> Profile:
@@ -533,7 +568,7 @@ class Profile:
             if part.last_seen is None or at > part.last_seen:
                 part.last_seen = at
         identifiers = event.identifiers
-        if identifiers:
+        if identifiers and len(part.identifiers) < MAX_PART_IDENTIFIERS:
             part.identifiers.update(identifiers)
             if not single:
                 owners = self._owner_map()
@@ -1023,13 +1058,154 @@ class Profile:
     def to_json(self) -> bytes:
         """`to_doc()` as JSON (what the store keeps). A profile is written on every change, and most changes
         leave most computed states as they were (a score changes none): each state's encoding is kept
-        with it and made again only after it changed, so a write costs what changed, not all 45 traits."""
-        return orjson.dumps(self.to_doc(encoded=True))
+        with it and made again only after it changed, so a write costs what changed, not all 45 traits.
 
-    def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
+        The record is bounded as a whole: its computed states within COMPUTED_MAX_BYTES (`fit_computed`),
+        its histories within HISTORY_MAX_BYTES (`to_doc`), and what the store keeps of it within
+        RECORD_MAX_BYTES: past it with both budgets kept (quotes, escaped twice over; many parts), it is
+        made again with both halved, up to 1/16 of them. Only a record past COMPUTED_MAX_BYTES / 2 is
+        measured (escaping at most doubles it; its states are part of it): most cost a length."""
+        raw = orjson.dumps(self.to_doc(encoded=True))
+        if len(raw) <= COMPUTED_MAX_BYTES // 2:
+            return raw
+        squeeze = 1
+        while True:
+            if self.fit_computed(COMPUTED_MAX_BYTES // squeeze):
+                raw = orjson.dumps(self.to_doc(encoded=True, squeeze=squeeze))
+            if stored_size(raw) <= RECORD_MAX_BYTES or squeeze >= 16:
+                return raw
+            squeeze *= 2
+            raw = orjson.dumps(self.to_doc(encoded=True, squeeze=squeeze))
+
+    def take_trimmed(self) -> dict[str, int]:
+        """What the record's bound took since the last call: {"computed": states coarsened, "history":
+        histories fitted} (only those that happened); the engine counts them (`cdp.profile.record.trimmed`)."""
+        trimmed = self._trimmed or {}
+        self._trimmed = None
+        for part in self.parts.values():
+            if part._history_trims:
+                trimmed["history"] = trimmed.get("history", 0) + part._history_trims
+                part._history_trims = 0
+        return trimmed
+
+    def take_trim_moves(self) -> dict[str, Any]:
+        """The computed values the record's bound moved since the last call (name -> value now): the
+        engine adds them to the person's change, so readers of the change feed follow."""
+        moved = self._trim_moves or {}
+        self._trim_moves = None
+        return moved
+
+    def fit_computed(self, budget: int = COMPUTED_MAX_BYTES) -> bool:
+        """Keep the computed states (live and the timeline base's, of every part) within `budget` bytes as
+        stored. Past it, in this order, each step only while the states still take more than `budget`:
+
+        1. "computed": the largest windowed states fold their exact contributions into buckets, losing
+           nothing yet (`ComputedState.compact`), until they all take three quarters of it; past that
+           still, the largest coarsen (`ComputedState.shrink`) to a common cap under which they would,
+           measured again (a state may not come down to its cap: the next round's cap is lower), up to
+           four rounds;
+        2. "base": the timeline base stops covering the traits of its largest states (`TimelineBase.forget`):
+           no value changes, but a rebuild of such a trait for this person (a point-in-time training set, a
+           backfill) starts at the retained timeline, as for a trait defined after the cut;
+        3. "reset": the largest live states are emptied, the trait reading as without a contribution until
+           its next one. A state coarsened as far as it goes is its summary and newest contribution: only
+           hundreds of traits holding event-sized values (32 KB) each come here.
+
+        What was done is counted by step (`take_trimmed`); True when anything was."""
+        parts = self.parts.values()
+        # Every write comes here: the sizes kept with the encodings the write is about to use, added up.
+        total = 0
+        for part in parts:
+            for state in part.computed.values():
+                total += state._size if state._encoded is not None else state.stored_bytes()
+            if part.base is not None:
+                for state in part.base.computed.values():
+                    total += state._size if state._encoded is not None else state.stored_bytes()
+        if total <= budget:
+            return False
+        names = {name for part in parts for name in part.computed}
+        before = {name: self._computed_value(name) for name in names}
+        try:
+            return self._fit_computed(budget, total)
+        finally:
+            moves = self._trim_moves
+            for name in names:
+                after = self._computed_value(name)
+                if _changed(before[name], after):
+                    if moves is None:
+                        moves = self._trim_moves = {}
+                    moves[name] = after
+
+    def _fit_computed(self, budget: int, total: int) -> bool:
+        """`fit_computed` past its budget (`total` bytes held)."""
+        parts = self.parts.values()
+        states = [state for part in parts for state in part.computed.values()]
+        for part in parts:
+            if part.base is not None:
+                states.extend(part.base.computed.values())
+        sizes = [state.stored_bytes() for state in states]
+        goal = budget * 3 // 4
+        shrunk: set[int] = set()
+        # Losing nothing first: the largest windowed states fold their exact entries into buckets.
+        for index in sorted(range(len(states)), key=sizes.__getitem__, reverse=True):
+            if total <= goal:
+                break
+            if states[index].compact():
+                shrunk.add(index)
+                size = states[index].stored_bytes()
+                total += size - sizes[index]
+                sizes[index] = size
+        for _round in range(4 if total > goal else 0):
+            cap = _level(sizes, goal)
+            moved = False
+            for index, state in enumerate(states):
+                if sizes[index] > cap and state.shrink(cap):
+                    shrunk.add(index)
+                    moved = True
+            sizes = [state.stored_bytes() for state in states]
+            total = sum(sizes)
+            if total <= goal or not moved:
+                break
+        self._count_trimmed("computed", len(shrunk))
+        if total <= budget:
+            return bool(shrunk)
+        held = [
+            (state.stored_bytes(), name, part.base)
+            for part in parts
+            if part.base is not None
+            for name, state in part.base.computed.items()
+        ]
+        held.sort(key=lambda item: item[0], reverse=True)
+        for size, name, base in held:
+            if total <= goal:
+                break
+            base.forget(name)
+            total -= size
+            self._count_trimmed("base", 1)
+        if total <= budget:
+            return True
+        live = [(state.stored_bytes(), name, part) for part in parts for name, state in part.computed.items()]
+        live.sort(key=lambda item: item[0], reverse=True)
+        for size, name, part in live:
+            if total <= goal:
+                break
+            part.computed[name] = part.computed[name].cleared()
+            total -= size
+            self._count_trimmed("reset", 1)
+        return True
+
+    def _count_trimmed(self, step: str, count: int) -> None:
+        if count:
+            trimmed = self._trimmed
+            if trimmed is None:
+                trimmed = self._trimmed = {}
+            trimmed[step] = trimmed.get(step, 0) + count
+
+    def to_doc(self, *, encoded: bool = False, squeeze: int = 1) -> dict[str, Any]:
         """The profile without its timeline (stored apart, one record per entry), JSON-serialisable (with
-        `encoded`, only by orjson: see `to_json`)."""
-        budget = HISTORY_MAX_BYTES // len(self.parts)
+        `encoded`, only by orjson: see `to_json`; the histories then kept within their budget, divided by
+        `squeeze`)."""
+        budget = HISTORY_MAX_BYTES // len(self.parts) // squeeze
         return {
             "v": DOC_VERSION,
             "person_id": self.person_id,
@@ -1392,6 +1568,18 @@ class Profile:
                         else:
                             del histories[key]
         return retracted
+
+
+def _level(sizes: list[int], goal: int) -> int:
+    """The largest cap under which `sizes`, each cut to it, add up to at most `goal`."""
+    ordered = sorted(sizes)
+    left, rest = len(ordered), goal
+    for size in ordered:
+        if size * left > rest:
+            return rest // left
+        rest -= size
+        left -= 1
+    return ordered[-1] if ordered else goal
 
 
 def _exported_contribution(at: float, event_id: str, value: Any) -> dict[str, Any]:
