@@ -160,6 +160,12 @@ async def outputs(bus: Bus) -> list[str]:
     return ids
 
 
+async def checkpoint_of(store, subject: str = f"{IN_PREFIX}.0") -> int:
+    """The stored checkpoint of `subject` (0: none; a partition's owner claims the record when it starts)."""
+    record = await store.get(CHECKPOINTS, subject)
+    return record.doc.get("stream_seq", 0) if record is not None else 0
+
+
 async def applied(store) -> dict[str, list[str]]:
     return {r.key: r.doc["applied"] async for r in store.scan_all(COUNTERS)}
 

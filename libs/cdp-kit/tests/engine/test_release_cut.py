@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine_toy import CheckedStore, applied, engine, outputs, publish_inputs, until
+from engine_toy import CheckedStore, applied, checkpoint_of, engine, outputs, publish_inputs, until
 from test_pipeline import _true, keys_in, run, stop
 
 
@@ -33,7 +33,9 @@ async def test_a_cancelled_release_stops_the_partition_without_landing_acknowled
     writes = store.writes
     store.hold.set()  # the store answers again: nothing of the aborted partition may land now
     await asyncio.sleep(0.3)
-    assert store.writes == writes == 0
+    assert store.writes == writes
+    assert await store.count("toy_counters") == 0
+    assert await checkpoint_of(store) == 0
     assert await outputs(bus) == []
 
     info = await bus.js.consumer_info("TOYIN", "toy-p0")

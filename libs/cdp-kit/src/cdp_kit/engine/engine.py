@@ -179,6 +179,12 @@ class PartitionedEngine:
         self.m_recoveries = meter.create_counter(
             "cdp.engine.recoveries", unit="{recovery}", description="pipelines restarted after a failed batch"
         )
+        self.m_fenced = meter.create_counter(
+            "cdp.engine.partition.fenced",
+            unit="{partition}",
+            description="partitions this replica stopped working on because another owner had claimed them "
+            "(a replica that stalled past its lease, or two replicas the ownership does not know of)",
+        )
         self.m_rewinds = meter.create_counter(
             "cdp.engine.checkpoint.rewinds",
             unit="{rewind}",

@@ -24,6 +24,17 @@ order), and the next batch is handled *carefully*: through `ConsumerRunner`'s is
 time, split in halves on failure, so one bad message is dead-lettered alone and an outage dead-letters
 nothing. Then pipelining resumes. A stop does not wait for the careful path's retries (an outage's
 last forever): it ends them between attempts, and what is not acknowledged comes again to the next owner.
+
+Fencing: the ownership stops a replica from *starting* work on a partition after its lease is lost, but a
+replica that stalled (a long pause, a frozen VM, a store answering late) wakes with commits already on
+their way. So each pipeline is an owner with a token of its own: when it starts it *claims* each input's
+checkpoint record (writes its token into it, at the version it read; until that write lands the
+partition is not ready), and every commit writes the checkpoint with the token only at the version this
+owner last wrote (`expected_version`). A commit of an owner whose claim another has overtaken fails whole
+(the store writes a commit all or nothing), and that owner, reading the record back to recover, finds
+another's token: it stops working on the partition (`fenced`, logged at ERROR and counted) and leaves it
+to the ownership, acknowledging, publishing and writing nothing more. A write reported failed that had
+landed is told apart by the token: the record is its own, so it goes on.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +76,7 @@ class _Batch:
     outbox_keys: list[tuple[_Feed, str]]  # the outbox records this batch wrote
     commit: asyncio.Future | None
     submitted: float
+    claims: list[_Feed]  # the inputs whose checkpoint it writes: this owner's once it has landed
 
 
 class _Feed:
@@ -94,6 +107,10 @@ class _Feed:
         # skipped: they were applied already.
         self.checkpoint = 0
         self.position = 0
+        # The stored checkpoint record's version as this pipeline last read or wrote it (0: none), and
+        # whether a checkpoint write of this owner's has landed (claimed): each one expects that version.
+        self.version = 0
+        self.claimed = False
         self.pending = 0  # messages in the stream not yet delivered (lag), polled
         self.published: list[str] = []  # its outbox records published: deleted in the next commit
         self.pull: StandingPull | None = None
@@ -132,6 +149,10 @@ class PartitionPipeline:
         self._careful_idle = asyncio.Event()
         self._careful_idle.set()
         self.task: asyncio.Task | None = None
+        # This owner's token (one per pipeline: a partition started again is a new owner), claimed in each
+        # input's checkpoint record; `fenced` once another owner's claim has overtaken it.
+        self.token = uuid.uuid4().hex
+        self.fenced = False
 
     # The engine's own input, as the tests and the services read it.
 
@@ -229,7 +250,8 @@ class PartitionPipeline:
                 await self._recover()
                 await self._subscribe()
                 careful = True
-        await self._flush_published(wait=True)
+        if not self.fenced:
+            await self._flush_published(wait=True)
 
     async def _restore(self) -> None:
         """Read the checkpoints back, and publish what the outboxes still hold (a previous owner's or a
@@ -237,8 +259,24 @@ class PartitionPipeline:
         store = self.engine.store
         for feed in self.feeds:
             record = await store.get(feed.checkpoints, feed.subject)
-            feed.checkpoint = feed.position = record.doc.get("stream_seq", 0) if record is not None else 0
+            doc = record.doc if record is not None else {}
+            if feed.claimed and doc.get("owner") != self.token:
+                self._fence(feed, record.version if record is not None else 0)
+                return
+            feed.checkpoint = feed.position = doc.get("stream_seq", 0)
+            feed.version = record.version if record is not None else 0
+            # A write reported failed that had landed: the record is this owner's all the same.
+            feed.claimed = feed.claimed or doc.get("owner") == self.token
             feed.published = []
+            if not feed.claimed:
+                # The record as it was (its position, and the time it was written: the rewind guard reads
+                # it) with this owner's token, so a stalled owner's commit cannot land from now on. Written
+                # outside the chain: it depends on no hot state, and its failure (VersionConflict: written
+                # meanwhile; an outage) must not fail the chain's later writes. The pipeline starts again.
+                claim = {"stream_seq": 0, **doc, "owner": self.token}
+                await store.bulk_write([Put(feed.checkpoints, feed.subject, claim, expected_version=feed.version)])
+                feed.version += 1
+                feed.claimed = True
         deletes = []
         for feed in self.feeds:
             records = [r async for r in store.scan_all(feed.outbox, prefix=outbox.partition_prefix(self.partition))]
@@ -252,6 +290,37 @@ class PartitionPipeline:
             deletes.extend(outbox.delete_record(feed.outbox, r.key) for r in records)
         if deletes:
             await self.chain.submit(deletes)
+
+    def _checkpoint(self, feed: _Feed, stream_seq: int) -> Put:
+        """The write of `feed`'s checkpoint, fenced: it lands only if the record is still at the version
+        this owner last wrote (a commit is written whole or not at all, so none of its writes land)."""
+        put = Put(
+            feed.checkpoints,
+            feed.subject,
+            {"stream_seq": stream_seq, "at": time.time(), "owner": self.token},
+            expected_version=feed.version,
+        )
+        feed.version += 1
+        return put
+
+    def _fence(self, feed: _Feed, version: int) -> None:
+        """Another owner has claimed the partition since this one did: stop working on it."""
+        self.fenced = True
+        self._stopping.set()
+        self._arrival.set()
+        self.engine.m_fenced.add(1, self.partition_attrs)
+        log.error(
+            "engine partition %s of %s: another owner has claimed checkpoint %s (at version %s, this owner "
+            "wrote up to %s); this replica stops working on the partition and writes, acknowledges and "
+            "publishes nothing more of it (a replica that stalled past its lease, or one the ownership "
+            "does not know of: two static replicas on one store)",
+            self.partition,
+            feed.spec.service,
+            feed.subject,
+            version,
+            feed.version,
+            extra={"partition": self.partition, "subject": feed.subject},
+        )
 
     async def _recover(self) -> None:
         """After a failed batch: wait for every write submitted so far, let the logic drop its hot
@@ -271,7 +340,7 @@ class PartitionPipeline:
         self._last_commit = None
         self._failure = None
         self._unpublished = []
-        await self._restore()
+        await self._restore()  # fenced: sets `_stopping`, and the loops end
 
     async def _subscribe(self) -> None:
         """(Re)bind the partition's consumers; an ordered consumer with unacknowledged messages is
@@ -334,7 +403,8 @@ class PartitionPipeline:
         if ahead is None:
             return
         last, held = ahead
-        await self.chain.submit([Put(feed.checkpoints, feed.subject, {"stream_seq": held, "at": time.time()})])
+        await self.chain.submit([self._checkpoint(feed, held)])
+        feed.claimed = True
         where = {"partition": self.partition, "subject": feed.subject, "stream": feed.consumer.stream}
         if last >= feed.checkpoint:  # made again since, and already as far: every message in it is new
             log.error(
@@ -632,6 +702,7 @@ class PartitionPipeline:
         messages: list[OutMessage] = []
         keys: list[tuple[_Feed, str]] = []
         last_seqs: list[int | None] = []
+        claims: list[_Feed] = []
         commit = None
         for feed, deliveries in zip(self.feeds, rounds, strict=True):
             if not deliveries:
@@ -655,11 +726,12 @@ class PartitionPipeline:
                 ops.extend(outbox.delete_record(feed.outbox, k) for k in feed.published)
                 feed.published = []
             if last > feed.position:
-                ops.append(Put(feed.checkpoints, feed.subject, {"stream_seq": last, "at": time.time()}))
+                ops.append(self._checkpoint(feed, last))
+                claims.append(feed)
                 feed.position = last
             if ops:
                 commit = self._last_commit = self.chain.submit(ops, after=self._last_commit)
-        return _Batch(rounds, last_seqs, messages, keys, commit, time.perf_counter())
+        return _Batch(rounds, last_seqs, messages, keys, commit, time.perf_counter(), claims)
 
     async def _apply_feed(self, feed: _Feed, deliveries: list[Delivery]):
         started = time.perf_counter()
@@ -718,6 +790,8 @@ class PartitionPipeline:
                     self._failure = exc
                 return  # not acknowledged: redelivered after recovery
             self.engine.m_commit.record((time.perf_counter() - batch.submitted) * 1000, self.attrs)
+            for feed in batch.claims:
+                feed.claimed = True
             for feed, last in zip(self.feeds, batch.last_seqs, strict=True):
                 if last is not None:
                     feed.checkpoint = max(feed.checkpoint, last)
@@ -836,6 +910,8 @@ class PartitionPipeline:
             batch = await self._apply([deliveries if f is feed else [] for f in self.feeds])
             if batch.commit is not None:
                 await batch.commit
+                for claimed in batch.claims:
+                    claimed.claimed = True
         except Exception as exc:
             self._failure = exc
             await self._recover()
