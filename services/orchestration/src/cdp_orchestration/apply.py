@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from opentelemetry import metrics
@@ -259,8 +259,24 @@ class Applier:
         """A trigger of a paused journey reached the person."""
         self.not_entered(batch, person, journey_id, PAUSED, "not entered: journey paused", now)
 
-    async def profile_changed(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
-        for instance in list(person.live.values()):
+    async def profile_changed(
+        self,
+        hot: Partition,
+        batch: Batch,
+        person: Person,
+        now: float,
+        *,
+        fields: Iterable[str] | None = None,
+        segments: Iterable[str] = (),
+    ) -> None:
+        """The person's view changed: their running instances decide again what reads it. `fields` / `segments`:
+        what moved (the field keys, the segment ids), to offer the change only to the instances it can move
+        (`wakes.py`); neither: every running instance (a merge, a split)."""
+        if fields is None and not segments:
+            offered = list(person.live.values())
+        else:
+            offered = person.offered(self.journeys, now, fields=fields or (), segments=segments)
+        for instance in offered:
             if instance.status is Status.RUNNING:
                 await self.step(hot, batch, person, instance, ProfileChanged(), now)
 

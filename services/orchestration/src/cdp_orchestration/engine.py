@@ -30,6 +30,8 @@ Invariants:
   below its checkpoint anyway; this covers the outbox being published twice).
 - The person record lists the instances that can still react (running, or ended and still watching their
   goal), so a stimulus never scans the store. Ended instances leave the list; their records stay.
+- An event, profile change or segment change is offered only to the person's instances it can move, not to
+  each of them (`wakes.py`): what they decide is what offering it to every one decides.
 - One wake timer per person at `arbiter.next_wake(state)` (held actions due, approvals expiring): when
   it fires, `release`. A timer the person or instance no longer expects changes nothing.
 - Hot state is a bounded cache per partition (`hot_persons`): persons beyond it are dropped least
@@ -297,7 +299,9 @@ class OrchestrationLogic:
                 state = arbiter.observe(person.state, event, self.rules)  # type: ignore[arg-type]
                 if state is not person.state:
                     person.state, person.dirty = state, True
-            for instance in list(person.live.values()):
+            # Only the instances this event can move (`wakes.py`): its name in their filters, and those whose
+            # conditions may answer otherwise than when they were last stepped.
+            for instance in person.offered(self.journeys, now, event=event.name):
                 await self.applier.step(hot, batch, person, instance, EventArrived(event), now)
             # Only the journeys whose entry names this event; the view is built once, after the steps above.
             candidates = self.journeys.entering_on_event(event.name, event.properties)
@@ -330,7 +334,7 @@ class OrchestrationLogic:
             else:
                 person.segments.discard(segment)
             person.dirty = True
-            await self.applier.profile_changed(hot, batch, person, now)
+            await self.applier.profile_changed(hot, batch, person, now, fields=(), segments=(segment,))
             # A segment deleted (DeleteSegment, `force` past the journeys entering on it) publishes every
             # member's exit: its members left nothing, so no journey `on: exited` of it enters them (each
             # got that journey's goodbye). Their membership goes, and wait and exit conditions see it.
@@ -351,7 +355,8 @@ class OrchestrationLogic:
             updates, removed, cause, merged, split_from, event_ids, change_at = one.data
             # Merges, splits and removals change the person whatever their fields; a plain change only when a
             # value moved (`_update_fields`).
-            if _update_fields(person.fields, updates) or removed or merged or split_from:
+            moved = _update_fields(person.fields, updates)
+            if moved or removed or merged or split_from:
                 person.dirty = True
             caught_up = person.profile_applied(event_ids, now) if event_ids else False
             if person.change_seen(change_at):
@@ -378,7 +383,10 @@ class OrchestrationLogic:
                     del person.slots[journey_id]
             else:
                 if person.live:
-                    await self.applier.profile_changed(hot, batch, person, now)
+                    # A merge or a split offers every running instance the change; any other, those reading a
+                    # field it moved (and those its catching up concerns: `wakes.py`).
+                    changed = None if merged or split_from else moved
+                    await self.applier.profile_changed(hot, batch, person, now, fields=changed, segments=())
                 if caught_up:
                     await self._release_parked(hot, batch, person, now)
                     await self._release_held(hot, batch, person, now)
@@ -478,8 +486,10 @@ class OrchestrationLogic:
         elif hot.holding:
             hot.holding.pop(person.person_id, None)
         if person.live:
-            for instance in list(person.live.values()):
-                if instance.status is Status.ENDED and not instance.watching_goal(now):
+            # The ended ones only (`wakes.py`): a look at each live instance was most of what an input cost a
+            # person in hundreds of journeys once the input itself reached only the instances it moves.
+            for instance in person.wakes.ended(person.live, self.journeys):  # type: ignore[arg-type]
+                if not instance.watching_goal(now):
                     del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
                     person.dirty = True
         timers.keep_wake(batch, person, clock_offset=self.clock_offset)
@@ -524,24 +534,24 @@ _QUICK = frozenset({"event", "profile"})  # the kinds `OrchestrationLogic._quick
 _DONE, _SEEN, _RELEASED = "done", "seen", "released"
 
 
-def _update_fields(fields: dict[str, Any], updates: dict[str, Any]) -> bool:
-    """Apply a profile change's field updates (None: the field is gone) to a person's view; whether any
-    value changed. Most profile changes move a field, but some move none orchestration keeps (only event
+def _update_fields(fields: dict[str, Any], updates: dict[str, Any]) -> list[str]:
+    """Apply a profile change's field updates (None: the field is gone) to a person's view; the keys whose
+    value changed (the instances reading them decide again: `wakes.py`). Most profile changes move a field, but some move none orchestration keeps (only event
     ids or groups, or values it already holds), and rewriting the person record for them was most of what a
     profile change cost here. A value is the same only when it is of the same type and equal: `True == 1.0`
     in Python, but a boolean is not a number to the segment language; lists and maps count as changed."""
-    changed = False
+    changed: list[str] = []
     for key, value in updates.items():
         if value is None:
             if key in fields:
                 del fields[key]
-                changed = True
+                changed.append(key)
             continue
         old = fields.get(key, _ABSENT)
         # Most values moved (a count, a score): the comparison alone answers for them.
         if old != value or type(old) is not type(value) or isinstance(value, (dict, list)):
             fields[key] = value
-            changed = True
+            changed.append(key)
     return changed
 
 

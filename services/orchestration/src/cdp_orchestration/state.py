@@ -44,6 +44,7 @@ from cdp_orchestration.domain.records import (
     user_data_from,
 )
 from cdp_orchestration.domain.view import PersonView
+from cdp_orchestration.wakes import Live, WakeIndex
 
 INSTANCES = "orchestration_instances"
 PERSONS = "orchestration_persons"
@@ -107,7 +108,8 @@ class Person:
     fields: dict[str, Any] = field(default_factory=dict)
     segments: set[str] = field(default_factory=set)
     state: PersonState | None = None
-    live: dict[str, Instance] = field(default_factory=dict)  # instances that can still react, by id
+    # Instances that can still react, by id; `wakes` indexes them by what can move them (`wakes.py`).
+    live: dict[str, Instance] = field(default_factory=Live)
     entered: dict[str, float] = field(default_factory=dict)  # journey id -> last entered at
     wake: tuple[str, float] | None = None
     slots: dict[str, tuple[str, float]] = field(default_factory=dict)  # scheduled journey -> (timer id, at)
@@ -153,13 +155,33 @@ class Person:
     # The arbiter state's record, kept with the state it was made of: the record is rewritten on every profile
     # change, the arbiter state (immutable, replaced when it changes) far less often.
     arbiter_record: tuple[PersonState, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    wakes: WakeIndex = field(default_factory=WakeIndex, repr=False, compare=False)
 
     def view(self) -> PersonView:
+        return PersonView(self.person_id, dict(self.fields), frozenset(self.segments), behind=self.behind())
+
+    def behind(self) -> float | None:
+        """Since when the fields lag behind the person's events or a segment change (`PersonView.behind`)."""
         pending, awaited = self.pending, self.awaited
         behind = pending[1] if pending else None
         if awaited is not None and (behind is None or awaited[1] < behind):
             behind = awaited[1]
-        return PersonView(self.person_id, dict(self.fields), frozenset(self.segments), behind=behind)
+        return behind
+
+    def offered(
+        self, journeys: Any, now: float, *, event: str | None = None, fields: Any = (), segments: Any = ()
+    ) -> list[Instance]:
+        """The live instances an event called `event`, or a change of `fields` / `segments`, can move, in
+        `live`'s order (`wakes.WakeIndex.pick`)."""
+        return self.wakes.pick(
+            self.live,  # type: ignore[arg-type]
+            journeys,
+            now,
+            self.behind(),
+            event=event,
+            fields=fields,
+            segments=segments,
+        )
 
     def segment_ahead(self, change_at: float, at: float) -> None:
         """A segment change decided on the profile change of `change_at` reached the engine at `at`: until
