@@ -35,7 +35,7 @@ from cdp_orchestration.domain.document import parse_journey
 from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.state import DECISIONS, INSTANCES, PERSONS
+from cdp_orchestration.state import DECISIONS, INSTANCES, PERSONS, prepare_store
 from cdp_testing.waiting import eventually
 
 PARTITIONS = 2
@@ -142,6 +142,7 @@ class World:
         return True
 
     async def start(self) -> PartitionedEngine:
+        await prepare_store(self.store)  # the indexes, as the service declares them at start (`__main__`)
         await self.journeys.load()
         logic = OrchestrationLogic(
             self.store,

@@ -22,6 +22,7 @@ from cdp_kit.errors import Conflict, InvalidArgument, NotFound
 from cdp_kit.storage import open_store
 from cdp_orchestration.api import OrchestrationApi
 from cdp_orchestration.journeys import JOURNEYS, Journeys
+from cdp_orchestration.state import prepare_store
 
 WELCOME = {
     "id": "welcome",
@@ -77,6 +78,7 @@ async def world(tmp_path):
     """(api, raced api, raced store, the journey as stored): two replicas on one store; the second reads
     through a store that lets a call of the first land between its read and its save."""
     async with open_store(f"sqlite:///{tmp_path}/orchestration.db") as store:
+        await prepare_store(store)  # the indexes, as the service declares them at start (`__main__`)
         raced = _Between(store)
         api = OrchestrationApi(journeys=Journeys(store), store=store, bus=None, partitions=2)
         racing = OrchestrationApi(journeys=Journeys(raced), store=store, bus=None, partitions=2)

@@ -28,6 +28,7 @@ from cdp_kit.errors import AlreadyExists, Conflict
 from cdp_kit.storage import open_store
 from cdp_orchestration.api import OrchestrationApi
 from cdp_orchestration.journeys import JOURNEYS, Journeys
+from cdp_orchestration.state import prepare_store
 
 SLOW = {
     "id": "slow",
@@ -79,6 +80,7 @@ async def apis(request, tmp_path):
     """(first, other, raced store, journeys as stored): the first call's API reads through the raced store;
     the other call's API is the same replica's or another replica's."""
     async with open_store(f"sqlite:///{tmp_path}/orchestration.db") as store:
+        await prepare_store(store)  # the indexes, as the service declares them at start (`__main__`)
         raced = _Between(store)
         first = OrchestrationApi(journeys=Journeys(raced), store=store, bus=None, partitions=2)
         if request.param == "one replica":

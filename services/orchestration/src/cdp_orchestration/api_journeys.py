@@ -168,18 +168,20 @@ class JourneyCalls(DraftCalls):
     async def _migrate(self, record: JourneyRecord, previous: Journey) -> None:
         new = record.live
         assert new is not None
-        for old in record.versions.values():
-            if old.version == new.version:
-                continue
-            plan = lifecycle.migration_plan(old, new)
-            async for doc in self._instances_of(record.id, running=True):
-                if doc["version"] != old.version or doc.get("node") not in plan.moves:
-                    continue
+        plans = {
+            old.version: lifecycle.migration_plan(old, new)
+            for old in record.versions.values()
+            if old.version != new.version
+        }
+        # The journey's running instances, read once for every earlier version (`_instances_of`).
+        async for doc in self._instances_of(record.id, running=True):
+            plan = plans.get(doc["version"])
+            if plan is not None and doc.get("node") in plan.moves:
                 body = {
                     "person_id": doc["person_id"],
                     "instance_id": doc["id"],
                     "journey_id": record.id,
-                    "from_version": old.version,
+                    "from_version": doc["version"],
                     "to_version": new.version,
                     "moves": sorted(plan.moves),
                 }
