@@ -108,19 +108,19 @@ async def test_a_contact_merged_into_one_a_hubspot_user_made_is_written_there_af
         await poller.poll()
 
         emulator.clock.advance(1)
-        survivor = emulator.user_merge("contacts", theirs["id"], mine["id"])
+        survivor = emulator.user_merge("contacts", theirs["id"], mine["id"])  # a new id, both retired
         assert survivor["properties"]["cdp_id"] == "person-b"  # it lacked one: the merge carried it over
         await poller.poll()
         record = await _record(world, "person-b")
-        assert (record["state"], record["crm_id"]) == ("synced", theirs["id"])
+        assert (record["state"], record["crm_id"]) == ("synced", survivor["id"])
 
         await world.profiles({"person-b": {"traits.first_name": "Bohdan"}})
         await world.eventually(
             lambda: emulator.find("contacts", "cdp_id", "person-b")["properties"]["firstname"] == "Bohdan"
         )
         (only,) = emulator.records("contacts")
-        assert only["id"] == theirs["id"]
-        assert (await _record(world, "person-b"))["crm_id"] == theirs["id"]
+        assert only["id"] == survivor["id"]
+        assert (await _record(world, "person-b"))["crm_id"] == survivor["id"]
         await world.stop()
 
 
@@ -139,7 +139,7 @@ async def test_identity_merging_the_two_after_the_crm_did_keeps_the_one_contact_
         poller = _poller(world, collector)
         await poller.poll()
         emulator.clock.advance(1)
-        emulator.user_merge("contacts", ada["id"], work["id"])
+        survivor = emulator.user_merge("contacts", ada["id"], work["id"])["id"]
         await poller.poll()
         assert (await _record(world, "person-b"))["state"] == MERGED
 
@@ -154,7 +154,7 @@ async def test_identity_merging_the_two_after_the_crm_did_keeps_the_one_contact_
         await world.eventually(lambda: (emulator.find("contacts", "cdp_id", "person-b") or {}).get(
             "properties", {}).get("firstname") == "Augusta")  # fmt: skip
         (only,) = emulator.records("contacts")
-        assert only["id"] == ada["id"] and only["properties"]["cdp_id"] == "person-b"
+        assert only["id"] == survivor and only["properties"]["cdp_id"] == "person-b"
         await world.stop()
 
 
@@ -181,7 +181,7 @@ async def test_erasing_the_merged_away_person_alone_leaves_the_other_persons_con
         poller = _poller(world, collector)
         await poller.poll()
         emulator.clock.advance(1)
-        emulator.user_merge("contacts", ada["id"], work["id"])
+        survivor = emulator.user_merge("contacts", ada["id"], work["id"])["id"]
         await poller.poll()
 
         privacy = Privacy(
@@ -191,7 +191,7 @@ async def test_erasing_the_merged_away_person_alone_leaves_the_other_persons_con
         assert await privacy.erase(privacy_pb2.PrivacyDeleted(request_id="req-b", person_id="person-b")) is True
         (only,) = emulator.records("contacts")
         assert (only["id"], only["properties"]["cdp_id"], only["properties"]["email"]) == (
-            ada["id"], "person-a", "ada@example.com",
+            survivor, "person-a", "ada@example.com",
         )  # fmt: skip
         assert (await _record(world, "person-b"))["state"] == "anonymised"
         await world.stop()

@@ -71,7 +71,7 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, PagesMixin, Lists
         webhook_url: str | None = None,
         client_secret: str = "hubspot-app-secret",
         developer_api_key: str = "local-developer-key",
-        merge_new_ids: bool = False,
+        merge_new_ids: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,8 +85,8 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, PagesMixin, Lists
         self.client_secret = client_secret
         self.developer_api_key = developer_api_key
         # A merge of contacts or companies makes a new record with a new id, both ids retired (HubSpot's
-        # behaviour since its changelog "Updated merge functionality for contacts and companies"); False: the
-        # primary keeps its id (HubSpot's before, and still for deals and tickets).
+        # behaviour since its changelog "Updated merge functionality for contacts and companies": the
+        # default); False: the primary keeps its id (HubSpot's before, and still for deals and tickets).
         self.merge_new_ids = merge_new_ids
         self.objects: dict[str, dict[str, dict[str, Any]]] = {obj: {} for obj in PROPERTIES}
         self._index: dict[tuple[str, str], dict[str, str]] = {}
