@@ -168,7 +168,9 @@ class Change:
     person: Person | None = None
     record: dict[str, Any] = field(default_factory=dict)  # every field read (for traits read backwards)
     at: str | None = None  # when it changed, where the stamp is not a time (a Dataverse version number)
-    merged: tuple[str, ...] = ()  # ids of records a CRM user merged into this one (HubSpot: retired ids)
+    # Ids of records a CRM user merged into this one (HubSpot's retired ids, Salesforce's losers naming it in
+    # MasterRecordId, Dataverse's subordinates naming it in masterid): news.py `_relink`.
+    merged: tuple[str, ...] = ()
 
 
 # A read-back's filter (`Poller._read_back`): of these (record id, stamp) pairs, those read and posted already.

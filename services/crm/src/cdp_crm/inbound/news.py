@@ -21,10 +21,13 @@ a timeout or a dropped connection, which the CRM may well have applied): such a 
 CDP's own write too, not a CRM user's edit.
 
 A record a CRM user merged others into (HubSpot's UI "merge": the survivor lists the retired ids in
-`hs_merged_object_ids`, and HubSpot answers for a retired id with the survivor) is followed, not undone
-(`News._relink`): a `crm_records` document naming a retired id is linked to the survivor. Where the survivor
-holds that record's match key (a contact a HubSpot user made takes the merged-away one's `cdp_id` in the
-merge, lacking one), the person's writes go there. Where it holds another's - another person's record -
+`hs_merged_object_ids`, and HubSpot answers for a retired id with the survivor; Salesforce's, whose losers
+are deleted naming their master in `MasterRecordId`; Dataverse's, whose subordinate is deactivated naming its
+target in `masterid` - each reader gives the survivor's change the retired ids, `Change.merged`) is followed,
+not undone (`News._relink`): a `crm_records` document naming a retired id is linked to the survivor, by a
+compare-and-set on the version it was read at (`Poller._relinked` reads again when another write came
+first). Where the survivor holds that record's match key (a contact a HubSpot user made takes the
+merged-away one's `cdp_id` in the merge, lacking one), the person's writes go there. Where it holds another's - another person's record -
 the two are one contact in the CRM and two persons in the CDP: the merged-away person's record reads
 `merged` (`merged_into`: the survivor's record, `merged_in_crm`) and is written no more, so no contact is
 made again for them, and the CRM's claim that they are one is posted as identity links: a `CRM Contact
