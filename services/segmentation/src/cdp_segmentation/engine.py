@@ -453,8 +453,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         return [s for s in self.segments.values() if s.serving]
 
     def _reindex(self) -> None:
-        """The live segments changed: a new field index, and the built versions are due in a snapshot."""
-        self.index = FieldIndex(self._serving())
+        """The live segments changed: a new field index, and the built versions are due in a snapshot. One
+        segment created: this one grown by it (index.py, `grown`); else built whole."""
+        serving = self._serving()
+        self.index = self._index.grown(serving) or FieldIndex(serving)
         self.held.marks_dirty = True
 
     # --- partitions: arrival, departure, recovery --------------------------------------------------

@@ -47,14 +47,17 @@ few recency windows), and per field from the one window whose flip comes next (a
 offsets): with 200 segments on `traits.last_seen_at`, one window each, scheduling was three quarters of
 what a change of it cost.
 
-Plain data, no I/O: rebuilt, never changed in place.
+Plain data, no I/O: never changed in place. A create going live grows a new index from the last one
+(`grown`: only what the created segment reads is built again, the rest shared, and it takes the place
+building whole gives it in the order); anything else builds it whole. Built whole at every create, it cost
+about 10 µs per live segment: 30 ms of the 3,000th create.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from cdp_lang.percentiles import PercentileSpec
 from cdp_lang.row import flip_time
@@ -85,6 +88,8 @@ class FieldIndex:
     def __init__(self, serving: Iterable[Segment] = ()) -> None:
         serving = {s.id: s for s in serving}
         self.serving = serving
+        # each segment's definition as indexed: `grown` tells an added segment from a changed one by it
+        self._compiled = {segment_id: segment.compiled for segment_id, segment in serving.items()}
         order = check_segment_graph({s.id: s.compiled.segments & serving.keys() for s in serving.values()})
         self.order: list[str] = order  # live segment ids, dependencies first
         position = {segment_id: i for i, segment_id in enumerate(order)}
@@ -121,10 +126,9 @@ class FieldIndex:
                 by_field.setdefault(found[0], []).append((found[1], segment.id))
         # field -> (sorted thresholds, their segments): segments comparing one field with one number,
         # where a change can move only those whose threshold it crosses
+        self._by_threshold = by_field
         self.thresholds: dict[str, tuple[list[float], list[tuple[Segment, bool]]]] = {
-            name: ([t for t, _ in sorted(items)], [(serving[i], True) for _, i in sorted(items)])
-            for name, items in by_field.items()
-            if len(items) > 1
+            name: _threshold_index(items, serving) for name, items in by_field.items() if len(items) > 1
         }
         by_words: dict[str, list[tuple[frozenset[str], str]]] = {}
         for segment in serving.values():
@@ -133,14 +137,10 @@ class FieldIndex:
                 by_words.setdefault(found_words[0], []).append((found_words[1], segment.id))
         # field -> word -> its segments (`= "word"`, `in [... "word" ...]`): a change can move only those
         # holding its old or its new value
-        self.equalities: dict[str, dict[str, tuple[tuple[Segment, bool], ...]]] = {}
-        for name, items in by_words.items():
-            if len(items) > 1:
-                words: dict[str, list[tuple[Segment, bool]]] = {}
-                for values, segment_id in sorted(items, key=lambda item: position[item[1]]):
-                    for word in values:
-                        words.setdefault(word, []).append((serving[segment_id], True))
-                self.equalities[name] = {word: tuple(segments) for word, segments in words.items()}
+        self._by_words = by_words
+        self.equalities: dict[str, dict[str, tuple[tuple[Segment, bool], ...]]] = {
+            name: _equality_index(items, serving, position) for name, items in by_words.items() if len(items) > 1
+        }
         by_window: dict[str, list[tuple[float, str, Segment]]] = {}
         for segment in serving.values():
             found_window = window(segment.compiled)
@@ -151,18 +151,13 @@ class FieldIndex:
         # `now + offset` lies in the range the field moved over: the others had the same outcome at `now` for
         # the old value, which is their membership (their flips up to `now` fired as timers first: a batch
         # fires the partition's due timers before its changes), as for the new one
+        self._by_window = by_window
         self.windows: dict[str, tuple[list[float], list[tuple[Segment, bool]]]] = {
-            name: ([o for o, _, _ in sorted(items)], [(s, True) for _, _, s in sorted(items, key=lambda i: i[:2])])
-            for name, items in by_window.items()
-            if len(items) > 1
+            name: _window_index(items) for name, items in by_window.items() if len(items) > 1
         }
-        self.indexed = {name: frozenset(s.id for s, _ in index[1]) for name, index in self.thresholds.items()}
-        for name, (_offsets, window_segments) in self.windows.items():
-            self.indexed[name] = self.indexed.get(name, frozenset()) | {s.id for s, _ in window_segments}
-        for name, words in self.equalities.items():
-            self.indexed[name] = self.indexed.get(name, frozenset()) | {
-                s.id for segments in words.values() for s, _ in segments
-            }
+        self.indexed: dict[str, frozenset[str]] = {}
+        for name in {*self.thresholds, *self.windows, *self.equalities}:
+            self.indexed[name] = self._indexed_of(name)
         # percentile key -> its spec, and the segments comparing a field (and sub-path) with it
         self.percentiles: dict[str, PercentileSpec] = {}
         self.percentile_readers: dict[str, list[tuple[Segment, str, tuple[str, ...]]]] = {}
@@ -222,6 +217,140 @@ class FieldIndex:
         self._needing = needing
         # field -> the segments reading it that need nothing of a word: a candidate for anyone with the field
         self._unconditional = {name: frozenset(ids - needing) for name, ids in direct.items() if name != TIME}
+
+    def _indexed_of(self, name: str) -> frozenset[str]:
+        """The segments on `name` the threshold, window and word indexes evaluate (`crossed`), not `affected`."""
+        ids: set[str] = set()
+        if name in self.thresholds:
+            ids.update(s.id for s, _ in self.thresholds[name][1])
+        if name in self.windows:
+            ids.update(s.id for s, _ in self.windows[name][1])
+        if name in self.equalities:
+            ids.update(s.id for segments in self.equalities[name].values() for s, _ in segments)
+        return frozenset(ids)
+
+    def grown(self, serving: Iterable[Segment]) -> FieldIndex | None:
+        """The index of `serving` built from this one, when `serving` is this index's segments with the same
+        definitions and one more (a create going live) that refers to no segment, that no segment refers to,
+        and that compares with no percentile: only what the added segment reads is built again, so creating
+        the 3,000th segment does not index the other 2,999 (about 10 µs each). None otherwise (an update, a
+        deletion, a reference either way, a percentile): build `FieldIndex(serving)`. Nothing of this index
+        is changed (a replay may still read it): what the new one changes is copied first."""
+        serving = list(serving)
+        if len(serving) != len(self.serving) + 1:
+            return None
+        compiled_of = self._compiled
+        added: Segment | None = None
+        for segment in serving:
+            if compiled_of.get(segment.id) is not segment.compiled:
+                if added is not None or segment.id in compiled_of:
+                    return None
+                added = segment
+        if added is None:
+            return None
+        compiled = added.compiled
+        if compiled.segments or compiled.percentiles or added.id in self._dependents:
+            return None
+        added_id = added.id
+        new = object.__new__(FieldIndex)
+        new.serving = {**self.serving, added_id: added}
+        new._compiled = {**compiled_of, added_id: compiled}
+        # Where building whole puts it (`check_segment_graph`: each id in order, after what it refers to),
+        # since the order is that of a change's transitions, and so of its messages' ids: a replica or a
+        # restart that built the index whole must publish the same messages. Referring to none, referred to
+        # by none, it comes right after the last segment an id before its own brought in.
+        position = self._position
+        at = max((p for segment_id, p in position.items() if segment_id < added_id), default=-1) + 1
+        new.order = [*self.order[:at], added_id, *self.order[at:]]
+        new._position = {
+            **position,
+            **{segment_id: p + 1 for segment_id, p in position.items() if p >= at},
+            added_id: at,
+        }
+        new._dependents = self._dependents
+        place = new._position.__getitem__
+
+        def inserted(ordered: tuple, item: object, key: Callable[[object], int]) -> tuple:
+            """`item` into a tuple in dependency order (the others keep theirs: it moves none of them)."""
+            i = bisect.bisect_left(ordered, at, key=key)
+            return (*ordered[:i], item, *ordered[i:])
+
+        by_id: Callable[[object], int] = lambda segment: place(segment.id)  # noqa: E731
+        by_pair: Callable[[object], int] = lambda pair: place(pair[0].id)  # noqa: E731
+        names = set(compiled.fields) | ({TIME} if compiled.time_dependent else set())
+        new.direct = dict(self.direct)
+        new.readers = dict(self.readers)
+        for name in names:
+            new.direct[name] = self.direct.get(name, set()) | {added_id}
+            new.readers[name] = inserted(self.readers.get(name, ()), added, by_id)
+        touched: set[str] = set()
+        new._by_threshold, new.thresholds = self._by_threshold, self.thresholds
+        found = threshold(compiled)
+        if found is not None:
+            name, value = found
+            items = [*self._by_threshold.get(name, ()), (value, added_id)]
+            new._by_threshold = {**self._by_threshold, name: items}
+            if len(items) > 1:
+                new.thresholds = {**self.thresholds, name: _threshold_index(items, new.serving)}
+                touched.add(name)
+        new._by_window, new.windows = self._by_window, self.windows
+        found_window = window(compiled)
+        if found_window is not None:
+            name, offset = found_window
+            items_w = [*self._by_window.get(name, ()), (offset, added_id, added)]
+            new._by_window = {**self._by_window, name: items_w}
+            if len(items_w) > 1:
+                new.windows = {**self.windows, name: _window_index(items_w)}
+                touched.add(name)
+        new._by_words, new.equalities = self._by_words, self.equalities
+        found_words = equality(compiled)
+        if found_words is not None:
+            name, values = found_words
+            items_e = [*self._by_words.get(name, ()), (values, added_id)]
+            new._by_words = {**self._by_words, name: items_e}
+            if len(items_e) > 2:  # into its words' segments, in order
+                words = dict(self.equalities[name])
+                for word in values:
+                    words[word] = inserted(words.get(word, ()), (added, True), by_pair)
+                new.equalities = {**self.equalities, name: words}
+                touched.add(name)
+            elif len(items_e) == 2:
+                new.equalities = {**self.equalities, name: _equality_index(items_e, new.serving, new._position)}
+                touched.add(name)
+        new.indexed = self.indexed
+        if touched:
+            new.indexed = dict(self.indexed)
+            for name in touched:
+                new.indexed[name] = new._indexed_of(name)
+        new.percentiles = self.percentiles
+        new.percentile_readers = self.percentile_readers
+        new.percentile_everyone = self.percentile_everyone
+        new.percentile_sources = self.percentile_sources
+        new._affected_cache = {}
+        if compiled.time_dependent:
+            new.time_segments = inserted(self.time_segments, (added, True), by_pair)
+            new.flips = self.flips.adding(added) if added.timed else self.flips
+        else:
+            new.time_segments, new.flips = self.time_segments, self.flips
+        new.all = (*self.all[:at], (added, True), *self.all[at:])
+        new.on_empty, new._from_empty = self.on_empty, self._from_empty
+        if added.predicate({}, self.on_empty, 0.0):
+            new.on_empty = self.on_empty | {added_id}
+            new._from_empty = self._from_empty | {added_id}
+        found_needs = requirement(compiled.plan)
+        new._needs, new._needing = self._needs, self._needing
+        new._unconditional = dict(self._unconditional)
+        if found_needs is not None:
+            new._needing = self._needing | {added_id}
+            new._needs = dict(self._needs)
+            for name, values in found_needs:
+                by_word = new._needs[name] = dict(self._needs.get(name, {}))
+                for word in values:
+                    by_word[word] = by_word.get(word, set()) | {added_id}
+        for name in names - {TIME}:
+            unconditional = self._unconditional.get(name, frozenset())
+            new._unconditional[name] = unconditional if found_needs is not None else unconditional | {added_id}
+        return new
 
     def affected(self, changed: frozenset[str]) -> Affected:
         """The segments a change of these fields can move, dependencies first, each with whether it reads
@@ -362,13 +491,30 @@ class TimeFlips:
         groups: dict[tuple[str, tuple[str, ...]], list[TimeTest]] = {}
         for test in distinct:
             groups.setdefault((test.field, test.sub), []).append(test)
+        self._distinct = distinct
         self.tests = len(distinct)
         # (field, sub-path, the offsets ascending, their comparisons in that order)
-        self.groups: list[tuple[str, tuple[str, ...], list[float], list[TimeTest]]] = []
-        for (name, sub), tests in groups.items():
-            offset = {test: float(test.offset or 0.0) for test in tests}  # (a moving test has one)
-            tests.sort(key=offset.__getitem__)
-            self.groups.append((name, sub, [offset[test] for test in tests], tests))
+        self.groups: list[tuple[str, tuple[str, ...], list[float], list[TimeTest]]] = [
+            _flip_group(name, sub, tests) for (name, sub), tests in groups.items()
+        ]
+
+    def adding(self, segment: Segment) -> TimeFlips:
+        """These comparisons with the added segment's: its fields' groups built again, the others shared."""
+        tests = [test for test in moving_tests(segment.compiled.plan) if test not in self._distinct]
+        if not tests:
+            return self
+        new = object.__new__(TimeFlips)
+        new._distinct = {**self._distinct, **dict.fromkeys(tests)}
+        new.tests = len(new._distinct)
+        keys = {(test.field, test.sub) for test in tests}
+        kept = [group for group in self.groups if (group[0], group[1]) not in keys]
+        grouped: dict[tuple[str, tuple[str, ...]], list[TimeTest]] = {key: [] for key in keys}
+        for test in new._distinct:
+            key = (test.field, test.sub)
+            if key in grouped:
+                grouped[key].append(test)
+        new.groups = kept + [_flip_group(name, sub, group) for (name, sub), group in grouped.items()]
+        return new
 
     def next_flip(self, fields: Mapping[str, object], now: float) -> float | None:
         """The earliest instant after `now` one of the comparisons flips for a person with these fields.
@@ -404,6 +550,40 @@ def window(compiled: CompiledSegment) -> tuple[str, float] | None:
     if isinstance(plan, TimeTest) and not plan.sub and plan.offset is not None and plan.op in ("<", "<=", ">", ">="):
         return plan.field, plan.offset
     return None
+
+
+def _flip_group(
+    name: str, sub: tuple[str, ...], tests: list[TimeTest]
+) -> tuple[str, tuple[str, ...], list[float], list[TimeTest]]:
+    """One field's comparisons with `now`, sorted by offset, with the offsets (`TimeFlips.groups`)."""
+    offset = {test: float(test.offset or 0.0) for test in tests}  # (a moving test has one)
+    tests = sorted(tests, key=offset.__getitem__)
+    return (name, sub, [offset[test] for test in tests], tests)
+
+
+def _threshold_index(
+    items: list[tuple[float, str]], serving: Mapping[str, Segment]
+) -> tuple[list[float], list[tuple[Segment, bool]]]:
+    """A field's thresholds ascending, and their segments in that order (`FieldIndex.thresholds`)."""
+    ordered = sorted(items)
+    return [t for t, _ in ordered], [(serving[i], True) for _, i in ordered]
+
+
+def _window_index(items: list[tuple[float, str, Segment]]) -> tuple[list[float], list[tuple[Segment, bool]]]:
+    """A field's window offsets ascending, and their segments in that order (`FieldIndex.windows`)."""
+    ordered = sorted(items, key=lambda item: item[:2])
+    return [o for o, _, _ in ordered], [(segment, True) for _, _, segment in ordered]
+
+
+def _equality_index(
+    items: list[tuple[frozenset[str], str]], serving: Mapping[str, Segment], position: Mapping[str, int]
+) -> dict[str, tuple[tuple[Segment, bool], ...]]:
+    """A field's words, each with its segments in dependency order (`FieldIndex.equalities`)."""
+    words: dict[str, list[tuple[Segment, bool]]] = {}
+    for values, segment_id in sorted(items, key=lambda item: position[item[1]]):
+        for word in values:
+            words.setdefault(word, []).append((serving[segment_id], True))
+    return {word: tuple(segments) for word, segments in words.items()}
 
 
 def requirement(plan: Plan) -> tuple[tuple[str, frozenset[str]], ...] | None:
