@@ -6,8 +6,8 @@
   upsert by its external id value making a new record.
 - Dataverse (the Merge action): the subordinate is deactivated, `merged` set and `_masterid_value` naming the
   target; both are in the next delta.
-- Zoho (Merge Records): the children are deleted to the recycle bin; the deleted records listing names no
-  master."""
+- Zoho (Merge Records): the children are deleted for good (not to the recycle bin); the deleted records
+  listing names no master."""
 
 from __future__ import annotations
 
@@ -118,9 +118,11 @@ async def test_a_zoho_merge_deletes_the_children_and_lists_them_deleted_without_
         assert zoho.find("Cases", "id", case["id"])["Related_To"]["id"] == master["id"]
         status, _ = await _zoho(zoho, "GET", f"/crm/v8/Contacts/{child['id']}")
         assert status == 204
-        status, deleted = await _zoho(zoho, "GET", "/crm/v8/Contacts/deleted?type=recycle")
+        status, deleted = await _zoho(zoho, "GET", "/crm/v8/Contacts/deleted?type=permanent")
         (gone,) = deleted["data"]
-        assert (gone["id"], gone["type"]) == (child["id"], "recycle")
+        assert (gone["id"], gone["type"]) == (child["id"], "permanent")  # a merge's child is not recoverable
+        status, _ = await _zoho(zoho, "GET", "/crm/v8/Contacts/deleted?type=recycle")
+        assert status == 204
         assert master["id"] not in orjson.dumps(gone).decode()  # nothing names the master
         status, refused = await _zoho(zoho, "POST", f"/crm/v8/Contacts/{master['id']}/actions/merge", body)
         assert status == 400 and refused["code"] == "INVALID_DATA"  # the child is gone

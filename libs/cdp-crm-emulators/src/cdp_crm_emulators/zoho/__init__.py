@@ -34,10 +34,13 @@ Merge Records (``POST /crm/v8/<Module>/<master id>/actions/merge``, body ``{"mer
 <child>, "_fields": [{"api_name": ...}]}]}]}``: Leads, Contacts, Accounts, Deals): up to two child records are
 merged into the master - it keeps its id and values, takes each child's fields named in ``_fields``, and its
 ``Modified_Time`` moves; the lookups naming a child (a Case's ``Related_To``, a Deal's ``Contact_Name``, a
-Task's ``Who_Id``) are moved to the master; each child is deleted: to the recycle bin, listed by ``GET
-/crm/v8/<Module>/deleted`` (``type`` all or recycle, ``If-Modified-Since``: ``id``, ``display_name``,
-``type``, ``deleted_by``, ``deleted_time`` - nothing naming the master it was merged into), and a read by its
-id answers 204 as for any record no longer there. `user_merge` is the same merge made in the UI.
+Task's ``Who_Id``) are moved to the master; each child is deleted permanently (not to the recycle bin, as
+Zoho's merge does: the merge shows in the master's timeline and the audit log), listed by ``GET
+/crm/v8/<Module>/deleted`` with ``type`` permanent (``type`` all, recycle or permanent;
+``If-Modified-Since``: ``id``, ``display_name``, ``type``, ``deleted_by``, ``deleted_time`` - nothing naming
+the master it was merged into); a record deleted otherwise goes to the recycle bin (``type`` recycle). A
+read by a deleted record's id answers 204 as for any record no longer there. `user_merge` is the same merge
+made in the UI.
 """
 
 from __future__ import annotations
@@ -206,11 +209,12 @@ class ZohoEmulator(Emulator):
                 if moved:
                     self.store.put(other, record_id, {**record, **moved})
         for child in children:
-            self._recycle(module, child)
+            self._recycle(module, child, kind="permanent")
         self._write(module, master, values)
         return None
 
-    def _recycle(self, module: str, record_id: str) -> None:
+    def _recycle(self, module: str, record_id: str, kind: str = "recycle") -> None:
+        """Delete a record: to the recycle bin (`kind` recycle) or for good (permanent, a merge's children)."""
         record = self.store.delete(module, record_id)
         if record is not None:
             when = dt.datetime.fromtimestamp(self.clock(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
@@ -218,7 +222,7 @@ class ZohoEmulator(Emulator):
                 record.get("Full_Name") or record.get("Last_Name") or record.get("Deal_Name") or record.get("Subject")
             )
             self.recycled.setdefault(module, {})[record_id] = {
-                "id": record_id, "display_name": name, "type": "recycle", "deleted_by": _USER, "deleted_time": when,
+                "id": record_id, "display_name": name, "type": kind, "deleted_by": _USER, "deleted_time": when,
             }  # fmt: skip
 
     # --- auth and credits ------------------------------------------------------------------------
