@@ -14,6 +14,7 @@ import nats
 import pytest
 
 from cdp_kit.natsauth import (
+    MODEL_BUCKET,
     OPERATOR,
     ROLES,
     NatsClientSettings,
@@ -60,5 +61,12 @@ def secured_bus(tmp_path) -> Iterator[SecuredBus]:
     operator = new_password()
     config = authorization_config(passwords, operator_password=operator, partitions=PARTITIONS)
     with NatsServer(store_dir=tmp_path / "nats", config=config) as server:
-        asyncio.run(as_operator(server.url, operator, {"CDP_PARTITIONS": str(PARTITIONS)}))
+        # Every stream and bucket a deployment can have: the ownership bucket (CDP_OWNERSHIP=nats) and the
+        # model store, each a place a service's user may write bytes of its choosing.
+        environ = {
+            "CDP_PARTITIONS": str(PARTITIONS),
+            "CDP_OWNERSHIP": "nats",
+            "CDP_SCORING_MODEL_STORE": f"nats://{MODEL_BUCKET}",
+        }
+        asyncio.run(as_operator(server.url, operator, environ))
         yield SecuredBus(server.url, passwords, operator, tmp_path)

@@ -110,8 +110,12 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
             subjects.dead_letter(stream, name),  # what it gives up on (DLQ: stored, never reconfigured)
         ]
         subscribe.append(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{name}")
+    # Single messages by STREAM.MSG.GET only, whose answer is JSON. Never a direct get: nats-server sends its
+    # answer, the message's own bytes, to whatever reply subject the request names (permissions look at the
+    # request's subject alone), so a user that may direct-get a stream holding bytes it wrote (orchestration:
+    # ACTIONS) could put them on any core subject as nats-server. The kit reads by STREAM.MSG.GET anyway.
     for stream in role.reads:
-        publish += [f"{api}.STREAM.MSG.GET.{stream}", f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>"]
+        publish.append(f"{api}.STREAM.MSG.GET.{stream}")
     # A stream it consumes: the get of one message, so its lag poll can date the oldest one it has not
     # acknowledged (cdp.bus.consumer.oldest_age). Nothing it could not read already: its own consumer's
     # create subject takes any filter of that stream.
@@ -123,7 +127,9 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     # Partition ownership (CDP_OWNERSHIP=nats): the shared bucket, and only this service's group of keys
     # in it, on subjects that name the key: writes, a direct get of one key, and a scan consumer whose
     # filter is in its create subject (cdp_kit.ownership.group_kv). Never the nameless create (a watch:
-    # any filter, in the body), the get by body (any key) or another's consumer by name.
+    # any filter, in the body), the get by body (any key) or another's consumer by name. The direct get's
+    # answer (bytes this service wrote) can be sent to any subject: receivers of core subjects drop it
+    # (`subjects.published_on`), and nats-server stores no direct get's answer in a stream.
     kv_stream, own_keys = f"KV_{OWNERSHIP_BUCKET}", f"$KV.{OWNERSHIP_BUCKET}.{role.name}.>"
     publish += [
         f"{api}.STREAM.INFO.{kv_stream}",
@@ -139,9 +145,7 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
             # nats.py purges an object's old chunks (by subject) when it is written again or deleted: its
             # own bucket's contents only; the bucket itself is the provisioner's to make.
             f"{api}.STREAM.PURGE.{obj_stream}",
-            f"{api}.STREAM.MSG.GET.{obj_stream}",
-            f"{api}.DIRECT.GET.{obj_stream}",
-            f"{api}.DIRECT.GET.{obj_stream}.>",
+            f"{api}.STREAM.MSG.GET.{obj_stream}",  # an object's description (nats.py: no direct get)
             f"{api}.CONSUMER.CREATE.{obj_stream}",
             f"{api}.CONSUMER.CREATE.{obj_stream}.>",
             f"{api}.CONSUMER.INFO.{obj_stream}.*",

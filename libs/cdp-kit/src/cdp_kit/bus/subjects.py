@@ -87,15 +87,30 @@ SEGMENTATION_SEGMENTS_CHANGED = "segmentation.segments.changed"
 ORCHESTRATION_JOURNEYS_CHANGED = "orchestration.journeys.changed"
 
 
+# Headers nats-server puts on a direct get's answer (`$JS.API.DIRECT.GET.<stream>`), which no publisher of
+# a core subject sends; and how every other JetStream API answer begins.
+_ANSWER_HEADERS = ("Nats-Stream", "Nats-Sequence")
+_API_ANSWER = b'{"type":"io.nats.jetstream.api.v1.'
+
+
 def published_on(msg, subject: str) -> bool:
     """Whether a core NATS message came by a publish on `subject`, the subject its subscriber asked for.
 
-    A service's NATS user may publish only its own subjects, but one that may create a consumer on a
-    stream it reads can make it a push consumer whose deliver subject is another service's core subject:
-    nats-server then publishes the stream's messages there for it (the permission to create a consumer
-    does not look at the deliver subject in the request's body). Such a message keeps its stream subject
-    (with a `$JS.ACK` reply): receivers of core subjects take only what was published on theirs."""
-    return msg.subject == subject
+    A service's NATS user may publish only its own subjects, but nats-server publishes for it elsewhere:
+    - a push consumer of a stream it reads may deliver onto any subject (the permission to create a
+      consumer does not look at the deliver subject in the request's body). Such a message keeps its stream
+      subject (with a `$JS.ACK` reply);
+    - a JetStream API request is answered on the reply subject the requester names, whatever it is, and
+      permissions look at the request's subject only. A direct get's answer (a key of its own in the
+      ownership bucket, which it may write: any bytes) arrives on `subject` itself, carrying the message's
+      bytes and the stream's `Nats-Stream` / `Nats-Sequence` headers; any other API answer is JSON.
+    Receivers of core subjects take only what was published on theirs, and no such answer."""
+    if msg.subject != subject:
+        return False
+    headers = msg.headers
+    if headers and any(name in headers for name in _ANSWER_HEADERS):
+        return False
+    return not msg.data.startswith(_API_ANSWER)
 
 
 # What each stream stores (its subject filter).
