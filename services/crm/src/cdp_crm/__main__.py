@@ -33,7 +33,7 @@ from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, MappingInvalid, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.export import exporter
-from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
+from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, WebhookSweeper, open_poller
 from cdp_crm.notices import fence, reapply
 from cdp_crm.people import ProfileDirectory, profile_fetch, profile_identifiers
 from cdp_crm.privacy import Privacy, TombstoneSweeper, consumer_spec
@@ -240,7 +240,9 @@ async def setup(runtime: ServiceRuntime) -> None:
             owned = lambda home=home: home in engine.owned()  # noqa: E731 - the replica owning it reads it
             tasks.append(runtime.spawn(poller.run(settings.poll_seconds, owned), f"read {connection.id}"))
         if settings.webhook_port:
-            webhooks = web.AppRunner(HubSpotWebhooks(hooks, public_url=settings.webhook_public_url, meter=meter).app)
+            taking = HubSpotWebhooks(hooks, public_url=settings.webhook_public_url, meter=meter, store=store)
+            webhooks = web.AppRunner(taking.app)  # what one replica took, every replica sees (crm_webhooks)
+            tasks.append(runtime.spawn(WebhookSweeper(store).run(), "sweep webhook signatures taken"))
             await webhooks.setup()
             runtime.stack.push_async_callback(webhooks.cleanup)
             await web.TCPSite(webhooks, settings.grpc_host, settings.webhook_port).start()

@@ -34,6 +34,9 @@
   the connector for them afterwards (segmentation's exits, a profile change sourced late) is dropped, so
   nothing writes them to a CRM again. The person id is the CDP's own; no identifier or value is kept.
   Swept after CDP_CRM_TOMBSTONE_DAYS (`privacy.TombstoneSweeper`), when nothing for the person can arrive.
+- `crm_webhooks` / <connection>:<digest of the signature>: a signed HubSpot webhook request taken (`at`:
+  its timestamp), so a replay of it is taken by no replica; swept once the request would be refused as
+  stale anyway (`inbound.hubspot.WebhookSweeper`). No content of the request is kept.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ CURSORS = "crm_cursors"
 PRIVACY = "crm_privacy"
 TOMBSTONES = "crm_tombstones"
 MERGES = "crm_merges"
+WEBHOOKS = "crm_webhooks"
 
 SYNCED = "synced"
 PENDING_STATE = "pending"

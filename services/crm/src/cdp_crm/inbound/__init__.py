@@ -18,7 +18,7 @@ from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
 from cdp_crm.inbound.core import Collector, CollectorRefused, CrmReadFailed, Poller, Reader
 from cdp_crm.inbound.dynamics import DynamicsReader
-from cdp_crm.inbound.hubspot import HubSpotPoller, HubSpotReader, HubSpotWebhooks
+from cdp_crm.inbound.hubspot import HubSpotPoller, HubSpotReader, HubSpotWebhooks, WebhookSweeper
 from cdp_crm.inbound.news import event_id
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.inbound.zoho import ZohoReader
@@ -62,6 +62,7 @@ __all__ = [
     "HubSpotReader",
     "HubSpotWebhooks",
     "Poller",
+    "WebhookSweeper",
     "event_id",
     "open_poller",
 ]

@@ -52,7 +52,9 @@ from cdp_crm.domain.mapping import Connection
 from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller, Posted
 from cdp_crm.inbound.news import backwards
 from cdp_crm.inbound.refusals import RefusalLog
-from cdp_kit.storage import Store
+from cdp_crm.state import WEBHOOKS
+from cdp_kit.storage import Store, VersionConflict
+from cdp_kit.storage.expiry import ExpirySweeper
 
 log = logging.getLogger("cdp.crm.inbound")
 
@@ -331,6 +333,14 @@ class HubSpotWebhooks:
     poller read the CRM on the account's budget), wake that connection's poller. The
     notification's content is not trusted beyond "something changed": the poller reads the records.
 
+    "Taken already" is the store's (`store`: `crm_webhooks/<connection>:<digest of the signature>`, created
+    only if absent - a versioned put expecting no document -, its `at` the request's timestamp, swept once
+    the timestamp is too old to be taken anyway, `WebhookSweeper`): every replica behind a load balancer
+    sees what another took, where a memory per process took a replay sent to another replica again. A
+    process's own memory stays in front of it (a flood of one replayed request to one replica costs no
+    store write). The store not answering: 503 and nothing woken (HubSpot retries; polling is the net).
+    Without a store (tests of one process), the process's memory alone.
+
     `public_url`: the base URL HubSpot calls (behind a proxy the request's own URL differs from the one
     HubSpot signed); empty: the request's URL."""
 
@@ -343,8 +353,10 @@ class HubSpotWebhooks:
         public_url: str = "",
         clock: Callable[[], float] = time.time,
         meter: Any = None,
+        store: Store | None = None,
     ) -> None:
         self.pollers = pollers  # connection id -> (poller, the app's client secret)
+        self.store = store
         self.public_url = public_url.rstrip("/")
         self.clock = clock
         self.refusals = RefusalLog(log, meter=meter)  # a flood of forged requests: one line a minute
@@ -384,12 +396,38 @@ class HubSpotWebhooks:
         if signature in self._taken:
             self.refusals(poller.connection.id, "replayed")
             return web.Response(status=204)  # taken already: nothing to do again
-        self._taken.add(signature)
-        heapq.heappush(self._expiries, (int(timestamp) + self.MAX_AGE_MS, signature))
+        if self.store is not None:
+            key = f"{poller.connection.id}:{hashlib.sha256(signature.encode()).hexdigest()[:32]}"
+            try:
+                await self.store.put(WEBHOOKS, key, {"at": int(timestamp) / 1000}, expected_version=0)
+            except VersionConflict:  # another replica (or this one, before a restart) took it
+                self._remember(signature, timestamp)
+                self.refusals(poller.connection.id, "replayed")
+                return web.Response(status=204)
+            except Exception as exc:  # the store down: neither taken nor refused for good
+                log.warning(
+                    "crm webhook not checked against the store",
+                    extra={"connection": poller.connection.id, "error": type(exc).__name__},
+                )
+                return web.json_response({"message": "try again"}, status=503)
+        self._remember(signature, timestamp)
         named = _objects_named(body)
         poller.announced |= named or set()  # announced: once every object is, quiet polling turns stretch
         poller.wake(named)
         return web.Response(status=204)
+
+    def _remember(self, signature: str, timestamp: str) -> None:
+        self._taken.add(signature)
+        heapq.heappush(self._expiries, (int(timestamp) + self.MAX_AGE_MS, signature))
+
+
+class WebhookSweeper(ExpirySweeper):
+    """Deletes the webhook signatures taken (`crm_webhooks`) once their request's timestamp is older than a
+    request is taken at (`HubSpotWebhooks.MAX_AGE_MS`), plus a minute for the replicas' clocks: by then a
+    replay is refused as stale before the store is asked. Every replica sweeps; each record goes once."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(store, WEBHOOKS, max_age=HubSpotWebhooks.MAX_AGE_MS / 1000 + 60, interval=60, clock=clock)
 
 
 def _objects_named(body: bytes) -> set[str] | None:
