@@ -489,12 +489,37 @@ async def test_auth_runs_before_the_handler(observed, tokens):
     assert reason.reason == "unauthenticated"
     assert [(name, caller) for name, caller, *_ in recorder.calls] == [
         ("Echo", "reader"),
-        ("Open", "anonymous"),
+        ("Open", "unauthenticated"),
         ("Hidden", "admin"),
     ]
     # Rejections are traced and counted like any other failure.
     assert [s.attributes["rpc.grpc.status_code"] for s in observed.server_spans()][:3] == [16, 16, 7]
     assert observed.durations()[("/test.Svc/Echo", "UNAUTHENTICATED")] == 2
+
+
+async def test_a_public_methods_caller_holds_no_scope_while_tokens_are_checked(observed, tokens):
+    """A PUBLIC method authenticates its caller itself (the collector's write key): the interceptor knows
+    nobody, so whatever the handler asks of `current_caller()` is refused. Before, it ran as ANONYMOUS, the
+    caller of CDP_AUTH_MODE=none, which holds `*`: a handler checking a scope would have let the internet
+    through. A caller sending an admin token is no one either: the token is not read for a PUBLIC method."""
+    path, t = tokens
+    seen: list = []
+
+    class Asking(Recorder):
+        async def open(self, request, context):
+            caller = current_caller()
+            seen.append((caller.name, caller.allows("svc:read"), caller.allows("*")))
+            return request
+
+    interceptor = CdpInterceptor(observed.telemetry, authenticator=TokenAuthenticator(path), method_scopes=SCOPES)
+    async with serving(interceptor, Asking()) as channel:
+        await channel.unary_unary("/test.Svc/Open")(b"")
+        await channel.unary_unary("/test.Svc/Open")(b"", metadata=bearer(t["admin"]))
+    assert seen == [("unauthenticated", False, False)] * 2
+    # Without tokens (development) every caller is ANONYMOUS, as before.
+    async with serving(CdpInterceptor(observed.telemetry), Asking()) as channel:
+        await channel.unary_unary("/test.Svc/Open")(b"")
+    assert seen[-1] == ("anonymous", True, True)
 
 
 async def test_health_needs_no_token_and_leaves_no_spans_or_metrics(observed, tokens):

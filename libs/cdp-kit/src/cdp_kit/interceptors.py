@@ -72,6 +72,10 @@ REFLECTION_SERVICES = (
 )
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("cdp_caller", default=ANONYMOUS)
+# Who calls a PUBLIC method while tokens are checked: nobody the interceptor knows, so a scope asked of it
+# (`current_caller().allows(...)`) is refused. ANONYMOUS, the default, holds `*`: it is for CDP_AUTH_MODE=none,
+# and a PUBLIC method (the collector's Collect, whose callers are the internet) ran as it.
+UNAUTHENTICATED = Caller("unauthenticated", frozenset())
 # The domain error a call ended with, as a log may show it: its reason code and, for bad input, the field.
 # Never the message: it names the value that failed for the caller's sake, and values are customer data.
 _rejection: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
@@ -194,14 +198,16 @@ class _Method:
         "audited",
         "name",
         "ok_attributes",
+        "public",
         "request_type",
         "scope",
         "span_attributes",
         "span_name",
     )
 
-    def __init__(self, name: str, scope: str | None, deserializer=None) -> None:
+    def __init__(self, name: str, scope: str | None, deserializer=None, *, public: bool = False) -> None:
         self.name = name  # "/pkg.Service/Method", as metrics and logs name it
+        self.public = public  # PUBLIC while tokens are checked: its handler runs as UNAUTHENTICATED
         self._deserializer = deserializer  # None: the handler takes the raw bytes
         # Generated stubs register `Message.FromString`, bound to the message class.
         descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
@@ -281,7 +287,8 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
                 if self._authenticator is not None:
                     handler = self._authenticated_only(handler)
             elif service not in OPEN_SERVICES:
-                wrapped = _Method(method, self._scope_for(method), handler.request_deserializer)
+                public = self._authenticator is not None and self._method_scopes.get(method) == PUBLIC
+                wrapped = _Method(method, self._scope_for(method), handler.request_deserializer, public=public)
                 handler = self._wrap(wrapped, handler)
             self._handlers[method] = handler
         return handler
@@ -333,6 +340,8 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if method.scope is not None:
                     caller = authenticate(method, authorization)
+                elif method.public:
+                    caller = _caller.set(UNAUTHENTICATED)
                 response = await behaviour(decode(request), context)
                 failed = False
                 return response
@@ -370,6 +379,8 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if method.scope is not None:
                     caller = authenticate(method, authorization)
+                elif method.public:
+                    caller = _caller.set(UNAUTHENTICATED)
                 result = behaviour(decode(request), context)
                 if hasattr(result, "__aiter__"):
                     async for response in result:
