@@ -16,6 +16,7 @@ import random
 from typing import Any
 
 import orjson
+import pytest
 from google.protobuf import struct_pb2
 
 import cdp_orchestration.apply as apply_module
@@ -255,8 +256,11 @@ def messages(effects) -> list[Any]:
     return [(m.subject, m.payload, m.msg_id, sorted((m.headers or {}).items())) for m in effects.messages]
 
 
-async def test_offering_an_input_only_where_it_can_move_something_decides_what_offering_it_everywhere_does():
-    rng = random.Random(20261207)
+# Each of these draws fails when any one of the index's rules for held steps, due rechecks, the lag and waits
+# on a time condition is left out (`wakes.py`, rules 3 to 6); most draws catch two or three of the four.
+@pytest.mark.parametrize("seed", [5, 7, 9])
+async def test_offering_an_input_only_where_it_can_move_something_decides_what_offering_it_everywhere_does(seed):
+    rng = random.Random(seed)
     async with open_store("memory://") as one_store, open_store("memory://") as all_store:
         indexed, everything = Service(one_store), Service(all_store)
         for document in JOURNEYS:
@@ -264,7 +268,7 @@ async def test_offering_an_input_only_where_it_can_move_something_decides_what_o
                 await service.publish(document)
         at, n, timers, seen, offered = T0, 0, [], [], 0
         for round_ in range(1500):
-            at += rng.choice((1, 5, 60, 600, 1800))
+            at += rng.choice((1, 5, 30, 120, 900))
             n += 1
             if round_ == 400:  # a new version of j0: the running instances stay on theirs
                 for service in (indexed, everything):

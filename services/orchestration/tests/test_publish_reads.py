@@ -71,13 +71,13 @@ async def test_publishing_and_archiving_read_only_the_journeys_own_instances():
         read: list[str] = []
         find, scan = store._find, store._scan
 
-        async def counting_find(collection, field, value, limit):
-            found = await find(collection, field, value, limit)
+        async def counting_find(collection, *args):
+            found = await find(collection, *args)
             read.extend(r.key for r in found if collection == INSTANCES)
             return found
 
-        async def counting_scan(collection, keys, limit):
-            page = await scan(collection, keys, limit)
+        async def counting_scan(collection, *args):
+            page = await scan(collection, *args)
             read.extend(r.key for r in page.records if collection == INSTANCES)
             return page
 

@@ -488,7 +488,7 @@ class OrchestrationLogic:
         if person.live:
             # The ended ones only (`wakes.py`): a look at each live instance was most of what an input cost a
             # person in hundreds of journeys once the input itself reached only the instances it moves.
-            for instance in person.wakes.ended(person.live, self.journeys):  # type: ignore[arg-type]
+            for instance in person.ended(self.journeys):
                 if not instance.watching_goal(now):
                     del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
                     person.dirty = True

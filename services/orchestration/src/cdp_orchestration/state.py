@@ -34,8 +34,9 @@ from typing import Any
 
 from cdp_kit.bus import OutMessage
 from cdp_kit.storage import Delete, Put, Store
+from cdp_orchestration import wakes as wakes_module
 from cdp_orchestration.domain.arbiter import Decision, PersonState
-from cdp_orchestration.domain.instance import Instance
+from cdp_orchestration.domain.instance import Instance, Status
 from cdp_orchestration.domain.records import (
     instance_from_record,
     person_from_record,
@@ -155,10 +156,17 @@ class Person:
     # The arbiter state's record, kept with the state it was made of: the record is rewritten on every profile
     # change, the arbiter state (immutable, replaced when it changes) far less often.
     arbiter_record: tuple[PersonState, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
-    wakes: WakeIndex = field(default_factory=WakeIndex, repr=False, compare=False)
+    # The live instances by what can move them, once there are more than a few (`wakes.py`).
+    wakes: WakeIndex | None = field(default=None, repr=False, compare=False)
 
     def view(self) -> PersonView:
         return PersonView(self.person_id, dict(self.fields), frozenset(self.segments), behind=self.behind())
+
+    def ended(self, journeys: Any) -> list[Instance]:
+        """The ended instances `live` holds (kept while they watch their goal)."""
+        if self.wakes is None:
+            return [i for i in self.live.values() if i.status is Status.ENDED]
+        return self.wakes.ended(self.live, journeys)  # type: ignore[arg-type]
 
     def behind(self) -> float | None:
         """Since when the fields lag behind the person's events or a segment change (`PersonView.behind`)."""
@@ -172,8 +180,13 @@ class Person:
         self, journeys: Any, now: float, *, event: str | None = None, fields: Any = (), segments: Any = ()
     ) -> list[Instance]:
         """The live instances an event called `event`, or a change of `fields` / `segments`, can move, in
-        `live`'s order (`wakes.WakeIndex.pick`)."""
-        return self.wakes.pick(
+        `live`'s order (`wakes.WakeIndex.pick`); every one while they are few (`wakes.INDEXED_ABOVE`)."""
+        wakes = self.wakes
+        if wakes is None:
+            if len(self.live) <= wakes_module.INDEXED_ABOVE:
+                return list(self.live.values())
+            wakes = self.wakes = WakeIndex()
+        return wakes.pick(
             self.live,  # type: ignore[arg-type]
             journeys,
             now,

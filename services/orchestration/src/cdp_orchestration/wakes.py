@@ -37,6 +37,10 @@ lag when the instance entered at or after the event they lag behind (`exits_held
    archived journey (any stimulus ends them, should the archive's sweep have missed one) or of a version not
    loaded (`Applier.step` says why).
 
+A person gets an index once they have more than `INDEXED_ABOVE` live instances (offering an input to a few
+costs less than the index's memory, about 1 KB an instance, in a hot cache of 100,000 persons); what a
+journey step waits on is worked out once per version and step and shared by every instance there.
+
 The index is kept up to date lazily: `Live`, the person's live-instance map, notes the ids set or removed
 since the index last looked (an instance is immutable: a step that changes it puts a new object), and `pick`
 takes those in first. It also lists the ended instances still watching their goal, which every input looks
@@ -57,7 +61,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -72,51 +75,67 @@ _ENTRY = "entry."  # an instance's own entry fields: no input changes them
 
 #: Offer every input to every live instance, as before the index: what the index is compared with in tests.
 OFFER_ALL = False
+#: A person gets a wake index once they have more live instances than this: offering an input to a few costs
+#: less than the index's memory (2 to 3 KB a person) in a hot cache of 100,000 persons.
+INDEXED_ABOVE = 4
 
 
 class Live(dict):  # type: ignore[type-arg]  # dict[str, Instance]
-    """A person's live instances by id (`Person.live`), noting which ids were set to another object or removed
-    since the wake index last looked (`moved`), and each id's place in the map (`seq`): instances are offered
-    in the map's order."""
+    """A person's live instances by id (`Person.live`). Once a wake index follows it (`follow`), it notes which
+    ids were set to another object or removed since the index last looked (`moved`), and each id's place in
+    the map (`seq`): instances are offered in the map's order. Until then it is a dict and a few empty slots:
+    most persons are in a journey or two, and the hot cache holds 100,000 of them."""
 
     __slots__ = ("_count", "moved", "seq")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-        self.moved: set[str] = set()
-        self.seq: dict[str, int] = {}
-        self._count = itertools.count()
-        self.update(*args, **kwargs)
+        super().__init__(*args, **kwargs)
+        self.moved: set[str] | None = None
+        self.seq: dict[str, int] | None = None
+        self._count = 0
+
+    def follow(self) -> None:
+        """Start noting changes: every id present counts as moved (the index takes them all in)."""
+        self.moved = set(self)
+        self.seq = {key: n for n, key in enumerate(self)}
+        self._count = len(self.seq)
 
     def __setitem__(self, key: str, value: Instance) -> None:
+        if self.moved is None:
+            dict.__setitem__(self, key, value)
+            return
         old = dict.get(self, key)
         if old is value:
             return  # a step that changed nothing puts the same object back
         if old is None:
-            self.seq[key] = next(self._count)
+            self.seq[key] = self._count  # type: ignore[index]
+            self._count += 1
         dict.__setitem__(self, key, value)
         self.moved.add(key)
 
     def __delitem__(self, key: str) -> None:
         dict.__delitem__(self, key)
-        del self.seq[key]
-        self.moved.add(key)
+        if self.moved is not None:
+            del self.seq[key]  # type: ignore[union-attr]
+            self.moved.add(key)
 
     def pop(self, key: str, *default: Any) -> Any:
-        if key in self:
-            del self.seq[key]
+        if self.moved is not None and key in self:
+            del self.seq[key]  # type: ignore[union-attr]
             self.moved.add(key)
         return dict.pop(self, key, *default)
 
     def popitem(self) -> tuple[str, Instance]:
         key, value = dict.popitem(self)
-        del self.seq[key]
-        self.moved.add(key)
+        if self.moved is not None:
+            del self.seq[key]  # type: ignore[union-attr]
+            self.moved.add(key)
         return key, value
 
     def clear(self) -> None:
-        self.moved.update(self)
-        self.seq.clear()
+        if self.moved is not None:
+            self.moved.update(self)
+            self.seq.clear()  # type: ignore[union-attr]
         dict.clear(self)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
@@ -158,53 +177,73 @@ def _wakers(instance: Instance, journeys: Journeys) -> _Wakers:
     if journey is None or (record is not None and record.state is State.ARCHIVED):
         wakers.always = True
         return wakers
-    goal = journey.goal
-    names: set[str] = set()
-    filters = []
-    if goal is not None and instance.converted_at is None and instance.goal_until is not None:
-        filters.append(goal.event)
-    if instance.status is not Status.RUNNING:
-        wakers.events = _names(filters, names)
+    running = instance.status is Status.RUNNING
+    watching = instance.converted_at is None and instance.goal_until is not None
+    key = (id(journey), instance.node if running else None, running, watching)
+    cached = _SHAPES.get(key)
+    if cached is None or cached[0] is not journey:
+        if len(_SHAPES) >= _MAX_SHAPES:
+            _SHAPES.clear()
+        cached = _SHAPES[key] = (journey, _shape(journey, instance.node if running else None, running, watching))
+    wakers.events, wakers.fields, wakers.segments, person_exits, time_wait = cached[1]
+    if not running:
         return wakers
-    conditions = []
-    for rule in journey.exits:
-        if rule.event is not None:
-            filters.append(rule.event)
-        if rule.condition is not None:
-            conditions.append(rule.condition)
-            if wakers.lag is None and instance.entered_at is not None and reads_person(rule.condition):
-                wakers.lag = instance.entered_at
-    node = journey.nodes.get(instance.node or "")
-    if isinstance(node, Wait):
-        if node.event is not None:
-            filters.append(node.event)
-        if node.condition is not None:
-            conditions.append(node.condition)
-    wakers.events = _names(filters, names)
-    fields: set[str] = set()
-    segments: set[str] = set()
-    for condition in conditions:
-        reads = condition.compiled.reads
-        fields.update(f for f in reads.fields if not f.startswith(_ENTRY))
-        segments.update(reads.segments)
-    wakers.fields, wakers.segments = frozenset(fields), frozenset(segments)
+    if person_exits and instance.entered_at is not None:
+        wakers.lag = instance.entered_at
     for timer in instance.timers:
         if timer.kind == RECHECK:
             wakers.recheck = timer.at
         elif timer.kind in (FIELDS, BRANCH):
             wakers.held = True
-    if (
-        wakers.recheck is None
-        and isinstance(node, Wait)
-        and node.condition is not None
-        and node.condition.compiled.reads.time
-    ):
+    if wakers.recheck is None and time_wait:
         # A wait on a condition time makes true, with no recheck: time may have made it true already. An event
         # reaching the instance after that instant, before its recheck fired, decides the exit conditions but not
         # the wait's (only a change or the recheck does), and drops the recheck (`rearm`: nothing is due any
         # more); any change then ends the wait. It is offered every one.
         wakers.changes = True
     return wakers
+
+
+# What a journey version's instances at one step wait on, shared by them all: (the parsed version's id(), node,
+# running, watching its goal) -> (that version, which the entry keeps alive so its id() is not reused; event
+# names or None for any, fields, segments, whether an exit condition reads the person, whether the step is a
+# wait on a condition time moves).
+_Shape = tuple[frozenset[str] | None, frozenset[str], frozenset[str], bool, bool]
+_SHAPES: dict[tuple[int, str | None, bool, bool], tuple[Any, _Shape]] = {}
+_MAX_SHAPES = 20_000
+
+
+def _shape(journey: Any, node_id: str | None, running: bool, watching: bool) -> _Shape:
+    names: set[str] = set()
+    filters = []
+    goal = journey.goal
+    if goal is not None and watching:
+        filters.append(goal.event)
+    if not running:
+        return _names(filters, names), frozenset(), frozenset(), False, False
+    conditions = []
+    person_exits = False
+    for rule in journey.exits:
+        if rule.event is not None:
+            filters.append(rule.event)
+        if rule.condition is not None:
+            conditions.append(rule.condition)
+            person_exits = person_exits or reads_person(rule.condition)
+    node = journey.nodes.get(node_id or "")
+    time_wait = False
+    if isinstance(node, Wait):
+        if node.event is not None:
+            filters.append(node.event)
+        if node.condition is not None:
+            conditions.append(node.condition)
+            time_wait = node.condition.compiled.reads.time
+    fields: set[str] = set()
+    segments: set[str] = set()
+    for condition in conditions:
+        reads = condition.compiled.reads
+        fields.update(f for f in reads.fields if not f.startswith(_ENTRY))
+        segments.update(reads.segments)
+    return _names(filters, names), frozenset(fields), frozenset(segments), person_exits, time_wait
 
 
 def _names(filters: list[Any], names: set[str]) -> frozenset[str] | None:
@@ -300,7 +339,7 @@ class WakeIndex:
                 ids.add(instance_id)
         for item in due:  # still due until its timer fires or a step moves it
             heapq.heappush(rechecks, item)
-        seq = live.seq
+        seq: dict[str, int] = live.seq  # type: ignore[assignment]
         return [live[i] for i in sorted(ids, key=seq.__getitem__)]
 
     def ended(self, live: Live, journeys: Journeys) -> list[Instance]:
@@ -310,7 +349,9 @@ class WakeIndex:
         return [live[i] for i in self._ended]
 
     def _sync(self, live: Live, journeys: Journeys) -> None:
-        moved = live.moved
+        if live.moved is None:
+            live.follow()
+        moved: set[str] = live.moved  # type: ignore[assignment]
         if journeys.generation != self._generation:
             moved = moved | self._entries.keys() | live.keys()
             self._generation = journeys.generation
