@@ -33,6 +33,7 @@ def view(index: FieldIndex) -> dict:
         "equalities": {
             name: {word: ids(found) for word, found in words.items()} for name, words in index.equalities.items()
         },
+        "window_tests": {name: [test.__name__ for test in tests] for name, tests in index._window_tests.items()},
         "indexed": {name: sorted(found) for name, found in index.indexed.items() if found},
         "percentiles": sorted(index.percentiles),
         "percentile_readers": {

@@ -275,6 +275,8 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             description="membership transitions published, by direction",
         )
         self.evaluations = 0
+        # Memberships decided without an evaluation (window segments a change crossed: evaluation.py)
+        self.decided = 0
         meter.create_observable_counter(
             "cdp.segmentation.evaluations",
             callbacks=[lambda _options: [Observation(self.evaluations)]],

@@ -86,13 +86,32 @@ class Evaluation:
         reason: str,
         cause: str,
         out: list[Transition],
+        decided: Sequence[tuple[Segment, bool]] = (),
     ) -> None:
-        """Evaluate `segments` (dependencies first) for one person; record the flips."""
+        """Evaluate `segments` (dependencies first) for one person; record the flips. `decided`: segments
+        whose outcome for the person now is known without evaluating them (window segments a change crossed,
+        index.py `crossed`), referring to no segment: applied first, their flips moving the segments of
+        `segments` that refer to them as an evaluated flip does."""
         members = person.members
         fields = person.fields
         timed = False
         flipped: set[str] | None = None
         evaluated = 0
+        if decided:
+            timed = True  # (window segments compare with now)
+            flipped = set()
+            for segment, inside in decided:
+                segment_id = segment.id
+                if inside is not (segment_id in members):
+                    if inside:
+                        members[segment_id] = at
+                        self.members.setdefault(segment_id, set()).add(person_id)
+                    else:
+                        del members[segment_id]
+                        self.members.get(segment_id, set()).discard(person_id)
+                    out.append(Transition(person_id, segment_id, inside, at, reason, segment.version, cause))
+                    flipped.add(segment_id)
+            self.decided += len(decided)
         for segment, direct in segments:
             if not direct and (flipped is None or flipped.isdisjoint(segment.refs)):
                 continue  # it only refers to segments this change left as they were
@@ -267,6 +286,7 @@ class Evaluation:
                 continue
             updates = change_fields(change)
             new = person is None
+            decided: list[tuple[Segment, bool]] = []
             if person is None:
                 # A change that began the profile holds all of it; any other first sight reads the profile
                 # (this replica's state began after the person's: a new replica, PROFILES aged out).
@@ -288,10 +308,11 @@ class Evaluation:
                     # Threshold segments first (they refer to no segment), then the rest, dependencies first.
                     segments = self.index.affected(frozenset(changed))
                     if self.index.indexed:
-                        crossed = self.index.crossed(changed, person.fields, now)
+                        # Window segments crossed are decided from the field's new time (index.py, `crossed`).
+                        crossed = self.index.crossed(changed, person.fields, now, decided)
                         if crossed:
                             segments = crossed + list(segments)
-                if segments:
+                if segments or decided:
                     self._evaluate(
                         person_id,
                         person,
@@ -301,6 +322,7 @@ class Evaluation:
                         reason=change.cause or "event",
                         cause=f"{cause}.{index}",
                         out=out,
+                        decided=decided,
                     )
                 if not new and self.index.windows and not self.index.windows.keys().isdisjoint(changed):
                     # A field window segments compare with `now` moved: the person's next flip moved with

@@ -30,7 +30,9 @@ lies in the range it moved over (`crossed`). Every other one holds for the new v
 what it holds for the old one, which is its membership: a batch fires the partition's due timers before
 its changes, so every flip up to now is in. The person's timer is set again from the new value whether or
 not one was crossed (evaluation.py). A change of last_seen_at (every event's) evaluated all 200 windows of
-1,000 segments: 80-110 µs, now 17-19.
+1,000 segments: 80-110 µs, now 17-19. The windows crossed are decided, not evaluated (`crossed` with
+`decided`): each one's whole definition is `field op now + offset`, so its outcome is the field's new time
+against `now + offset` (`epoch`, as the predicate reads it), one comparison.
 
 What a person first seen needs (`first_seen`): such a person is evaluated against the segments reading one
 of their fields, those an empty profile is in, and those referring to either; but a segment that can hold
@@ -64,6 +66,7 @@ from cdp_lang.row import flip_time
 from cdp_segmentation.catalogue import Segment
 from cdp_segmentation.domain import CompiledSegment, check_segment_graph
 from cdp_segmentation.domain.plan import (
+    COMPARE,
     AllOf,
     AnyOf,
     NumberTest,
@@ -155,6 +158,8 @@ class FieldIndex:
         self.windows: dict[str, tuple[list[float], list[tuple[Segment, bool]]]] = {
             name: _window_index(items) for name, items in by_window.items() if len(items) > 1
         }
+        # field -> each window segment's comparison (`<`, `>=`...), in the order of `windows`
+        self._window_tests = {name: _window_tests(segments) for name, (_, segments) in self.windows.items()}
         self.indexed: dict[str, frozenset[str]] = {}
         for name in {*self.thresholds, *self.windows, *self.equalities}:
             self.indexed[name] = self._indexed_of(name)
@@ -293,7 +298,7 @@ class FieldIndex:
             if len(items) > 1:
                 new.thresholds = {**self.thresholds, name: _threshold_index(items, new.serving)}
                 touched.add(name)
-        new._by_window, new.windows = self._by_window, self.windows
+        new._by_window, new.windows, new._window_tests = self._by_window, self.windows, self._window_tests
         found_window = window(compiled)
         if found_window is not None:
             name, offset = found_window
@@ -301,6 +306,7 @@ class FieldIndex:
             new._by_window = {**self._by_window, name: items_w}
             if len(items_w) > 1:
                 new.windows = {**self.windows, name: _window_index(items_w)}
+                new._window_tests = {**self._window_tests, name: _window_tests(new.windows[name][1])}
                 touched.add(name)
         new._by_words, new.equalities = self._by_words, self.equalities
         found_words = equality(compiled)
@@ -412,13 +418,22 @@ class FieldIndex:
         return tuple((self.serving[s], True) for s in sorted(found, key=position.__getitem__))
 
     def crossed(
-        self, changed: Mapping[str, object], fields: Mapping[str, object], now: float = 0.0
+        self,
+        changed: Mapping[str, object],
+        fields: Mapping[str, object],
+        now: float = 0.0,
+        decided: list[tuple[Segment, bool]] | None = None,
     ) -> list[tuple[Segment, bool]]:
         """Of the threshold segments (one field compared with one number) on the changed fields (path ->
         value before), those whose number lies in the range the field moved over, and of the equality
         segments (one field compared with words), those holding the old or the new value: the others give
         the same outcome for the old and the new value, so their membership, equal to that outcome since
-        their last evaluation, stays."""
+        their last evaluation, stays.
+
+        Of the window segments, those whose `now + offset` lies in the range the field moved over; with
+        `decided`, those are not returned when the field held a time before and after, but put in `decided`
+        with their outcome for the new value, `epoch(value) op now + offset` as their predicate computes it
+        (the whole definition is that comparison): no evaluation needed."""
         crossed: list[tuple[Segment, bool]] = []
         equalities = self.equalities
         windows = self.windows
@@ -434,7 +449,12 @@ class FieldIndex:
                     # `now + offset` as the predicate computes it (float addition keeps the order).
                     start = bisect.bisect_left(offsets, low, key=lambda offset: now + offset)
                     end = bisect.bisect_right(offsets, high, key=lambda offset: now + offset)
-                    crossed.extend(segments[start:end])
+                    if decided is None:
+                        crossed.extend(segments[start:end])
+                    else:
+                        tests = self._window_tests[path]
+                        for i in range(start, end):
+                            decided.append((segments[i][0], tests[i](after, now + offsets[i])))
             words = equalities.get(path)
             if words is not None:
                 new = fields.get(path)
@@ -573,6 +593,16 @@ def _window_index(items: list[tuple[float, str, Segment]]) -> tuple[list[float],
     """A field's window offsets ascending, and their segments in that order (`FieldIndex.windows`)."""
     ordered = sorted(items, key=lambda item: item[:2])
     return [o for o, _, _ in ordered], [(segment, True) for _, _, segment in ordered]
+
+
+def _window_tests(segments: list[tuple[Segment, bool]]) -> list[Callable[[float, float], bool]]:
+    """Each window segment's comparison of the field's time with `now + offset` (`window`: its whole plan)."""
+    tests = []
+    for segment, _ in segments:
+        plan = segment.compiled.plan
+        assert isinstance(plan, TimeTest)
+        tests.append(COMPARE[plan.op])
+    return tests
 
 
 def _equality_index(
