@@ -138,6 +138,28 @@ async def test_find_looks_up_an_indexed_field_in_key_order(store: Store) -> None
     assert await store.find("profiles", "country", "DE") == [Record("b", 1, {"country": "DE"})]
 
 
+async def test_find_continues_after_a_key_page_by_page(store: Store) -> None:
+    """A lookup past MAX_FIND_LIMIT matches is read page by page: each page from after the last key of the
+    one before (orchestration reads a journey's instances so)."""
+    await store.ensure_index("instances", "journey_id")
+    await store.bulk_write([Put("instances", f"i{n:03}", {"journey_id": "j1" if n % 3 else "j2"}) for n in range(40)])
+    wanted = [f"i{n:03}" for n in range(40) if n % 3]
+    pages, after = [], None
+    while True:
+        page = await store.find("instances", "journey_id", "j1", limit=7, after=after)
+        pages.append([r.key for r in page])
+        if len(page) < 7:
+            break
+        after = page[-1].key
+    assert [k for page in pages for k in page] == wanted
+    assert all(0 < len(page) <= 7 for page in pages[:-1])
+    # After a key that is not a match itself: from the next match on.
+    assert [r.key for r in await store.find("instances", "journey_id", "j1", after="i003", limit=2)] == ["i004", "i005"]
+    assert await store.find("instances", "journey_id", "j1", after=wanted[-1]) == []
+    with pytest.raises(InvalidArgument):
+        await store.find("instances", "journey_id", "j1", after="")
+
+
 async def test_find_follows_updates_and_deletes(store: Store) -> None:
     await store.ensure_index("profiles", "tier")
     await store.put("profiles", "p1", {"tier": "gold"})

@@ -14,7 +14,6 @@ the stream) and says so.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -23,7 +22,6 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, partition_for
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Store
-from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration import streams
 from cdp_orchestration.catalogue import Catalogues
 from cdp_orchestration.dispatch import Opens
@@ -34,9 +32,8 @@ from cdp_orchestration.journeys import DRAFT, Journeys
 from cdp_orchestration.messages import JOURNEY_STATE, set_time
 from cdp_orchestration.state import INSTANCES, STATS
 
-log = logging.getLogger("cdp.orchestration")
-
 POLL = 0.02  # seconds between looks at the store while a call waits for the engine's answer
+FIND_PAGE = 1000  # instances read per lookup (`_instances_of`)
 
 
 def expected_revision(request: Any) -> int:
@@ -186,27 +183,19 @@ class ApiBase:
         return totals
 
     async def _instances_of(self, journey_id: str, *, running: bool) -> AsyncIterator[dict[str, Any]]:
-        """The journey's instances (every version's; `running`: those not ended), read through the instances'
-        index by journey: publishing (its migration) and archiving read the journey's own instances, not every
-        journey's (a scan of the whole collection, once per earlier version when publishing). A lookup returns
-        at most MAX_FIND_LIMIT and cannot be resumed: a journey with more instances than that (ended ones
-        count, kept CDP_ORCHESTRATION_HISTORY_DAYS) is read by a scan of the collection, as before."""
-        found = await self.store.find(INSTANCES, "journey_id", journey_id, limit=MAX_FIND_LIMIT)
-        if len(found) < MAX_FIND_LIMIT:
-            for stored in found:
+        """The journey's instances (every version's; `running`: those not ended), read page by page through the
+        instances' index by journey: publishing (its migration) and archiving read the journey's own instances,
+        not every journey's (a scan of the whole collection, once per earlier version when publishing)."""
+        after = None
+        while True:
+            page = await self.store.find(INSTANCES, "journey_id", journey_id, limit=FIND_PAGE, after=after)
+            for stored in page:
                 doc = stored.doc
                 if not running or doc["status"] != "ended":
                     yield doc
-            return
-        log.info(
-            "journey %s has %d instances or more: read by a scan of every journey's instances",
-            journey_id,
-            MAX_FIND_LIMIT,
-        )
-        async for stored in self.store.scan_all(INSTANCES):
-            doc = stored.doc
-            if doc["journey_id"] == journey_id and (not running or doc["status"] != "ended"):
-                yield doc
+            if len(page) < FIND_PAGE:
+                return
+            after = page[-1].key
 
     # --- commands -----------------------------------------------------------------------------------------
 

@@ -110,13 +110,16 @@ class MemoryStore(Store):
         entries = self._collections.get(collection, _Collection()).entries
         return {key: self._record(key, entries[key]) for key in keys if key in entries}
 
-    async def _find(self, collection: str, field: str, value: Scalar, limit: int) -> list[Record]:
+    async def _find(
+        self, collection: str, field: str, value: Scalar, limit: int, after: str | None = None
+    ) -> list[Record]:
         coll = self._collections.get(collection)
         if coll is None or field not in coll.indexes:
             raise undeclared_field(collection, field)
         token = index_token(value)
         keys = sorted(coll.indexes[field].keys_by_token.get(token, ()))  # type: ignore[arg-type]
-        return [self._record(key, coll.entries[key]) for key in keys[:limit]]
+        start = bisect.bisect_right(keys, after) if after is not None else 0
+        return [self._record(key, coll.entries[key]) for key in keys[start : start + limit]]
 
     async def _scan(self, collection: str, keys: KeyRange, limit: int) -> Page:
         coll = self._collections.get(collection)

@@ -260,7 +260,9 @@ class MongoStore(Store):
                     found[raw["_id"]] = _record(raw)
         return found
 
-    async def _find(self, collection: str, field: str, value: Scalar, limit: int) -> list[Record]:
+    async def _find(
+        self, collection: str, field: str, value: Scalar, limit: int, after: str | None = None
+    ) -> list[Record]:
         with _translate("find", collection):
             declared = await self._declared(collection)
             if field not in declared:
@@ -273,6 +275,8 @@ class MongoStore(Store):
             if declared[field]:
                 # Repeat the partial filter so the planner can prove the partial index applies.
                 query = {"$and": [{f"d.{field}": {"$type": list(_SCALAR_TYPES)}}, query]}
+            if after is not None:
+                query = {"$and": [query, {"_id": {"$gt": after}}]}
             cursor = self._db[collection].find(query).sort("_id", ASCENDING).limit(limit)
             return [_record(raw) async for raw in cursor]
 

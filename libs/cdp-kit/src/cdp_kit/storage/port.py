@@ -155,8 +155,11 @@ class Store(abc.ABC):
             return {}
         return await self._get_many(collection, unique_keys)
 
-    async def find(self, collection: str, field: str, value: Scalar, *, limit: int = 100) -> list[Record]:
-        """Documents whose top-level `field` equals `value`, ordered by key, at most `limit`.
+    async def find(
+        self, collection: str, field: str, value: Scalar, *, limit: int = 100, after: str | None = None
+    ) -> list[Record]:
+        """Documents whose top-level `field` equals `value`, ordered by key, at most `limit`; with `after`, only
+        those whose key sorts after it (the next page: pass the last key of the previous one).
 
         The field must have been declared with `ensure_index` (a lookup, never a scan): otherwise this
         raises InvalidArgument naming the field."""
@@ -165,7 +168,9 @@ class Store(abc.ABC):
         check_field(field)
         check_find_value(field, value)
         check_limit(limit, MAX_FIND_LIMIT)
-        return await self._find(collection, field, value, limit)
+        if after is not None:
+            check_key(collection, after, field="after")
+        return await self._find(collection, field, value, limit, after)
 
     async def scan(
         self, collection: str, *, cursor: str | None = None, limit: int = 500, prefix: str | None = None
@@ -307,7 +312,9 @@ class Store(abc.ABC):
     async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Record]: ...
 
     @abc.abstractmethod
-    async def _find(self, collection: str, field: str, value: Scalar, limit: int) -> list[Record]: ...
+    async def _find(
+        self, collection: str, field: str, value: Scalar, limit: int, after: str | None = None
+    ) -> list[Record]: ...
 
     @abc.abstractmethod
     async def _scan(self, collection: str, keys: KeyRange, limit: int) -> Page: ...

@@ -414,22 +414,26 @@ class SqliteStore(Store):
             if snapshot:
                 conn.execute("COMMIT")
 
-    async def _find(self, collection: str, field: str, value: Scalar, limit: int) -> list[Record]:
+    async def _find(
+        self, collection: str, field: str, value: Scalar, limit: int, after: str | None = None
+    ) -> list[Record]:
         if field not in self._indexes.get(collection, {}):
             # Another process may have declared it since we loaded the declarations.
             await self._run(self._writer, self._reload_indexes)
             if field not in self._indexes.get(collection, {}):
                 raise undeclared_field(collection, field)
-        return await self._run(self._reader, self._find_sync, collection, field, value, limit)
+        return await self._run(self._reader, self._find_sync, collection, field, value, limit, after)
 
-    def _find_sync(self, collection: str, field: str, value: Scalar, limit: int) -> list[Record]:
+    def _find_sync(
+        self, collection: str, field: str, value: Scalar, limit: int, after: str | None = None
+    ) -> list[Record]:
         kind, extracted = _index_expressions(field)
         token = index_token(value)
         assert token is not None
         rows = self._rconn.execute(
             f"SELECT key, version, doc FROM documents WHERE collection = '{collection}' "
-            f"AND {kind} = ? AND {extracted} = ? ORDER BY key LIMIT ?",
-            (token[0], token[1], limit),
+            f"AND {kind} = ? AND {extracted} = ? AND key > ? ORDER BY key LIMIT ?",
+            (token[0], token[1], after if after is not None else "", limit),
         )
         return [self._record(row) for row in rows]
 
