@@ -23,8 +23,10 @@
   sync (budgets.py).
 - `crm_cursors` / <connection>:<object>: how far the inbound side has read a CRM's changes (a stamp and
   the ids read at it, or a Dataverse delta link); <connection>:<object>:<record id>: what the inbound
-  side saw last of one record - its status or stage and a digest of the fields it reports, no values
-  (inbound/core.py writes it, inbound/news.py makes it).
+  side saw last of one record - its status or stage and a digest of the fields it reports, and for a
+  contact or lead a digest per field read back as a trait or consent (`fields`: the base of the identify's
+  per-field comparison, salted with the record and field), no values (inbound/core.py writes it,
+  inbound/news.py makes it).
 - `crm_merges` / <survivor>:<loser>: a merge of two persons (identity.merged, as the survivor's profile
   change names it) whose records are still to be merged in the CRMs: written with the batch, done by the
   partition's owner once the survivor's records are written (`engine.CrmLogic.merge_pending`), then

@@ -6,7 +6,10 @@ CRM ids and, when the record is linked to a contact (or is one), the contact's e
 id the connector wrote rides along as `properties.cdp_person_id`, never as a userId. A contact's change
 also becomes an `identify` whose traits and `context.consent` are the contact's fields that a record
 mapping fills from `traits.*` or `consent.*` (`backwards`: the mapping read backwards; fields whose
-transform is not value-preserving are left out). An event's `messageId` (`event_id`) derives from the
+transform is not value-preserving are left out) and that a CRM user changed: a three-way comparison per
+field against the last value both sides agreed on - what the connector wrote there, or what the last read
+of the record found (the memo's digest per field) -, so a field the CDP changed meanwhile is not sent back
+stamped with the record's newer modification time (`News._identify`). An event's `messageId` (`event_id`) derives from the
 connection, object, record id and modification stamp only, so a page read again is posted with the same
 ids.
 
@@ -265,7 +268,20 @@ class News:
             if _by_connector(written, name, value):
                 fields[name] = "<written by the connector>"
         reported = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str)
-        return {"watched": change.watched, "digest": hashlib.sha256(reported).hexdigest()[:24]}
+        memo: dict[str, Any] = {"watched": change.watched, "digest": hashlib.sha256(reported).hexdigest()[:24]}
+        if change.kind in ("contact", "lead") and not change.deleted:
+            # Per field read back as a trait or consent, a digest of the value read (the base of the next
+            # read's three-way comparison, `_identify`): salted with the record and field, no value kept.
+            read = {
+                f: self._field_digest(change, f) for f in self.traits.get(change.obj.lower(), {}) if f in change.record
+            }
+            memo["fields"] = read
+        return memo
+
+    def _field_digest(self, change: Change, crm_field: str) -> str:
+        value = orjson.dumps(change.record.get(crm_field), option=orjson.OPT_SORT_KEYS, default=str)
+        salt = "\x00".join((self.connection.id, change.obj, change.record_id, crm_field)).encode()
+        return hashlib.sha256(salt + b"\x00" + value).hexdigest()[:16]
 
     # --- a change as events ---------------------------------------------------------------------
 
@@ -284,7 +300,7 @@ class News:
             # connector's record of its write was committed (the memo then held the raw values, so it
             # differs from this one, which counts them as the connector's).
             return []
-        if before is not None and before == memo and not change.deleted:
+        if before is not None and _same_memo(before, memo) and not change.deleted:
             return []  # nothing the events report changed (an edit of fields nobody reads, a repeat)
         name = event_name(change, before)
         kind, conn = self.connection.kind, self.connection.id
@@ -317,7 +333,7 @@ class News:
             track["timestamp"] = timestamp
         events = [track]
         if change.kind in ("contact", "lead") and not change.deleted:
-            identify = self._identify(change, context, anonymous, timestamp, written or {})
+            identify = self._identify(change, context, anonymous, timestamp, written or {}, before)
             if identify is not None:
                 events.append(identify)
         fitting = [f for e in events if (f := fit(e)) is not None]
@@ -335,20 +351,32 @@ class News:
         anonymous: str,
         timestamp: str | None,
         written: dict[str, list[Any]],
+        before: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """The contact's traits and consent as a CRM user wrote them: a field holding what the connector
-        wrote there, or the placeholder a mapping's `default` puts in, is the CDP's own value, not news.
-        None when nothing is left (the track event links the contact by its email anyway)."""
+        """The contact's traits and consent as a CRM user changed them: a three-way comparison per field
+        against the last value both sides agreed on. A field holding what the connector wrote there, or the
+        placeholder a mapping's `default` puts in, is the CDP's own value, not news; a field holding what
+        the last read of the record found (`before["fields"]`, its digest) is unchanged in the CRM since,
+        whatever the CDP did with it meanwhile - sent again here, stamped with the record's newer
+        modification time, it would take the place of a newer CDP change of that field in the profile (the
+        profile keeps per trait the newest value by event time). What is left changed in the CRM only, or
+        on both sides: there the later change wins, the CRM's dated by the record's modification stamp.
+        The email the contact is linked by goes in `context.traits` unless it is a changed trait itself:
+        identity reads it there, and the profile does not take it as a trait. None when nothing is left
+        (the track event links the contact by its email anyway)."""
         traits: dict[str, Any] = {}
         purposes: dict[str, bool] = {}
         channels: dict[str, bool] = {}
         placeholders = self.placeholders.get(change.obj.lower(), {})
+        read_before = (before or {}).get("fields") or {}
         for crm_field, target in self.traits.get(change.obj.lower(), {}).items():
             if crm_field not in change.record:
                 continue
             value = change.record[crm_field]
             if _by_connector(written, crm_field, value):
                 continue
+            if read_before.get(crm_field) == self._field_digest(change, crm_field):
+                continue  # as read last: the CRM did not change it since
             if crm_field in placeholders and _same(value, placeholders[crm_field]):
                 continue
             if target.startswith("traits."):
@@ -362,9 +390,9 @@ class News:
                     channels[key.removeprefix("channel:")] = granted
         if not (traits or purposes or channels):
             return None
-        if change.person is not None and change.person.email:
-            traits.setdefault("email", change.person.email)  # what identity links the contact to the person by
-        ctx = {"source": context["source"]}
+        ctx: dict[str, Any] = {"source": context["source"]}
+        if change.person is not None and change.person.email and "email" not in traits:
+            ctx["traits"] = {"email": change.person.email}  # what identity links the contact to the person by
         if purposes or channels:
             ctx["consent"] = {
                 **({"categoryPreferences": purposes} if purposes else {}),
@@ -462,7 +490,13 @@ def _before(stored: dict[str, Any] | None, stamp: str) -> dict[str, Any] | None:
         return None
     if stored.get("stamp") == stamp:
         return stored.get("before")
-    return {"watched": stored.get("watched"), "digest": stored.get("digest")}
+    return {"watched": stored.get("watched"), "digest": stored.get("digest"), "fields": stored.get("fields")}
+
+
+def _same_memo(before: dict[str, Any], memo: dict[str, Any]) -> bool:
+    """Nothing the events report changed: the watched field and the reported fields' digest (the per-field
+    digests are the identify's base, and a memo written before they were kept has none)."""
+    return before.get("watched") == memo.get("watched") and before.get("digest") == memo.get("digest")
 
 
 def _iso(stamp: str) -> str | None:
