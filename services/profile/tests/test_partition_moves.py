@@ -178,3 +178,49 @@ def test_with_leases_a_request_goes_to_the_pod_holding_the_persons_partition():
     # A request forwarded on an older holder's word reaches a replica that no longer holds it: retry.
     with pytest.raises(Unavailable, match="moving"):
         router.stub("cdp-profile-1.cdp-profile-headless:50053", Call((FORWARDED, "1")))
+
+
+async def test_a_release_cut_short_gives_the_partition_up_all_the_same(nats_server):
+    """The ownership cuts a release its lease no longer covers (`cdp_kit.ownership.leased`): cancelled while
+    its writes are in flight, the replica still stops owning the partition and forgets its persons, so it
+    neither answers from a copy the new owner no longer updates nor writes them."""
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store("memory://"))
+        a = await replica(stack, store, nats_server.url, "replica-a")
+        await a.define(
+            ComputedTrait.from_dict(
+                {"name": "orders_30d", "op": "count", "event_names": ["Order Completed"], "window": "30d"}
+            )
+        )
+        b = await replica(stack, store, nats_server.url, "replica-b")
+        await a.start_partition(0)
+        await feed(a, order("o1", "p1", T0 - 2 * DAY))
+
+        gate, bulk_write = asyncio.Event(), store.bulk_write
+
+        async def held(ops):
+            await gate.wait()  # a store answering late
+            return await bulk_write(ops)
+
+        store.bulk_write = held
+        await a.bus.js.publish("events.resolved.0", order("o2", "p1", T0 - DAY))
+        deadline = time.monotonic() + 10
+        while a.streams[0].pipelines[0]._in_flight < 1:
+            assert time.monotonic() < deadline, "o2 not applied"
+            await asyncio.sleep(0.01)
+        releasing = asyncio.create_task(a.stop_partition(0))
+        await asyncio.sleep(0.1)
+        assert not releasing.done()  # draining: o2's write is in flight
+        releasing.cancel()  # the lease is lost: the release is cut
+        await asyncio.gather(releasing, return_exceptions=True)
+        assert 0 not in a.owned
+        assert "p1" not in a.profiles
+
+        store.bulk_write = bulk_write
+        gate.set()
+        await a.chain.settle()  # what was in flight lands (a chain shared by every partition: not aborted)
+        await b.start_partition(0)
+        await feed(b, order("o3", "p1", T0))
+        assert orders(b, "p1") == 3
+        assert [e.event_id for e in b.profiles["p1"].timeline()] == ["t:o1", "t:o2", "t:o3"]
+        await b.stop_partition(0)

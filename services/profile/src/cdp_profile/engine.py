@@ -265,13 +265,20 @@ class ProfileEngine:
         """`partition` goes to another replica (an ownership's `on_release`): its inputs drain (what
         they applied is written, published and acknowledged), the writes queued by other paths land,
         and the partition's persons leave the cache, so this replica neither writes them nor answers
-        from a copy the new owner no longer updates. Returning lets the new owner start."""
-        await asyncio.gather(*(stream.stop_partition(partition) for stream in self.streams))
-        self.owned = self.owned - {partition}
-        await self.chain.settle()
-        # Nothing awaits from here on: no write for these persons can be queued before they are gone.
-        self.hot.whole.discard(partition)
-        self.hot.forget(lambda person: self._partition(person) == partition)
+        from a copy the new owner no longer updates. Returning lets the new owner start.
+
+        Cancelled (the ownership cuts a release its lease no longer covers: `cdp_kit.ownership.leased`),
+        the inputs abort and the partition is given up all the same, without waiting for the writes in
+        flight: this replica stops owning the persons and forgets them."""
+        try:
+            await asyncio.gather(*(stream.stop_partition(partition) for stream in self.streams))
+            self.owned = self.owned - {partition}
+            await self.chain.settle()
+        finally:
+            # Nothing awaits from here on: no write for these persons can be queued before they are gone.
+            self.owned = self.owned - {partition}
+            self.hot.whole.discard(partition)
+            self.hot.forget(lambda person: self._partition(person) == partition)
 
     # --- the hot state as the partitioned streams use it (stream.py) -------------------------------
 
