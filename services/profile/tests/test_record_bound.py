@@ -126,3 +126,29 @@ async def test_many_busy_windowed_traits_keep_the_record_within_the_store_limit_
 class _NoBus:
     async def publish_batch(self, messages):  # pragma: no cover - the tests publish nothing
         return []
+
+
+async def test_a_person_at_the_bound_is_logged_once_a_while_and_counted_every_time(caplog):
+    """A person at their record's bound is trimmed on nearly every write: a WARNING per event of a busy
+    person flooded the log. Logged once per person in TRIM_LOG_SECONDS; the metric counts every trim."""
+    captured = MetricsCapture("profile")
+    async with open_store("memory://") as store:
+        engine = ProfileEngine(
+            store,
+            _NoBus(),
+            partitions=1,
+            owned=[0],
+            retention=Retention(max_events=100),
+            telemetry=captured.telemetry,
+            clock=Clock(T0),
+        )
+        with caplog.at_level("WARNING", logger="cdp.profile.engine"):
+            for _ in range(5):
+                engine._record_trimmed("busy", {"computed": 3})
+            engine._record_trimmed("other", {"base": 1})
+            engine._record_trimmed("busy", {"history": 2})  # histories alone: routine, never logged
+    lines = [r for r in caplog.records if "computed-trait budget" in r.getMessage()]
+    assert [r.person_id for r in lines] == ["busy", "other"]
+    _, points = captured.collected()["cdp.profile.record.trimmed"]
+    counts = {dict(point.attributes)["part"]: point.value for point in points}
+    assert counts == {"computed": 5, "base": 1, "history": 1}

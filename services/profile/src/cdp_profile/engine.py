@@ -78,6 +78,11 @@ from cdp_profile.state import HotProfiles
 
 log = logging.getLogger("cdp.profile.engine")
 
+# A person's record trimmed to its bound is logged at most once in this many seconds (`_record_trimmed`),
+# remembered for at most this many persons at once.
+TRIM_LOG_SECONDS = 600.0
+TRIM_LOG_PERSONS = 10_000
+
 #: The most one UpdateTraits may set (its traits as JSON): a CRM's longest text fields (Salesforce's long
 #: text area, 131,072 characters) fit many times over. A write the store then refused (a profile document
 #: past 8 MiB: a 9 MiB trait) was answered UNAVAILABLE "retry", and every attempt dropped the whole cache and
@@ -142,6 +147,7 @@ class ProfileEngine:
             description="time to write the changes made outside the partitioned streams",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
+        self._trim_logged: dict[str, float] = {}  # person -> when its trim was last logged
         self._m_trimmed = meter.create_counter(
             "cdp.profile.record.trimmed",
             unit="{record}",
@@ -549,10 +555,20 @@ class ProfileEngine:
 
     def _record_trimmed(self, person: str, trimmed: Mapping[str, int]) -> None:
         """A write kept a record within the store's limit by coarsening or trimming (`Profile.to_json`): counted
-        by part; logged unless only the histories were trimmed (routine for a person at their budget)."""
+        by part; logged unless only the histories were trimmed (routine for a person at their budget), at most
+        once per person every TRIM_LOG_SECONDS: a person at the bound is trimmed on nearly every write, and a
+        line per event of a busy person flooded the log (the metric counts every one)."""
         for part in trimmed:
             self._m_trimmed.add(1, {"part": part})
         if trimmed.keys() - {"history"}:
+            now = time.monotonic()
+            logged = self._trim_logged
+            if now - logged.get(person, -TRIM_LOG_SECONDS) < TRIM_LOG_SECONDS:
+                return
+            if len(logged) >= TRIM_LOG_PERSONS:  # bounded: forget those logged longest ago
+                for stale in [p for p, at in logged.items() if now - at >= TRIM_LOG_SECONDS] or list(logged):
+                    del logged[stale]
+            logged[person] = now
             log.warning(
                 "profile record past its computed-trait budget (%d bytes): states coarsened %d, dropped from the "
                 "timeline base %d, emptied %d",
