@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+import cdp_segmentation.catalogue as catalogue_module
 import cdp_segmentation.index as index_module
+from cdp_kit.errors import InvalidArgument
 from cdp_segmentation.domain import parse
 from cdp_segmentation.index import FieldIndex
 
@@ -127,3 +131,29 @@ async def test_an_index_grown_by_each_create_is_the_index_built_whole(many):  # 
             await engine.delete(segment_id)
             created.remove(segment_id)
         assert view(engine.index) == view(FieldIndex(engine._serving())), step
+
+
+async def test_creating_a_segment_checks_the_segments_it_reaches_not_every_segment(many, monkeypatch):  # noqa: F811
+    # The graph check walked every segment's references at every create: no segment refers to a new one,
+    # so a cycle through it or an unknown reference it brings is among the segments it reaches.
+    engine, *_ = many
+    for i in range(60):
+        await create(engine, f"s{i}", f"scores.s{i} > 0.5" if i != 4 else 'in_segment("s3")')
+    checked: list[list[str]] = []
+    original = catalogue_module.check_segment_graph
+
+    def spy(refs):
+        checked.append(sorted(refs))
+        return original(refs)
+
+    monkeypatch.setattr(catalogue_module, "check_segment_graph", spy)
+    await create(engine, "near", 'in_segment("s4") and scores.x > 1')
+    assert checked == [["near", "s3", "s4"]]
+    with pytest.raises(InvalidArgument, match="gone"):
+        await engine.create("dangling", parse('in_segment("s1") or in_segment("gone")'))
+    with pytest.raises(InvalidArgument, match="selfish → selfish"):
+        await engine.create("selfish", parse('in_segment("selfish")'))
+    checked.clear()
+    with pytest.raises(InvalidArgument, match="near → s4 → s3 → near"):
+        await engine.update("s3", parse('in_segment("near")'))  # an update: the whole graph, as before
+    assert len(checked[0]) == 61
