@@ -325,3 +325,27 @@ async def test_memberships_of_windows_kept_through_changes_and_time_are_what_eva
             # A person whose timer is due now is brought to it by the next batch (theirs, or the timer loop's).
             if engine._due.get(person_id, float("inf")) > clock.now:
                 assert set(held.members) == expected, (step, person_id, held.fields, clock.now)
+
+
+async def test_a_field_compared_with_now_appearing_or_vanishing_decides_every_window_without_evaluating_it(
+    many, nats_server
+):
+    # A person's first last_seen_at (every event's field) evaluated every window of it: 600 of 3,000 segments.
+    # Each window's whole definition is the comparison: its outcome is the new time against now + offset.
+    engine, *_ = many
+    for days in range(1, 31):
+        await create(engine, f"away_{days}d", f"traits.seen_at < now - {days}d")
+    await create(engine, "lapsed_pro", 'in_segment("away_20d") and traits.plan = "pro"')
+    await engine.handle([changed([change("p1", traits={"plan": "pro"})], 1)])
+    evaluated = spy_on(engine)
+    decided = engine.decided
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - 25.5 * DAY}, at=T0 + 1)], 2)])
+    assert evaluated == ["lapsed_pro"] and engine.decided - decided == 30  # lapsed_pro: away_20d flipped
+    assert set(engine.membership("p1")) == {f"away_{d}d" for d in range(1, 26)} | {"lapsed_pro"}
+    evaluated.clear()
+    decided = engine.decided
+    await engine.handle([changed([change("p1", traits={"seen_at": None}, at=T0 + 2)], 3)])
+    assert evaluated == ["lapsed_pro"] and engine.decided - decided == 30
+    assert engine.membership("p1") == {}
+    exits = [m for m in moves(await published(nats_server.url)) if m[2] == "exit"]
+    assert len(exits) == 26 and exits[-1] == ("p1", "lapsed_pro", "exit", "event")

@@ -430,10 +430,10 @@ class FieldIndex:
         the same outcome for the old and the new value, so their membership, equal to that outcome since
         their last evaluation, stays.
 
-        Of the window segments, those whose `now + offset` lies in the range the field moved over; with
-        `decided`, those are not returned when the field held a time before and after, but put in `decided`
-        with their outcome for the new value, `epoch(value) op now + offset` as their predicate computes it
-        (the whole definition is that comparison): no evaluation needed."""
+        Of the window segments, those whose `now + offset` lies in the range the field moved over (every one
+        when the field held no time before or after); with `decided`, those are not returned but put in
+        `decided` with their outcome for the new value, `epoch(value) op now + offset` as their predicate
+        computes it (the whole definition is that comparison; no time: false): no evaluation needed."""
         crossed: list[tuple[Segment, bool]] = []
         equalities = self.equalities
         windows = self.windows
@@ -443,7 +443,16 @@ class FieldIndex:
                 offsets, segments = indexed_windows
                 before, after = epoch(old), epoch(fields.get(path))
                 if before is None or after is None:
-                    crossed.extend(segments)  # appeared, vanished or no time: every one of them
+                    # Appeared, vanished or no time: every one of them, decided from the new time (none: false).
+                    if decided is None:
+                        crossed.extend(segments)
+                    elif after is None:
+                        decided.extend((segment, False) for segment, _ in segments)
+                    else:
+                        tests = self._window_tests[path]
+                        decided.extend(
+                            (segments[i][0], tests[i](after, now + offsets[i])) for i in range(len(segments))
+                        )
                 else:
                     low, high = (before, after) if before <= after else (after, before)
                     # `now + offset` as the predicate computes it (float addition keeps the order).
