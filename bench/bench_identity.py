@@ -8,7 +8,9 @@ anonymous visitors. Both sides run 8 partition consumers (batches of 500) over t
 measured rate is over the measured part only (timed from the moment the warm-up part is through).
 Identity runs in-process on SQLite with write-behind, publishing every event to events.resolved (in
 one ResolvedEventBatch message per person partition and applied batch). Progress on both sides is read
-the same way: raw events acknowledged by the partition consumers.
+the same way: raw messages acknowledged by the partition consumers. The stream holds what the collector
+writes: SDK requests of 50 events, each one message per person partition it touches (a `Cdp-Events`
+batch; one event alone as itself), so each side handles about six events a message, as in the pipeline.
 
 `params.stages` splits the time of identity's batches over the measured part, per batch: `decode`
 (parse and check each message), `resolve` (identity's `apply`: the engine lock, `load` - reading
@@ -41,7 +43,7 @@ from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp_identity.__main__ import setup as identity_setup
 from cdp_identity.engine import IdentityEngine
 from cdp_identity.settings import IdentitySettings
-from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_raw_stream, partition_for, subjects
+from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_raw_stream, partition_for, rawevents, subjects
 from cdp_kit.engine.pipeline import PartitionPipeline
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.service import serving
@@ -51,6 +53,7 @@ PARTITIONS = 8
 USERS = 20_000
 MEASURED = 150_000
 BATCH = 500
+REQUEST = 50  # events an SDK sends in one request (the collector writes one message a partition of it)
 RESOLVE_CALLS = 3_000
 RESOLVE_CONCURRENCY = 8
 
@@ -91,27 +94,39 @@ def workload(seed: int = 7) -> tuple[list[events_pb2.Event], list[events_pb2.Eve
     return warmup, measured, mix
 
 
-async def fill_stream(bus: Bus, events: list[events_pb2.Event]) -> None:
-    await bus.ensure_streams(events_raw_stream())
-    for start in range(0, len(events), 2_000):
-        chunk = events[start : start + 2_000]
-        results = await bus.publisher.publish_batch(
-            [
-                OutMessage(
-                    subject=subjects.events_raw(partition_for(e.user_id or e.anonymous_id, PARTITIONS)),
-                    payload=e.SerializeToString(),
-                    msg_id=f"bench:{e.message_id}",
+def raw_messages(events: list[events_pb2.Event]) -> list[OutMessage]:
+    """`events` as the collector writes them to events.raw: SDK requests of REQUEST events, each one message
+    per person partition the request touches (`cdp_kit.bus.rawevents`: several events in one message, one
+    alone as itself)."""
+    messages = []
+    for start in range(0, len(events), REQUEST):
+        groups: dict[int, list[events_pb2.Event]] = {}
+        for e in events[start : start + REQUEST]:
+            groups.setdefault(partition_for(e.user_id or e.anonymous_id, PARTITIONS), []).append(e)
+        for p, group in groups.items():
+            ids = [f"bench:{e.message_id}" for e in group]
+            bodies = [e.SerializeToString() for e in group]
+            if len(group) == 1:
+                messages.append(OutMessage(subjects.events_raw(p), bodies[0], ids[0]))
+            else:
+                headers = {rawevents.EVENTS_HEADER: str(len(group))}
+                messages.append(
+                    OutMessage(subjects.events_raw(p), rawevents.join(bodies), rawevents.batch_id(ids), headers)
                 )
-                for e in chunk
-            ],
-            trace_headers=False,
-        )
+    return messages
+
+
+async def fill_stream(bus: Bus, messages: list[OutMessage]) -> None:
+    await bus.ensure_streams(events_raw_stream())
+    for start in range(0, len(messages), 500):
+        results = await bus.publisher.publish_batch(messages[start : start + 500], trace_headers=False)
         assert all(r.ok for r in results)
 
 
-async def bench_baseline(nats_url: str, warmup: int, total: int) -> tuple[float, float]:
+async def bench_baseline(nats_url: str, warmup: int, total: int, events: int) -> tuple[float, float]:
     """The foundation's consumer, 8 partition durables, handler does nothing: events/s over the measured
-    part, and this process' CPU microseconds per event meanwhile."""
+    part (its `events` in the messages after the first `warmup` of `total`), and this process' CPU
+    microseconds per event meanwhile."""
 
     async def nothing(batch) -> None:
         return None
@@ -136,11 +151,11 @@ async def bench_baseline(nats_url: str, warmup: int, total: int) -> tuple[float,
         t0 = await wait_count(count, warmup)
         cpu0 = time.process_time()
         t1 = await wait_count(count, total)
-        cpu_us = (time.process_time() - cpu0) / (total - warmup) * 1e6
+        cpu_us = (time.process_time() - cpu0) / events * 1e6
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return (total - warmup) / (t1 - t0), cpu_us
+    return events / (t1 - t0), cpu_us
 
 
 class Stages:
@@ -221,7 +236,11 @@ class Stages:
         return out
 
 
-async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) -> tuple[float, dict, dict]:
+async def bench_identity(
+    nats_url: str, workdir: Path, warmup: int, total: int, events: int
+) -> tuple[float, dict, dict]:
+    """Identity's events/s over the measured part (its `events` in the messages after the first `warmup`
+    of `total`), the Resolve RPC's latency, and where a batch's time goes."""
     settings = IdentitySettings(
         nats_url=nats_url,
         grpc_host="127.0.0.1",
@@ -247,12 +266,12 @@ async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) 
             cpu0, loop0 = time.process_time(), time.thread_time()
             t1 = await wait_count(resolved, total)
             cpu, loop_cpu = time.process_time() - cpu0, time.thread_time() - loop0
-            rate = (total - warmup) / (t1 - t0)
+            rate = events / (t1 - t0)
             split = {
                 **stages.split(t0, t1),
                 "cpu": round(cpu / (t1 - t0), 3),
-                "cpu_us_per_event": round(cpu / (total - warmup) * 1e6, 1),
-                "loop_cpu_us_per_event": round(loop_cpu / (total - warmup) * 1e6, 1),
+                "cpu_us_per_event": round(cpu / events * 1e6, 1),
+                "loop_cpu_us_per_event": round(loop_cpu / events * 1e6, 1),
             }
             latency = await bench_resolve(f"127.0.0.1:{runtime.grpc.port}")
     finally:
@@ -293,15 +312,16 @@ async def bench_echo() -> dict:
 
 async def main() -> None:
     warmup, measured, mix = workload()
-    total = len(warmup) + len(measured)
+    first, then = raw_messages(warmup), raw_messages(measured)
+    total = len(first) + len(then)
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServer(Path(tmp) / "nats")
         server.start()
         try:
             async with Bus.connect(server.url, name="bench-loader") as bus:
-                await fill_stream(bus, warmup + measured)
-            baseline, baseline_cpu_us = await bench_baseline(server.url, len(warmup), total)
-            ours, resolve, split = await bench_identity(server.url, Path(tmp), len(warmup), total)
+                await fill_stream(bus, first + then)
+            baseline, baseline_cpu_us = await bench_baseline(server.url, len(first), total, len(measured))
+            ours, resolve, split = await bench_identity(server.url, Path(tmp), len(first), total, len(measured))
             print(f"baseline {baseline:,.0f} events/s, identity {ours:,.0f} events/s, resolve {resolve}")
             print(f"  cpu per event: baseline {baseline_cpu_us:.1f} us, identity {split['cpu_us_per_event']:.1f} us")
             for stage, figures in split.items():
@@ -313,6 +333,8 @@ async def main() -> None:
         "users": USERS,
         "warmup_events": len(warmup),
         "measured_events": len(measured),
+        "request": REQUEST,
+        "raw_messages": total,
         "mix": mix,
         "partitions": PARTITIONS,
         "batch": BATCH,
