@@ -97,6 +97,10 @@ class Delivered:
     pending: list[Change] = field(default_factory=list)
     units: int = 0
     requests: int = 0
+    # Record key -> (the version its crm_records document was read at, the version the delivery's own write
+    # left it at): `_note_unanswered` writes the record while the batch is at the CRM, and the batch's
+    # commit, a compare-and-set on the version it read (writes.Outcomes.versions), expects that write.
+    noted: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 HEALTH_STATES = ("active", "auth_failed", "unavailable", "throttled")
@@ -271,7 +275,7 @@ class Deliverer:
                 for change in failed
             ]
             if lost:
-                await self._note_unanswered(mapping, lost)
+                await self._note_unanswered(mapping, lost, delivered)
             if now >= deadline:
                 delivered.pending.extend(change for retry in isolation.retry for change in retry)
                 continue
@@ -486,13 +490,15 @@ class Deliverer:
         )  # fmt: skip
         return delivered
 
-    async def _note_unanswered(self, mapping: ObjectMapping, changes: list[Change]) -> None:
+    async def _note_unanswered(self, mapping: ObjectMapping, changes: list[Change], delivered: Delivered) -> None:
         """Record, before they are sent again, the values of writes whose answer was lost: the CRM may hold
         them now, and until a write is confirmed the inbound side must read them there as the CDP's own
         (`crm_records` `sent`, `writes.unconfirmed`) - not a CRM user's edit to post back as news. Retries go
         on for up to `retry_for` (429s in between, a CRM failing): the batch's own commit of them comes too
         late. Only where the account's budget lives in the store (`SharedBudget`); a failure to write is
-        logged and the retries go on (the batch's commit records them as before)."""
+        logged and the retries go on (the batch's commit records them as before). A compare-and-set on the
+        version read here (a relink landing meanwhile is not overwritten: the write fails, and so does the
+        batch's commit); the versions it left go into `delivered.noted`."""
         store = getattr(self.budgets.get(mapping.connection), "store", None)
         changes = [c for c in changes if c.fields]  # a list membership carries no values
         if store is None or not changes:
@@ -511,7 +517,15 @@ class Deliverer:
                     )
                     doc.update(unconfirmed(doc, change.fields))
                 writes[change.record] = doc
-            await store.bulk_write([Put(RECORDS, key, doc) for key, doc in writes.items()])
+            read = {key: found[key].version if key in found else 0 for key in writes}
+            result = await store.bulk_write(
+                [Put(RECORDS, key, doc, expected_version=read[key]) for key, doc in writes.items()]
+            )
+            for key, version in zip(writes, result.versions, strict=True):
+                first, left = delivered.noted.get(key, (read[key], read[key]))
+                # Chained on this delivery's own earlier write, or the first: else another write came
+                # between the two (-1: the batch's commit, expecting the version it read, fails).
+                delivered.noted[key] = (first if left == read[key] else -1, version)
         except Exception as exc:
             log.warning(
                 "recording unanswered crm writes failed",

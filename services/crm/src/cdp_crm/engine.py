@@ -215,6 +215,9 @@ class CrmLogic:
             await planned.prefetch(key for *_, key in projected if key is not None)
             for item, mapping, projection, op, trigger, key in projected:
                 await planned.add(mapping, projection, op, trigger, item, key)
+            # The records' puts at the commit expect the versions read here (writes.Outcomes.versions): a
+            # relink landing while the batch is at the CRM is not overwritten; the batch is applied again.
+            out.versions = planned.versions
             for pid, view in views.items():
                 if view.dirty:
                     out.put(PERSONS, pid, view.to_doc())
@@ -518,6 +521,15 @@ class CrmLogic:
         """The store writes for what a delivery did. `attempts`: how often each record was tried before."""
         now, connection = out.now, mapping.connection
         attempts = attempts or {}
+        if delivered.noted and out.versions:
+            # The delivery wrote these records itself (values sent, their answer lost): the commit expects
+            # its write - where it was made on the version the batch read; else another write came between,
+            # and the commit must fail.
+            versions = dict(out.versions)
+            for key, (read, left) in delivered.noted.items():
+                if versions.get(key) == read:
+                    versions[key] = left
+            out.versions = versions
         out.count(connection, "api_units", delivered.units)
         pending = list(delivered.pending)
         dead_letters = []

@@ -20,15 +20,24 @@ COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pend
 
 
 class Outcomes:
-    """The record states, dead letters and pending changes a delivery produced, as store writes."""
+    """The record states, dead letters and pending changes a delivery produced, as store writes.
+
+    `versions` (record key -> the version of its `crm_records` document the batch read, 0: none): a record
+    put is then a compare-and-set on it. A write landing between the batch's read and its commit - the
+    relink of a merge made in the CRM (inbound/news.py `_relink`, from the poller, maybe another
+    replica's), an erasure - makes the commit fail whole (a bulk write is atomic) instead of being
+    overwritten with what the batch computed from the record as it read it; the engine applies the batch
+    again from what the store holds then (its writes to the CRM are upserts by the same keys)."""
 
     def __init__(self, now: float) -> None:
         self.now = now
         self.writes: dict[tuple[str, str], WriteOp] = {}
         self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
+        self.versions: Mapping[str, int] = {}
 
     def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
-        self.writes[(collection, key)] = Put(collection, key, doc)
+        expected = self.versions.get(key) if collection == RECORDS else None
+        self.writes[(collection, key)] = Put(collection, key, doc, expected_version=expected)
 
     def delete(self, collection: str, key: str) -> None:
         self.writes[(collection, key)] = Delete(collection, key)
@@ -127,6 +136,7 @@ class Planned:
         self.store = store
         self.coalescer = Coalescer()
         self.previous: dict[str, dict[str, Any]] = {}  # record key -> stored crm_records doc
+        self.versions: dict[str, int] = {}  # record key -> the stored doc's version (0: none), `Outcomes.versions`
         self.intended: dict[str, tuple[dict[str, Any], bool | None]] = {}  # record key -> (fields, member)
         self.records: dict[str, None] = {}
         self.skipped: dict[str, int] = defaultdict(int)
@@ -142,6 +152,7 @@ class Planned:
             record = found.get(key)
             doc = record.doc if record is not None else {}
             self.previous[key] = doc
+            self.versions[key] = record.version if record is not None else 0
             self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
 
     async def add(
@@ -156,6 +167,7 @@ class Planned:
         if key not in self.intended:
             stored = await self.store.get(RECORDS, key)
             self.previous[key] = stored.doc if stored is not None else {}
+            self.versions[key] = stored.version if stored is not None else 0
             doc = self.previous[key]
             self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
         fields_before, member_before = self.intended[key]
