@@ -23,7 +23,6 @@ from cdp_collector.domain import SuppressionList
 from cdp_collector.privacy import SuppressionFollower
 from cdp_kit.bus import Bus, ConsumerSpec, subjects
 from cdp_kit.bus.consumer import DLQ_SEQ, ConsumerRunner
-from cdp_kit.natsauth import OWNERSHIP_BUCKET, PROVISIONER, ROLES, permissions_document
 from cdp_testing.waiting import until
 
 
@@ -166,52 +165,19 @@ async def _holds(listing, seq: int) -> bool:
     return seq in await listing()
 
 
-async def test_the_collector_takes_no_deletion_a_direct_get_answers_onto_privacy_deleted(secured_bus):
-    """A JetStream API request is answered on whatever reply subject the requester names; permissions look
-    at the request's subject only. Every service may write a key of its own in the ownership bucket (any
-    bytes) and direct-get it: the answer, those bytes, arrives on the reply subject itself. Before: the
-    collector's own user, the edge's, made the collector suppress whoever it liked, its deletion arriving
-    on privacy.deleted as if profile had published it (only the answer's headers tell it apart)."""
-    collector = await secured_bus.connect("collector")
-    profile = await secured_bus.connect("profile")
-    observer = await secured_bus.operator_connection()
-    suppression = SuppressionList()
-    follower = SuppressionFollower(collector, collector.jetstream(), suppression, follow_every=60)
-    seen: list = []
+def test_a_direct_gets_answer_is_not_taken_for_a_publish():
+    """A direct get's answer arrives on the reply subject its request named, the message's own bytes in it
+    (no role may make one any more: test_sec_stored_answers.py); a receiver of a core subject tells it by the
+    headers nats-server puts on it. Any other JetStream API answer is JSON."""
+    from types import SimpleNamespace
 
-    async def observed(msg):
-        seen.append(msg)
-
-    try:
-        await follower.load(timeout=10)
-        await observer.subscribe(subjects.PRIVACY_DELETED, cb=observed)
-        await observer.flush()
-        key = f"$KV.{OWNERSHIP_BUCKET}.collector.forged"  # the collector's own group of keys
-        forged = deletion("email:victim@example.com", "forged").SerializeToString()
-        await collector.request(key, forged, timeout=5)  # a key-value put: stored, acknowledged
-        await collector.publish(f"$JS.API.DIRECT.GET.KV_{OWNERSHIP_BUCKET}.{key}", b"", reply=subjects.PRIVACY_DELETED)
-        await until(lambda: seen, "the direct get's answer on privacy.deleted")
-        assert seen[0].subject == subjects.PRIVACY_DELETED and seen[0].data == forged  # what permissions allow
-        real = deletion("email:someone@example.com", "real")
-        await profile.jetstream().publish(subjects.PRIVACY_DELETED, real.SerializeToString(), stream=subjects.PRIVACY)
-        await until(lambda: suppression.match(identify("someone@example.com")), "profile's deletion applied")
-        assert suppression.match(identify("victim@example.com")) is None, "the direct get's answer was applied"
-        assert not subjects.published_on(seen[0], subjects.PRIVACY_DELETED)
-    finally:
-        await follower.stop()
-        for client in (collector, profile, observer):
-            await client.close()
-
-
-def test_no_role_may_direct_get_a_stream_but_its_own_keys():
-    """A direct get answers with the message's own bytes, on any subject the requester names: a user that may
-    direct-get a stream holding bytes it wrote (orchestration: ACTIONS) sends them anywhere, as nats-server.
-    Single messages are read with STREAM.MSG.GET (a JSON answer), as the kit does; the one direct get left
-    is of a service's own keys in the ownership bucket (cdp_kit.ownership.group_kv), which the receivers of
-    core subjects tell from a publish (`subjects.published_on`)."""
-    granted = {
-        role: [s for s in rules["publish"]["allow"] if s.startswith("$JS.API.DIRECT.GET.")]
-        for role, rules in permissions_document().items()
-    }
-    own_keys = {role: [f"$JS.API.DIRECT.GET.KV_{OWNERSHIP_BUCKET}.$KV.{OWNERSHIP_BUCKET}.{role}.>"] for role in ROLES}
-    assert granted == {**own_keys, PROVISIONER: []}
+    answer = SimpleNamespace(
+        subject=subjects.PRIVACY_DELETED,
+        headers={"Nats-Stream": "KV_CDP_OWNERSHIP", "Nats-Sequence": "1", "Nats-Subject": "$KV.CDP_OWNERSHIP.x.y"},
+        data=deletion("email:victim@example.com", "forged").SerializeToString(),
+    )
+    assert not subjects.published_on(answer, subjects.PRIVACY_DELETED)
+    api = SimpleNamespace(subject=subjects.PRIVACY_DELETED, headers=None, data=b'{"type":"io.nats.jetstream.api.v1.x"}')
+    assert not subjects.published_on(api, subjects.PRIVACY_DELETED)
+    published = SimpleNamespace(subject=subjects.PRIVACY_DELETED, headers={"Nats-Msg-Id": "privacy:r"}, data=b"\n\x01r")
+    assert subjects.published_on(published, subjects.PRIVACY_DELETED)

@@ -113,7 +113,8 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     # Single messages by STREAM.MSG.GET only, whose answer is JSON. Never a direct get: nats-server sends its
     # answer, the message's own bytes, to whatever reply subject the request names (permissions look at the
     # request's subject alone), so a user that may direct-get a stream holding bytes it wrote (orchestration:
-    # ACTIONS) could put them on any core subject as nats-server. The kit reads by STREAM.MSG.GET anyway.
+    # ACTIONS) could publish them anywhere as nats-server, into other services' streams included. The kit
+    # reads by STREAM.MSG.GET anyway.
     for stream in role.reads:
         publish.append(f"{api}.STREAM.MSG.GET.{stream}")
     # A stream it consumes: the get of one message, so its lag poll can date the oldest one it has not
@@ -125,16 +126,17 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     for stream in role.erases:
         publish.append(f"{api}.STREAM.MSG.DELETE.{stream}")
     # Partition ownership (CDP_OWNERSHIP=nats): the shared bucket, and only this service's group of keys
-    # in it, on subjects that name the key: writes, a direct get of one key, and a scan consumer whose
-    # filter is in its create subject (cdp_kit.ownership.group_kv). Never the nameless create (a watch:
-    # any filter, in the body), the get by body (any key) or another's consumer by name. The direct get's
-    # answer (bytes this service wrote) can be sent to any subject: receivers of core subjects drop it
-    # (`subjects.published_on`), and nats-server stores no direct get's answer in a stream.
+    # in it, on subjects that name the key: writes, and a scan consumer whose filter is in its create
+    # subject (cdp_kit.ownership.group_kv, which reads one key by a scan too on a bucket without direct
+    # gets, as the provisioner makes it). Never the nameless create (a watch: any filter, in the body), the
+    # get by body (any key), another's consumer by name, or a direct get: nats-server publishes a direct
+    # get's answer, the bytes this service wrote there, on whatever reply subject the request names, and
+    # every stream stores what is published on its subjects: `privacy.deleted` (a deletion of anyone),
+    # `events.resolved.<p>`, another service's leases.
     kv_stream, own_keys = f"KV_{OWNERSHIP_BUCKET}", f"$KV.{OWNERSHIP_BUCKET}.{role.name}.>"
     publish += [
         f"{api}.STREAM.INFO.{kv_stream}",
         f"{api}.CONSUMER.CREATE.{kv_stream}.*.{own_keys}",
-        f"{api}.DIRECT.GET.{kv_stream}.{own_keys}",
         own_keys,
     ]
     for bucket in role.object_stores:

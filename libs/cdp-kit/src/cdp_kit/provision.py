@@ -94,8 +94,11 @@ async def _counts_agree(js: JetStreamContext, partitions: int, existing: Mapping
             raise partition_count.mismatch(name, made, partitions, who="the provisioner")
 
 
-async def _bucket(js: JetStreamContext, stream: str, create, *, wanted: bool = True) -> str | None:
-    """A bucket's stream: created when missing (and `wanted`); otherwise stripped of any routing it was given."""
+async def _bucket(
+    js: JetStreamContext, stream: str, create, *, wanted: bool = True, settings: Mapping[str, object] | None = None
+) -> str | None:
+    """A bucket's stream: created when missing (and `wanted`); otherwise stripped of any routing it was given
+    and brought to `settings` (stream configuration fields)."""
     try:
         info = await js.stream_info(stream)
     except NotFoundError:
@@ -104,8 +107,12 @@ async def _bucket(js: JetStreamContext, stream: str, create, *, wanted: bool = T
         await create()
         return f"created stream {stream}"
     current = info.config
-    clean = dataclasses.replace(current, **dict.fromkeys(kit.ROUTING))
-    changed = kit._differs(current, clean, kit.ROUTING)
+    settings = dict(settings or {})
+    clean = dataclasses.replace(current, **dict.fromkeys(kit.ROUTING), **settings)
+    # A setting the server leaves out of its answer is unset: False for a flag.
+    changed = kit._differs(current, clean, kit.ROUTING) + [
+        name for name, value in settings.items() if (getattr(current, name) or False) != value
+    ]
     if not changed:
         return None
     if "mirror" in changed:
@@ -143,14 +150,18 @@ async def provision(
     done = []
     for config in configs:
         done.append(await _stream(js, config, existing.get(config.name)))
+    # The ownership bucket without direct gets: a direct get's answer goes to whatever reply subject its
+    # request names, and streams store it (cdp_kit.natsauth.permissions); each service reads its keys by a
+    # scan instead (cdp_kit.ownership.group_kv). A bucket made with them before loses them here.
     done.append(
         await _bucket(
             js,
             f"KV_{OWNERSHIP_BUCKET}",
             lambda: js.create_key_value(
-                bucket=OWNERSHIP_BUCKET, history=1, description=OWNERSHIP_DESCRIPTION, direct=True, replicas=replicas
+                bucket=OWNERSHIP_BUCKET, history=1, description=OWNERSHIP_DESCRIPTION, direct=False, replicas=replicas
             ),
             wanted=wants_ownership_bucket(environ),
+            settings={"allow_direct": False},
         )
     )
     bucket = model_bucket(environ)
