@@ -11,6 +11,8 @@ is made without direct gets (each service reads its keys by a scan: cdp_kit.owne
 
 from __future__ import annotations
 
+import contextlib
+
 import nats
 import pytest
 
@@ -98,3 +100,28 @@ async def test_the_provisioner_makes_the_ownership_bucket_without_direct_gets_an
         ]
     finally:
         await operator.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: any JetStream API answer (JSON) is stored by whichever stream its reply subject falls in; "
+    "closing it needs the streams in a NATS account of their own (docs/security.md, this module's docstring)",
+)
+async def test_no_api_answer_lands_in_another_services_keys(secured_bus):
+    """What is left of the channel: an answer that is JSON (an account lookup, a stream's info), not bytes of
+    the requester's choosing, but stored all the same, here as one of segmentation's leases and a member's
+    heartbeat, by the collector's user. A lease whose revision moves under its holder is lost by it."""
+    collector = await secured_bus.connect("collector")
+    try:
+        await collector.publish("$JS.API.INFO", b"", reply=f"$KV.{OWNERSHIP_BUCKET}.segmentation.members.phantom")
+        await collector.publish(
+            f"$JS.API.STREAM.INFO.{subjects.PRIVACY}", b"", reply=f"$KV.{OWNERSHIP_BUCKET}.segmentation.partitions.0"
+        )
+        await collector.flush()
+        # Stored within moments while the gap is open (the expected failure, at once); once it is closed
+        # nothing comes, and the bound of the wait is what this test then costs.
+        with contextlib.suppress(AssertionError):
+            await until(lambda: stored(secured_bus, f"KV_{OWNERSHIP_BUCKET}"), "the answers stored", timeout=5)
+        assert await stored(secured_bus, f"KV_{OWNERSHIP_BUCKET}") == 0
+    finally:
+        await collector.close()
