@@ -101,9 +101,10 @@ def published_on(msg, subject: str) -> bool:
       consumer does not look at the deliver subject in the request's body). Such a message keeps its stream
       subject (with a `$JS.ACK` reply);
     - a JetStream API request is answered on the reply subject the requester names, whatever it is, and
-      permissions look at the request's subject only. A direct get's answer (a key of its own in the
-      ownership bucket, which it may write: any bytes) arrives on `subject` itself, carrying the message's
-      bytes and the stream's `Nats-Stream` / `Nats-Sequence` headers; any other API answer is JSON.
+      permissions look at the request's subject only. A direct get's answer arrives on `subject` itself,
+      carrying the message's bytes and the stream's `Nats-Stream` / `Nats-Sequence` headers (no role may
+      direct-get any more, `cdp_kit.natsauth`, but a server still running an earlier version's users does
+      let it); any other API answer is JSON.
     Receivers of core subjects take only what was published on theirs, and no such answer."""
     if msg.subject != subject:
         return False
