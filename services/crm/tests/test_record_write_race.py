@@ -8,7 +8,7 @@ record stays merged (its change not written: merged records are written no more)
 
 from __future__ import annotations
 
-from cdp_crm.state import MERGED, RECORDS, RUNS
+from cdp_crm.state import MERGED, PENDING, RECORDS, RUNS
 from cdp_crm.writes import stream_run_key
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
@@ -55,3 +55,50 @@ async def test_a_relink_landing_while_a_batch_is_delivered_is_not_overwritten_by
         record = await _only(world, "person-b")
         assert (record.doc["state"], record.doc["merged_into"]) == (MERGED, survivor.key)  # the relink stands
         await world.stop()
+
+
+async def test_a_relink_landing_while_a_queued_change_is_retried_is_not_overwritten(world_factory):
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        await world.start(retry_for=0.0)  # a failing write is queued at once (crm_pending)
+        await world.profiles({"person-a": {"traits.email": "ada@example.com"},
+                              "person-b": {"traits.email": "ada@work.example"}})  # fmt: skip
+        await world.eventually(lambda: len(emulator.records("contacts")) == 2)
+        survivor = await _only(world, "person-a")
+
+        deliverer = world.logic.deliverer
+        deliver = deliverer.deliver
+        landed = []
+        emulator.faults.fail_next(1_000_000, status=503)  # HubSpot down: person-b's change is queued
+
+        async def racing(mapping, changes, **kwargs):
+            """The retrier read person-b's record; while its queued change is at the CRM, the relink lands."""
+            answer = await deliver(mapping, changes, **kwargs)
+            if not landed and answer.synced and any(c.person_id == "person-b" for c in changes):
+                record = await _only(world, "person-b")
+                doc = {**record.doc, "state": MERGED, "merged_into": survivor.key, "merged_in_crm": True}
+                await world.store.put(RECORDS, record.key, doc, expected_version=record.version)
+                landed.append(True)
+            return answer
+
+        deliverer.deliver = racing
+        await world.profiles({"person-b": {"traits.first_name": "Augusta"}})
+        await world.eventually(lambda: _queued(world, "person-b"))
+        emulator.faults.clear()  # back: the retrier sends it, and the relink lands meanwhile
+        await world.eventually(lambda: bool(landed))
+        await world.eventually(lambda: _not_queued(world))  # dropped: its record is merged now
+        record = await _only(world, "person-b")
+        assert (record.doc["state"], record.doc["merged_into"]) == (MERGED, survivor.key)  # the relink stands
+        await world.stop()
+
+
+async def _queued(world, person: str) -> bool:
+    record = await _only(world, person)
+    return await world.store.get(PENDING, record.key) is not None
+
+
+async def _not_queued(world) -> bool:
+    for partition in range(world.partitions):
+        if await world.store.find(PENDING, "partition", partition, limit=1):
+            return False
+    return True

@@ -908,6 +908,10 @@ class CrmLogic:
                 return merged
             out = Outcomes(self.clock())
             previous = await self.store.get_many(RECORDS, [r.key for r in records])
+            # As a batch's: the records' puts expect the versions read here (a relink landing while a queued
+            # change is at the CRM fails the round's write; the changes stay queued, and the next round
+            # reads the record merged and drops them).
+            out.versions = {r.key: previous[r.key].version if r.key in previous else 0 for r in records}
             by_mapping: dict[str, list[Change]] = defaultdict(list)
             attempts = {r.key: r.doc.get("attempts", 1) for r in records}
             dropped = 0
