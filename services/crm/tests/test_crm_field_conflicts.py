@@ -22,7 +22,7 @@ from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.inbound import HubSpotPoller
 from cdp_crm.inbound.news import instant
-from cdp_crm.state import RECORDS, SYNCED
+from cdp_crm.state import CURSORS, RECORDS, SYNCED
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
 from .conftest import TOKEN
@@ -166,4 +166,31 @@ async def test_the_same_field_changed_on_both_sides_the_later_change_wins(world_
         await _write_profile(world, _profile(collector, cdp))
         await world.eventually(lambda: _synced(world, "phone", "+44 20 4444"))
         assert hubspot.find("contacts", "cdp_id", "person-1")["properties"]["phone"] == "+44 20 4444"
+        await world.stop()
+
+
+async def test_a_memo_written_before_the_digests_were_kept_sends_the_next_edit_whole(world_factory, collector):
+    """The upgrade: a record last read by a connector that kept no per-field digests has no base for its
+    fields; its next edit is sent as before - every field that is not the connector's - and from then on
+    field by field."""
+    async with HubSpotEmulator() as hubspot:
+        world, poller = await _started(world_factory, hubspot, collector)
+        contact = hubspot.find("contacts", "cdp_id", "person-1")
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", contact["id"], {"phone": "+44 20 1111"})
+        assert await poller.poll() == 2
+        memo_key = f"hs:contacts:{contact['id']}"
+        memo = await world.store.get(CURSORS, memo_key)
+        assert set(memo.doc["fields"]) == {"email", "firstname", "phone"}  # digests, no values
+        assert "+44 20 1111" not in str(memo.doc)
+        await world.store.put(CURSORS, memo_key, {k: v for k, v in memo.doc.items() if k != "fields"})
+
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", contact["id"], {"firstname": "Ada"})
+        assert await poller.poll() == 2
+        assert collector.events(kind="identify")[-1]["traits"] == {"phone": "+44 20 1111", "first_name": "Ada"}
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", contact["id"], {"firstname": "Augusta"})
+        assert await poller.poll() == 2
+        assert collector.events(kind="identify")[-1]["traits"] == {"first_name": "Augusta"}
         await world.stop()
