@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.storage import MemoryStore
+from cdp_kit.storage import open_store
 from cdp_scoring.domain.registry import LIVE, SHADOW, Registry
 from cdp_scoring.runtime import load_model
 from cdp_training import learn
@@ -48,11 +49,19 @@ class InProcessRegistry:
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(tmp_path_factory):
+    """700 simulated customers in a profile store as the service writes it, and their profiles read back.
+    The store is an SQLite file, so the API-less run reads a copy of the file (milliseconds) where it
+    copied a memory store's every record into one (seconds)."""
     population = simulate(700, 21)
-    store = MemoryStore()
-    asyncio.run(write_population(store, population, list(COMPUTED_TRAITS.values())))
-    return population, asyncio.run(read_profiles(store)), store
+    db = tmp_path_factory.mktemp("world") / "profile.db"
+
+    async def write_and_read():
+        async with open_store(f"sqlite:///{db}") as store:
+            await write_population(store, population, list(COMPUTED_TRAITS.values()))
+            return await read_profiles(store)
+
+    return population, asyncio.run(write_and_read()), db
 
 
 def shipped(name: str) -> bytes:
@@ -167,20 +176,9 @@ def test_a_churn_run_evaluates_only_after_the_grace_and_the_window_of_its_traini
 
 
 def test_the_api_less_run_writes_the_candidate_and_its_record(world, tmp_path, capsys):
-    population, _, store = world
+    population, _, stored = world
+    shutil.copy(stored, tmp_path / "profile.db")  # the run reads its own copy: the module's stays as written
     db = f"sqlite:///{tmp_path / 'profile.db'}"
-
-    async def copy() -> None:
-        from cdp_kit.storage import open_store
-
-        async with open_store(db) as target:
-            for collection in ("profiles", "profile_timeline"):
-                batch = [r async for r in store.scan_all(collection)]
-                from cdp_kit.storage import Put
-
-                await target.bulk_write([Put(collection, r.key, r.doc) for r in batch])
-
-    asyncio.run(copy())
     cutoff = learn.iso(population.cutoff - 30 * DAY)
     code = main(["train", "purchase_propensity", "--store", db, "--cutoff", cutoff, "--out", str(tmp_path / "runs")])
     assert code == 0, capsys.readouterr().err
