@@ -16,12 +16,18 @@ segmentation-definitions  CPU per profile change applied (evaluated, transitions
                           by up to 90 days (a person coming back, or going: the windows crossed are
                           evaluated, and most flip), and a person first seen with two traits. Also,
                           per count (10, 100, 1,000, 3,000) and per kind: CPU per change and segments
-                          evaluated per change (`params.curve`), and CPU per segment created (to live, over
-                          200 persons) at each count (`params.create_ms`). Target scaling ratio <= 2, not met
-                          yet: a country, a score or last_seen_at moved costs about the same at 3,000
-                          segments as at 10 (the word, threshold and window indexes), but a person coming
-                          back has each window crossed evaluated, and a person first seen every segment
-                          reading one of their fields.
+                          evaluated per change and window segments decided without an evaluation
+                          (`params.curve`), and CPU per segment created (to live) at each count
+                          (`params.create_ms`: each create builds over every person held, and the first-seen
+                          changes add 2,000 persons per count, so it grows with the population too).
+                          Target scaling ratio <= 2, not met: a country, a score and a person first seen
+                          evaluate 2, 1 and 1 segments at any count (the word, threshold and need indexes),
+                          last_seen_at moved and a person coming back evaluate none (the windows crossed are
+                          decided), but every window crossed flips, and those transitions are the output:
+                          359 a change for a person coming back at 3,000 segments, about 300 us. last_seen
+                          follows the returning changes of the count before, so its first change per person
+                          crosses back about 10 windows a change on average. A person first seen costs
+                          12-14 us at 3,000 segments in a fresh engine, more here with a larger heap.
 
     make bench-segmentation_definitions   # writes bench/results/segmentation-definitions.json
     BENCH_DEFINITIONS_COUNTS=10,100,1000 python bench/bench_segmentation_definitions.py
@@ -151,7 +157,7 @@ async def measure(url: str) -> dict:
                         person = f"new{seq}" if kind == "first_seen" else f"p{r % 50}"
                         one = change(person, NOW + seq, **make(r))
                         messages.append((seq, profile_pb2.ProfileChangedBatch(changes=[one])))
-                    evaluations = engine.evaluations
+                    evaluations, decided = engine.evaluations, getattr(engine, "decided", 0)
                     started = time.process_time()
                     for position, message in messages:
                         await engine._apply_message(0, position, message, NOW + position, [])
@@ -159,6 +165,8 @@ async def measure(url: str) -> dict:
                     curve[str(count)][kind] = {
                         "cpu_us": round(cpu, 1),
                         "evaluated": round((engine.evaluations - evaluations) / CHANGES, 1),
+                        # window segments crossed, decided without an evaluation (before 0ec37971: evaluated)
+                        "decided": round((getattr(engine, "decided", 0) - decided) / CHANGES, 1),
                     }
                 print(f"{count:>5} segments: create {create_ms[str(count)]} ms, {curve[str(count)]}", flush=True)
         finally:
