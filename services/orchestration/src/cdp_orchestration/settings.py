@@ -56,7 +56,7 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         "CDP_SEGMENTATION_ADDRESS",
         "",
         help="segmentation gRPC address (host:port): the segments a journey enters on or reads must exist there "
-        "(ListSegments) to save or publish it, and a journey whose segment was deleted since says so "
+        "(ListSegments, every page) to save or publish it, and a journey whose segment was deleted since says so "
         "(GetJourney's warnings); empty: segments are checked against the catalogue file only",
     )
     segmentation_token: str = env(
