@@ -52,3 +52,44 @@ async def test_a_cancelled_release_stops_the_partition_without_landing_acknowled
 async def all_applied(store, ids):
     got = await applied(store)
     return sorted(i for v in got.values() for i in v) == sorted(ids)
+
+
+async def test_a_release_cancelled_before_its_drain_began_still_stops_the_partition(bus):
+    """A service releasing several engines' partitions together (profile: `asyncio.gather` of each
+    input's `stop_partition`) hands the ownership one release whose drains are tasks of their own. A
+    replica woken from a stall finds its leases lost and releases with the deadline passed: the cut
+    cancels those tasks before a line of theirs ran. The pipeline went on working on a partition another
+    replica owned, stayed in the engine's pipelines, and when the partition came back the engine took it
+    for running: the replica held the lease and worked on nothing (tests/scaling/
+    test_profile_stalled_replica)."""
+    positions = {}
+    store = CheckedStore(positions)
+    keys = keys_in(0, 1, 10)
+    ids = await publish_inputs(bus, keys, 1, positions)
+    eng, _ = engine(bus, store, 1, ack_wait=2.0)
+    task = await run(eng)
+    await until(lambda: all_applied(store, ids))
+    pipeline = eng.pipelines[0]
+
+    async def release() -> None:  # as a service composing engines releases
+        await asyncio.gather(eng.stop_partition(0))
+
+    releasing = asyncio.create_task(release())
+    await asyncio.sleep(0)  # the release has called stop_partition; its drain has not begun
+    releasing.cancel()  # the cut, its deadline passed already
+    await asyncio.wait({releasing}, timeout=5)
+    assert releasing.cancelled()
+    assert 0 not in eng.pipelines, "the engine still counts the released partition as its own"
+    await asyncio.wait({pipeline.task}, timeout=5)
+    assert pipeline.task.done(), "the released partition's pipeline went on working"
+
+    # The partition comes back: it starts again and applies what arrived meanwhile, each once.
+    ids += await publish_inputs(bus, keys, 1, positions, start=len(ids))
+    await eng.start_partition(0)
+    assert eng.pipelines[0] is not pipeline
+    await until(lambda: all_applied(store, ids))
+    await stop(task)
+    assert await applied(store) == {
+        k: [i for i, kk in zip(ids, keys + keys, strict=True) if kk == k] for k in set(keys)
+    }
+    assert not store.violations

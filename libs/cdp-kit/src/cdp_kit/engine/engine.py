@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cdp_kit.bus import Bus, ConsumerSpec, partition_count, subjects
 from cdp_kit.engine import outbox
@@ -19,6 +20,10 @@ from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, observe_on
 
 log = logging.getLogger("cdp.engine")
+
+
+async def _nothing() -> None:
+    """A release of a partition this engine does not run."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,9 @@ class PartitionedEngine:
             raise ValueError("each input of an engine needs an outbox of its own")
         self.pipelines: dict[int, PartitionPipeline] = {}
         self._cut: set[int] = set()  # partitions whose release was cut short since they last started
+        # Per partition released and not yet drained: its pipeline (a release cancelled before its drain
+        # began leaves it here, stopped and not aborted, until the partition starts again).
+        self._releasing: dict[int, PartitionPipeline] = {}
         self._count_lock = asyncio.Lock()
         self._count_checked = False
         self.gate = asyncio.Event()  # cleared while anyone holds (or waits for) a quiescent point
@@ -226,6 +234,19 @@ class PartitionedEngine:
         if partition in self.pipelines:
             return
         await self.check_partitions()
+        left = self._releasing.get(partition)
+        if left is not None:
+            # Its last release never ended: cancelled before its drain began (see `stop_partition`), the
+            # pipeline was told to stop and nobody aborted it. Aborted now, as the cut would have.
+            log.warning(
+                "engine partition %s of %s: its last release was cancelled before it began; aborted now",
+                partition,
+                self.spec.service,
+                extra={"partition": partition},
+            )
+            self._abort(partition, left)
+            if left.task is not None:
+                await asyncio.wait({left.task})
         if partition in self._cut:
             # Its last release was cut short: hot state may hold what never landed. Recovered as after a
             # failed batch (each logic waits for the writes still in flight, then drops that state).
@@ -236,9 +257,17 @@ class PartitionedEngine:
         pipeline.task = asyncio.create_task(pipeline.run(), name=f"{self.spec.service} partition {partition}")
         self.pipelines[partition] = pipeline
 
-    async def stop_partition(self, partition: int) -> None:
+    def stop_partition(self, partition: int) -> Coroutine[Any, Any, None]:
         """Stop fetching, drain the commits in flight, acknowledge, release (an ownership's
-        `on_release`): returns when another replica may take the partition.
+        `on_release`): the returned coroutine ends when another replica may take the partition.
+
+        Not a coroutine function: the partition leaves the pipelines and its pipeline stops fetching
+        when this is *called*. A service releasing several engines' partitions together
+        (`asyncio.gather(*(e.stop_partition(p) for e in engines))`) hands the ownership a release whose
+        drains are tasks of their own; a cut arriving before they began (the lease already lost when the
+        release was called: a replica woken from a stall) cancels them before a line of theirs runs. The
+        pipeline, stopped already, then drains alone instead of working on as if nothing happened, and
+        is aborted should the partition come back here (`start_partition`).
 
         Cancelled (the ownership cuts a release its lease no longer covers), the partition is aborted
         as a crash would abort it: its pipeline is cancelled (nothing more acknowledged or published)
@@ -246,14 +275,31 @@ class PartitionedEngine:
         partitions lands what it already holds. Its hot state may then hold changes the store never
         gets: should the partition come back here, the logic recovers it first (`start_partition`)."""
         pipeline = self.pipelines.pop(partition, None)
-        if pipeline is not None:
-            try:
-                await pipeline.stop()  # cancelled, its gather cancels the pipeline's task
-            except asyncio.CancelledError:
-                if pipeline.chain is not self.chain:
-                    pipeline.chain.abort()
-                self._cut.add(partition)
-                raise
+        if pipeline is None:
+            return _nothing()
+        pipeline.begin_stop()
+        self._releasing[partition] = pipeline
+        return self._release(partition, pipeline)
+
+    async def _release(self, partition: int, pipeline: PartitionPipeline) -> None:
+        try:
+            await pipeline.stop()  # cancelled, its gather cancels the pipeline's task
+        except asyncio.CancelledError:
+            self._abort(partition, pipeline)
+            raise
+        if self._releasing.get(partition) is pipeline:
+            del self._releasing[partition]
+
+    def _abort(self, partition: int, pipeline: PartitionPipeline) -> None:
+        """Abort a released partition's pipeline as a crash would (nothing more of it acknowledged,
+        published or written), and recover the logic's hot state should the partition come back."""
+        if pipeline.task is not None:
+            pipeline.task.cancel()
+        if pipeline.chain is not self.chain:
+            pipeline.chain.abort()
+        self._cut.add(partition)
+        if self._releasing.get(partition) is pipeline:
+            del self._releasing[partition]
 
     async def wait_ready(self) -> None:
         """Every owned partition restored and subscribed (tests, start-up probes)."""

@@ -35,6 +35,17 @@ owner last wrote (`expected_version`). A commit of an owner whose claim another 
 another's token: it stops working on the partition (`fenced`, logged at ERROR and counted) and leaves it
 to the ownership, acknowledging, publishing and writing nothing more. A write reported failed that had
 landed is told apart by the token: the record is its own, so it goes on.
+
+The fence keeps the stalled owner's writes out; its pulls need a check of their own. Woken, its standing
+pull finds no heartbeat for longer than it waits and asks again of the consumer, which the new owner
+restarted under the same name: the server hands the stalled owner messages the new owner never sees, and
+they stay unacknowledged while the new owner applies what came after them (then, when they come again
+after `ack_wait`, they are behind the checkpoint: skipped as applied, lost). Every delivery of a
+partition's consumer is its owner's, so each one follows the last in the consumer's sequence: a binding
+notes where the sequence stands before it asks for anything (and binds again if something is already
+out elsewhere), and a delivery that skips a number means another subscriber took the ones between. The
+fetch is then dropped and the consumer bound again, restarted at its acknowledgement floor, so those
+messages come again before anything newer.
 """
 
 from __future__ import annotations
@@ -112,6 +123,9 @@ class _Feed:
         self.version = 0
         self.claimed = False
         self.pending = 0  # messages in the stream not yet delivered (lag), polled
+        # The consumer sequence of the last message its consumer delivered to this pipeline's binding
+        # (None: unbound): every delivery of the consumer comes here, so each one follows the last.
+        self.delivered: int | None = None
         self.published: list[str] = []  # its outbox records published: deleted in the next commit
         self.pull: StandingPull | None = None
         # Several inputs: what this input's fetcher took from its pull, not yet taken by a round.
@@ -212,15 +226,20 @@ class PartitionPipeline:
                 feed.runner.retire()  # its lag and age leave /metrics with the partition (bus/consumer.py)
             await self._unsubscribe()
 
-    async def stop(self) -> None:
-        """Stop fetching, let every applied batch commit, publish and be acknowledged, then return
-        (the partition can go to another replica)."""
+    def begin_stop(self) -> None:
+        """Stop fetching (nothing awaited): the pipeline drains and ends whether or not `stop()` is
+        awaited."""
         self._stopping.set()
         # A fetch waiting for messages returns now, not after the fetch timeout.
         self._arrival.set()
         for feed in self.feeds:
             if feed.pull is not None:
                 feed.pull.wake()
+
+    async def stop(self) -> None:
+        """Stop fetching, let every applied batch commit, publish and be acknowledged, then return
+        (the partition can go to another replica)."""
+        self.begin_stop()
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
 
@@ -371,9 +390,16 @@ class PartitionPipeline:
                     await feed.runner.provision(start_seq=feed.checkpoint + 1)
                 else:
                     await feed.runner.provision()  # nothing applied yet: from the stream's beginning
-                subscription = await self.engine.bus.js.pull_subscribe_bind(
-                    durable=feed.consumer.durable, stream=feed.consumer.stream
-                )
+                js = self.engine.bus.js
+                subscription = await js.pull_subscribe_bind(durable=feed.consumer.durable, stream=feed.consumer.stream)
+                # Where its deliveries stand before this binding asks for any: from here on each one comes
+                # here, in sequence (`_taken`). One outstanding already went to another subscriber since
+                # the consumer was provisioned (a stale owner's pull): restarted at its floor again.
+                info = await js.consumer_info(feed.consumer.stream, feed.consumer.durable)
+                if info.num_ack_pending:
+                    await subscription.unsubscribe()
+                    raise Unavailable(f"{info.num_ack_pending} messages delivered elsewhere")
+                feed.delivered = info.delivered.consumer_seq or 0 if info.delivered is not None else 0
                 feed.pull = StandingPull(feed.runner.nc, subscription, feed.consumer.batch_size)
                 return True
             except asyncio.CancelledError:
@@ -563,19 +589,12 @@ class PartitionPipeline:
         if feed.pull is None:  # unbound: only while stopping (`_subscribe`)
             return []
         try:
-            return await feed.pull.fetch(feed.consumer.fetch_timeout if timeout is None else timeout)
+            msgs = await feed.pull.fetch(feed.consumer.fetch_timeout if timeout is None else timeout)
         except nats.errors.TimeoutError:
             return []
         except PullLost:
-            # Restarted at the acknowledgement floor: what was lost in flight comes again, before anything
-            # newer (batches in flight come again too, and are skipped by position once they are durable).
-            # What was taken and not yet handled comes again too: dropped, so positions stay in order.
             log.warning("engine consumer %s: connection re-established; resubscribing", feed.consumer.durable)
-            feed.arrived = []
-            if feed.pull is not None:
-                pull, feed.pull = feed.pull, None
-                await pull.close()
-            await self._bind(feed)
+            await self._rebind(feed)
             return []
         except asyncio.CancelledError:
             raise
@@ -583,6 +602,7 @@ class PartitionPipeline:
             # A consumer the server lost (deleted, its stream restored) is created again at the checkpoint:
             # nothing after it is missed, what is applied already is skipped by position (bus/consumer.py).
             if await feed.runner.recover_missing(exc, start_seq=feed.checkpoint + 1):
+                feed.delivered = 0  # created again: its deliveries are numbered from 1
                 if self._failure is None and feed.checkpoint and await self._held_if_ahead(feed) is not None:
                     # Its stream was deleted and created again: positions at or below the checkpoint are
                     # new. Recovery reads the checkpoint back and binds again, which rewinds it.
@@ -591,6 +611,42 @@ class PartitionPipeline:
             log.warning("fetch from %s failed: %s", feed.consumer.durable, describe_error(exc))
             await asyncio.sleep(0.2)
             return []
+        if not self._taken(feed, msgs):
+            # A delivery of the consumer went to another subscriber: a replica woken from a stall, whose
+            # standing pull asked again of the consumer this owner restarted under the same name. It will
+            # acknowledge nothing (fenced), and applying the newer messages would move the checkpoint past
+            # what it took: when that came again after `ack_wait`, it was skipped as applied, and lost.
+            log.warning(
+                "engine consumer %s: messages delivered to another subscriber; restarting at the floor",
+                feed.consumer.durable,
+                extra={"partition": self.partition, "subject": feed.subject},
+            )
+            await self._rebind(feed)
+            return []
+        return msgs
+
+    @staticmethod
+    def _taken(feed: _Feed, msgs: list) -> bool:
+        """Whether `msgs` follow, in the consumer's sequence, what it delivered here before (noted)."""
+        for msg in msgs:
+            seq = msg.metadata.sequence.consumer
+            if feed.delivered is not None and seq != feed.delivered + 1:
+                return False
+            feed.delivered = seq
+        return True
+
+    async def _rebind(self, feed: _Feed) -> None:
+        """Bind `feed`'s consumer again, restarted at its acknowledgement floor (it has messages delivered
+        and not acknowledged: `ConsumerRunner.provision`): what was lost in flight or taken by another
+        subscriber comes again, before anything newer (batches in flight come again too, and are skipped
+        by position once they are durable). What was taken and not yet handled comes again too: dropped,
+        so positions stay in order."""
+        feed.arrived = []
+        feed.delivered = None
+        if feed.pull is not None:
+            pull, feed.pull = feed.pull, None
+            await pull.close()
+        await self._bind(feed)
 
     async def _poll_lag(self) -> None:
         me = asyncio.current_task()
