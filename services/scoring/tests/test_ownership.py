@@ -206,3 +206,42 @@ async def scores(bus: Bus) -> list[tuple[str, int, float]]:
         for batch in (message, *message.more):
             out.extend(zip(batch.person_ids, batch.at_ms, batch.values, strict=True))
     return out
+
+
+async def test_a_release_cut_while_a_snapshot_holds_the_lock_gives_the_partition_up_all_the_same(nats_server, tmp_path):
+    """The ownership cuts a release its lease no longer covers (`cdp_kit.ownership.leased`). Cut while a
+    snapshot held the logic's lock, the release never told the engine: the pipeline worked on after the
+    lease was gone, and the partition, back here, was taken for running (held, and idle once fenced).
+    Now the pipeline stops and the partition's fields are forgotten; it starts again when it comes back."""
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="cut") as bus:
+        await bus.ensure_streams(profiles_stream(), scores_stream())
+        engine = ScoringEngine(
+            store,
+            FolderModelStore(tmp_path / "models"),
+            bus.publisher,
+            partitions=PARTITIONS,
+            telemetry=bus.telemetry,
+            clock=Clock(T0_MS / 1000),
+        )
+        await engine.start()
+        stream = scoring_stream(engine, bus, partitions=PARTITIONS, batch_size=1, ack_wait=30, snapshot_every=60)
+        try:
+            await stream.start()  # every partition, static
+            await stream.wait_ready()
+            await until(lambda: 0 in engine.ready, "partition 0 restored")
+            async with stream._released:  # a snapshot copying the fields
+                releasing = asyncio.create_task(stream.stop_partition(0))
+                await asyncio.sleep(0.05)
+                assert not releasing.done()
+                releasing.cancel()  # the cut
+                await asyncio.sleep(0)
+            await asyncio.gather(releasing, return_exceptions=True)
+            assert releasing.cancelled()
+            assert 0 not in stream.pipelines and 0 not in engine.ready
+            await stream.start_partition(0)  # it comes back
+            await stream.wait_ready()
+            await until(lambda: 0 in engine.ready, "partition 0 restored again")
+            assert stream.pipelines[0].task is not None and not stream.pipelines[0].task.done()
+        finally:
+            await stream.close()
+            await engine.stop()

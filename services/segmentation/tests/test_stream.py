@@ -1306,3 +1306,39 @@ async def test_a_go_live_cut_short_between_two_partitions_publishes_each_transit
     counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
     assert counts == {("high", p, True): 1 for p in inside}
     assert second.engine.members["high"] == inside
+
+
+async def test_a_release_cut_mid_drain_gives_the_partition_up_all_the_same(world, nats_server):
+    """The ownership cuts a release its lease no longer covers (`cdp_kit.ownership.leased`): cancelled while
+    its commit is in flight, the replica still leaves the partition (before, it kept it in `owned`, its
+    persons held and its timers armed, after the new owner had it)."""
+    replica = await world.replica("one", ownership="static")
+    await define(replica, "high", "traits.level > 0")
+    person = "p1"
+    p = partition_for(person, PARTITIONS)
+    store = world.store
+    gate, bulk_write = asyncio.Event(), store.bulk_write
+
+    async def held(ops):
+        await gate.wait()  # a store answering late
+        return await bulk_write(ops)
+
+    store.bulk_write = held
+    try:
+        batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + 1, level=1)])
+        await world.js.publish(subjects.profiles_changed(p), batch.SerializeToString())
+
+        async def in_flight() -> bool:
+            return replica.stream.pipelines[p]._in_flight >= 1
+
+        await until(in_flight, "the change applied, its commit in flight")
+        releasing = asyncio.create_task(replica.stream.stop_partition(p))
+        await asyncio.sleep(0.1)
+        assert not releasing.done()  # draining
+        releasing.cancel()  # the cut
+        await asyncio.gather(releasing, return_exceptions=True)
+        assert p not in replica.engine.owned
+        assert p not in replica.stream.pipelines
+    finally:
+        store.bulk_write = bulk_write
+        gate.set()

@@ -241,13 +241,28 @@ class ScoringStream(PartitionedEngine):
     async def stop_partition(self, partition: int) -> None:
         # No snapshot while a partition drains: its fields may hold batches not yet durable, and a
         # snapshot copies every held person. Taking the lock here waits for a snapshot being copied.
-        async with self._released:
-            pipeline = self.pipelines.get(partition)
-            if pipeline is None:
-                return
-            self._draining.add(partition)
+        #
+        # Cancelled (the ownership cuts a release its lease no longer covers: `cdp_kit.ownership.leased`),
+        # the partition is given up all the same: its pipeline stops (the engine aborts it, or it drains
+        # alone and is aborted should the partition come back) and its fields are forgotten, so this
+        # replica neither works on the partition nor answers from fields the new owner updates. Before,
+        # a cut while a snapshot held the lock never told the engine: the pipeline worked on, fenced at its
+        # next commit, and the partition, back here, was taken for running (held and idle).
+        try:
+            async with self._released:
+                pipeline = self.pipelines.get(partition)
+                if pipeline is None:
+                    return
+                self._draining.add(partition)
+        except asyncio.CancelledError:
+            super().stop_partition(partition).close()  # stopped at the call; the drain left to it alone
+            await self.logic.drop(partition)
+            raise
         try:
             await super().stop_partition(partition)  # drained: what was applied is durable and acknowledged
+        except asyncio.CancelledError:
+            await self.logic.drop(partition)
+            raise
         finally:
             async with self._released:
                 self._draining.discard(partition)

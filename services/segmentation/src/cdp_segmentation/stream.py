@@ -169,11 +169,15 @@ class SegmentationStream(PartitionedEngine):
     async def stop_partition(self, partition: int) -> None:
         if partition not in self.pipelines:
             return
-        await super().stop_partition(partition)
-        # Drained: everything applied is durable and published. Snapshot before letting go, so the next
-        # owner starts from the state this replica reached rather than replaying to it.
-        await self.snapshot()
-        self.engine.leave(partition)
+        try:
+            await super().stop_partition(partition)
+            # Drained: everything applied is durable and published. Snapshot before letting go, so the next
+            # owner starts from the state this replica reached rather than replaying to it.
+            await self.snapshot()
+        finally:
+            # Cancelled too (the ownership cuts a release its lease no longer covers): the partition is
+            # given up all the same, unsnapshotted (the next owner replays from the last snapshot).
+            self.engine.leave(partition)
 
     @contextlib.asynccontextmanager
     async def quiescent(self):
