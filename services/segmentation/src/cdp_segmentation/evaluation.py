@@ -101,16 +101,9 @@ class Evaluation:
             timed = True  # (window segments compare with now)
             flipped = set()
             for segment, inside in decided:
-                segment_id = segment.id
-                if inside is not (segment_id in members):
-                    if inside:
-                        members[segment_id] = at
-                        self.members.setdefault(segment_id, set()).add(person_id)
-                    else:
-                        del members[segment_id]
-                        self.members.get(segment_id, set()).discard(person_id)
-                    out.append(Transition(person_id, segment_id, inside, at, reason, segment.version, cause))
-                    flipped.add(segment_id)
+                if inside is not (segment.id in members):
+                    self._flip(person_id, members, segment, inside, at, reason, cause, out)
+                    flipped.add(segment.id)
             self.decided += len(decided)
         for segment, direct in segments:
             if not direct and (flipped is None or flipped.isdisjoint(segment.refs)):
@@ -119,13 +112,7 @@ class Evaluation:
             evaluated += 1
             inside = segment.predicate(fields, members, now)
             if inside is not (segment_id in members):
-                if inside:
-                    members[segment_id] = at
-                    self.members.setdefault(segment_id, set()).add(person_id)
-                else:
-                    del members[segment_id]
-                    self.members.get(segment_id, set()).discard(person_id)
-                out.append(Transition(person_id, segment_id, inside, at, reason, segment.version, cause))
+                self._flip(person_id, members, segment, inside, at, reason, cause, out)
                 if flipped is None:
                     flipped = set()
                 flipped.add(segment_id)
@@ -136,6 +123,28 @@ class Evaluation:
         self.held.mark(person_id)
         if timed:
             self._schedule(person_id, person, now)
+
+    def _flip(
+        self,
+        person_id: str,
+        members: dict[str, float],
+        segment: Segment,
+        inside: bool,
+        at: float,
+        reason: str,
+        cause: str,
+        out: list[Transition],
+    ) -> None:
+        """The person enters (`inside`) or leaves `segment`: their memberships, the segment's members, and
+        the transition recorded."""
+        segment_id = segment.id
+        if inside:
+            members[segment_id] = at
+            self.members.setdefault(segment_id, set()).add(person_id)
+        else:
+            del members[segment_id]
+            self.members.get(segment_id, set()).discard(person_id)
+        out.append(Transition(person_id, segment_id, inside, at, reason, segment.version, cause))
 
     def _schedule(self, person_id: str, person: Person, now: float) -> None:
         """The person's next timer: the earliest instant after `now` one of its time comparisons flips."""
