@@ -132,3 +132,32 @@ async def test_settings_pick_the_kind_and_reject_bad_values(nats_client):
     assert "CDP_OWNERSHIP" in str(bad.value)
     with pytest.raises(SettingsError, match="CDP_OWNERSHIP_TTL"):
         load_settings(OwnershipSettings, {"CDP_OWNERSHIP_TTL": "-1"})
+
+
+async def test_records_no_member_wrote_cost_a_member_nothing(nats_server, nats_client):
+    """nats-server answers an API request on whatever reply subject it names, and the bucket stores such an
+    answer (JSON) under that key (docs/security.md, the known gap): any NATS user can plant records under a
+    group's keys. A key that is no partition failed every round (every member then fenced itself and let go
+    of every partition); a planted member took a share of the partitions for as long as it was planted again;
+    a planted lease kept its partition from everyone for a TTL. Now they cost nothing."""
+    kv = await nats_client.jetstream().create_key_value(bucket="CDP_OWNERSHIP", history=1)
+    answer = b'{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","error":{"code":404}}'
+    await kv.put("identity.partitions.x", answer)
+    await kv.put("identity.members.ghost", answer)
+    await kv.put("identity.partitions.0", answer)
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=0)
+    try:
+        ownership = await nats_kv_ownership(
+            nc.jetstream(), group="identity", partitions=PARTITIONS, identity="identity-0", ttl=TTL
+        )
+        await ownership.start()
+        try:
+            assert ownership.owned() == set(range(PARTITIONS))  # no ghost's share; partition 0 taken at once
+            for _ in range(3):  # rounds go on: none fails, none fences
+                await ownership._round()
+            assert ownership.owned() == set(range(PARTITIONS))
+            assert (await kv.get("identity.partitions.0")).value == b"identity-0"
+        finally:
+            await ownership.stop()
+    finally:
+        await nc.close()

@@ -13,6 +13,16 @@ The bucket is shared, its keys are not: each service's NATS user may reach only 
 (`cdp_kit.natsauth`), and the store lists and reads them through subjects that name the group
 (`group_kv.GroupKv`), never through a watch, whose consumer names its filter where permissions cannot
 see it. Buckets and keys are those of earlier versions, so a running platform needs no migration.
+
+What a member reads back it checks, because the bucket can hold records no member wrote: nats-server
+answers a JetStream API request on whatever reply subject the request names, and the bucket's stream stores
+such an answer (JSON) under that subject's key, so any NATS user may plant one under a group's keys
+(docs/security.md, the known gap). A member record is a heartbeat only when its value is empty (what
+`heartbeat` writes); a lease whose key is not a partition of the group is left out (a key such as
+`<group>.partitions.x` failed every round of every member, which then fenced itself and let go of every
+partition); a lease whose value is neither empty nor an identity is taken for free, so a member takes it
+over by compare-and-set at once instead of waiting out the TTL. A planted record thus costs a member one
+write, not its partitions.
 """
 
 from __future__ import annotations
@@ -48,7 +58,11 @@ class NatsKvLeaseStore:
         }
 
     async def members(self) -> dict[str, Revision]:
-        return {identity: entry.revision for identity, entry in (await self._snapshot("members")).items()}
+        return {
+            identity: entry.revision
+            for identity, entry in (await self._snapshot("members")).items()
+            if not entry.value and _KEY_PART.match(identity)  # a heartbeat, not a planted record
+        }
 
     async def heartbeat(self, identity: str) -> None:
         await self.kv.put(f"{self.group}.members.{identity}", b"")
@@ -57,10 +71,15 @@ class NatsKvLeaseStore:
         await self.kv.delete(f"{self.group}.members.{identity}")
 
     async def leases(self) -> dict[int, Lease]:
-        return {
-            int(p): Lease((entry.value or b"").decode(), entry.revision)
-            for p, entry in (await self._snapshot("partitions")).items()
-        }
+        leases = {}
+        for p, entry in (await self._snapshot("partitions")).items():
+            if not p.isdecimal() or p != str(int(p)):
+                continue  # no partition of the group: a planted record
+            holder = (entry.value or b"").decode(errors="replace")
+            if holder and not _KEY_PART.match(holder):
+                holder = ""  # no identity: free, taken over by compare-and-set on its revision
+            leases[int(p)] = Lease(holder, entry.revision)
+        return leases
 
     async def write(self, partition: int, holder: str, expected: Lease | None) -> Lease | None:
         key = f"{self.group}.partitions.{partition}"
