@@ -75,6 +75,19 @@ async def replica(stack: AsyncExitStack, store, nats_url: str, name: str) -> Pro
     return engine
 
 
+async def two_replicas(stack: AsyncExitStack, nats_url: str) -> tuple[object, ProfileEngine, ProfileEngine]:
+    """Replicas a and b on one memory store, `orders_30d` (a 30-day count of orders) defined."""
+    store = await stack.enter_async_context(open_store("memory://"))
+    a = await replica(stack, store, nats_url, "replica-a")
+    await a.define(
+        ComputedTrait.from_dict(
+            {"name": "orders_30d", "op": "count", "event_names": ["Order Completed"], "window": "30d"}
+        )
+    )
+    b = await replica(stack, store, nats_url, "replica-b")
+    return store, a, b
+
+
 async def feed(engine: ProfileEngine, data: bytes) -> None:
     """Publish on events.resolved.0 and wait until the owning engine has made it durable."""
     ack = await engine.bus.js.publish("events.resolved.0", data)
@@ -90,14 +103,7 @@ def orders(engine: ProfileEngine, person: str) -> int:
 
 async def test_a_partition_moves_with_its_profiles_and_comes_back_onto_the_stores_state(nats_server):
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(open_store("memory://"))
-        a = await replica(stack, store, nats_server.url, "replica-a")
-        await a.define(
-            ComputedTrait.from_dict(
-                {"name": "orders_30d", "op": "count", "event_names": ["Order Completed"], "window": "30d"}
-            )
-        )
-        b = await replica(stack, store, nats_server.url, "replica-b")
+        _, a, b = await two_replicas(stack, nats_server.url)
 
         await a.start_partition(0)
         await feed(a, order("o1", "p1", T0 - 20 * DAY))
@@ -185,14 +191,7 @@ async def test_a_release_cut_short_gives_the_partition_up_all_the_same(nats_serv
     its writes are in flight, the replica still stops owning the partition and forgets its persons, so it
     neither answers from a copy the new owner no longer updates nor writes them."""
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(open_store("memory://"))
-        a = await replica(stack, store, nats_server.url, "replica-a")
-        await a.define(
-            ComputedTrait.from_dict(
-                {"name": "orders_30d", "op": "count", "event_names": ["Order Completed"], "window": "30d"}
-            )
-        )
-        b = await replica(stack, store, nats_server.url, "replica-b")
+        store, a, b = await two_replicas(stack, nats_server.url)
         await a.start_partition(0)
         await feed(a, order("o1", "p1", T0 - 2 * DAY))
 

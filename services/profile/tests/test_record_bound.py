@@ -65,15 +65,7 @@ def _pings(first: int, count: int) -> Delivery:
 async def test_many_busy_windowed_traits_keep_the_record_within_the_store_limit_and_every_event_applies():
     captured = MetricsCapture("profile")
     async with open_store("memory://") as store:
-        engine = ProfileEngine(
-            store,
-            _NoBus(),
-            partitions=1,
-            owned=[0],
-            retention=Retention(max_events=100),
-            telemetry=captured.telemetry,
-            clock=Clock(T0),
-        )
+        engine = _engine(store, captured)
         await engine.start()
         try:
             for trait in _definitions():
@@ -123,6 +115,19 @@ async def test_many_busy_windowed_traits_keep_the_record_within_the_store_limit_
     assert {dict(point.attributes)["part"] for point in points} == {"computed"}
 
 
+def _engine(store, captured: MetricsCapture) -> ProfileEngine:
+    """One replica owning the one partition, publishing nowhere, its metrics captured."""
+    return ProfileEngine(
+        store,
+        _NoBus(),
+        partitions=1,
+        owned=[0],
+        retention=Retention(max_events=100),
+        telemetry=captured.telemetry,
+        clock=Clock(T0),
+    )
+
+
 class _NoBus:
     async def publish_batch(self, messages):  # pragma: no cover - the tests publish nothing
         return []
@@ -133,15 +138,7 @@ async def test_a_person_at_the_bound_is_logged_once_a_while_and_counted_every_ti
     person flooded the log. Logged once per person in TRIM_LOG_SECONDS; the metric counts every trim."""
     captured = MetricsCapture("profile")
     async with open_store("memory://") as store:
-        engine = ProfileEngine(
-            store,
-            _NoBus(),
-            partitions=1,
-            owned=[0],
-            retention=Retention(max_events=100),
-            telemetry=captured.telemetry,
-            clock=Clock(T0),
-        )
+        engine = _engine(store, captured)
         with caplog.at_level("WARNING", logger="cdp.profile.engine"):
             for _ in range(5):
                 engine._record_trimmed("busy", {"computed": 3})
