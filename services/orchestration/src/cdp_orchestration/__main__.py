@@ -49,6 +49,7 @@ from cdp_orchestration.state import prepare_store
 log = logging.getLogger("cdp.orchestration")
 
 GC_THRESHOLD = (50_000, 20, 100)
+RESUME_ARMING_EVERY = 5.0  # seconds between tries to arm what a stopped publish left (`arm_resumed`)
 
 
 async def setup(runtime: ServiceRuntime) -> None:
@@ -216,6 +217,21 @@ async def setup(runtime: ServiceRuntime) -> None:
         person_exists=person_exists,
         stopping=runtime.stopping,  # open SubscribeInbox streams end as the service starts stopping
     )
+
+    async def arm_resumed() -> None:
+        # Scheduled journeys whose publish stopped before every member of the segment was armed (a crash).
+        while True:
+            try:
+                armed = await api.resume_arming()
+            except Exception as exc:  # the bus or the store not answering yet: asked again
+                log.warning("could not arm the members of scheduled journeys yet: %s", describe_error(exc))
+                await asyncio.sleep(RESUME_ARMING_EVERY)
+                continue
+            if armed:
+                log.warning("armed the members of %d scheduled journeys whose publish had stopped half way", armed)
+            return
+
+    tasks.append(asyncio.create_task(arm_resumed(), name="arm scheduled journeys' members"))
     runtime.parts.update(
         bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api, dispatchers=dispatchers
     )

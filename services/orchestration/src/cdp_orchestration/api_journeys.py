@@ -6,17 +6,22 @@ of the moment), decided on the record as stored and saved against the version re
 change saved meanwhile by another call or replica is decided again or refused, never written over), then
 announced to the other replicas. Publishing defines the computed traits the live version's conditions read
 (the profile service's) before it goes live; with MIGRATION_MAP_BY_NODE_ID it moves running instances to the
-new version, and a scheduled journey arms each member of its segment. Archiving ends the journey's running
+new version, and a scheduled journey arms each member of its segment (read from the members' index, not
+from every person; a publish stopped before every member was armed is armed again at the next start). Archiving ends the journey's running
 instances, each through its person's engine. The draft's own calls (GetJourney's `draft`, DiscardDraft) are
 in drafts.py.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
-from cdp_kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from cdp_kit.bus import partition_for
+from cdp_kit.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from cdp_orchestration import streams
 from cdp_orchestration.api_base import expected_revision
 from cdp_orchestration.catalogue import SCORING, SEGMENTATION
 from cdp_orchestration.domain import lifecycle
@@ -27,7 +32,9 @@ from cdp_orchestration.drafts import DraftCalls
 from cdp_orchestration.journey_changes import always, draft_as_read
 from cdp_orchestration.journeys import DRAFT
 from cdp_orchestration.messages import STATE_OF_PB, offset, page_size, read_definition, required, token
-from cdp_orchestration.state import PERSONS
+from cdp_orchestration.state import ARMING, MEMBERS, members_prefix
+
+ARM_PAGE = 500  # members read, and arm commands sent in one batch, at a time
 
 
 class JourneyCalls(DraftCalls):
@@ -89,7 +96,16 @@ class JourneyCalls(DraftCalls):
                 await self.define_traits(live.computed_traits)
             return published
 
-        changed = await self._change(journey_id, publish, draft_as_read, expected)
+        # Noted before the version is saved, gone once its members are armed: a publish that stops in between
+        # (a crash, the bus refusing a command) is armed again at the next start (`resume_arming`).
+        # Each call its own note: a concurrent publish of the journey that fails drops its own only.
+        note = f"{journey_id}:{uuid.uuid4().hex}"
+        await self.store.put(ARMING, note, {"journey_id": journey_id, "at": time.time()})
+        try:
+            changed = await self._change(journey_id, publish, draft_as_read, expected)
+        except Exception:
+            await self.store.delete(ARMING, note)  # nothing saved
+            raise
         previous, published = changed.read.record.live, changed.saved
         assert published is not None
         live = published.live
@@ -97,6 +113,7 @@ class JourneyCalls(DraftCalls):
             await self._migrate(published, previous)
         if live is not None and isinstance(live.entry, ScheduleEntry):
             await self._arm_members(live)
+        await self.store.delete(ARMING, note)
         return await self._journey(journey_id)
 
     async def _check_live(self, journey: Journey) -> None:
@@ -189,9 +206,39 @@ class JourneyCalls(DraftCalls):
 
     async def _arm_members(self, journey: Journey) -> None:
         """Each member of a scheduled journey's segment gets a timer at their next slot (in their zone), set
-        by their own engine; people joining the segment later get theirs as they join."""
+        by their own engine; people joining the segment later get theirs as they join. The members are read
+        from `MEMBERS` (the segment's rows, a page at a time, each page's commands sent together), not from
+        every person's record; a row of someone who left meanwhile arms nothing (`timers.arm` checks the
+        person's own segments). Sent again, a command is the same message (its id), and arming an armed
+        person changes nothing: a publish armed again after a crash arms each member once."""
         segment = journey.entry.segment  # type: ignore[union-attr]
-        async for stored in self.store.scan_all(PERSONS):
-            if segment in stored.doc.get("segments", ()):
-                body = {"person_id": stored.key, "journey_id": journey.id}
-                await self._command(stored.key, "arm", body, f"arm:{journey.id}:{journey.version}:{stored.key}")
+        cursor = None
+        while True:
+            page = await self.store.scan(MEMBERS, cursor=cursor, limit=ARM_PAGE, prefix=members_prefix(segment))
+            commands = []
+            for row in page.records:
+                person_id = row.doc["person_id"]
+                body = {"person_id": person_id, "journey_id": journey.id}
+                msg_id = f"arm:{journey.id}:{journey.version}:{person_id}"
+                commands.append(streams.command(partition_for(person_id, self.partitions), "arm", body, msg_id))
+            if commands and not all(r.ok for r in await self.bus.publisher.publish_batch(commands)):
+                raise Unavailable(
+                    f"journey {journey.id} is published, but arming its segment's members could not be stored in "
+                    "JetStream; it is done again at the next start of the service"
+                )
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+
+    async def resume_arming(self) -> int:
+        """Arm the members of every scheduled journey whose publish stopped before it had armed them all
+        (`ARMING`), then drop the note; the number of journeys armed. Run at start, beside the engine."""
+        armed = 0
+        async for note in self.store.scan_all(ARMING):
+            record = await self.journeys.reload(note.doc["journey_id"])
+            live = record.live if record is not None and record.state is not State.ARCHIVED else None
+            if live is not None and isinstance(live.entry, ScheduleEntry):
+                await self._arm_members(live)
+                armed += 1
+            await self.store.delete(ARMING, note.key)
+        return armed

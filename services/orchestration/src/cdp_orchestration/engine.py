@@ -99,6 +99,7 @@ from cdp_orchestration.state import (
     Batch,
     Partition,
     Person,
+    keep_members,
     load_persons,
     load_stats,
 )
@@ -220,6 +221,8 @@ class OrchestrationLogic:
             if person.dirty:
                 batch.put(PERSONS, person.person_id, person.record())
                 person.dirty = False
+            if person.segments != person.indexed:
+                keep_members(batch, person)  # the segments' members, as the record holds them
         await actions.add_top_scores(self.applier, batch)
         for key in batch.stats:
             # A copy: the counters go on changing in memory while this write is on its way.

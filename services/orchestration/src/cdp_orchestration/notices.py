@@ -13,7 +13,7 @@ one pass over the store, since no engine holds anyone yet:
 - the person record, every instance, decision (refused entries too), approval and Enroll answer (those that
   name the person: written before a build that kept the person id, they age out only); a running instance is
   counted ended ("deleted") in its journey's counters, as `forget` counts it;
-- send records, outcome events not posted yet, the in-app inbox;
+- send records, outcome events not posted yet, the in-app inbox, their rows among the segments' members;
 - the outbox records' messages for them (an action on `actions.<channel>.<p>`, a timer scheduled for them);
   everyone else's stay, under the same message ids, and are published when the engine starts;
 - their tombstone and deletion marker are written again (`orchestration_tombstones`, `orchestration_deleted`,
@@ -54,6 +54,7 @@ from cdp_orchestration.state import (
     DECISIONS,
     ENROLLMENTS,
     INSTANCES,
+    MEMBERS,
     OUTCOMES,
     PERSONS,
     SENDS,
@@ -69,7 +70,7 @@ log = logging.getLogger("cdp.orchestration.privacy")
 WINDOW = 64
 #: Records deleted in one write.
 PAGE = 500
-_BY_PERSON = (INSTANCES, APPROVALS, ENROLLMENTS, SENDS, OUTCOMES)
+_BY_PERSON = (INSTANCES, APPROVALS, ENROLLMENTS, SENDS, OUTCOMES, MEMBERS)
 
 
 async def holds(store: Store, person_id: str) -> bool:
@@ -138,6 +139,7 @@ async def erase_noticed(
         counts["enroll_answers"] += len(await _delete_by_person(store, ENROLLMENTS, person))
         counts["sends"] += len(await _delete_by_person(store, SENDS, person))
         await _delete_by_person(store, OUTCOMES, person)
+        await _delete_by_person(store, MEMBERS, person)
         counts["decisions"] += await _delete_by_prefix(store, DECISIONS, f"{person}:")
         counts["inbox_messages"] += await _delete_by_prefix(store, INBOX, f"{person}/")
     requests = {named[person] for person in found}

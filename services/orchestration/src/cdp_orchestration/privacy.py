@@ -88,6 +88,7 @@ from cdp_orchestration.state import (
     ENROLLMENTS,
     FORGOTTEN,
     INSTANCES,
+    MEMBERS,
     OUTCOMES,
     PERSONS,
     SENDS,
@@ -159,7 +160,14 @@ async def forget(applier: Applier, hot: Partition, batch: Batch, person: Person,
     approvals = await store.find(APPROVALS, "person_id", person_id, limit=MAX_FIND_LIMIT)
     # Enroll answers: their keys are the callers' idempotency keys, which may carry personal data.
     answers = await store.find(ENROLLMENTS, "person_id", person_id, limit=MAX_FIND_LIMIT)
-    for collection, records in ((INSTANCES, instances), (APPROVALS, approvals), (ENROLLMENTS, answers)):
+    # Their rows among the segments' members (the engine's write drops those of `person.indexed` too).
+    members = await store.find(MEMBERS, "person_id", person_id, limit=MAX_FIND_LIMIT)
+    for collection, records in (
+        (INSTANCES, instances),
+        (APPROVALS, approvals),
+        (ENROLLMENTS, answers),
+        (MEMBERS, members),
+    ):
         for record in records:
             batch.delete(collection, record.key)
     decisions = [record.key async for record in store.scan_all(DECISIONS, prefix=f"{person_id}:")]

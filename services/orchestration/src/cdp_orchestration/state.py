@@ -15,6 +15,8 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_deleted`      | person id                             | a privacy deletion accepted for the person (when, which request; no personal data), written as soon as the notice reaches the handler: no dispatcher sends to them; swept with the tombstones |
 | `orchestration_rules`        | rules document digest                 | the count or sum computed traits (field keys) the arbiter's rules were compiled with (`arbiter_rules.py`); no personal data |
 | `orchestration_tombstones`   | person id                             | a person a privacy deletion forgot (when, which request; no personal data): whatever reaches the engine for them afterwards is dropped; swept after CDP_ORCHESTRATION_TOMBSTONE_DAYS (35), when nothing for them can still arrive |
+| `orchestration_members`      | `<segment>:<person id>`               | the segments' members as the persons' records hold them (`{"person_id"}`, indexed: a deletion finds them), written with the record (`keep_members`): what publishing a scheduled journey reads to arm its segment's members (`api_journeys`), not every person; `~built` marks a store whose records were all indexed (`prepare_store` indexes an earlier build's once) |
+| `orchestration_arming`       | `<journey id>:<uuid>`                 | a publish arming a scheduled journey's members, from before the version is saved until every member was sent its `arm` command: one left by a crash is done again at the next start (`api_journeys.resume_arming`); no personal data |
 
 The dispatchers (`dispatch.py`, one per channel) write `orchestration_sends` (action id -> its send record and
 outcome; while the action is still being tried, status "pending" with its attempts and hand-backs, no content),
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,9 @@ FORGOTTEN = "orchestration_forgotten"
 TOMBSTONES = "orchestration_tombstones"
 SENDS = "orchestration_sends"  # written by the dispatchers (`dispatch.py`)
 OUTCOMES = "orchestration_outcomes"
+MEMBERS = "orchestration_members"
+ARMING = "orchestration_arming"
+MEMBERS_BUILT = "~built"  # the marker of `prepare_store`'s one indexing of the records (no segment id starts so)
 
 MAX_PARKED = 16  # event entries a person may have waiting for the profile (`Person.parked`)
 
@@ -89,6 +95,30 @@ def not_entered_prefix(person_id: str) -> str:
     return f"{person_id}:~entry:"
 
 
+def member_key(segment: str, person_id: str) -> str:
+    return f"{segment}:{person_id}"
+
+
+def members_prefix(segment: str) -> str:
+    """The keys of the segment's members (a segment id holds no `:`, as segmentation checks it; a catalogue
+    file's that did would read another segment's members too: more `arm` commands, each a no-op)."""
+    return f"{segment}:"
+
+
+def keep_members(batch: Batch, person: Person) -> None:
+    """The person's rows of `MEMBERS` follow their segments: one put per segment joined and one delete per
+    segment left since the record was last written (a segment change writes the record anyway)."""
+    segments, indexed = person.segments, person.indexed
+    if segments == indexed:
+        return
+    person_id = person.person_id
+    for segment in segments - indexed:
+        batch.put(MEMBERS, member_key(segment, person_id), {"person_id": person_id})
+    for segment in indexed - segments:
+        batch.delete(MEMBERS, member_key(segment, person_id))
+    person.indexed = frozenset(segments)
+
+
 def wake_id(person_id: str, at: float) -> str:
     return "w" + hashlib.sha256(f"wake\x1f{person_id}\x1f{at!r}".encode()).hexdigest()[:32]
 
@@ -108,6 +138,8 @@ class Person:
     person_id: str
     fields: dict[str, Any] = field(default_factory=dict)
     segments: set[str] = field(default_factory=set)
+    # The segments the person's rows of `MEMBERS` hold (those of the record last read or written).
+    indexed: frozenset[str] = frozenset()
     state: PersonState | None = None
     # Instances that can still react, by id; `wakes` indexes them by what can move them (`wakes.py`).
     live: dict[str, Instance] = field(default_factory=Live)
@@ -407,6 +439,7 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str], reads
             # every part, empty or not.
             person.fields = user_data_from(doc["fields"])
             person.segments = set(doc.get("segments") or ())
+            person.indexed = frozenset(person.segments)
             if doc.get("arbiter"):
                 person.state = person_from_record(doc["arbiter"])
             person.entered = dict(doc.get("entered") or {})
@@ -438,7 +471,8 @@ async def load_stats(store: Store, partition: int, hot: Partition) -> None:
 
 
 async def prepare_store(store: Store) -> None:
-    """The indexes the API reads instances by."""
+    """The indexes the API reads instances by, and the segments' members (`MEMBERS`) of a store an earlier
+    build wrote, indexed once."""
     await store.ensure_index(INSTANCES, "person_id")
     await store.ensure_index(INSTANCES, "journey_id")
     # A privacy deletion finds the person's approvals, Enroll answers and sends by these.
@@ -447,3 +481,31 @@ async def prepare_store(store: Store) -> None:
     await store.ensure_index(SENDS, "person_id")
     await store.ensure_index(OUTCOMES, "person_id")
     await store.ensure_index(OUTCOMES, "reported")  # the ones still to post
+    await store.ensure_index(MEMBERS, "person_id")  # a privacy deletion finds the person's rows
+    await index_members(store)
+
+
+async def index_members(store: Store, *, page: int = 1000) -> int:
+    """Write the `MEMBERS` rows of every person record once, in a store whose records an earlier build wrote
+    (a page of records at a time); the number of records read. A store that has the marker is left alone: the
+    engine writes the rows with the records since. Rows of a record changed meanwhile by a replica of this
+    build are its own to keep; one still of the earlier build (a rolling upgrade) writes records without rows,
+    whose members a scheduled journey published meanwhile does not arm until they join its segment again."""
+    if await store.get(MEMBERS, MEMBERS_BUILT) is not None:
+        return 0
+    read, cursor = 0, None
+    while True:
+        found = await store.scan(PERSONS, cursor=cursor, limit=page)
+        read += len(found.records)
+        ops = [
+            Put(MEMBERS, member_key(segment, record.key), {"person_id": record.key})
+            for record in found.records
+            for segment in record.doc.get("segments") or ()
+        ]
+        if ops:
+            await store.bulk_write(ops)
+        cursor = found.next_cursor
+        if cursor is None:
+            break
+    await store.put(MEMBERS, MEMBERS_BUILT, {"at": time.time()})
+    return read
