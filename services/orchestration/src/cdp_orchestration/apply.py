@@ -213,7 +213,7 @@ class Applier:
             earlier = instance_id(journey.id, person.person_id, before)
             if earlier in person.live or await self.store.get(INSTANCES, earlier) is not None:
                 return True, earlier, "admitted"
-        running = sum(1 for i in person.live.values() if i.journey_id == journey.id and i.status is Status.RUNNING)
+        running = person.live.running(journey.id)  # counted as instances are set and removed (`wakes.Live`)
         history = entry.EntryHistory(running=running, last_entered_at=person.entered.get(journey.id))
         admission = entry.admit(journey, history, now)
         if not admission.admitted:

@@ -156,9 +156,7 @@ async def adopt(applier: Applier, hot: Partition, batch: Batch, person: Person, 
         if moved.status is Status.RUNNING:
             journey = await applier.version(moved.journey_id, moved.version)
             cap = journey.max_concurrent if journey is not None else 1
-            running = sum(
-                1 for i in person.live.values() if i.journey_id == moved.journey_id and i.status is Status.RUNNING
-            )
+            running = person.live.running(moved.journey_id)
             if running > cap:
                 await applier.step(hot, batch, person, moved, ExitRequest(MERGED), now)
                 continue

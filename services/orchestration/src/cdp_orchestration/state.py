@@ -142,7 +142,7 @@ class Person:
     indexed: frozenset[str] = frozenset()
     state: PersonState | None = None
     # Instances that can still react, by id; `wakes` indexes them by what can move them (`wakes.py`).
-    live: dict[str, Instance] = field(default_factory=Live)
+    live: Live = field(default_factory=Live)
     entered: dict[str, float] = field(default_factory=dict)  # journey id -> last entered at
     wake: tuple[str, float] | None = None
     slots: dict[str, tuple[str, float]] = field(default_factory=dict)  # scheduled journey -> (timer id, at)
