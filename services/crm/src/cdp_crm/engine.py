@@ -66,10 +66,12 @@ from cdp_crm.domain.mapping import (
 )
 from cdp_crm.domain.mapping_model import SEGMENTS
 from cdp_crm.inbound.core import CollectorRefused
+from cdp_crm.inbound.news import field_digest
 from cdp_crm.inbound.salesforce import OBJECTS as SALESFORCE_OBJECTS
 from cdp_crm.inputs import Input, MappedPaths, View, action_source, decode, reads_fingerprint
 from cdp_crm.people import Fetch, Identifiers, unanswered
 from cdp_crm.state import (
+    CURSORS,
     DEAD_LETTERED,
     DEAD_LETTERS,
     ERASED,
@@ -457,7 +459,8 @@ class CrmLogic:
         """`changes` once `claim` has stamped what it could: those that may be written now. The ones whose
         CRM-made record profile could not name (it did not answer) are queued in `out` instead, as for a CRM
         that is down: the retrier claims and writes them once it answers."""
-        waiting = await self.claim(mapping, changes, previous, deadline)
+        waiting, first = await self.claim(mapping, changes, previous, deadline)
+        changes = [first.get(id(c), c) for c in changes]
         if not waiting:
             return changes
         self.record_outcome(partition, mapping, Delivered(pending=waiting), intended, previous, out, attempts)
@@ -466,21 +469,23 @@ class CrmLogic:
 
     async def claim(
         self, mapping: ObjectMapping, changes: list[Change], previous: Mapping[str, Mapping[str, Any]], deadline: float
-    ) -> list[Change]:
+    ) -> tuple[list[Change], dict[int, Change]]:
         """Before a record the connector never wrote is upserted by its match key: when the person came from
         a record of this CRM a CRM user made (their identifiers hold its id: `anonymous_id:<kind>:<account>:
         <id>` as the inbound side posts it, or `<kind>_id:<id>`), stamp the match key on that record, so the
-        upsert writes to it instead of creating a second one. Returns the changes that must not be written
-        now: those of records never written when the profile service did not answer (UNAVAILABLE,
-        DEADLINE_EXCEEDED, unreachable) - upserted by the match key, a CRM-made record of theirs would get a
-        second. A refusal (any other code) writes them as before, by the match key; a person profile does
-        not know has no CRM-made record to find."""
+        upsert writes to it instead of creating a second one, and write it field by field from then on
+        (`_first_write`). Returns the changes that must not be written now - those of records never written
+        when the profile service did not answer (UNAVAILABLE, DEADLINE_EXCEEDED, unreachable): upserted by
+        the match key, a CRM-made record of theirs would get a second - and, by `id()` of the change it
+        replaces, each claimed record's first write. A refusal (any other code) writes them as before, by
+        the match key; a person profile does not know has no CRM-made record to find."""
         new = [
             c for c in changes
             if c.op == UPSERT and c.person_id and len(c.key) == 1 and not accepted(previous.get(c.record))
         ]  # fmt: skip
+        first: dict[int, Change] = {}
         if not new or self.identifiers is None:
-            return []
+            return [], first
         try:
             found = await self.identifiers(sorted({c.person_id for c in new}))
         except Exception as exc:
@@ -489,9 +494,9 @@ class CrmLogic:
                     "reading persons' crm ids failed; their new records wait for the profile service",
                     extra={"mapping": mapping.name, "error": type(exc).__name__, "records": len(new)},
                 )
-                return new
+                return new, first
             log.warning("reading persons' crm ids failed", extra={"mapping": mapping.name, "error": type(exc).__name__})
-            return []
+            return [], first
         connection = self.connections[mapping.connection]
         prefixes = (f"anonymous_id:{connection.kind}:{connection.account}:".lower(), f"{connection.kind}_id:")
         for change in new:
@@ -505,8 +510,38 @@ class CrmLogic:
             for crm_id in dict.fromkeys(crm_ids):
                 if await self.deliverer.claim(mapping, crm_id, field, value, deadline):
                     log.info("crm record made in the crm claimed", extra={"mapping": mapping.name})
+                    first[id(change)] = await self._first_write(mapping, change, crm_id)
                     break
-        return []
+        return [], first
+
+    async def _first_write(self, mapping: ObjectMapping, change: Change, crm_id: str) -> Change:
+        """The first write to a record a CRM user made, claimed just now: only the fields whose value differs
+        from what the inbound side's last read of the record found (its memo's digest per field,
+        `crm_cursors/<connection>:<object>:<crm id>` `fields`; news.py `field_digest`) - the CDP's changes,
+        not the values it took from that record. Sent whole, a field a CRM user edited after that read (the
+        read before the write included) was overwritten with the value the CDP read before it, and the edit
+        lost: read back it is the connector's own value, no news. This is the three-way comparison the later
+        writes make against what the CRM took last (`Planned.add`), with the last read as the base; the
+        record's `fields` still take every projected value (both sides agreed on them at that read).
+        Without a memo holding digests (no inbound reading of the object, or one kept before them) it is
+        sent whole as before. Costs one store read per claimed record (claims are rare: once per person)."""
+        poller = self.inbound.get(mapping.connection)
+        obj = poller.reads(mapping.object) if poller is not None else None
+        if obj is None:
+            return change
+        memo = await self.store.get(CURSORS, f"{mapping.connection}:{obj}:{crm_id}")  # inbound/core.py `_key`
+        read = (memo.doc.get("fields") if memo is not None else None) or {}
+        if not read:
+            return change
+        keys = {name for name, _ in change.key}
+        fields = {
+            name: value
+            for name, value in change.fields.items()
+            if name in keys or read.get(name) != field_digest(mapping.connection, obj, crm_id, name, value)
+        }
+        return Change(
+            change.mapping, change.key, fields, change.stamp, change.op, change.person_id, change.trigger, change.link
+        )
 
     def record_outcome(
         self,

@@ -74,6 +74,15 @@ def event_id(connection: str, obj: str, record_id: str, stamp: str, part: str = 
     return "crm-" + hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:32]
 
 
+def field_digest(connection: str, obj: str, record_id: str, crm_field: str, value: Any) -> str:
+    """The memo's digest of one field's value as read (`News._memo`): salted with the connection, object,
+    record and field, so no value can be told from it. The outbound side compares a record's first write
+    against it too (engine.py `claim`)."""
+    dumped = orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=str)
+    salt = "\x00".join((connection, obj, record_id, crm_field)).encode()
+    return hashlib.sha256(salt + b"\x00" + dumped).hexdigest()[:16]
+
+
 def instant(stamp: str) -> dt.datetime:
     """A CRM's modification stamp as an aware datetime (ISO 8601 with Z, +00:00 or Salesforce's +0000)."""
     text = stamp.strip().replace("Z", "+00:00")
@@ -279,9 +288,7 @@ class News:
         return memo
 
     def _field_digest(self, change: Change, crm_field: str) -> str:
-        value = orjson.dumps(change.record.get(crm_field), option=orjson.OPT_SORT_KEYS, default=str)
-        salt = "\x00".join((self.connection.id, change.obj, change.record_id, crm_field)).encode()
-        return hashlib.sha256(salt + b"\x00" + value).hexdigest()[:16]
+        return field_digest(self.connection.id, change.obj, change.record_id, crm_field, change.record.get(crm_field))
 
     # --- a change as events ---------------------------------------------------------------------
 
