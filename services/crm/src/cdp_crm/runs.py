@@ -57,7 +57,7 @@ from cdp_crm.domain.mapping import BACKFILL, ObjectMapping
 from cdp_crm.engine import COUNTERS, CrmLogic, Input, Outcomes, Planned, resolve_writes
 from cdp_crm.inbound.refused import INBOUND
 from cdp_crm.people import ConnectorView, People
-from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
+from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS, TOMBSTONES
 from cdp_crm.writes import accepted
 from cdp_kit.bus import partition_for
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
@@ -83,6 +83,9 @@ STALE_AFTER = 120.0
 # Times a page of people the profile service did not answer (far behind, restarting) is asked again, each
 # after the `retry_after` it named (5 s: a minute in all), before the run is left to resume (`watch`).
 PAGE_TRIES = 12
+# How often a backfill share whose commit met another write of its records is planned and sent again
+# before the run fails (`Runs._write`): as many as the poller's relink tries (inbound/core.py).
+SHARE_TRIES = 5
 
 
 def new_run(kind: str, connection: str, mapping: str, now: float) -> dict[str, Any]:
@@ -455,31 +458,14 @@ class Runs:
         try:
             if before is not None and not hold.keys.isdisjoint(keys):
                 await asyncio.wait([before])  # a record both shares write: plan on what the first wrote
-            out = Outcomes(self.clock())
-            planned = Planned(self.store)
-            await planned.prefetch(keys)
-            await self._gone(unit, planned)
-            for mapping, projection, op, item, key in unit.projected:
-                await planned.add(mapping, projection, op, BACKFILL, item, key)
-            # Which of the records to write have a dead letter or a queued change: a record written now
-            # clears them, and only those need a delete (a backfill writes thousands of records that have
-            # none). Both are only ever written with the record's state, so a record never written has none.
-            known = [key for key in planned.records if planned.previous.get(key)]
-            present = {
-                collection: set(await self.store.get_many(collection, known)) for collection in (DEAD_LETTERS, PENDING)
-            }
-            await self.logic.deliver_planned(partition, planned, out, bulk=bulk, progress=progress)
-            writes = [
-                op for op in out.writes.values()
-                if not (isinstance(op, Delete) and op.collection in present and op.key not in present[op.collection])
-            ]  # fmt: skip
+            writes, out = await self._share(unit, keys, bulk, progress)
             if before is not None:
                 await asyncio.wait([before])  # the shares' writes land in order
         except BaseException:
             held.pop(partition, None)
             await self._release(hold)
             raise
-        hold.write = asyncio.create_task(self._write(writes, out))
+        hold.write = asyncio.create_task(self._write(writes, out, lambda: self._share(unit, keys, bulk, progress)))
         hold.keys = frozenset(keys)
         hold.units += 1
         if keep:
@@ -491,9 +477,59 @@ class Runs:
             release.add_done_callback(self.releases.discard)
         return hold.write
 
-    async def _write(self, writes: list, out: Outcomes) -> Outcomes:
-        await self.store.bulk_write(await resolve_writes(self.store, writes))
-        return out
+    async def _share(self, unit: Unit, keys: list[str], bulk: bool, progress) -> tuple[list, Outcomes]:
+        """One partition's share of a page planned from the records as the store holds them and delivered
+        (the stream's path: the CRM's news read first, CRM-made records claimed, `CrmLogic.deliver_planned`);
+        the store writes it makes, the records' puts expecting the versions read here, as a batch's do
+        (`Outcomes.versions`). A person erased since the page was read (their tombstone: the stream drops
+        their inputs the same way, `CrmLogic.apply`) is left out: written, their record would be made again.
+        One store read a share."""
+        out = Outcomes(self.clock())
+        planned = Planned(self.store)
+        erased = await self.store.get_many(TOMBSTONES, unit.persons)
+        await planned.prefetch(keys)
+        await self._gone(unit, planned)
+        for mapping, projection, op, item, key in unit.projected:
+            if item.person_id not in erased:
+                await planned.add(mapping, projection, op, BACKFILL, item, key)
+        out.versions = planned.versions
+        # Which of the records to write have a dead letter or a queued change: a record written now
+        # clears them, and only those need a delete (a backfill writes thousands of records that have
+        # none). Both are only ever written with the record's state, so a record never written has none.
+        known = [key for key in planned.records if planned.previous.get(key)]
+        present = {
+            collection: set(await self.store.get_many(collection, known)) for collection in (DEAD_LETTERS, PENDING)
+        }
+        await self.logic.deliver_planned(unit.partition, planned, out, bulk=bulk, progress=progress)
+        writes = [
+            op for op in out.writes.values()
+            if not (isinstance(op, Delete) and op.collection in present and op.key not in present[op.collection])
+        ]  # fmt: skip
+        return writes, out
+
+    async def _write(self, writes: list, out: Outcomes, again) -> Outcomes:
+        """A share's writes, in one atomic bulk write whose record puts expect the versions the share read.
+        A write that landed on one of its records meanwhile - the relink of a merge made in the CRM
+        (inbound/news.py `_relink`, from a poller), an erasure - fails it whole instead of being overwritten
+        with what the share computed from the record as it read it (a plain put made a relinked record,
+        `merged` and written no more, read as before the merge: the person's next change made their contact
+        again); the share is then planned and delivered again from what the store holds (`again`: upserts
+        by the same keys; a merged record is left alone), up to `SHARE_TRIES` times, then the run fails
+        (resumable from its last written page)."""
+        tries = 1
+        while True:
+            try:
+                await self.store.bulk_write(await resolve_writes(self.store, writes))
+                return out
+            except VersionConflict as conflict:
+                if tries >= SHARE_TRIES:
+                    raise
+                log.info(
+                    "crm backfill share met another write of its records; planned again",
+                    extra={"collection": conflict.collection, "try": tries},
+                )
+                tries += 1
+                writes, out = await again()
 
     @staticmethod
     async def _release(hold: Held) -> None:
