@@ -235,7 +235,14 @@ async def test_a_partition_moving_between_replicas_under_traffic_publishes_every
         return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
 
     await until(shared, "the partitions are shared between a and b")
-    await asyncio.sleep(0.5)  # traffic to b's new partitions
+    # Traffic to b's new partitions: every person changes twice more after the handover (a count, not a
+    # time: on a loaded machine half a second may carry no change of b's persons at all).
+    handed_over = sum(len(flips) for flips in sent.values())
+
+    async def b_has_traffic() -> bool:
+        return sum(len(flips) for flips in sent.values()) >= handed_over + 2 * len(persons)
+
+    await until(b_has_traffic, "two more changes of every person after the handover")
     stop.set()
     await load
     expected = sum(len(flips) for flips in sent.values())
