@@ -187,8 +187,12 @@ async def test_a_memo_written_before_the_digests_were_kept_sends_the_next_edit_w
 
         hubspot.clock.advance(5)
         hubspot.user_update("contacts", contact["id"], {"firstname": "Ada"})
-        assert await poller.poll() == 2
-        assert collector.events(kind="identify")[-1]["traits"] == {"phone": "+44 20 1111", "first_name": "Ada"}
+        # The track, and the identify - one per time the traits took their values (test_crm_field_times.py):
+        # the phone's, read before, with no digest to compare it with, rides along at its own time.
+        assert await poller.poll() == 3
+        last = collector.events(kind="identify")[-2:]
+        assert sorted(tuple(e["traits"]) for e in last) == [("first_name",), ("phone",)]
+        assert {k: v for e in last for k, v in e["traits"].items()} == {"phone": "+44 20 1111", "first_name": "Ada"}
         hubspot.clock.advance(5)
         hubspot.user_update("contacts", contact["id"], {"firstname": "Augusta"})
         assert await poller.poll() == 2

@@ -42,7 +42,7 @@ class InboundMixin:
         webhook goes out, as a ticket opened from a contact's page is. A unique value another record holds
         (a contact's email) raises `Conflict`: nothing is made."""
         self._refuse_held(obj, properties, None)
-        record = self._write(obj, None, properties)
+        record = self._write(obj, None, properties, source="CRM_UI")
         for target, target_id, types in links or []:
             self._link(obj, record["id"], target, target_id, types)
         self._emit(obj, record, "creation", properties)
@@ -51,7 +51,7 @@ class InboundMixin:
     def user_update(self, obj: str, record_id: str, properties: dict[str, Any]) -> dict[str, Any]:
         """A user's edit of a record; a unique value another record holds raises `Conflict`: nothing changes."""
         self._refuse_held(obj, properties, record_id)
-        record = self._write(obj, record_id, properties)
+        record = self._write(obj, record_id, properties, source="CRM_UI")
         self._emit(obj, record, "propertyChange", properties)
         return self._public(obj, record)
 

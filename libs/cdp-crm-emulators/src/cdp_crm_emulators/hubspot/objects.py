@@ -12,6 +12,13 @@ A record merged away (`_merge`, `user_merge`) is retired: its id resolves to the
 (developer changelog, "Updated merge functionality for contacts and companies") - a GET by that id or a
 batch read naming it answers the survivor, under the survivor's id; a write by it (PATCH) writes the
 survivor. Search never finds it: it is gone from the index.
+
+Property history: each write keeps, per property it sets, the value with its time and source (``CRM_UI``
+for a user's edit, `user_create` / `user_update`; ``INTEGRATION`` for an API write), newest first, up to
+`HISTORY_KEPT` a property. A batch read naming ``propertiesWithHistory`` answers them per record
+(``propertiesWithHistory``: name -> ``[{value, timestamp, sourceType, sourceId}]``), for at most
+`HISTORY_BATCH_LIMIT` inputs - HubSpot's 50, refused above it with its message ("The maximum number of
+inputs supported in a batch request for property histories is 50"); search does not take it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from cdp_crm_emulators.hubspot.schema import PROPERTIES, SINGULAR, UNIQUE
 from cdp_crm_emulators.hubspot.search import matches_all, sortable
 
 BATCH_LIMIT = 100
+HISTORY_BATCH_LIMIT = 50  # inputs of a batch read asking for propertiesWithHistory (HubSpot's limit)
+HISTORY_KEPT = 20  # values kept per property (newest first)
 SEARCH_PAGE_LIMIT = 200
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -69,7 +78,10 @@ class ObjectsMixin:
             return record
         return late[1]
 
-    def _write(self, obj: str, record_id: str | None, properties: dict[str, Any]) -> dict[str, Any]:
+    def _write(
+        self, obj: str, record_id: str | None, properties: dict[str, Any], source: str = "INTEGRATION"
+    ) -> dict[str, Any]:
+        """`source`: the history's ``sourceType`` of the values set (``CRM_UI``: a user's edit)."""
         now = iso_z(self.clock())
         if record_id is None:
             record_id = str(next(self._ids))
@@ -77,7 +89,13 @@ class ObjectsMixin:
         else:
             old = self.objects[obj][record_id]
             record = {**old, "properties": dict(old["properties"])}
-        record["properties"].update({k: (None if v is None else str(v)) for k, v in properties.items()})
+        values = {k: (None if v is None else str(v)) for k, v in properties.items()}
+        record["properties"].update(values)
+        history = {name: list(entries) for name, entries in (record.get("history") or {}).items()}
+        for name, value in values.items():
+            entry = {"value": value or "", "timestamp": now, "sourceType": source, "sourceId": _SOURCE_IDS[source]}
+            history[name] = [entry, *history.get(name, [])][:HISTORY_KEPT]
+        record["history"] = history
         record["properties"]["hs_lastmodifieddate"] = now
         if obj == "contacts":
             record["properties"]["lastmodifieddate"] = now
@@ -332,6 +350,13 @@ class ObjectsMixin:
             return json_response(
                 error_body("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded"), status=400
             )
+        with_history = body.get("propertiesWithHistory") or []
+        if with_history and len(inputs) > HISTORY_BATCH_LIMIT:
+            message = (
+                "The maximum number of inputs supported in a batch request for property histories is "
+                f"{HISTORY_BATCH_LIMIT}. Please reduce the number of items and try again."
+            )
+            return json_response(error_body("VALIDATION_ERROR", message), status=400)
         id_property = body.get("idProperty") or "hs_object_id"
         results, missing = [], []
         for item in inputs:
@@ -339,7 +364,12 @@ class ObjectsMixin:
             if record_id is None:
                 missing.append(str(item.get("id")))
             else:
-                results.append(self._public(obj, self.objects[obj][record_id], body.get("properties")))
+                record = self.objects[obj][record_id]
+                result = self._public(obj, record, body.get("properties"))
+                if with_history:
+                    history = record.get("history") or {}
+                    result["propertiesWithHistory"] = {name: list(history.get(name, [])) for name in with_history}
+                results.append(result)
         answer: dict[str, Any] = {
             "status": "COMPLETE",
             "results": results,
@@ -476,3 +506,7 @@ class ObjectsMixin:
             if target == to_obj
         ]
         return json_response({"results": results})
+
+
+# What HubSpot's history names as the writer: a user (the UI) or the private app (an integration).
+_SOURCE_IDS = {"CRM_UI": "userId:1", "INTEGRATION": "app:local"}

@@ -609,6 +609,9 @@ class Poller(News):
                     merges.append(change)
                 sent.update((e["messageId"], change.record_id) for e in made)
                 events.extend(made)
+        times_of = getattr(self.reader, "field_times", None)
+        if times_of is not None:  # the CRM says when each field changed (HubSpot): traits stamped per field
+            events = await self._timed(obj, events, {c.record_id: c for c in changes}, sent, times_of)
         for batch in _batches(events):
             rejected = await self.collector.post(batch)
             if rejected:

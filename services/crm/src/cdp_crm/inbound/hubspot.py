@@ -50,7 +50,7 @@ from cdp_crm.adapters.hubspot import SearchPace
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
 from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller, Posted
-from cdp_crm.inbound.news import backwards
+from cdp_crm.inbound.news import backwards, instant
 from cdp_crm.inbound.refusals import RefusalLog
 from cdp_crm.state import WEBHOOKS
 from cdp_kit.storage import Store, VersionConflict
@@ -61,6 +61,10 @@ log = logging.getLogger("cdp.crm.inbound")
 # Records a search page: HubSpot's most (200; the local HubSpot's SEARCH_PAGE_LIMIT too). Most of a busy read
 # is the connector's own writes read back, and each page is a search from the token's few a second.
 PAGE = 200
+# Records a batch read asking for property history (`HubSpotReader.field_times`): HubSpot's most with
+# ``propertiesWithHistory`` ("The maximum number of inputs supported in a batch request for property
+# histories is 50"), against 100 without.
+HISTORY_BATCH = 50
 # What is read of each object (the event's properties), its modification stamp, and what it is.
 HUBSPOT_OBJECTS: dict[str, tuple[str, ...]] = {
     "tickets": (
@@ -242,6 +246,31 @@ class HubSpotReader:
         contacts = {str(c["id"]): _person(str(c["id"]), c.get("properties") or {}) for c in answer.get("results", [])}
         return {rid: contacts[cid] for rid, cid in linked.items() if cid in contacts}
 
+    async def field_times(self, obj: str, record_ids: list[str]) -> dict[str, dict[str, str]]:
+        """When each field read back as a trait took its value, per record (record id -> CRM field -> time):
+        HubSpot's property history, a batch read with ``propertiesWithHistory`` per `HISTORY_BATCH` records
+        (HubSpot refuses more with history), each from the account's budget; the search the changes are
+        read by gives no history. Asked by the poller only for records whose change carries traits - a CRM
+        user's edits (news.py `_timed`). A field's time is its newest value's. Raises as any read does: the
+        page is read again at the next turn, its cursor unmoved."""
+        fields = sorted(self.mapped.get(obj, {}))
+        times: dict[str, dict[str, str]] = {}
+        if not fields:
+            return times
+        for start in range(0, len(record_ids), HISTORY_BATCH):
+            body = {
+                "inputs": [{"id": r} for r in record_ids[start : start + HISTORY_BATCH]],
+                "properties": [],
+                "propertiesWithHistory": fields,
+            }
+            answer = await self._call("POST", f"/crm/v3/objects/{obj}/batch/read", body, f"{obj} property history")
+            for result in answer.get("results", []) if isinstance(answer, dict) else []:
+                history = result.get("propertiesWithHistory") or {}
+                times[str(result.get("id"))] = {
+                    name: newest for name, entries in history.items() if (newest := _newest(entries)) is not None
+                }
+        return times
+
     def _change(self, obj: str, record: dict[str, Any], person: Person | None) -> Change:
         props = record.get("properties") or {}
         stamp = _stamp(obj, record)
@@ -299,6 +328,15 @@ class HubSpotPoller(Poller):
     ) -> None:
         reader = HubSpotReader(connection, session, token, budget, clock=clock, timeout=timeout, searches=searches)
         super().__init__(store, connection, reader, collector, objects=objects, clock=clock)
+
+
+def _newest(entries: Any) -> str | None:
+    """The time of a property's newest value in its history (HubSpot lists them newest first; not relied on)."""
+    stamps = [e["timestamp"] for e in entries or () if isinstance(e, dict) and isinstance(e.get("timestamp"), str)]
+    try:
+        return max(stamps, key=instant) if stamps else None
+    except ValueError:
+        return None
 
 
 def _stamp(obj: str, record: dict[str, Any]) -> str:

@@ -416,6 +416,73 @@ class News:
             identify["timestamp"] = timestamp
         return identify
 
+    async def _timed(
+        self, obj: str, events: list[dict[str, Any]], changes: dict[str, Change], sent: dict[str, str], times_of
+    ) -> list[dict[str, Any]]:
+        """A page's events with each `identify` carrying traits stamped per field, where the reader can say
+        when each field took its value (`times_of(obj, record ids)` -> record id -> CRM field -> time:
+        HubSpot's property history, `HubSpotReader.field_times`). Asked only for the records whose identify
+        carries traits - a CRM user's edits, never the connector's own writes read back. `sent` (message id
+        -> record id) gains the split events' ids."""
+        traited = [sent[e["messageId"]] for e in events if e["type"] == "identify" and e.get("traits")]
+        if not traited:
+            return events
+        times = await times_of(obj, list(dict.fromkeys(traited)))
+        fields = {
+            target.removeprefix("traits."): crm
+            for crm, target in self.traits.get(obj.lower(), {}).items()
+            if target.startswith("traits.")
+        }
+        timed: list[dict[str, Any]] = []
+        for event in events:
+            record_id = sent.get(event["messageId"])
+            known = times.get(record_id or "")
+            if event["type"] != "identify" or not event.get("traits") or not known:
+                timed.append(event)
+                continue
+            at = {trait: known[fields[trait]] for trait in event["traits"] if fields.get(trait) in known}
+            for split in self._by_field_time(event, changes[record_id], at):
+                sent[split["messageId"]] = record_id
+                timed.append(split)
+        return timed
+
+    def _by_field_time(self, identify: dict[str, Any], change: Change, at: dict[str, str]) -> list[dict[str, Any]]:
+        """`identify` as one event per time its traits took their values (`at`: trait -> time; a trait
+        without one, or with one not before the record's stamp, keeps the stamp). The event at the record's
+        stamp keeps its id and the consent; each earlier one gets an id of its own from the record, stamp
+        and time (the same at every read of this change), and the link email in `context.traits` unless
+        it carries the email itself. The profile keeps per trait the newest value by event time: a field a
+        CRM user changed before the CDP did, with another field edited after, no longer takes the CDP's
+        newer value's place."""
+        when = identify.get("timestamp")
+        if not when:
+            return [identify]
+        stamp = instant(when)
+        groups: dict[str, dict[str, Any]] = {}
+        for trait, value in identify["traits"].items():
+            moment = when
+            if trait in at and (own := _iso(at[trait])) is not None and instant(own) < stamp:
+                moment = own
+            groups.setdefault(moment, {})[trait] = value
+        if list(groups) == [when]:
+            return [identify]
+        link = change.person.email if change.person is not None else None
+        context = {k: v for k, v in identify["context"].items() if k not in ("consent", "traits")}
+        split: list[dict[str, Any]] = []
+        for moment, traits in sorted(groups.items(), key=lambda item: instant(item[0])):
+            if moment == when:
+                split.append({**identify, "traits": traits})
+                continue
+            part = f"identify@{moment}"
+            ctx = {**context, **({"traits": {"email": link}} if link and "email" not in traits else {})}
+            split.append({
+                **identify, "traits": traits, "timestamp": moment, "context": ctx,
+                "messageId": event_id(self.connection.id, change.obj, change.record_id, change.stamp, part),
+            })  # fmt: skip
+        if when not in groups and identify["context"].get("consent"):
+            split.append({**identify, "traits": {}})  # the consent alone, at the record's stamp
+        return split
+
 
 def backwards(connection: Connection) -> dict[str, dict[str, str]]:
     """Per CRM object (lower case): CRM field -> `traits.<name>` or `consent.<key>`, from the connection's
