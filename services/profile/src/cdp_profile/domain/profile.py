@@ -14,9 +14,12 @@ identifiers, in its priority order, that some part has seen), otherwise to the r
 
 Idempotency. Every effect is keyed on an event id. A part remembers the ids of its newest
 `max(retention.max_events, MIN_SEEN_IDS)` applied events and writes (by event time, then id); that always
-covers every timeline entry. A redelivery of something older than that window would be applied again: the
-engine acknowledges stream positions only after the state is durable, so such redeliveries do not occur
-in practice. Events arriving twice across a merge (applied to both persons before the profile learned of
+covers every timeline entry. Those without a timeline entry are stored within SEEN_MAX_BYTES for the whole
+profile, its newest kept (all of one account's at the defaults). A redelivery of something older than that
+window would be applied again: the engine acknowledges stream positions only after the state is durable
+(a redelivered message is skipped by position), and the bus drops a republished event within its 600 s
+duplicate window, so what comes here again is an event published anew later (an SDK's retry reaching
+another collector replica): a window of a part's newest 1,000 events covers it. Events arriving twice across a merge (applied to both persons before the profile learned of
 the merge) are taken out of the loser's side when the merge happens, using its timeline entry.
 
 Time. Nothing here reads the clock: callers pass `now`. It must not go backwards between calls on one
@@ -98,6 +101,16 @@ COMPUTED_MAX_BYTES = 4 * 1024 * 1024
 #: values full of quotes, escaped twice over; many parts), a write halves both budgets above until it fits,
 #: up to 1/16 of them. The store's limit is 8 MiB: the rest is the record's other fields.
 RECORD_MAX_BYTES = 7 * 1024 * 1024
+#: What the ids a profile remembers without their timeline entry may take as stored (`Part.seen`'s ids whose
+#: entries retention dropped, and API writes, which have none), across its parts: past it, a write keeps the
+#: profile's newest (by event time, then id) that fit in three quarters of it and forgets the others. Each
+#: part remembers its newest max(max_events, MIN_SEEN_IDS), and those were stored without bound: ~150 KB a
+#: part with 100-character message ids, so a person merged from 56 accounts whose timelines retention had
+#: emptied was a record past the store's 8 MiB. One account at the defaults keeps all of its 1,250 (~4,000
+#: such ids fit); the ids of timeline entries are stored with the entries and always stay.
+SEEN_MAX_BYTES = 512 * 1024
+#: A `seen` item's bytes as stored besides its id: `["<id>",<time>],` escaped in the record's string.
+SEEN_ITEM_BYTES = 28
 
 Cursor = tuple[float, str]
 
@@ -1079,7 +1092,8 @@ class Profile:
 
     def take_trimmed(self) -> dict[str, int]:
         """What the record's bound took since the last call: {"computed": states coarsened, "history":
-        histories fitted} (only those that happened); the engine counts them (`cdp.profile.record.trimmed`)."""
+        histories fitted, "seen": writes that forgot remembered ids, ...} (only those that happened); the
+        engine counts them (`cdp.profile.record.trimmed`)."""
         trimmed = self._trimmed or {}
         self._trimmed = None
         for part in self.parts.values():
@@ -1194,6 +1208,37 @@ class Profile:
             self._count_trimmed("reset", 1)
         return True
 
+    def _fit_seen(self, budget: int) -> None:
+        """Keep the ids stored without a timeline entry (`Part.extra_seen`, of every part) within `budget` bytes
+        as stored: past it, the profile's newest that fit in three quarters of it stay, in memory as in the
+        store (a reload remembers what the profile did), and the write counts "seen" (`take_trimmed`). An
+        event whose id was forgotten so would be applied again if it came again: see SEEN_MAX_BYTES."""
+        total = 0
+        for part in self.parts.values():
+            extra = part.extra_seen()
+            if extra:
+                total += sum(map(len, extra)) + SEEN_ITEM_BYTES * len(extra)
+        if total <= budget:
+            return
+        newest = sorted(
+            (
+                (at, event_id, origin)
+                for origin, part in self.parts.items()
+                for event_id, at in part.extra_seen().items()
+            ),
+            reverse=True,
+        )
+        room = budget * 3 // 4
+        gone: dict[str, set[str]] = {}
+        for at, event_id, origin in newest:
+            room -= len(event_id) + SEEN_ITEM_BYTES
+            if room < 0:
+                gone.setdefault(origin, set()).add(event_id)
+        for origin, ids in gone.items():
+            part = self.parts[origin]
+            part.seen = {event_id: at for event_id, at in part.seen.items() if event_id not in ids}  # `extra_seen` anew
+        self._count_trimmed("seen", 1)
+
     def _count_trimmed(self, step: str, count: int) -> None:
         if count:
             trimmed = self._trimmed
@@ -1206,6 +1251,8 @@ class Profile:
         `encoded`, only by orjson: see `to_json`; the histories then kept within their budget, divided by
         `squeeze`)."""
         budget = HISTORY_MAX_BYTES // len(self.parts) // squeeze
+        if encoded:
+            self._fit_seen(SEEN_MAX_BYTES // squeeze)
         return {
             "v": DOC_VERSION,
             "person_id": self.person_id,
