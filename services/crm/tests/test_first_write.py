@@ -15,13 +15,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.coalesce import record_key
-from cdp_crm.inbound import HubSpotPoller
+from cdp_crm.inbound import HubSpotPoller, Poller
+from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.state import RECORDS, SYNCED
 from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.salesforce import SalesforceEmulator
 
-from .conftest import TOKEN
+from .conftest import TOKEN, salesforce_contacts
+
+SF = {"SF_ID": "local-consumer-key", "SF_SECRET": "local-consumer-secret"}
 
 HS_KEY = record_key("hs/contacts", (("cdp_id", "person-ada"),))
 
@@ -111,4 +116,48 @@ async def test_the_first_write_sends_the_cdps_change_and_the_record_holds_every_
         assert (stored["properties"]["firstname"], stored["properties"]["phone"]) == ("Ada", "+44 20 2222")
         record = await world.store.get(RECORDS, HS_KEY)
         assert record.doc["fields"] == {"email": "ada@example.com", "firstname": "Ada", "phone": "+44 20 2222"}
+        await world.stop()
+
+
+async def test_the_same_in_salesforce_a_reps_edit_between_the_read_and_the_first_write_is_kept(
+    world_factory, collector
+):
+    async with HubSpotEmulator() as hubspot, SalesforceEmulator() as salesforce:
+        world = await world_factory(hubspot)
+        contact = salesforce.user_create("Contact", {"LastName": "Lovelace", "Email": "ada@example.com",
+                                                     "Phone": "+44 20 0000"})  # fmt: skip
+        fields = {"LastName": "traits.last_name", "FirstName": "traits.first_name", "Email": "traits.email",
+                  "Phone": "traits.phone"}  # fmt: skip
+
+        async def identifiers(person_ids):
+            known = {"person-ada": [f"anonymous_id:salesforce:sf:{contact['Id']}"]}
+            return {p: known[p] for p in person_ids if p in known}
+
+        await world.start(salesforce_contacts(salesforce, fields), env=SF, identifiers=identifiers)
+        (connection,) = world.connections
+        adapter = SalesforceAdapter(
+            world.session, client_id=salesforce.client_id, client_secret=salesforce.client_secret,
+            login_url=salesforce.base_url,
+        )  # fmt: skip
+        reader = SalesforceReader(connection, adapter, SharedBudget(world.store, connection))
+        poller = Poller(world.store, connection, reader, collector.client(world.session), objects=("Contact",))
+        poller.read_first_fresh = 0.0
+        world.logic.inbound = {"sf": poller}
+        assert await poller.poll() >= 1  # the rep's new contact (identity makes person-ada of it)
+        read_first = poller.read_first
+
+        async def read_then_edit(obj: str) -> int:
+            posted = await read_first(obj)
+            salesforce.clock.advance(5)
+            salesforce.user_update("Contact", contact["Id"], {"Phone": "+44 20 1111"})
+            return posted
+
+        poller.read_first = read_then_edit
+        profile = {"traits.email": "ada@example.com", "traits.last_name": "Lovelace", "traits.phone": "+44 20 0000",
+                   "traits.first_name": "Augusta"}  # fmt: skip
+        await world.profiles({"person-ada": profile})
+        await world.eventually(lambda: (salesforce.find("Contact", "CDP_Id__c", "person-ada") or {}).get("FirstName"))
+        (stored,) = salesforce.records("Contact")
+        assert stored["Id"] == contact["Id"] and stored["FirstName"] == "Augusta"
+        assert stored["Phone"] == "+44 20 1111"  # the rep's edit is kept
         await world.stop()
