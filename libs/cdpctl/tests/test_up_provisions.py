@@ -36,27 +36,38 @@ async def _republish(platform: RunningPlatform, stream: str) -> None:
         await nc.close()
 
 
-@pytest.mark.timeout(300)
-def test_up_provisions_every_stream_with_the_services_settings_and_undoes_a_republish(tmp_path):
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    """A platform started twice on one workspace: first with CDP_SCORING_SCORES_RETENTION_DAYS=3 and
+    CDP_CRM_RETENTION_DAYS=2, and EVENTS_RAW given a republish before it stopped; then (running, yielded
+    with the first start's stream configurations) without CDP_CRM_RETENTION_DAYS, as an upgrade run without
+    a variable the last start had. Both tests use the second start: a platform start is ~6 s of CPU."""
+    workdir = tmp_path_factory.mktemp("up-provisions")
     env = {"CDP_SCORING_SCORES_RETENTION_DAYS": "3", "CDP_CRM_RETENTION_DAYS": "2"}
-    with RunningPlatform(tmp_path, env=env, companions=False) as platform:
-        configs = asyncio.run(_configs(platform))
-        assert configs["SCORES"].max_age == 3 * DAY
-        assert configs["CRM"].max_age == 2 * DAY
-        assert configs["EVENTS_RAW"].max_age == 7 * DAY
-        assert all(c.republish is None for c in configs.values())
+    with RunningPlatform(workdir, env=env, companions=False) as platform:
+        first = asyncio.run(_configs(platform))
         asyncio.run(_republish(platform, "EVENTS_RAW"))
-    # The same workspace: its streams kept. Started without CDP_CRM_RETENTION_DAYS (as an upgrade run
-    # without a variable the last start had), CRM's retention grows back to the default: said, with both.
-    with RunningPlatform(tmp_path, env={"CDP_SCORING_SCORES_RETENTION_DAYS": "3"}, companions=False) as platform:
-        log = platform.log_path.read_text()
-        assert "streams provisioned (0 created, 2 updated)" in log
-        assert f"updated stream CRM (max_age {2 * DAY:.1f} -> {7 * DAY:.1f})" in log
-        assert "updated stream EVENTS_RAW (republish" in log
-        configs = asyncio.run(_configs(platform))
-        assert configs["EVENTS_RAW"].republish is None
-        assert configs["CRM"].max_age == 7 * DAY
-        assert platform.service("collector")["pid"]  # it started, on the stream as specified
+    with RunningPlatform(workdir, env={"CDP_SCORING_SCORES_RETENTION_DAYS": "3"}, companions=False) as platform:
+        yield first, platform
+
+
+@pytest.mark.timeout(300)
+def test_up_provisions_every_stream_with_the_services_settings_and_undoes_a_republish(restarted):
+    configs, platform = restarted
+    assert configs["SCORES"].max_age == 3 * DAY
+    assert configs["CRM"].max_age == 2 * DAY
+    assert configs["EVENTS_RAW"].max_age == 7 * DAY
+    assert all(c.republish is None for c in configs.values())
+    # The same workspace: its streams kept. Started without CDP_CRM_RETENTION_DAYS, CRM's retention grows
+    # back to the default: said, with both.
+    log = platform.log_path.read_text()
+    assert "streams provisioned (0 created, 2 updated)" in log
+    assert f"updated stream CRM (max_age {2 * DAY:.1f} -> {7 * DAY:.1f})" in log
+    assert "updated stream EVENTS_RAW (republish" in log
+    configs = asyncio.run(_configs(platform))
+    assert configs["EVENTS_RAW"].republish is None
+    assert configs["CRM"].max_age == 7 * DAY
+    assert platform.service("collector")["pid"]  # it started, on the stream as specified
 
 
 async def _shorten(platform: RunningPlatform, stream: str, max_age: float) -> None:
@@ -71,12 +82,12 @@ async def _shorten(platform: RunningPlatform, stream: str, max_age: float) -> No
 
 
 @pytest.mark.timeout(300)
-def test_a_service_that_crashed_beside_a_drifted_stream_comes_back_on_the_stream_put_back(tmp_path):
+def test_a_service_that_crashed_beside_a_drifted_stream_comes_back_on_the_stream_put_back(restarted):
     """The upgrade trial's D3: a stream changed by hand while the platform runs stops every service that
     verifies it at its next start; the supervisor used to restart the collector into the same refusal until
     it gave up and stopped the platform. Now the streams are put back before a crashed service starts again."""
-    with RunningPlatform(tmp_path, companions=False) as platform:
-        asyncio.run(_shorten(platform, "EVENTS_RAW", 2 * DAY))
-        platform.wait_restarted("collector", platform.kill("collector"))
-        assert asyncio.run(_configs(platform))["EVENTS_RAW"].max_age == 7 * DAY
-        assert f"updated stream EVENTS_RAW (max_age {2 * DAY:.1f} -> {7 * DAY:.1f})" in platform.log_path.read_text()
+    _, platform = restarted
+    asyncio.run(_shorten(platform, "EVENTS_RAW", 2 * DAY))
+    platform.wait_restarted("collector", platform.kill("collector"))
+    assert asyncio.run(_configs(platform))["EVENTS_RAW"].max_age == 7 * DAY
+    assert f"updated stream EVENTS_RAW (max_age {2 * DAY:.1f} -> {7 * DAY:.1f})" in platform.log_path.read_text()
