@@ -19,12 +19,14 @@ from urllib.parse import urlsplit
 
 import nats
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cdp_kit.natsauth import NatsClientSettings
-from cdp_testing.platform_run import CDPCTL, RunningPlatform
+from cdp_testing.platform_run import RunningPlatform
 from cdpctl import tls
+from cdpctl.cli import main
 from cdpctl.platform import NATS_SERVER_CONFIG, SERVICES, Workspace, nats_server_config
 
 SERVICE_NAMES = tuple(svc.name for svc in SERVICES)
@@ -90,8 +92,15 @@ def platform(tmp_path_factory):
         yield running
 
 
-def cdpctl(platform: RunningPlatform, *args: str, ok: bool = True, timeout: float = 90) -> subprocess.CompletedProcess:
-    result = subprocess.run([CDPCTL, *args], env=platform.env, capture_output=True, text=True, timeout=timeout)
+def cdpctl(platform: RunningPlatform, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """`cdpctl --home <the platform's home> *args` in this process, as conftest's `Cli` runs it (an
+    interpreter of its own per command, polled once a second by the lag loop, cost ~0.35 s of CPU each):
+    the same command code, reading run.json's "tls" to present cdpctl's certificate."""
+    try:
+        done = CliRunner().invoke(main, ["--home", str(platform.home), *args], catch_exceptions=False)
+    finally:
+        tls.use_workspace(None)  # no later test in this process picks up this platform's certificate
+    result = subprocess.CompletedProcess(args, done.exit_code, done.stdout, done.stderr)
     if ok:
         assert result.returncode == 0, f"cdpctl {' '.join(args)}: {result.stdout}\n{result.stderr}"
     return result
@@ -203,8 +212,8 @@ async def test_nats_refuses_clients_without_a_certificate_from_the_ca(platform, 
 @pytest.mark.timeout(240)
 def test_rotation_and_a_restarted_nats_server_keep_tls(platform):
     # A service given new credentials reconnects with them, still with its certificate.
-    # (cdpctl's own wait ends first, so a service that does not follow is reported by it, not killed)
-    cdpctl(platform, "nats-rotate", "segmentation", "--timeout", "90", timeout=150)
+    # (cdpctl's own wait, 90 s, reports a service that does not follow)
+    cdpctl(platform, "nats-rotate", "segmentation", "--timeout", "90")
     by_user = {c.get("authorized_user", ""): c for c in connections(platform)}
     assert "segmentation" not in by_user and by_user["segmentation.2"].get("tls_version"), sorted(by_user)
 
