@@ -264,13 +264,14 @@ def event_and_received(
     else:
         at = received = event_time(event)
     shared = resolved.shared_with
+    source = event.source_id  # read once: each read of a string field makes a new str
     return (
         ProfileEvent(
-            f"{event.source_id}:{event.message_id}",  # event_id_of
+            f"{source}:{event.message_id}",  # event_id_of
             kind,
             name,
             at,
-            event.source_id or "unknown",
+            source or "unknown",
             (struct_to_dict(event.properties) if event.HasField("properties") else {})
             if not category
             else _page_properties(event, category),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import orjson
 
-from cdp_profile.domain import Profile, Retention
+from cdp_profile.domain import Profile, Retention, aggregates
 from cdp_profile.domain.aggregates import ComputedState
 from cdp_profile.records import decode_profile, encode_profile, encode_scores, overlay_scores
 
@@ -312,3 +312,21 @@ def test_a_windowed_state_with_many_entries_is_encoded_as_it_is_after_every_kind
     state.add(now + 2, "after-prune", 2, now + 2)
     check()
     assert [entry[1] for entry in state.entries][-2:] == ["after-removal", "after-prune"]
+
+
+def test_a_write_of_a_record_far_from_its_bound_measures_no_state(ev, defs_of, profile_of, monkeypatch):
+    # A state's stored size (its quotes and backslashes counted: `stored_size`) is what the record's bound
+    # reads, and only a record past COMPUTED_MAX_BYTES / 2 asks for it: measured at every encoding, it was
+    # two passes over every state each event changed, at every write. Asked for, it is what it was.
+    defs = defs_of(*DEFS)
+    measured: list[int] = []
+    real = aggregates.stored_size
+    monkeypatch.setattr(aggregates, "stored_size", lambda data: measured.append(len(data)) or real(data))
+    ann = profile_of([ev("o1", "track", "Order Completed", NOW - HOUR, properties={"total": 10})], defs, now=NOW)
+    ann.to_json()
+    ann.apply(ev("v1", "page", "Home", NOW, properties={"section": 'the "shoes"'}), defs, now=NOW)
+    ann.to_json()
+    assert measured == []
+    for state in ann.parts[ann.person_id].computed.values():
+        assert state.stored_bytes() == real(orjson.dumps(state.to_doc()))
+    assert len(measured) == len(ann.parts[ann.person_id].computed)

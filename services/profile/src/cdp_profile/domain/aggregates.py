@@ -926,6 +926,7 @@ class ComputedState:
         "_bucket_budget",
         "_buckets",
         "_bytes",
+        "_data",
         "_encoded",
         "_limit",
         "_narrow",
@@ -953,6 +954,7 @@ class ComputedState:
         # (`shrink`): exact entries kept before coalescing, bytes of buckets. None: the module's. Not stored:
         # a state loaded is bounded by the module's until the record's bound meets it again.
         self._size = 0
+        self._data = b""  # the bytes of `_encoded`, for `_size` when it is asked for (-1: not measured yet)
         self._limit: int | None = None
         self._bucket_budget: int | None = None
         self.op = op
@@ -1257,8 +1259,10 @@ class ComputedState:
         """`to_doc()` as JSON, for a writer that embeds it (orjson): made once per change of the state."""
         encoded = self._encoded
         if encoded is None:
-            raw = self._encode()
-            self._size = stored_size(raw)
+            raw = self._data = self._encode()
+            # Measured when asked (`stored_bytes`): only a record past COMPUTED_MAX_BYTES / 2 asks, and two
+            # passes over every state an event changed, for every write, were 1 % of the service's CPU.
+            self._size = -1
             encoded = self._encoded = orjson.Fragment(raw)
         return encoded
 
@@ -1267,7 +1271,10 @@ class ComputedState:
         each quote and backslash of it is escaped (`stored_size`)."""
         if self._encoded is None:
             self.encoded()
-        return self._size
+        size = self._size
+        if size < 0:
+            size = self._size = stored_size(self._data)
+        return size
 
     def shrink(self, cap: int) -> bool:
         """Coarsen the state until its stored form takes at most about `cap` bytes, or as near as it can

@@ -1127,14 +1127,15 @@ class Profile:
 
         What was done is counted by step (`take_trimmed`); True when anything was."""
         parts = self.parts.values()
-        # Every write comes here: the sizes kept with the encodings the write is about to use, added up.
+        # Every write of a record past COMPUTED_MAX_BYTES / 2 comes here: the sizes kept with the encodings the
+        # write is about to use (each measured once per encoding), added up.
         total = 0
         for part in parts:
             for state in part.computed.values():
-                total += state._size if state._encoded is not None else state.stored_bytes()
+                total += state.stored_bytes()
             if part.base is not None:
                 for state in part.base.computed.values():
-                    total += state._size if state._encoded is not None else state.stored_bytes()
+                    total += state.stored_bytes()
         if total <= budget:
             return False
         names = {name for part in parts for name in part.computed}
