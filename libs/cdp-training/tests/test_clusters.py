@@ -20,8 +20,9 @@ from cdp_training.models import Data
 from cdp_training.models import clusters as build_shipped
 from cdp_training.platformdata import write_population
 from cdp_training.pointintime import read_profiles
-from cdp_training.simulator import simulate
 from cdp_training.traits import CLUSTER_FEATURES, COMPUTED_TRAITS
+
+from .conftest import profiles_in
 
 NAMES = [f["name"] for f in CLUSTER_FEATURES]
 DAY = 86_400.0
@@ -128,15 +129,14 @@ def test_describe_prints_each_cluster_of_a_file(tmp_path, shipped_like, capsys):
 
 
 @pytest.fixture(scope="module")
-def store_world():
-    population = simulate(500, 23)
-    store = MemoryStore()
-    asyncio.run(write_population(store, population, list(COMPUTED_TRAITS.values())))
-    return population, store, asyncio.run(read_profiles(store))
+def store_world(platform_store):
+    """500 simulated customers' profiles as the profile service stores them (written once a run: conftest)."""
+    population, url = platform_store(500, 23)
+    return population, profiles_in(url)
 
 
 def test_a_clustering_trained_on_the_store_sees_nothing_after_its_cutoff(store_world):
-    population, _store, profiles = store_world
+    population, profiles = store_world
     cutoff = population.cutoff - 30 * DAY
     first = clusters.train_run(profiles, cutoff=cutoff, k=4)
     assert first.decision["promote"] is True
@@ -152,7 +152,7 @@ def test_a_clustering_trained_on_the_store_sees_nothing_after_its_cutoff(store_w
 
 
 def test_clusters_train_command_writes_the_version_and_its_record(store_world, tmp_path, monkeypatch, capsys):
-    population, _store, profiles = store_world
+    population, profiles = store_world
 
     async def read_store(url: str):
         assert url == "memory://"

@@ -3,14 +3,12 @@ models' references), and the realised quality of a version on the latest closed 
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
 import pytest
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
-from cdp_kit.storage import MemoryStore
 from cdp_scoring.domain.registry import LIVE, Version
 from cdp_scoring.drift import DriftMonitor, build_reference, load_shipped_references
 from cdp_scoring.runtime import load_model
@@ -18,22 +16,20 @@ from cdp_training import learn
 from cdp_training.dataset import matrix
 from cdp_training.drift import REFERENCES
 from cdp_training.pipeline import MODELS_DIR
-from cdp_training.platformdata import write_population
-from cdp_training.pointintime import read_profiles, training_set
+from cdp_training.pointintime import training_set
 from cdp_training.realised import realised_quality
-from cdp_training.simulator import simulate
-from cdp_training.traits import COMPUTED_TRAITS
+
+from .conftest import profiles_in
 
 DAY = 86_400.0
 LAPSE = {"kind": "no_activity", "after": "30d", "window": "60d"}
 
 
 @pytest.fixture(scope="module")
-def world():
-    population = simulate(500, 23)
-    store = MemoryStore()
-    asyncio.run(write_population(store, population, list(COMPUTED_TRAITS.values())))
-    return population, asyncio.run(read_profiles(store))
+def world(platform_store):
+    """500 simulated customers' profiles as the profile service stores them (written once a run: conftest)."""
+    population, url = platform_store(500, 23)
+    return population, profiles_in(url)
 
 
 @pytest.fixture(scope="module")
