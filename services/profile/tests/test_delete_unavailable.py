@@ -10,6 +10,7 @@ done, retried in the background and by the repeated request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import nats
@@ -23,6 +24,7 @@ from cdp_profile import privacy as privacy_module
 from cdp_profile.records import DELETIONS
 
 COLOUR = "ultramarine-zq-0451"  # a trait value found nowhere else
+ACK_WAIT_PAUSED = 0.5  # seconds a publish waits for JetStream's acknowledgement while the server is paused
 
 
 def identify(message_id: str, person: str) -> events_pb2.ResolvedEvent:
@@ -80,6 +82,20 @@ def paused(server):
     return server.paused()
 
 
+@contextlib.contextmanager
+def paused_acks(server, publisher):
+    """`paused(server)`, the engine's publisher waiting ACK_WAIT_PAUSED for an acknowledgement meanwhile: none
+    comes while the server is stopped, and each deletion's publish waited the publisher's 5 s for it (15 s of
+    this module's 17). Its own wait is back before the server resumes."""
+    kept = publisher.ack_timeout
+    with paused(server):
+        publisher.ack_timeout = ACK_WAIT_PAUSED
+        try:
+            yield
+        finally:
+            publisher.ack_timeout = kept
+
+
 def store_files(tmp_path) -> list:
     return [path for path in tmp_path.iterdir() if path.name.startswith("profile.db")]
 
@@ -87,7 +103,7 @@ def store_files(tmp_path) -> list:
 async def test_a_deletion_jetstream_did_not_take_is_completed_once_it_does(platform, nats_server, tmp_path):
     engine = platform
     assert any(COLOUR.encode() in path.read_bytes() for path in store_files(tmp_path))
-    with paused(nats_server), pytest.raises(Unavailable, match="retry the request"):
+    with paused_acks(nats_server, engine.publisher), pytest.raises(Unavailable, match="retry the request"):
         await engine.delete("p-k", suppress=False, request_id="r-paused")
 
     # Nobody repeats the request: the deletion completes by itself.
@@ -114,7 +130,7 @@ async def test_a_deletion_jetstream_did_not_take_is_completed_once_it_does(platf
 async def test_the_repeated_request_completes_the_deletion_and_answers_only_then(platform, nats_server, monkeypatch):
     engine = platform
     monkeypatch.setattr(privacy_module, "RETRY_EVERY", 3600)  # only the repeated request completes it here
-    with paused(nats_server):
+    with paused_acks(nats_server, engine.publisher):
         with pytest.raises(Unavailable):
             await engine.delete("p-k", suppress=True, request_id="r-again")
         with pytest.raises(Unavailable):  # still paused: still not done, and it says so
