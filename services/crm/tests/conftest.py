@@ -198,9 +198,16 @@ class World:
     async def publish_action_again(self, person: str, action_id: str, subject: str) -> None:
         await self.action(person, action_id, subject, msg_id=f"{action_id}-again")
 
-    async def action(self, person: str, action_id: str, subject: str, msg_id: str = "", **signals: str) -> None:
+    async def action(
+        self, person: str, action_id: str, subject: str, msg_id: str = "", from_profile: bool = False, **signals: str
+    ) -> None:
         action = orchestration_pb2.ActionMessage(
-            action_id=action_id, person_id=person, channel="crm", crm_kind="task", category="success"
+            action_id=action_id,
+            person_id=person,
+            channel="crm",
+            crm_kind="task",
+            category="success",
+            signals_from_profile=from_profile,
         )
         action.content["subject"] = subject
         for name, value in signals.items():

@@ -230,7 +230,7 @@ async def test_a_template_reading_a_whole_root_keeps_that_root_and_a_crm_task_wi
         ]  # fmt: skip
         await journeys.save(lifecycle.publish(lifecycle.create(parse_journey(task))))
         keep = read_set(journeys, Rules())
-        # Its task carries the person's top scores, read from the profile service when it is sent (a test
+        # Its task carries the person's top scores, read by the CRM connector when it takes it (a test
         # below): only the score its condition reads is kept.
         assert (keep.computed, keep.scores) == (None, frozenset({"churn"}))
 
@@ -264,11 +264,20 @@ async def _task(world, person: str):
     return await world.eventually(sent)
 
 
-async def test_a_crm_task_naming_no_signals_carries_the_top_scores_the_profile_service_holds_when_it_is_sent(
+async def test_a_crm_task_naming_no_signals_goes_with_the_scores_held_marked_for_the_crm_connector(
     world_factory, profile_service
 ):
-    service, fetch = profile_service
-    world = await world_factory(profile_fetch=fetch)
+    """Its top scores are the CRM connector's to read (`signals_from_profile`), not orchestration's: read
+    here, every action of the batch waited for the profile service (a webhook decided beside the task as
+    long as the profile service's event loop was held). The task goes at once with the scores held here,
+    none of which is kept for it, and nothing is asked of the profile service, even one that never answers."""
+    service, _fetch = profile_service
+
+    async def hung(person_ids):
+        service.asked.extend(person_ids)
+        await asyncio.Event().wait()
+
+    world = await world_factory(profile_fetch=hung)
     await world.publish_journey(TASK)
     await world.start()
     await changed(world, "fay", traits={"first_name": "Fay"}, consent={"purpose:Service": True}, scores={"churn": 0.2})
@@ -278,71 +287,26 @@ async def test_a_crm_task_naming_no_signals_carries_the_top_scores_the_profile_s
     await changed(world, "fay", scores={"churn": 0.9, "upsell": 0.3})
     await world.eventually(world.settled)
     assert (await record(world, "fay")).version == first.version
-    service.people = {"fay": {"scores": {"churn": 0.9, "upsell": 0.3, "nps": 7.0}}}
 
     await world.segment("fay", "at_risk")
     task = await _task(world, "fay")
     assert task.content["subject"] == "Call Fay"
-    assert [(s.name, s.value) for s in task.signals] == [
-        ("scores.nps", "7"),
-        ("scores.churn", "0.9"),
-        ("scores.upsell", "0.3"),
-    ]
-    assert service.asked == ["fay"]
-
-
-async def _task_sent_past_a_silent_profile_service(world_factory, fetch):
-    """gus enters the CRM task's segment while `fetch` gives no scores: the task as sent. Context helps the
-    task, it never holds it back (`signals.py`): it goes with the scores held here (none)."""
-    world = await world_factory(profile_fetch=fetch)
-    await world.publish_journey(TASK)
-    await world.start()
-    await changed(world, "gus", traits={"first_name": "Fay"}, consent={"purpose:Service": True}, scores={"churn": 0.2})
-    await world.eventually(lambda: record(world, "gus"))
-    await world.segment("gus", "at_risk")
-    task = await _task(world, "gus")
-    assert task.content["subject"] == "Call Fay" and list(task.signals) == []
-    assert [d["kind"] for d in await world.decisions("gus")] == ["sent"]
-    return task
-
-
-async def test_a_crm_task_is_not_held_back_by_a_profile_service_that_never_answers(world_factory, profile_service):
-    # A read with no deadline of its own (a hung connection): the batch waits a bounded time for the scores.
-    service, _fetch = profile_service
-
-    async def hung(person_ids):
-        service.asked.extend(person_ids)
-        await asyncio.Event().wait()
-
-    await _task_sent_past_a_silent_profile_service(world_factory, hung)
-    assert service.asked == ["gus"]
-
-
-async def test_a_crm_task_and_its_batch_wait_for_a_slow_profile_service_a_tenth_of_a_second_at_most(
-    world_factory, profile_service
-):
-    # The profile service answers, a second late (its event loop held: a garbage collection, a long batch).
-    # Every action of the batch waits with the task's scores: the task goes without them rather than hold
-    # the batch (and a webhook decided with it) that long. The answer comes after the task was sent.
-    service, fetch = profile_service
-    service.people = {"gus": {"scores": {"churn": 0.9}}}
-    answered = asyncio.Event()
-
-    async def late(person_ids):
-        await asyncio.sleep(1.0)
-        found = await fetch(person_ids)
-        answered.set()
-        return found
-
-    await _task_sent_past_a_silent_profile_service(world_factory, late)
-    assert not answered.is_set()
+    assert list(task.signals) == [] and task.signals_from_profile
+    assert [d["kind"] for d in await world.decisions("fay")] == ["sent"]
     assert service.asked == []
 
 
-async def test_a_crm_task_is_sent_without_the_scores_when_the_profile_service_does_not_answer(
-    world_factory, profile_service
-):
-    service, fetch = profile_service
-    service.down = True
-    await _task_sent_past_a_silent_profile_service(world_factory, fetch)
-    assert service.asked == ["gus"]
+async def test_a_crm_task_naming_its_signals_is_not_marked(world_factory, profile_service):
+    # Its node names what it carries: orchestration keeps those and puts them on it; nothing to read later.
+    _service, fetch = profile_service
+    named = dict(TASK, id="named")
+    named["nodes"] = [dict(TASK["nodes"][0], signals=["scores.churn"])]
+    world = await world_factory(profile_fetch=fetch)
+    await world.publish_journey(named)
+    await world.start()
+    await changed(world, "gus", traits={"first_name": "Gus"}, consent={"purpose:Service": True}, scores={"churn": 0.7})
+    await world.eventually(lambda: record(world, "gus"))
+    await world.segment("gus", "at_risk")
+    task = await _task(world, "gus")
+    assert [(s.name, s.value) for s in task.signals] == [("scores.churn", "0.7")]
+    assert not task.signals_from_profile

@@ -103,6 +103,7 @@ from cdp_crm.writes import (
 )
 from cdp_kit.bus import Delivery, subjects
 from cdp_kit.engine import Effects
+from cdp_kit.signals import top_scores
 from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.engine")
@@ -113,6 +114,9 @@ WRITE_ORDER = {"record": 0, "list": 1, "action": 2}
 LIST_WAITS = 20
 # Seconds between looks at a partition this process queued changes for, until its pipeline is idle to retry.
 BACKLOG_POLL = 0.2
+# Seconds a batch waits for the top scores of its tasks naming no signals (`_sign`): past it they go with
+# the scores orchestration held.
+SIGN_WAIT = 1.0
 MERGE = subjects.IDENTITY_MERGED  # the trigger of a survivor's records written whole before a merge
 
 
@@ -204,6 +208,7 @@ class CrmLogic:
             now = self.clock()
             out = Outcomes(now)
             views = await self._views({i.person_id for i in inputs})
+            await self._sign(inputs)
             planned = Planned(self.store)
             projected = []
             for item in inputs:
@@ -275,6 +280,36 @@ class CrmLogic:
                     view.fields = {k: v for k, v in fields.items() if k in self.reads}
                 view.reads, view.dirty = self.reads_id, True
         return views
+
+    async def _sign(self, inputs: list[Input]) -> None:
+        """Tasks and cases whose journey node named no signals, from an orchestration that does not keep
+        every score (`signals_from_profile`): the person's top scores as the profile service holds them
+        (`cdp_kit.signals.top_scores`, orchestration's ranking), one read for the batch's persons, in place
+        of those orchestration held. Read here, not there: there every action of its batch waited for it.
+        Bounded (`SIGN_WAIT`): should the profile service not answer, the task goes with the scores it
+        came with (context helps a task, it never holds it back)."""
+        if self.refresh is None:
+            return
+        unsigned = [i for i in inputs if i.kind == "action" and i.data.signals_from_profile]
+        if not unsigned:
+            return
+        try:
+            async with asyncio.timeout(SIGN_WAIT):
+                found = await self.refresh(sorted({i.person_id for i in unsigned}))
+        except Exception as exc:
+            log.warning(
+                "crm tasks' top scores not read from the profile service; the scores they came with are kept",
+                extra={"error": type(exc).__name__, "tasks": len(unsigned)},
+            )
+            return
+        for item in unsigned:
+            fields = found.get(item.person_id)
+            if fields is None:
+                continue  # gone from the profile service: its erasure follows
+            action: orchestration_pb2.ActionMessage = item.data
+            del action.signals[:]
+            for name, value in top_scores(fields):
+                action.signals.add(name=name, value=value)
 
     def _project(self, item: Input, view: View):
         """(mapping, Projection or Skipped, op, trigger) for each mapping the input concerns."""

@@ -11,8 +11,9 @@
   publishes a JetStream duplicate), rendered from the action's own journey version, with the address
   read from the profile (`ADDRESS_FIELDS`) and the identifier outcome events go back in under; a `crm`
   action also carries the person's top signals (`signals.top_signals`), the context of its task or case
-  (a node naming none: the person's top scores, read from the profile service when orchestration does not
-  keep every score, `reads.Reads.scores`);
+  (a node naming none: the person's top scores; where orchestration does not keep every score, those it
+  holds, marked `signals_from_profile`: the CRM connector reads the person's from the profile service when
+  it takes the task, so no read holds the batch's other actions back);
 - tells the instance the outcome of its action (`ActionOutcome`), which may step it on.
 
 Outcomes of sends made before the person had an identifier: an action carries the identifier outcome
@@ -45,7 +46,6 @@ from cdp_orchestration.domain.instance import ActionOutcome
 from cdp_orchestration.domain.journey import Action
 from cdp_orchestration.domain.signals import top_signals
 from cdp_orchestration.domain.templates import MissingField, TemplateFailed, TemplateTooCostly
-from cdp_orchestration.domain.view import PersonView
 from cdp_orchestration.state import APPROVALS, DECISIONS, Batch, Partition, Person, decision_key
 
 if TYPE_CHECKING:
@@ -261,21 +261,19 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
         content=content,
         decided_at=from_seconds(decision.at),
     )
-    unsigned = False
     if decision.channel == "crm":
         message.crm_kind = content.get("kind", "task")
-        # Its top scores, when not all of them are kept here: read from the profile service at the end of the
-        # batch, with the other tasks' (`add_top_scores`).
-        unsigned = not node.signals and applier.scores is not None
-        if not unsigned:
-            for name, value in top_signals(node, view):
-                message.signals.add(name=name, value=value)
+        for name, value in top_signals(node, view):
+            message.signals.add(name=name, value=value)
+        if not node.signals and applier.scores_partial():
+            # Its top scores, when not all of them are kept here: the CRM connector reads them from the
+            # profile service when it takes the task. Read here, every action of the batch waited for them
+            # (the batch is committed and published whole): at load most of segment -> action's p99.
+            message.signals_from_profile = True
     if address is not None and isinstance(to, str) and to:
         message.address[address[0]] = to
     _identify(message, person)
     applier.m_actions.add(1, {"channel": decision.channel})
-    if unsigned:
-        batch.unsigned.append((len(batch.messages), message, node, view))
     batch.messages.append(
         OutMessage(
             subject=subjects.actions(decision.channel, batch.partition),
@@ -284,24 +282,3 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
         )
     )
     return None
-
-
-async def add_top_scores(applier: Applier, batch: Batch) -> None:
-    """The batch's CRM tasks and cases whose node names no signals get the person's top scores as the profile
-    service holds them (`reads.Reads.scores`, one read for the batch's persons), or, should it not answer,
-    the scores held here when the action was decided (context never holds a task back: `signals.py`)."""
-    unsigned = batch.unsigned
-    if not unsigned or applier.scores is None:
-        return
-    batch.unsigned = []
-    found = await applier.scores(list(dict.fromkeys(view.person_id for _, _, _, view in unsigned)))
-    for index, message, node, view in unsigned:
-        scores = found.get(view.person_id) if found is not None else None
-        signals_view = PersonView(view.person_id, scores, frozenset()) if scores is not None else view
-        for name, value in top_signals(node, signals_view):
-            message.signals.add(name=name, value=value)
-        if message.signals:
-            sent = batch.messages[index]
-            batch.messages[index] = OutMessage(
-                subject=sent.subject, payload=message.SerializeToString(), msg_id=sent.msg_id, headers=sent.headers
-            )

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics
 
@@ -125,9 +124,9 @@ class Applier:
         self.journeys = journeys
         self.rules = rules
         self.clock_offset = clock_offset
-        # Persons' scores as the profile service holds them, for the CRM tasks naming no signals, when not
-        # every score is kept here (`reads.Reads.scores`, `actions.add_top_scores`); None: the scores held.
-        self.scores: Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]] | None]] | None = None
+        # Whether some score is not kept here (`reads.Reads.scores_partial`): a CRM task naming no signals
+        # is then marked for the CRM connector to read the person's top scores (`actions`).
+        self.scores_partial: Callable[[], bool] = _never
         meter = meter or metrics.get_meter("cdp.orchestration")
         self.m_decisions = meter.create_counter(
             "cdp.orchestration.decisions", unit="{decision}", description="arbiter decisions, by kind"
@@ -401,3 +400,7 @@ class Applier:
             await self.journeys.reload(journey_id)
             journey = self.journeys.version(journey_id, version)
         return journey
+
+
+def _never() -> bool:
+    return False

@@ -144,7 +144,7 @@ class OrchestrationLogic:
         self.applier = Applier(store, journeys, rules, clock_offset=clock_offset, meter=meter)
         self.reads = Reads(journeys, rules, profile) if profile is not None else None
         if self.reads is not None:
-            self.applier.scores = self.reads.scores
+            self.applier.scores_partial = self.reads.scores_partial
         meter.create_observable_gauge(
             "cdp.orchestration.held",
             callbacks=[self._observe_held],
@@ -223,7 +223,6 @@ class OrchestrationLogic:
                 person.dirty = False
             if person.segments != person.indexed:
                 keep_members(batch, person)  # the segments' members, as the record holds them
-        await actions.add_top_scores(self.applier, batch)
         for key in batch.stats:
             # A copy: the counters go on changing in memory while this write is on its way.
             batch.put(STATS, key, orjson.loads(orjson.dumps(hot.stats[key])))

@@ -5,10 +5,12 @@ reads; keeping them all made a person-record write of most changes (~2 KB each).
 read a person from (`CDP_PROFILE_ADDRESS`), a change's computed traits and scores are kept only when read
 (`Keep`): by a journey version (conditions, templates, CRM signals, `rank_by`: `Journey.fields_read`; a
 template that reads a root other than as `root.name` reads the whole root) or by the arbiter's rules
-(suppression conditions). A CRM action naming no signals carries the person's top scores: those are read
-from the profile service when it is sent (`Reads.scores`, the tasks of one batch together), not kept here (each score update of every
-person rewrote their record for a task a few of them get); should the profile service not answer, the
-task goes with the scores held here (context helps a task, it never holds it back: `signals.py`). Traits and consent are always kept whole: small,
+(suppression conditions). A CRM action naming no signals carries the person's top scores: those are not
+kept here (each score update of every person rewrote their record for a task a few of them get); the task
+goes with the scores held here, marked (`Reads.scores_partial`, `ActionMessage.signals_from_profile`), and
+the CRM connector reads the person's from the profile service when it takes the task. Read here, every
+action of the batch waited for that read (the batch is committed and published whole): a webhook decided
+beside such a task waited as long as the profile service's event loop was held. Traits and consent are always kept whole: small,
 rarely changing, and read by the arbiter (time zone, consent), the channels (addresses) and the
 dispatchers' consent check. Every published version read since the start counts, whatever its journey's
 state (`Journeys.published`): an older version's running instances read what it reads.
@@ -25,7 +27,6 @@ every field: it is complete, and only pruned. Without a profile service every fi
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -47,12 +48,6 @@ log = logging.getLogger("cdp.orchestration")
 Fetch = Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]]]]
 
 FETCH_BATCH = 100  # persons per BatchGetProfiles call
-# Seconds a batch with CRM tasks naming no signals waits for their scores from the profile service. Every
-# action of the batch waits with them (the batch is committed and published whole): the webhook a journey
-# sends before such a task waited as long as the profile service's event loop was held (a generation-1
-# collection there held it 0.4 s; at 2 s, batches on a loaded machine waited the whole bound), and that was
-# most of the pipeline's segment -> action time. Past this the tasks go with the scores held here.
-SCORES_WAIT = 0.1
 _COMPUTED, _SCORES = COMPUTED + ".", SCORES + "."
 
 
@@ -126,25 +121,11 @@ class Reads:
             self._generation = generation
         return self._keep
 
-    async def scores(self, person_ids: Sequence[str]) -> dict[str, dict[str, Any]] | None:
-        """Each person's scores (flat `scores.*` fields; none for a person the profile service lacks) as the
-        profile service holds them, for CRM tasks naming no signals (`actions.add_top_scores`); None when every
-        score is kept here (the copy held is complete) or the profile service did not answer (logged; the
-        tasks go with the scores held here)."""
-        if self.keep().scores is None:
-            return None
-        try:
-            # Bounded well below a read that must answer (`bring_up`): the batch waits for it, and the tasks
-            # go without these scores rather than late.
-            fetched = await asyncio.wait_for(self.fetch(person_ids), SCORES_WAIT)
-        except (Unavailable, TimeoutError) as exc:
-            reason = str(exc) if isinstance(exc, Unavailable) else f"no answer in {SCORES_WAIT:g} s"
-            log.warning("crm tasks' scores not read from the profile service (%s): the scores held are sent", reason)
-            return None
-        return {
-            person: {k: v for k, v in (fetched.get(person) or {}).items() if k.startswith(_SCORES)}
-            for person in person_ids
-        }
+    def scores_partial(self) -> bool:
+        """Whether some score is not kept here: a CRM task naming no signals then goes with the top scores
+        held, marked for the CRM connector to read the person's from the profile service
+        (`ActionMessage.signals_from_profile`)."""
+        return self.keep().scores is not None
 
     async def bring_up(self, persons: Iterable[Any], keep: Keep) -> None:
         """Each person kept under another set is brought to `keep` (see the module docstring): pruned when

@@ -399,9 +399,6 @@ class Batch:
     messages: list[OutMessage] = field(default_factory=list)
     touched: dict[str, Person] = field(default_factory=dict)
     stats: set[str] = field(default_factory=set)
-    # CRM actions whose top scores are read at the end of the batch (`actions.add_top_scores`): (index in
-    # `messages`, the ActionMessage, its node, the person's view when it was decided).
-    unsigned: list[tuple[int, Any, Any, Any]] = field(default_factory=list)
 
     def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
         self.deletes.discard((collection, key))

@@ -557,7 +557,7 @@ class SubscribeInboxRequest(_message.Message):
     def __init__(self, person_id: _Optional[str] = ...) -> None: ...
 
 class ActionMessage(_message.Message):
-    __slots__ = ("action_id", "person_id", "journey_id", "journey_version", "instance_id", "node_id", "channel", "category", "content", "crm_kind", "signals", "decided_at", "address")
+    __slots__ = ("action_id", "person_id", "journey_id", "journey_version", "instance_id", "node_id", "channel", "category", "content", "crm_kind", "signals", "decided_at", "address", "signals_from_profile")
     class ContentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -585,6 +585,7 @@ class ActionMessage(_message.Message):
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FROM_PROFILE_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     person_id: str
     journey_id: str
@@ -598,7 +599,8 @@ class ActionMessage(_message.Message):
     signals: _containers.RepeatedCompositeFieldContainer[Signal]
     decided_at: _timestamp_pb2.Timestamp
     address: _containers.ScalarMap[str, str]
-    def __init__(self, action_id: _Optional[str] = ..., person_id: _Optional[str] = ..., journey_id: _Optional[str] = ..., journey_version: _Optional[int] = ..., instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., channel: _Optional[str] = ..., category: _Optional[str] = ..., content: _Optional[_Mapping[str, str]] = ..., crm_kind: _Optional[str] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., address: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    signals_from_profile: bool
+    def __init__(self, action_id: _Optional[str] = ..., person_id: _Optional[str] = ..., journey_id: _Optional[str] = ..., journey_version: _Optional[int] = ..., instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., channel: _Optional[str] = ..., category: _Optional[str] = ..., content: _Optional[_Mapping[str, str]] = ..., crm_kind: _Optional[str] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., address: _Optional[_Mapping[str, str]] = ..., signals_from_profile: _Optional[bool] = ...) -> None: ...
 
 class Signal(_message.Message):
     __slots__ = ("name", "value")
