@@ -17,9 +17,9 @@ Idempotency. Every effect is keyed on an event id. A part remembers the ids of i
 covers every timeline entry. Those without a timeline entry are stored within SEEN_MAX_BYTES for the whole
 profile, its newest kept (all of one account's at the defaults). A redelivery of something older than that
 window would be applied again: the engine acknowledges stream positions only after the state is durable
-(a redelivered message is skipped by position), and the bus drops a republished event within its 600 s
-duplicate window, so what comes here again is an event published anew later (an SDK's retry reaching
-another collector replica): a window of a part's newest 1,000 events covers it. Events arriving twice across a merge (applied to both persons before the profile learned of
+(a redelivered message is skipped by position), and JetStream drops an event sent again within the
+collector's dedup window (600 s), so what comes here again is an event sent anew later (an SDK's retry
+reaching another collector replica): a window of a part's newest 1,000 events covers it. Events arriving twice across a merge (applied to both persons before the profile learned of
 the merge) are taken out of the loser's side when the merge happens, using its timeline entry.
 
 Time. Nothing here reads the clock: callers pass `now`. It must not go backwards between calls on one
