@@ -4,7 +4,13 @@ nats-server, with its store and model directory in the test's temporary folder a
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import os
+import shutil
 from typing import Any
+
+import pytest
 
 from cdp_scoring.settings import ScoringSettings
 
@@ -22,3 +28,34 @@ def settings(nats_server, tmp_path, **overrides: Any) -> ScoringSettings:
         ship_models=False,
     )
     return ScoringSettings(**(values | overrides))
+
+
+@pytest.fixture(scope="session")
+def platform_store(tmp_path_factory, worker_id) -> str:
+    """The URL of the profile service's store (SQLite) of a platform that ran for 20 months: 400 simulated
+    customers, as `cdp_training.platformdata` writes them (every computed trait). Writing is ~6 ms of CPU
+    a person (the profile domain), so it is written once a run, by the first xdist worker to ask, in the
+    directory every worker's own sits in (the others wait on its lock): test_training_runs and
+    test_shipped_clusters read the same file. Readers only: a test that writes copies it first."""
+    from cdp_kit.storage import open_store
+    from cdp_training.platformdata import write_population
+    from cdp_training.simulator import simulate
+    from cdp_training.traits import COMPUTED_TRAITS
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # this run's, never a past run's
+    directory = shared / "scoring-platform-400-21"  # a directory: the database and its WAL move together
+    with open(shared / "scoring-platform-400-21.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not directory.exists():
+            partial = shared / "scoring-platform-400-21.partial"  # renamed once whole: a worker dying leaves none
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+
+            async def write() -> None:
+                async with open_store(f"sqlite:///{partial / 'profile.db'}") as store:
+                    await write_population(store, simulate(400, 21), list(COMPUTED_TRAITS.values()))
+
+            asyncio.run(write())
+            os.replace(partial, directory)
+    return f"sqlite:///{directory / 'profile.db'}"

@@ -19,9 +19,6 @@ from cdp_scoring.engine import ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore, shipped_models
 from cdp_scoring.settings import ScoringSettings
 from cdp_testing.fakes import T0
-from cdp_training.platformdata import write_population
-from cdp_training.simulator import simulate
-from cdp_training.traits import COMPUTED_TRAITS
 
 DAY = 86_400.0
 # Profile fields as the service holds them (epoch seconds for times)
@@ -87,13 +84,14 @@ async def test_the_shipped_clusters_model_is_served_as_a_whole_cluster_number(en
     assert lapsed.get("days_since_last_session") == "high" or "low" in lapsed.values()
 
 
-async def test_a_clustering_trained_by_the_service_waits_in_shadow_beside_the_shipped_one(nats_server, tmp_path):
+async def test_a_clustering_trained_by_the_service_waits_in_shadow_beside_the_shipped_one(
+    nats_server, tmp_path, platform_store
+):
     """TrainModel for `clusters` clusters the profile store's persons (point in time, at the last day it
     holds); with the shipped version live, the candidate goes to shadow with the reason: segments name
-    cluster numbers, a person promotes it."""
-    url = f"sqlite:///{tmp_path / 'profile.db'}"
-    async with open_store(url) as store:
-        await write_population(store, simulate(300, 5), list(COMPUTED_TRAITS.values()))
+    cluster numbers, a person promotes it. The store is test_training_runs' 400 people (conftest: written
+    once a run), not 300 of its own: any population's clustering waits in shadow beside a live one."""
+    url = platform_store
     config = ScoringSettings(
         nats_url=nats_server.url,
         grpc_host="127.0.0.1",

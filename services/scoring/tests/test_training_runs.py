@@ -41,25 +41,15 @@ from cdp_scoring.settings import ScoringSettings
 from cdp_testing.errors import bad_request_fields
 from cdp_testing.metrics import MetricsCapture
 from cdp_training.pipeline import MODELS_DIR
-from cdp_training.platformdata import write_population
 from cdp_training.pointintime import iter_profiles
-from cdp_training.simulator import simulate
-from cdp_training.traits import COMPUTED_TRAITS
 
 from .conftest import settings
 
 
 @pytest.fixture(scope="module")
-def profile_store(tmp_path_factory) -> str:
-    """The profile service's store of a platform that ran for 20 months (400 simulated customers)."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('profile') / 'profile.db'}"
-
-    async def write() -> None:
-        async with open_store(url) as store:
-            await write_population(store, simulate(400, 21), list(COMPUTED_TRAITS.values()))
-
-    asyncio.run(write())
-    return url
+def profile_store(platform_store) -> str:
+    """The profile service's store of a platform that ran for 20 months (400 simulated customers: conftest)."""
+    return platform_store
 
 
 @pytest.fixture
