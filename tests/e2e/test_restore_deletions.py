@@ -29,7 +29,7 @@ from test_privacy_everywhere import encodings, holding
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_scoring.modelstore import shipped_models
-from cdp_testing.platform_run import CDPCTL, RunningPlatform
+from cdp_testing.platform_run import RunningPlatform
 from cdpctl.ledger import WITH_STORE
 
 USER, ANON, EMAIL = "u-restore-del-8b2c", "anon-restore-del-8b2c", "Rosa.Restored-8b2c@Example.org"
@@ -39,7 +39,7 @@ REQUEST = "restore-del-1"
 
 
 def cdpctl(platform: RunningPlatform, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CDPCTL, *args], env=platform.env, capture_output=True, text=True, timeout=180)
+    return platform.cdpctl(*args)
 
 
 def person_forms() -> dict[bytes, str]:

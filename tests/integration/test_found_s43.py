@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 
 import pytest
 from nats.js.errors import NotFoundError
 
 from cdp_kit.streamtable import needed
-from cdp_testing.platform_run import CDPCTL, RunningPlatform
+from cdp_testing.platform_run import RunningPlatform
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +56,26 @@ def test_nats_server_restarted_on_an_empty_store_gets_its_streams_back(platform)
         assert time.monotonic() < deadline, f"streams still missing after nats-server's restart: {missing}"
         time.sleep(1.0)
 
-    send = [CDPCTL, "send", "identify", "--user-id", "zoe", "--traits", '{"first_name": "Zoe"}']
+    send = ("send", "identify", "--user-id", "zoe", "--traits", '{"first_name": "Zoe"}')
     deadline = time.monotonic() + 60
-    while (result := subprocess.run(send, env=platform.env, capture_output=True, text=True, timeout=60)).returncode:
+    while (result := platform.cdpctl(*send)).returncode:
         assert time.monotonic() < deadline, f"the collector still refuses: {result.stdout}{result.stderr}"
         time.sleep(1.0)
     # And it goes through: identity and profile resume on their recreated streams (checkpoint rewinds).
-    shown = [CDPCTL, "profile", "user_id", "zoe", "--wait", "60"]
-    result = subprocess.run(shown, env=platform.env, capture_output=True, text=True, timeout=90)
+    result = platform.cdpctl("profile", "user_id", "zoe", "--wait", "60")
     assert result.returncode == 0 and "personId" in result.stdout, result.stdout + result.stderr + platform.log_tail()
 
 
 def _profile(platform: RunningPlatform, user: str) -> str:
-    shown = [CDPCTL, "profile", "user_id", user, "--wait", "60"]
-    result = subprocess.run(shown, env=platform.env, capture_output=True, text=True, timeout=90)
+    result = platform.cdpctl("profile", "user_id", user, "--wait", "60")
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 def _sent(platform: RunningPlatform, user: str, plan: str) -> None:
-    send = [CDPCTL, "send", "identify", "--user-id", user, "--traits", json.dumps({"plan": plan})]
+    send = ("send", "identify", "--user-id", user, "--traits", json.dumps({"plan": plan}))
     deadline = time.monotonic() + 60
-    while (result := subprocess.run(send, env=platform.env, capture_output=True, text=True, timeout=60)).returncode:
+    while (result := platform.cdpctl(*send)).returncode:
         assert time.monotonic() < deadline, f"the collector still refuses: {result.stdout}{result.stderr}"
         time.sleep(0.5)
 

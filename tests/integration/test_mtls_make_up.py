@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cdp_testing.platform_run import CDPCTL, RunningPlatform
+from cdp_testing.platform_run import RunningPlatform
 from cdpctl import tls
 
 SERVICES = ("collector", "identity", "profile", "scoring", "segmentation", "orchestration", "crm")
@@ -31,7 +30,7 @@ def platform(tmp_path_factory):
 
 
 def cdpctl(platform: RunningPlatform, *args: str) -> str:
-    result = subprocess.run([CDPCTL, *args], env=platform.env, capture_output=True, text=True, timeout=60)
+    result = platform.cdpctl(*args)
     assert result.returncode == 0, f"cdpctl {' '.join(args)}: {result.stdout}\n{result.stderr}"
     return result.stdout
 
