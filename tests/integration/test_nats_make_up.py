@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from cdp_kit.bus import Bus, subjects
 from cdp_kit.natsauth import NatsClientSettings
 from cdp_kit.urls import without_credentials
-from cdp_testing.platform_run import CDPCTL, RunningPlatform
+from cdp_testing.platform_run import RunningPlatform
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("collector", "identity", "profile", "scoring", "segmentation", "orchestration", "crm")
@@ -32,7 +31,7 @@ def platform(tmp_path_factory):
 
 
 def cdpctl(platform: RunningPlatform, *args: str) -> str:
-    result = subprocess.run([CDPCTL, *args], env=platform.env, capture_output=True, text=True, timeout=60)
+    result = platform.cdpctl(*args)
     assert result.returncode == 0, f"cdpctl {' '.join(args)}: {result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -147,8 +146,8 @@ def test_a_restarted_nats_server_keeps_every_user_and_permission(platform):
     # The server lists a service's connection a moment before the client's own reconnect completes: until
     # then the collector answers 503 (retry), as documented, and an SDK sends again - so does this.
     deadline = time.monotonic() + 30
-    send = [CDPCTL, "send", "identify", "--user-id", "zoe", "--traits", '{"first_name": "Zoe"}']
-    while (result := subprocess.run(send, env=platform.env, capture_output=True, text=True, timeout=60)).returncode:
+    send = ("send", "identify", "--user-id", "zoe", "--traits", '{"first_name": "Zoe"}')
+    while (result := platform.cdpctl(*send)).returncode:
         assert '"status": 503' in result.stdout, result.stdout + result.stderr
         assert time.monotonic() < deadline, f"the collector still answers 503: {result.stdout}"
         time.sleep(0.5)
