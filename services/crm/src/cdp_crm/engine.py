@@ -201,7 +201,8 @@ class CrmLogic:
         async with self.locks[partition]:
             inputs = [i for item in items for i in item if i.person_id]
             # The tasks' top scores are read beside the batch's own reads, not after them (`_sign`).
-            signing = asyncio.create_task(self._sign(inputs)) if self._unsigned(inputs) else None
+            unsigned = self._unsigned(inputs)
+            signing = asyncio.create_task(self._sign(unsigned)) if unsigned else None
             try:
                 return await self._apply(partition, inputs, signing)
             finally:
@@ -293,20 +294,18 @@ class CrmLogic:
         return views
 
     def _unsigned(self, inputs: list[Input]) -> list[Input]:
+        """The batch's tasks marked `signals_from_profile` (none without a profile service to read)."""
         if self.refresh is None:
             return []
         return [i for i in inputs if i.kind == "action" and i.data.signals_from_profile]
 
-    async def _sign(self, inputs: list[Input]) -> None:
+    async def _sign(self, unsigned: list[Input]) -> None:
         """Tasks and cases whose journey node named no signals, from an orchestration that does not keep
         every score (`signals_from_profile`): the person's top scores as the profile service holds them
         (`cdp_kit.signals.top_scores`, orchestration's ranking), one read for the batch's persons, in place
         of those orchestration held. Read here, not there: there every action of its batch waited for it.
         Bounded (`SIGN_WAIT`): should the profile service not answer, the task goes with the scores it
         came with (context helps a task, it never holds it back)."""
-        unsigned = self._unsigned(inputs)
-        if not unsigned:
-            return
         try:
             async with asyncio.timeout(SIGN_WAIT):
                 found = await self.refresh(sorted({i.person_id for i in unsigned}))
