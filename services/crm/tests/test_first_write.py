@@ -50,21 +50,29 @@ async def _synced(world) -> bool:
     return record is not None and record.doc.get("state") == SYNCED
 
 
+async def _started(world, collector, contact) -> HubSpotPoller:
+    """The connector started on the local HubSpot with its inbound poller wired as the process wires it,
+    the engine reading before each write; the rep's contact read once (created, identify: identity makes
+    person-ada of it)."""
+    await world.start(_document(world), identifiers=_identifiers(contact["id"]))
+    (connection,) = world.connections
+    poller = HubSpotPoller(
+        world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
+        collector.client(world.session), objects=("contacts",),
+    )  # fmt: skip
+    poller.read_first_fresh = 0.0
+    world.logic.inbound = {"hs": poller}
+    assert await poller.poll() == 2
+    return poller
+
+
 async def test_a_crm_edit_landing_between_the_read_and_the_first_write_is_not_overwritten(world_factory, collector):
     async with HubSpotEmulator() as hubspot:
         world = await world_factory(hubspot)
         contact = hubspot.user_create(
             "contacts", {"email": "ada@example.com", "firstname": "Ada", "phone": "+44 20 0000"}
         )
-        await world.start(_document(world), identifiers=_identifiers(contact["id"]))
-        (connection,) = world.connections
-        poller = HubSpotPoller(
-            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-            collector.client(world.session), objects=("contacts",),
-        )  # fmt: skip
-        poller.read_first_fresh = 0.0  # the engine reads before each write
-        world.logic.inbound = {"hs": poller}  # as the process wires it
-        assert await poller.poll() == 2  # the rep's new contact: created, identify (identity makes person-ada)
+        poller = await _started(world, collector, contact)
 
         # The rep corrects the phone just after the engine's read before its write: no read sees it first.
         read_first = poller.read_first
@@ -100,14 +108,7 @@ async def test_the_first_write_sends_the_cdps_change_and_the_record_holds_every_
     async with HubSpotEmulator() as hubspot:
         world = await world_factory(hubspot)
         contact = hubspot.user_create("contacts", {"email": "ada@example.com", "firstname": "Ada"})
-        await world.start(_document(world), identifiers=_identifiers(contact["id"]))
-        (connection,) = world.connections
-        poller = HubSpotPoller(
-            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-            collector.client(world.session), objects=("contacts",),
-        )  # fmt: skip
-        world.logic.inbound = {"hs": poller}
-        assert await poller.poll() == 2
+        await _started(world, collector, contact)
         profile = {"traits.email": "ada@example.com", "traits.first_name": "Ada", "traits.phone": "+44 20 2222"}
         await world.profiles({"person-ada": profile})
         await world.eventually(lambda: _synced(world))
