@@ -8,6 +8,7 @@ on the person's current fields."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import pytest
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Bus, profiles_stream, scores_stream, subjects
+from cdp_kit.bus.consumer import StandingPull
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.storage import Put, open_store
 from cdp_kit.timestamps import set_seconds
@@ -65,8 +67,11 @@ class Stream:
         for message in messages:
             seq = (await self.bus.js.publish(subjects.profiles_changed(0), message.SerializeToString())).seq
         if together:
-            await self.start()
-        await self.settled(seq)
+            with whole_first_fetch(len(messages)):
+                await self.start()
+                await self.settled(seq)
+        else:
+            await self.settled(seq)
         return seq
 
     async def settled(self, seq: int, timeout: float = 10.0) -> None:
@@ -95,6 +100,32 @@ class Stream:
 
     async def snapshot(self) -> None:
         await self.partitioned.snapshot_now()
+
+
+@contextlib.contextmanager
+def whole_first_fetch(count: int):
+    """A partition's first fetch waits until `count` messages have reached its pull's inbox. A fetch
+    returns what has arrived: the server delivers a pull's messages one by one, so on a busy machine the
+    first can be taken before the rest are in, and one burst is applied as two batches."""
+    fetch = StandingPull.fetch
+    waited = False
+
+    async def whole(pull: StandingPull, timeout: float) -> list:
+        nonlocal waited
+        if not waited:
+            waited = True
+            await pull._top_up()  # the pull's request, which the fetch would send first
+            deadline = time.monotonic() + 10
+            while pull.inbox._pending_queue.qsize() < count and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            assert pull.inbox._pending_queue.qsize() >= count, f"{count} messages never reached the inbox"
+        return await fetch(pull, timeout)
+
+    StandingPull.fetch = whole
+    try:
+        yield
+    finally:
+        StandingPull.fetch = fetch
 
 
 def change(person: str, *, orders=None, sessions=None, email=None, removed=False, at=T0, events=()):
