@@ -19,7 +19,7 @@ import orjson
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
-from cdp_kit.storage import Put, open_store
+from cdp_kit.storage import Delete, Put, open_store
 from cdp_kit.timestamps import from_seconds
 from cdp_orchestration import api_journeys
 from cdp_orchestration.api import OrchestrationApi
@@ -27,7 +27,7 @@ from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.engine import OrchestrationLogic
 from cdp_orchestration.inputs import decode
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.state import ARMING, INSTANCES, MEMBERS, PERSONS, prepare_store
+from cdp_orchestration.state import ARMING, INSTANCES, MEMBERS, MEMBERS_BUILT, PERSONS, prepare_store
 
 DIGEST = {
     "id": "digest",
@@ -168,38 +168,102 @@ async def test_a_publish_stopped_half_way_arms_every_member_once_at_the_next_sta
         assert instance.doc["entered_at"] >= slot  # at the slot
 
 
+class Engine:
+    """Orchestration's logic on one partition of a memory store, its writes applied as the pipeline commits
+    them."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.logic = OrchestrationLogic(store, Journeys(store), Rules(), partitions=1)
+        self.at = 1_800_000_000.0
+
+    async def apply(self, stream: str, data: bytes, what: str = "") -> None:
+        self.at += 1
+        effects = await self.logic.apply(0, [decode(stream, what, data, self.at)])
+        await self.store.bulk_write(effects.writes)
+
+    async def segment(self, person: str, segment_id: str, entered: bool) -> None:
+        one = segmentation_pb2.SegmentEvent(
+            id=f"c{self.at}", person_id=person, segment_id=segment_id, entered=entered, reason="time"
+        )
+        one.at.CopyFrom(from_seconds(self.at))
+        await self.apply(subjects.SEGMENTS, segmentation_pb2.SegmentEventBatch(events=[one]).SerializeToString())
+
+    async def forget(self, person: str) -> None:
+        await self.apply("command", orjson.dumps({"person_id": person, "request_id": "r1"}), "forget")
+
+    async def rows(self) -> list[str]:
+        return [r.key for r in (await self.store.scan(MEMBERS, limit=100)).records if r.key != MEMBERS_BUILT]
+
+
 async def test_the_engine_keeps_a_persons_rows_with_their_segments_and_a_deletion_drops_them():
     async with open_store("memory://") as store:
         await prepare_store(store)
-        logic = OrchestrationLogic(store, Journeys(store), Rules(), partitions=1)
-        at = 1_800_000_000.0
+        engine = Engine(store)
+        await engine.segment("ann", "vip", True)
+        await engine.segment("ann", "churn", True)
+        await engine.segment("bob", "vip", True)
+        assert await engine.rows() == ["churn:ann", "vip:ann", "vip:bob"]
+        await engine.segment("ann", "vip", False)
+        assert await engine.rows() == ["churn:ann", "vip:bob"]
+        engine.logic.hot.clear()  # read back from the store: the rows follow the record as read
+        await engine.segment("ann", "vip", True)
+        await engine.segment("ann", "churn", False)
+        assert await engine.rows() == ["vip:ann", "vip:bob"]
+        await engine.forget("ann")
+        assert await engine.rows() == ["vip:bob"]
 
-        async def apply(stream: str, data: bytes, what: str = "") -> None:
-            nonlocal at
-            at += 1
-            effects = await logic.apply(0, [decode(stream, what, data, at)])
-            await store.bulk_write(effects.writes)
 
-        async def segment(person: str, segment_id: str, entered: bool) -> None:
-            one = segmentation_pb2.SegmentEvent(
-                id=f"c{at}", person_id=person, segment_id=segment_id, entered=entered, reason="time"
-            )
-            one.at.CopyFrom(from_seconds(at))
-            await apply(subjects.SEGMENTS, segmentation_pb2.SegmentEventBatch(events=[one]).SerializeToString())
+async def test_a_record_an_earlier_build_wrote_after_the_index_was_built_gets_its_rows_at_the_persons_next_input():
+    """A rolling upgrade: the index was built by a replica of this build while one of the earlier build still
+    ran and wrote cy's record (in vip, no row). This build's engine writes her vip row at her next input, not
+    only once she joins vip again."""
+    async with open_store("memory://") as store:
+        await prepare_store(store)
+        await store.put(PERSONS, "cy", {"fields": {}, "segments": ["vip"]})
+        engine = Engine(store)
+        await engine.segment("cy", "churn", True)
+        assert await engine.rows() == ["churn:cy", "vip:cy"]
+        assert (await store.get(PERSONS, "cy")).doc["indexed"] == 1
+        engine.logic.hot.clear()  # read back, marked: her rows as the record holds them
+        await engine.segment("cy", "vip", False)
+        assert await engine.rows() == ["churn:cy"]
 
-        async def rows() -> list[str]:
-            return [r.key for r in (await store.scan(MEMBERS, limit=100)).records if r.key != "~built"]
 
-        await segment("ann", "vip", True)
-        await segment("ann", "churn", True)
-        await segment("bob", "vip", True)
-        assert await rows() == ["churn:ann", "vip:ann", "vip:bob"]
-        await segment("ann", "vip", False)
-        assert await rows() == ["churn:ann", "vip:bob"]
-        logic.hot.clear()  # read back from the store: the rows follow the record as read
-        await segment("ann", "vip", True)
-        await segment("ann", "churn", False)
-        assert await rows() == ["vip:ann", "vip:bob"]
-        forget = orjson.dumps({"person_id": "ann", "request_id": "r1"})
-        await apply("command", forget, "forget")
-        assert await rows() == ["vip:bob"]
+async def test_a_person_forgotten_while_the_index_is_built_keeps_no_row():
+    """Another replica's engine forgets ann between the index build reading her record and writing her rows:
+    the build reads its page's persons again after the write and deletes the rows of those gone."""
+    async with open_store("memory://") as store:
+        await store.bulk_write([Put(PERSONS, p, {"fields": {}, "segments": ["vip"]}) for p in ("ann", "bob")])
+        bulk_write = store.bulk_write
+
+        async def forgotten_first(ops):
+            if any(getattr(op, "collection", None) == MEMBERS for op in ops) and await store.get(PERSONS, "ann"):
+                await bulk_write([Delete(PERSONS, "ann")])  # the other replica's forget, committed here
+            return await bulk_write(ops)
+
+        store.bulk_write = forgotten_first  # type: ignore[method-assign]
+        await prepare_store(store)
+        store.bulk_write = bulk_write  # type: ignore[method-assign]
+        assert await Engine(store).rows() == ["vip:bob"]
+
+
+async def test_a_forget_drops_the_rows_of_the_records_segments_though_its_read_of_the_rows_missed_them():
+    """A forget that read the person's rows before the index build wrote them (a record of the earlier build,
+    so the engine holds no rows for it either) still deletes them: by key, one per segment the record held."""
+    async with open_store("memory://") as store:
+        await prepare_store(store)
+        await store.put(PERSONS, "ann", {"fields": {}, "segments": ["vip"]})
+        engine = Engine(store)
+        find = store.find
+
+        async def rows_not_yet_written(collection, field, value, **kwargs):
+            if collection == MEMBERS:
+                found = await find(collection, field, value, **kwargs)
+                await store.put(MEMBERS, "vip:ann", {"person_id": "ann"})  # the build's write, just after
+                return found
+            return await find(collection, field, value, **kwargs)
+
+        store.find = rows_not_yet_written  # type: ignore[method-assign]
+        await engine.forget("ann")
+        assert await engine.rows() == []

@@ -173,7 +173,10 @@ async def forget(applier: Applier, hot: Partition, batch: Batch, person: Person,
     decisions = [record.key async for record in store.scan_all(DECISIONS, prefix=f"{person_id}:")]
     for key in decisions:
         batch.delete(DECISIONS, key)
-    # The person starts again from nothing: an event of theirs in flight makes a new, empty view.
+    # The person starts again from nothing: an event of theirs in flight makes a new, empty view. Their rows of
+    # every segment the record held are dropped by key with the record (`keep_members`), besides those found
+    # above: a row `index_members` writes after that read is gone with them.
+    person.indexed = person.indexed | frozenset(person.segments)
     person.fields.clear()
     person.segments.clear()
     person.state = PersonState(person_id)

@@ -15,7 +15,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_deleted`      | person id                             | a privacy deletion accepted for the person (when, which request; no personal data), written as soon as the notice reaches the handler: no dispatcher sends to them; swept with the tombstones |
 | `orchestration_rules`        | rules document digest                 | the count or sum computed traits (field keys) the arbiter's rules were compiled with (`arbiter_rules.py`); no personal data |
 | `orchestration_tombstones`   | person id                             | a person a privacy deletion forgot (when, which request; no personal data): whatever reaches the engine for them afterwards is dropped; swept after CDP_ORCHESTRATION_TOMBSTONE_DAYS (35), when nothing for them can still arrive |
-| `orchestration_members`      | `<segment>:<person id>`               | the segments' members as the persons' records hold them (`{"person_id"}`, indexed: a deletion finds them), written with the record (`keep_members`): what publishing a scheduled journey reads to arm its segment's members (`api_journeys`), not every person; `~built` marks a store whose records were all indexed (`prepare_store` indexes an earlier build's once) |
+| `orchestration_members`      | `<segment>:<person id>`               | the segments' members as the persons' records hold them (`{"person_id"}`, indexed: a deletion finds them), written with the record (`keep_members`): what publishing a scheduled journey reads to arm its segment's members (`api_journeys`), not every person; `~built` marks a store whose records were all indexed (`prepare_store` indexes an earlier build's once); a person record with segments carries `indexed: 1`, and one without it (an earlier build's, written during a rolling upgrade) has its rows written again at the person's next input |
 | `orchestration_arming`       | `<journey id>:<uuid>`                 | a publish arming a scheduled journey's members, from before the version is saved until every member was sent its `arm` command: one left by a crash is done again at the next start (`api_journeys.resume_arming`); no personal data |
 
 The dispatchers (`dispatch.py`, one per channel) write `orchestration_sends` (action id -> its send record and
@@ -363,6 +363,10 @@ class Person:
             record["changed_at"] = self.changed_at
         if self.awaited is not None:
             record["awaited"] = list(self.awaited)
+        if self.segments:
+            # The engine writes the person's rows of `MEMBERS` with this record (`keep_members`): a record with
+            # segments and without this mark was written by an earlier build, which kept no rows (`load_persons`).
+            record["indexed"] = 1
         if self.reads is not None:
             record["reads"] = self.reads
         return record
@@ -436,7 +440,13 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str], reads
             # every part, empty or not.
             person.fields = user_data_from(doc["fields"])
             person.segments = set(doc.get("segments") or ())
-            person.indexed = frozenset(person.segments)
+            if doc.get("indexed"):
+                person.indexed = frozenset(person.segments)
+            elif person.segments:
+                # Written by an earlier build (a replica of it during a rolling upgrade, after `index_members`
+                # ran): its rows may lack segments joined since. Written again at the person's next input,
+                # with a row for each of their segments (a row already there is written again, unchanged).
+                person.dirty = True
             if doc.get("arbiter"):
                 person.state = person_from_record(doc["arbiter"])
             person.entered = dict(doc.get("entered") or {})
@@ -486,21 +496,38 @@ async def index_members(store: Store, *, page: int = 1000) -> int:
     """Write the `MEMBERS` rows of every person record once, in a store whose records an earlier build wrote
     (a page of records at a time); the number of records read. A store that has the marker is left alone: the
     engine writes the rows with the records since. Rows of a record changed meanwhile by a replica of this
-    build are its own to keep; one still of the earlier build (a rolling upgrade) writes records without rows,
-    whose members a scheduled journey published meanwhile does not arm until they join its segment again."""
+    build are its own to keep; one still of the earlier build (a rolling upgrade) writes records without rows
+    (and without the mark `Person.record` writes), whose members a scheduled journey published meanwhile does
+    not arm until this build's engine has written the person again (`load_persons`).
+
+    A person forgotten by another replica's engine between this page's read and its rows' write would keep
+    the rows written for them: each page's persons are read again after the write, and the rows of those
+    gone are deleted (a forget committed later deletes them itself: `privacy.forget` drops the rows of every
+    segment the record held)."""
     if await store.get(MEMBERS, MEMBERS_BUILT) is not None:
         return 0
     read, cursor = 0, None
     while True:
         found = await store.scan(PERSONS, cursor=cursor, limit=page)
         read += len(found.records)
-        ops = [
-            Put(MEMBERS, member_key(segment, record.key), {"person_id": record.key})
+        rows = {
+            record.key: [member_key(segment, record.key) for segment in record.doc.get("segments") or ()]
             for record in found.records
-            for segment in record.doc.get("segments") or ()
+        }
+        ops: list[Put | Delete] = [
+            Put(MEMBERS, key, {"person_id": person_id}) for person_id, keys in rows.items() for key in keys
         ]
         if ops:
             await store.bulk_write(ops)
+            still = await store.get_many(PERSONS, [person_id for person_id, keys in rows.items() if keys])
+            gone = [
+                Delete(MEMBERS, key)
+                for person_id, keys in rows.items()
+                if keys and person_id not in still
+                for key in keys
+            ]
+            if gone:
+                await store.bulk_write(gone)
         cursor = found.next_cursor
         if cursor is None:
             break
