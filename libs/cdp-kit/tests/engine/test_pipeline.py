@@ -180,32 +180,63 @@ async def test_a_restarted_engine_publishes_the_outbox_and_skips_what_was_applie
 
 
 async def test_stopping_a_partition_drains_its_commits_and_it_resumes_where_it_stopped(bus):
+    """A stop lets every batch applied commit and be acknowledged before the partition is released. What
+    reaches the partition's pull after the stop began (here: published while the commits are held) is
+    delivered and never handed to a batch: not applied, not acknowledged, and the next owner gets it
+    first, at once (its consumer restarted at the acknowledgement floor), not after `ack_wait`."""
     positions = {}
     store = CheckedStore(positions)
     store.hold = asyncio.Event()
     keys = keys_in(0, 2, 20)
-    ids = await publish_inputs(bus, keys, 2, positions)
-    eng, _ = engine(bus, store, 2)
+    seen = []
+
+    async def on_apply(partition, items):
+        seen.extend(msg_id for _, msg_id in items)
+
+    # Slots for every batch the first 16 may come in: each is applied, its commit held, before the stop.
+    eng, logic = engine(bus, store, 2, in_flight=16)
+    logic.on_apply = on_apply
     task = await run(eng)
-    await until(lambda: _true(eng.pipelines[0]._in_flight >= 2))
+    ids = await publish_inputs(bus, keys[:16], 2, positions)
+    await until(lambda: _true(len(seen) == len(ids)))
+    assert eng.pipelines[0]._in_flight >= 2  # at least two batches (of 8 at most) between apply and ack
     stopping = asyncio.create_task(eng.stop_partition(0))  # what an ownership's release does
-    await asyncio.sleep(0.2)
+    late = await publish_inputs(bus, keys[16:], 2, positions, start=len(ids))
+    last = positions[late[-1]][1]
+
+    async def consumer():
+        return await bus.js.consumer_info("TOYIN", "toy-p0")
+
+    async def late_delivered() -> bool:
+        # Its pull still stands while it drains (every message it took leaves a request for more).
+        return ((await consumer()).delivered.stream_seq or 0) >= last
+
+    await until(late_delivered, timeout=5.0)
     assert not stopping.done(), "released before its commits were durable"
     store.hold.set()
     await asyncio.wait_for(stopping, 10)
     assert 0 not in eng.owned()
+    assert seen == ids, "a message that reached the pull after the stop began was applied"
+    # Everything it applied is durable and acknowledged; nothing else is acknowledged.
+    applied_up_to = positions[ids[-1]][1]
+    assert await checkpoint_of(store) == applied_up_to
 
-    async def nothing_pending() -> bool:
+    async def acknowledged() -> bool:
         # The server applies acknowledgements asynchronously: read until it has (or the wait fails).
-        return (await bus.js.consumer_info("TOYIN", "toy-p0")).num_ack_pending == 0
+        return ((await consumer()).ack_floor.stream_seq or 0) >= applied_up_to
 
-    await until(nothing_pending, timeout=5.0)  # everything it applied is durable and acknowledged
-    more = await publish_inputs(bus, keys, 2, positions, start=len(ids))
+    await until(acknowledged, timeout=5.0)
+    info = await consumer()
+    assert (info.ack_floor.stream_seq, info.num_ack_pending) == (applied_up_to, len(late))
+
+    more = await publish_inputs(bus, keys, 2, positions, start=len(ids) + len(late))
     await eng.start_partition(0)  # acquired again (here, or by another replica)
-    await until(lambda: all_applied(store, ids + more))
+    # Well within the consumer's ack_wait (30 s): the late ones came again at once, before the newer ones.
+    await until(lambda: all_applied(store, ids + late + more), timeout=10.0)
     await stop(task)
+    assert seen == ids + late + more
     expected = {}
-    for key, msg_id in zip(keys + keys, ids + more, strict=True):
+    for key, msg_id in zip(keys + keys, ids + late + more, strict=True):
         expected.setdefault(key, []).append(msg_id)
     assert await applied(store) == expected
     assert not store.violations
