@@ -9,13 +9,14 @@ numbers. Each replica logs to a file of its own.
 
 The story: A and B share the partitions under load. The test takes the SQLite file's write lock (BEGIN
 IMMEDIATE on a connection of its own), so every commit either replica submits waits in its writer thread
-for the lock; once each of A's partitions has messages delivered and not acknowledged (a batch fetched,
-applied, its commit waiting), A is frozen with SIGSTOP (a long GC pause, a frozen VM) and the lock is
-let go. A's commits stay where they were: its writer thread is frozen with the rest of it. B goes on; A's
-leases expire (a TTL without renewal), B takes every partition and commits on each of A's (its checkpoint
-moves past where it was when A froze). Then A is woken with SIGCONT: the first thing it does, before its
-event loop has read the KV bucket, is the commit its writer thread was waiting to make - a commit of
-what B has since applied again and moved on from. The load goes on while A finds it lost its leases and
+for the lock; once A has applied a batch since (its `cdp.engine.batch.apply` count on /metrics moved: that
+batch's commit was submitted after the lock was taken, so it waits) and each of A's partitions has
+messages delivered and not acknowledged, A is frozen with SIGSTOP (a long GC pause, a frozen VM) and,
+once every thread of it reads stopped, the lock is let go. A's commits stay where they were: its writer
+thread is frozen with the rest of it. B goes on; A's leases expire (a TTL without renewal), B takes every
+partition and commits on each of A's (its checkpoint moves past where it was when A froze). Then A is
+woken with SIGCONT: the first thing it does, before its event loop has read the KV bucket, is the commit
+its writer thread was waiting to make - a commit of what B has since applied again and moved on from. The load goes on while A finds it lost its leases and
 takes its share back; then it stops.
 
 At the end, as test_profile_scaling asserts: every person's stored timeline is exactly the events
@@ -23,6 +24,15 @@ published for them, each once, in order, and `profiles.changed` lists each perso
 sequence order. And A logged, at ERROR, each partition it had to give up while frozen: fenced (its
 commit refused, another owner's token on the checkpoint) or its release cut (its lease taken while it
 drained), naming the partition.
+
+Both conditions on the freeze are what the story needs, not timing. os.kill returns once SIGSTOP is
+queued: the kernel wakes one of A's threads to take it, and the others stop only after that one has run.
+On a loaded machine A's writer could take the lock as the test let it go and be frozen inside its
+transaction, holding the file's write lock: B could write nothing while A was frozen (its claims of
+A's partitions each waited busy_timeout, "restarting after Unavailable" every ~5 s) and the test timed
+out (1 full-suite run in 9; forced with gdb, the same). And messages delivered and not acknowledged are
+not a commit waiting (they may still sit in A's pull, unapplied): one run in 20 under load froze A with
+no commit of it waiting, and A, woken, gave its partitions up cleanly and logged no fence and no cut.
 
 What it found, beyond the fence (cdp_kit.engine): profile releases its inputs' partitions together
 (`asyncio.gather`), and the cut, its deadline passed when A woke, cancelled those drains before they
@@ -39,17 +49,18 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
-import signal
 import sqlite3
 import time
+import urllib.request
 from pathlib import Path
 
 import nats
 import pytest
 
 from cdp_kit.bus.streams import ensure_stream, events_resolved_stream
+from cdp_kit.natsserver import free_port
 from cdp_kit.ownership.nats_kv import NatsKvLeaseStore
+from cdp_testing.pausing import pause, resume
 from cdp_testing.processes import ProfileProcess
 
 
@@ -67,6 +78,8 @@ PARTITIONS = scaling.PARTITIONS
 TTL = scaling.TTL
 FENCED = "another owner has claimed checkpoint"  # the engine's line (pipeline._fence)
 CUT = "ownership release cut short"  # the ownership's line (leased._chain)
+APPLIED = "cdp_engine_batch_apply_duration_milliseconds_count{"  # batches applied (PartitionedEngine.m_apply)
+EVENTS = 'service="profile"'  # of events.resolved (scores and merges are profile-scores, profile-merges)
 
 
 class WriteLock:
@@ -109,6 +122,13 @@ async def until(condition, what: str, timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
+def batches_applied(metrics_port: int) -> int:
+    """How many batches of events the replica serving /metrics on `metrics_port` has applied so far."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        lines = answer.read().decode().splitlines()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in lines if line.startswith(APPLIED) and EVENTS in line)
+
+
 def error_lines(log: Path, text: str) -> list[dict]:
     """The ERROR records of a replica's JSON log whose message holds `text`."""
     out = []
@@ -127,7 +147,7 @@ async def test_replica_frozen_past_its_lease_with_commits_in_flight_loses_nothin
     db = tmp_path / "profile.db"
     store_url = f"sqlite:///{db}"
 
-    def replica(name: str, ordinal: int) -> ProfileProcess:
+    def replica(name: str, ordinal: int, **env: str) -> ProfileProcess:
         workdir = tmp_path / name  # a log file of its own
         workdir.mkdir()
         return ProfileProcess(
@@ -141,9 +161,11 @@ async def test_replica_frozen_past_its_lease_with_commits_in_flight_loses_nothin
             CDP_POD_ORDINAL=str(ordinal),  # its own identity.* durable
             CDP_PROFILE_BATCH_SIZE="16",
             CDP_IDENTITY_ADDRESS="127.0.0.1:1",
+            **env,
         )
 
-    a, b = replica("profile-a", 0), replica("profile-b", 1)
+    a_metrics = free_port()
+    a, b = replica("profile-a", 0, CDP_METRICS_PORT=str(a_metrics)), replica("profile-b", 1)
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     leases = scaling.Leases((await NatsKvLeaseStore.open(js, "profile")).kv)
@@ -160,20 +182,27 @@ async def test_replica_frozen_past_its_lease_with_commits_in_flight_loses_nothin
         # Both at work: every partition has a checkpoint past its first messages.
         await until(lambda: len(c := checkpoints(db)) == PARTITIONS and min(c.values()) > 0, "all committed", 20)
 
-        # A's commits on their way: the lock held, each of its partitions with a batch delivered and not
-        # acknowledged (its commit waits for the lock in A's writer thread).
+        # A's commits on their way: the lock held, a batch A applied since then (its commit, submitted
+        # after the lock was taken, waits for it in A's writer thread), and each of A's partitions with
+        # messages delivered and not acknowledged. Delivered is not applied: they may still sit in A's pull.
         mine = sorted(p for p in range(PARTITIONS) if leases.holders.get(p) == "profile-a")
         assert mine, f"A holds no partition: {leases.holders}"
         lock = WriteLock(db)
         await lock.take()
+        applied_before = await asyncio.to_thread(batches_applied, a_metrics)
 
         async def a_waits_on_commits() -> bool:
+            if await asyncio.to_thread(batches_applied, a_metrics) == applied_before:
+                return False
             infos = [await js.consumer_info("EVENTS_RESOLVED", f"profile-p{p}") for p in mine]
             return all(info.num_ack_pending for info in infos)
 
-        await until(a_waits_on_commits, "A with a batch in flight on each of its partitions", 4)
-        os.kill(a.proc.pid, signal.SIGSTOP)
+        # Within busy_timeout (5 s): a commit waiting longer fails, and A would recover before it froze.
+        await until(a_waits_on_commits, "A with a batch applied and its commit waiting", 4)
         frozen = True
+        # Every thread of A stopped before the lock is let go: one still running could take the lock and be
+        # frozen inside its transaction (B could write nothing), or land the commit before A froze.
+        await asyncio.to_thread(pause, a.proc.pid)
         at_freeze = checkpoints(db)  # read under the test's own lock: nobody wrote since it was taken
         await lock.release()
 
@@ -184,7 +213,7 @@ async def test_replica_frozen_past_its_lease_with_commits_in_flight_loses_nothin
         )
 
         # A wakes (its frozen commits first), finds its leases gone, and takes its share back.
-        os.kill(a.proc.pid, signal.SIGCONT)
+        resume(a.proc.pid)
         frozen = False
         await leases.settled({"profile-a", "profile-b"}, timeout=TTL * 5 + 10)
         # The load goes on until every partition has moved on since (A's back at work on its share).
@@ -222,8 +251,7 @@ async def test_replica_frozen_past_its_lease_with_commits_in_flight_loses_nothin
         )
     finally:
         if frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(a.proc.pid, signal.SIGCONT)
+            resume(a.proc.pid)
         if lock is not None:
             with contextlib.suppress(Exception):
                 await lock.release()
