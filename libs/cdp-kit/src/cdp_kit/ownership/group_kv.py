@@ -14,7 +14,10 @@ would let one service read another's leases (and follow every heartbeat of anoth
   the filter is in the subject, where the server's permissions see it, and the server refuses a body
   whose filter differs from the subject's. Delivery goes to the service's own inbox; the consumer goes
   away by itself a few seconds after the scan unsubscribes (`inactive_threshold`), so no delete right is
-  needed (a delete on any name would let one service cut another's scan short).
+  needed (a delete on any name would let one service cut another's scan short). The scan ends once every
+  key the stream holds for the pattern, asked once the consumer exists (`$JS.API.STREAM.INFO.<stream>`
+  with the pattern as its subjects filter: the look-up `open` makes), has come, not when the consumer's
+  own count says nothing is left: keys written during the scan made that count end it early, without them.
 - `get(key)`: a direct get of that key's subject (`$JS.API.DIRECT.GET.<stream>.$KV.<bucket>.<key>`) on a
   bucket that allows direct gets (every bucket this module creates), else a `scan` of the key (a bucket
   made before, by a version that created it without direct gets: no upgrade step is needed).
@@ -115,11 +118,12 @@ class GroupKv(KeyValue):
             info = json.loads(reply.data)
             if "error" in info:
                 raise nats.js.errors.APIError.from_error(info["error"])
-            entries: dict[str, KeyValue.Entry] = {}
-            if info.get("num_pending", 0) == 0 and info.get("delivered", {}).get("consumer_seq", 0) == 0:
-                return entries  # nothing matches
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
+            present = await self._keys_present(filter_subject, timeout)
+            entries: dict[str, KeyValue.Entry] = {}
+            if not present:
+                return entries  # nothing matches
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -136,7 +140,9 @@ class GroupKv(KeyValue):
                     created=None,
                     operation=(msg.headers or {}).get(KV_OP),
                 )
-                if meta.num_pending == 0:
+                # Fresh as far as the consumer can tell, and every key there is listed: the consumer's count
+                # alone is no end (see `_keys_present`).
+                if meta.num_pending == 0 and present <= entries.keys():
                     return entries
         finally:
             # A closed connection took the inbox's interest with it. Raised here, its error replaced what
@@ -144,6 +150,25 @@ class GroupKv(KeyValue):
             # became an error the round logged, and the member's loop ran on.
             with contextlib.suppress(nats.errors.ConnectionClosedError):
                 await subscription.unsubscribe()
+
+    async def _keys_present(self, filter_subject: str, timeout: float) -> set[str]:
+        """The keys matching `filter_subject` now, asked once the scan's consumer exists. The consumer
+        delivers each one's latest message: the one it started with, or a write made after it started.
+        Its count of messages left is no end marker: a key written again during the scan loses the
+        message the consumer counted on, and the count can reach nothing left before the key's new
+        message is counted, so a scan ending there missed the key (a member heartbeating at that moment
+        was missing from another's members(), which then computed the assignment without it). A key
+        removed from the stream altogether before it came (no KV operation does that) leaves the scan to
+        its timeout."""
+        reply = await self._js._nc.request(
+            f"$JS.API.STREAM.INFO.{self._stream}",
+            json.dumps({"subjects_filter": filter_subject}).encode(),
+            timeout=timeout,
+        )
+        info = json.loads(reply.data)
+        if "error" in info:
+            raise nats.js.errors.APIError.from_error(info["error"])
+        return {subject[len(self._pre) :] for subject in info.get("state", {}).get("subjects") or {}}
 
 
 def missing_bucket(bucket: str, exc: BaseException) -> str:
