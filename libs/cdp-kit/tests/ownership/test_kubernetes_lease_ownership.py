@@ -137,8 +137,9 @@ async def make(api_server):
 
 
 async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_holders(make, api_server):
-    # Moves here go by release, not expiry: a TTL long enough that one slow round on a busy machine does
-    # not fence a member (which, correctly, drops its leases and re-takes them: a second move).
+    # Moves here go by release, not expiry: a TTL long enough that one slow round on a busy machine seldom
+    # fences a member (which, correctly, drops its leases and takes them back: the scenario counts those
+    # retakes apart from moves, `Ledger.retakes`).
     make.ttl = 8 * TTL
     await scale_one_three_two(make)
     # Every member left: no member records remain, and every partition lease is free.
