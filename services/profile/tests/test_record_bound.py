@@ -144,8 +144,11 @@ async def test_a_person_at_the_bound_is_logged_once_a_while_and_counted_every_ti
                 engine._record_trimmed("busy", {"computed": 3})
             engine._record_trimmed("other", {"base": 1})
             engine._record_trimmed("busy", {"history": 2})  # histories alone: routine, never logged
+            # so are the remembered event ids and the listed identifiers (a person merged from many accounts)
+            engine._record_trimmed("merged", {"seen": 1, "identifiers": 1})
     lines = [r for r in caplog.records if "computed-trait budget" in r.getMessage()]
     assert [r.person_id for r in lines] == ["busy", "other"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and getattr(r, "person_id", "") == "merged"]
     _, points = captured.collected()["cdp.profile.record.trimmed"]
     counts = {dict(point.attributes)["part"]: point.value for point in points}
-    assert counts == {"computed": 5, "base": 1, "history": 1}
+    assert counts == {"computed": 5, "base": 1, "history": 1, "seen": 1, "identifiers": 1}

@@ -555,12 +555,13 @@ class ProfileEngine:
 
     def _record_trimmed(self, person: str, trimmed: Mapping[str, int]) -> None:
         """A write kept a record within the store's limit by coarsening or trimming (`Profile.to_json`): counted
-        by part; logged unless only the histories or the remembered event ids were trimmed (routine for a person
-        at their budget), at most once per person every TRIM_LOG_SECONDS: a person at the bound is trimmed on
-        nearly every write, and a line per event of a busy person flooded the log (the metric counts every one)."""
+        by part; logged unless only the histories, the remembered event ids or the listed identifiers were
+        trimmed (routine for a person at their budget), at most once per person every TRIM_LOG_SECONDS: a person
+        at the bound is trimmed on nearly every write, and a line per event of a busy person flooded the log (the
+        metric counts every one)."""
         for part in trimmed:
             self._m_trimmed.add(1, {"part": part})
-        if trimmed.keys() - {"history", "seen"}:
+        if trimmed.keys() - {"history", "seen", "identifiers"}:
             now = time.monotonic()
             logged = self._trim_logged
             if now - logged.get(person, -TRIM_LOG_SECONDS) < TRIM_LOG_SECONDS:

@@ -41,6 +41,7 @@ from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import from_seconds, to_seconds
 from cdp_profile.domain import ProfileChange
+from cdp_profile.domain.profile import SHARED_IDENTIFIER_TYPES
 from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_key, timeline_prefix
 
 if TYPE_CHECKING:
@@ -48,8 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cdp.profile.privacy")
 
-#: Identifier types a suppression leaves out: they name a browser or a device, which people share.
-SHARED_TYPES = frozenset({"anonymous_id", "device_id"})
+#: Identifier types a suppression leaves out: they name a browser or a device, which people share (the
+#: record's bound forgets them first, so the person's own identifiers a suppression hashes stay listed).
+SHARED_TYPES = SHARED_IDENTIFIER_TYPES
 
 #: Attempts at the store's erase, 0.1 s apart, before it is left to the store's next writes.
 ERASE_TRIES = 10

@@ -111,6 +111,21 @@ RECORD_MAX_BYTES = 7 * 1024 * 1024
 SEEN_MAX_BYTES = 512 * 1024
 #: A `seen` item's bytes as stored besides its id: `["<id>",<time>],` escaped in the record's string.
 SEEN_ITEM_BYTES = 28
+#: What the identifiers a profile lists may take as stored (`Part.identifiers`, with their times), across its
+#: parts: past it, a write keeps those that fit in three quarters of it, the person's own (user ids, emails,
+#: CRM ids) before browser and device ids (SHARED_IDENTIFIER_TYPES), each kind newest first (by the time of
+#: the latest event that carried it, then the identifier), and forgets the others. A part keeps the first
+#: MAX_PART_IDENTIFIERS, but a profile lists every part's and explicit merges (the API, matching) are not
+#: held to identity's bound: 16 accounts of a server integration making an anonymous id of the collector's
+#: longest (256 characters) per call were a record past the store's 8 MiB. One account keeps all of its
+#: 2,000 such ids (~580 KB). The profile's list is a view: identity holds every link (`GetGraph`).
+IDENTIFIERS_MAX_BYTES = 1024 * 1024
+#: An identifier's time moves on (the record's list written again) once an event carries it this much later
+#: than the time held: the bound ranks by it, and a person's every event carries their user id.
+IDENTIFIER_TIME_STEP = 3600.0
+#: Identifier types that name a browser or a device, which people share: a suppression leaves them out
+#: (privacy.py), and the record's bound forgets them first.
+SHARED_IDENTIFIER_TYPES = frozenset({"anonymous_id", "device_id"})
 
 Cursor = tuple[float, str]
 
@@ -240,7 +255,10 @@ class Part:
     computed: dict[str, ComputedState] = field(default_factory=dict)
     timeline: list[TimelineEntry] = field(default_factory=list)
     seen: dict[str, float] = field(default_factory=dict)  # event id -> event time
-    identifiers: set[str] = field(default_factory=set)
+    # identifier ("type:value") -> the time of the latest event that carried it, to IDENTIFIER_TIME_STEP (the
+    # record's bound keeps the newest); whatever takes one away makes a new dict (`Profile._owners` is made
+    # again), whatever changes it drops `_identifiers_json`.
+    identifiers: dict[str, float] = field(default_factory=dict)
     event_count: int = 0
     first_seen: float | None = None
     last_seen: float | None = None
@@ -256,6 +274,12 @@ class Part:
     # its scores record) lists every score, and scores change far less often than that. Whatever changes
     # `scores` drops it (`Profile.set_scores`, `records.overlay_scores`; a part built anew has none).
     _scores_json: tuple[int, bytes, orjson.Fragment] | None = field(default=None, compare=False, repr=False)
+    # `identifiers` as stored (the dict it was made of, its length, the keys' and the times' fragments): made
+    # again only after an identifier is added or its time moves on (`Profile.apply` drops it; a dict made anew
+    # is another object), not at every write of the person (a sort and two lists an event).
+    _identifiers_json: tuple[dict[str, float], int, orjson.Fragment, orjson.Fragment] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     # attr ("traits", "groups", "consent") -> key -> (history, its length, its last version, its JSON, that
     # JSON as a fragment): a history only grows (`record` inserts) or is replaced by another list
@@ -371,7 +395,7 @@ class Part:
             "computed": {name: state.to_doc() for name, state in self.computed.items()},
             # timeline ids are not repeated here
             "seen": [[event_id, at] for at, event_id in sorted((at, event_id) for event_id, at in extra.items())],
-            "identifiers": sorted(self.identifiers),
+            **self._identifiers_doc(),
             "event_count": self.event_count,
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
@@ -379,6 +403,35 @@ class Part:
         if self.base is not None:  # only once retention dropped something: other records stay as they were
             doc["base"] = self.base.to_doc()
         return doc
+
+    def _identifiers_doc(self) -> dict[str, list[Any]]:
+        """`identifiers` as stored: the keys sorted (what a build before their times reads) and the times beside
+        them (`identifiers_at`, in the same order)."""
+        held = self.identifiers
+        keys = sorted(held)
+        return {"identifiers": keys, "identifiers_at": [held[key] for key in keys]}
+
+    def _identifiers_encoded(self) -> dict[str, orjson.Fragment]:
+        """`_identifiers_doc` as fragments for orjson, kept until the identifiers change (`_identifiers_json`)."""
+        held = self.identifiers
+        cached = self._identifiers_json
+        if cached is None or cached[0] is not held or cached[1] != len(held):
+            doc = self._identifiers_doc()
+            keys = orjson.Fragment(orjson.dumps(doc["identifiers"]))
+            cached = self._identifiers_json = (
+                held,
+                len(held),
+                keys,
+                orjson.Fragment(orjson.dumps(doc["identifiers_at"])),
+            )
+        return {"identifiers": cached[2], "identifiers_at": cached[3]}
+
+    def identifiers_stored_bytes(self) -> int:
+        """What `identifiers` takes as stored, with their times, escaped in the record's string."""
+        held = self.identifiers
+        if not held:
+            return 0
+        return stored_size(orjson.dumps(list(held))) + len(orjson.dumps(list(held.values())))
 
     # `_history_bytes` at the part's last write: a history under a new key is not started past the budget
     # (`Profile._record`), read without a walk over every key.
@@ -459,7 +512,7 @@ class Part:
             "seen": [[event_id, at] for at, event_id in sorted((at, event_id) for event_id, at in extra.items())]
             if extra
             else [],
-            "identifiers": sorted(self.identifiers),
+            **self._identifiers_encoded(),
             "event_count": self.event_count,
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
@@ -479,12 +532,25 @@ class Part:
             scores={name: Score.from_doc(s) for name, s in doc.get("scores", {}).items()},
             computed={name: ComputedState.from_doc(s) for name, s in doc.get("computed", {}).items()},
             seen={event_id: at for event_id, at in doc.get("seen", [])},
-            identifiers=set(doc.get("identifiers", [])),
+            identifiers=_identifiers_from_doc(doc),
             event_count=doc.get("event_count", 0),
             first_seen=doc.get("first_seen"),
             last_seen=doc.get("last_seen"),
             base=TimelineBase.from_doc(base) if base is not None else None,
         )
+
+
+def _identifiers_from_doc(doc: Mapping[str, Any]) -> dict[str, float]:
+    """A part's identifiers with their times; a record written before they had times (no `identifiers_at`)
+    has each as seen at the part's last event."""
+    keys = doc.get("identifiers", [])
+    times = doc.get("identifiers_at")
+    if times is None or len(times) != len(keys):
+        at = doc.get("last_seen")
+        if at is None:
+            at = doc.get("first_seen") or 0.0
+        return dict.fromkeys(keys, at)
+    return dict(zip(keys, times, strict=True))
 
 
 def _changed(before: Any, after: Any) -> bool:
@@ -581,12 +647,19 @@ class Profile:
             if part.last_seen is None or at > part.last_seen:
                 part.last_seen = at
         identifiers = event.identifiers
-        if identifiers and len(part.identifiers) < MAX_PART_IDENTIFIERS:
-            part.identifiers.update(identifiers)
-            if not single:
-                owners = self._owner_map()
-                for key in identifiers:
-                    owners.setdefault(key, part.origin)
+        if identifiers:
+            held = part.identifiers
+            for key in identifiers:
+                known = held.get(key)
+                if known is None:
+                    if len(held) < MAX_PART_IDENTIFIERS:
+                        held[key] = at
+                        part._identifiers_json = None
+                        if not single:
+                            self._owner_map().setdefault(key, part.origin)
+                elif at > known + IDENTIFIER_TIME_STEP:
+                    held[key] = at
+                    part._identifiers_json = None
         change.event_ids.append(event_id)
         payload = event.traits if kind in TRAIT_PAYLOAD_TYPES else event.properties
         context = event.context
@@ -822,9 +895,16 @@ class Profile:
         )
         self.merges = [m for m in self.merges if m.loser not in subtree]
         if given:
+            given = frozenset(given)
             for part in self.parts.values():
-                part.identifiers.difference_update(given)
-            moved[loser_id].identifiers.update(given)
+                if not given.isdisjoint(part.identifiers):
+                    part.identifiers = {key: at for key, at in part.identifiers.items() if key not in given}
+            # When identity's links were last used is not known here: as of the restored person's last event.
+            root = moved[loser_id]
+            seen_at = root.last_seen if root.last_seen is not None else now
+            for key in given:
+                root.identifiers.setdefault(key, seen_at)
+            root._identifiers_json = None
         self._owners = None
         self._align(defs, now)
         restored._align(defs, now)
@@ -1077,8 +1157,11 @@ class Profile:
         its histories within HISTORY_MAX_BYTES (`to_doc`), and what the store keeps of it within
         RECORD_MAX_BYTES: past it with both budgets kept (quotes, escaped twice over; many parts), it is
         made again with both halved, up to 1/16 of them. Only a record past COMPUTED_MAX_BYTES / 2 is
-        measured (escaping at most doubles it; its states are part of it): most cost a length."""
+        measured (escaping at most doubles it; its states are part of it): most cost a length. So are the
+        identifiers (within IDENTIFIERS_MAX_BYTES, `fit_identifiers`), only in a record past half of that."""
         raw = orjson.dumps(self.to_doc(encoded=True))
+        if len(raw) > IDENTIFIERS_MAX_BYTES // 2 and self.fit_identifiers(IDENTIFIERS_MAX_BYTES):
+            raw = orjson.dumps(self.to_doc(encoded=True))
         if len(raw) <= COMPUTED_MAX_BYTES // 2:
             return raw
         squeeze = 1
@@ -1088,12 +1171,13 @@ class Profile:
             if stored_size(raw) <= RECORD_MAX_BYTES or squeeze >= 16:
                 return raw
             squeeze *= 2
+            self.fit_identifiers(IDENTIFIERS_MAX_BYTES // squeeze)
             raw = orjson.dumps(self.to_doc(encoded=True, squeeze=squeeze))
 
     def take_trimmed(self) -> dict[str, int]:
         """What the record's bound took since the last call: {"computed": states coarsened, "history":
-        histories fitted, "seen": writes that forgot remembered ids, ...} (only those that happened); the
-        engine counts them (`cdp.profile.record.trimmed`)."""
+        histories fitted, "seen": writes that forgot remembered ids, "identifiers": writes that forgot listed
+        identifiers, ...} (only those that happened); the engine counts them (`cdp.profile.record.trimmed`)."""
         trimmed = self._trimmed or {}
         self._trimmed = None
         for part in self.parts.values():
@@ -1239,6 +1323,45 @@ class Profile:
             part = self.parts[origin]
             part.seen = {event_id: at for event_id, at in part.seen.items() if event_id not in ids}  # `extra_seen` anew
         self._count_trimmed("seen", 1)
+
+    def fit_identifiers(self, budget: int = IDENTIFIERS_MAX_BYTES) -> bool:
+        """Keep the identifiers the profile lists (`Part.identifiers`, of every part) within `budget` bytes as
+        stored: past it, those that fit in three quarters of it stay, the person's own before browser and
+        device ids (SHARED_IDENTIFIER_TYPES), each newest first, in memory as in the store (a reload lists what
+        the profile did), and the write counts "identifiers" (`take_trimmed`). True when any went.
+
+        The list is a view of identity's links, which keep them all: an event carrying only forgotten ones
+        goes to the root part (as one whose identifiers no part saw), an identifier seen again is listed
+        again, and the export and a deletion's count name what the profile lists. A deletion still removes
+        them all (the record goes whole; identity purges its links by person); a suppression hashes the
+        person's own identifiers, which go last."""
+        parts = self.parts
+        total = 0
+        for part in parts.values():
+            total += part.identifiers_stored_bytes()
+        if total <= budget:
+            return False
+        ranked = sorted(
+            (
+                (key.partition(":")[0] not in SHARED_IDENTIFIER_TYPES, at, key, origin)
+                for origin, part in parts.items()
+                for key, at in part.identifiers.items()
+            ),
+            reverse=True,
+        )
+        room = budget * 3 // 4
+        gone: dict[str, set[str]] = {}
+        dumps = orjson.dumps
+        for _own, at, key, origin in ranked:
+            room -= stored_size(dumps(key)) + len(dumps(at)) + 2  # each with its comma
+            if room < 0:
+                gone.setdefault(origin, set()).add(key)
+        for origin, keys in gone.items():
+            part = parts[origin]
+            part.identifiers = {key: at for key, at in part.identifiers.items() if key not in keys}
+        self._owners = None  # made again from what the parts list
+        self._count_trimmed("identifiers", 1)
+        return True
 
     def _count_trimmed(self, step: str, count: int) -> None:
         if count:
