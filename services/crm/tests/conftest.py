@@ -19,6 +19,7 @@ from cdp.orchestration.v1 import orchestration_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_crm import streams
+from cdp_crm.__main__ import HOLD_PAST_TIMEOUT
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.connectors import open_adapters
 from cdp_crm.delivery import HOLD_BACKOFF, Deliverer
@@ -105,8 +106,12 @@ class World:
             schemas = {c.id: await adapters[c.id].describe(sorted({m.object for m in c.mappings})) for c in connections}
             connections = parse_connections(document, {cid: schema for cid, schema in schemas.items() if schema})
         self.connections = connections
-        # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays.
-        budgets = {c.id: SharedBudget(self.store, c, margin=0.2) for c in connections}
+        # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays. A grant
+        # whose sender died (`abort`) is held as the process holds it: the request timeout and
+        # HOLD_PAST_TIMEOUT (the budget's own default, 120 s, stranded the whole of a small burst for
+        # longer than a test waits).
+        hold = request_timeout + HOLD_PAST_TIMEOUT
+        budgets = {c.id: SharedBudget(self.store, c, margin=0.2, hold=hold) for c in connections}
         deliverer = Deliverer(adapters, budgets, retry_for=retry_for, bulk_poll_seconds=0.02, hold_backoff=hold_backoff)
         self.logic = CrmLogic(self.store, connections, deliverer, refresh=refresh, identifiers=identifiers)
         spec = EngineSpec(

@@ -8,7 +8,7 @@ from collections import Counter
 
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.runs import Runs
-from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
+from cdp_crm.state import BUDGETS, DEAD_LETTERS, PENDING, RECORDS, RUNS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
 
@@ -212,6 +212,16 @@ async def _where_it_stands(world, emulator: HubSpotEmulator) -> str:
     values = Counter(r["properties"].get("cdp_churn_risk") for r in emulator.records("contacts"))
     states = Counter([r.doc.get("state") async for r in world.store.scan_all(RECORDS)])
     statuses = Counter(r.status for r in emulator.requests)
+    budgets = [
+        (
+            record.key,
+            sum(1 for grant in record.doc.get("grants", []) if grant[2]),  # open: their answers never came
+            (await budget.status(world.logic.deliverer.clock()))["burst_remaining"],
+        )
+        for record in [r async for r in world.store.scan_all(BUDGETS)]
+        for budget in world.logic.deliverer.budgets.values()
+        if budget.account == record.key
+    ]
     consumers = []
     for info in await world.bus.js.streams_info():
         for consumer in await world.bus.js.consumers_info(info.config.name):
@@ -222,6 +232,7 @@ async def _where_it_stands(world, emulator: HubSpotEmulator) -> str:
     return (
         f"contacts by churn {dict(values)}, records by state {dict(states)}, "
         f"pending {await world.store.count(PENDING)}, dead letters {await world.store.count(DEAD_LETTERS)}, "
-        f"requests by status {dict(statuses)}, consumers behind (name, pending, ack pending, redelivered) "
+        f"requests by status {dict(statuses)}, budgets (account, open grants, burst remaining) {budgets}, "
+        f"consumers behind (name, pending, ack pending, redelivered) "
         f"{sorted(consumers)}"
     )
