@@ -25,7 +25,7 @@ from cdp_crm.connectors import open_adapters
 from cdp_crm.delivery import HOLD_BACKOFF, Deliverer
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.engine import SERVICE, CrmLogic
-from cdp_crm.inbound import Collector
+from cdp_crm.inbound import Collector, HubSpotPoller
 from cdp_crm.state import prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, profiles_stream, segments_stream, subjects
@@ -161,6 +161,15 @@ class World:
         assert self.engine is not None
         self.engine.abort()
         self.engine = None
+
+    def hubspot_poller(self, collector) -> HubSpotPoller:
+        """The inbound reader of the started HubSpot connection's contacts, posting to `collector`, on a budget
+        of its own (the account's document in the store, shared with the engine's as in the process)."""
+        (connection,) = self.connections
+        return HubSpotPoller(
+            self.store, connection, self.session, TOKEN, SharedBudget(self.store, connection),
+            collector.client(self.session), objects=("contacts",),
+        )  # fmt: skip
 
     def partition(self, person: str) -> int:
         return partition_for(person, self.partitions)

@@ -18,14 +18,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.inbound import HubSpotPoller
 from cdp_crm.inbound.news import instant
 from cdp_crm.state import CURSORS, RECORDS, SYNCED
 from cdp_crm_emulators.hubspot import HubSpotEmulator
-
-from .conftest import TOKEN
 
 HS_KEY = record_key("hs/contacts", (("cdp_id", "person-1"),))
 
@@ -37,11 +34,7 @@ def _document(world) -> dict[str, Any]:
 
 
 def _poller(world, collector) -> HubSpotPoller:
-    (connection,) = world.connections
-    poller = HubSpotPoller(
-        world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-        collector.client(world.session), objects=("contacts",),
-    )  # fmt: skip
+    poller = world.hubspot_poller(collector)
     poller.read_first_fresh = 0.0
     return poller
 

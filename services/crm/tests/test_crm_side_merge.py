@@ -18,25 +18,13 @@ import pytest
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
-from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.coalesce import UPSERT, Change
-from cdp_crm.inbound import HubSpotPoller
 from cdp_crm.privacy import Privacy
 from cdp_crm.state import MERGED, PENDING, RECORDS
 from cdp_crm.writes import change_doc
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import subjects
 from cdp_kit.timestamps import from_seconds
-
-from .conftest import TOKEN
-
-
-def _poller(world, collector) -> HubSpotPoller:
-    (connection,) = world.connections
-    budget = SharedBudget(world.store, connection)
-    return HubSpotPoller(
-        world.store, connection, world.session, TOKEN, budget, collector.client(world.session), objects=("contacts",)
-    )
 
 
 def _beside(world, person: str) -> str:
@@ -62,7 +50,7 @@ async def test_a_contact_merged_into_another_persons_keeps_one_contact_and_claim
                               "person-b": {"traits.email": "ada@work.example"}})  # fmt: skip
         await world.eventually(lambda: len(emulator.records("contacts")) == 2)
         ada, work = (emulator.find("contacts", "cdp_id", p) for p in ("person-a", "person-b"))
-        poller = _poller(world, collector)
+        poller = world.hubspot_poller(collector)
         await poller.poll()
         assert collector.names() == []  # the connector's own contacts: no news
 
@@ -104,7 +92,7 @@ async def test_a_contact_merged_into_one_a_hubspot_user_made_is_written_there_af
         await world.eventually(lambda: emulator.find("contacts", "cdp_id", "person-b"))
         mine = emulator.find("contacts", "cdp_id", "person-b")
         theirs = emulator.user_create("contacts", {"email": "bo@work.example", "firstname": "Bo"})
-        poller = _poller(world, collector)
+        poller = world.hubspot_poller(collector)
         await poller.poll()
 
         emulator.clock.advance(1)
@@ -136,7 +124,7 @@ async def test_identity_merging_the_two_after_the_crm_did_keeps_the_one_contact_
                               "person-b": {"traits.email": "ada@work.example"}})  # fmt: skip
         await world.eventually(lambda: len(emulator.records("contacts")) == 2)
         ada, work = (emulator.find("contacts", "cdp_id", p) for p in ("person-a", "person-b"))
-        poller = _poller(world, collector)
+        poller = world.hubspot_poller(collector)
         await poller.poll()
         emulator.clock.advance(1)
         survivor = emulator.user_merge("contacts", ada["id"], work["id"])["id"]
@@ -178,7 +166,7 @@ async def test_erasing_the_merged_away_person_alone_leaves_the_other_persons_con
                               "person-b": {"traits.email": "ada@work.example"}})  # fmt: skip
         await world.eventually(lambda: len(emulator.records("contacts")) == 2)
         ada, work = (emulator.find("contacts", "cdp_id", p) for p in ("person-a", "person-b"))
-        poller = _poller(world, collector)
+        poller = world.hubspot_poller(collector)
         await poller.poll()
         emulator.clock.advance(1)
         survivor = emulator.user_merge("contacts", ada["id"], work["id"])["id"]
@@ -207,7 +195,7 @@ async def test_a_change_queued_before_the_merge_was_read_makes_no_contact_again(
                               "person-b": {"traits.email": "ada@work.example"}})  # fmt: skip
         await world.eventually(lambda: len(emulator.records("contacts")) == 2)
         ada, work = (emulator.find("contacts", "cdp_id", p) for p in ("person-a", "person-b"))
-        poller = _poller(world, collector)
+        poller = world.hubspot_poller(collector)
         await poller.poll()
         world._stop_retrier()  # the queued change stays queued until this test retries it
         (mine,) = [r for r in await world.store.find(RECORDS, "person_id", "person-b")]

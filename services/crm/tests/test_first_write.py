@@ -24,7 +24,7 @@ from cdp_crm.state import RECORDS, SYNCED
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 
-from .conftest import TOKEN, salesforce_contacts
+from .conftest import salesforce_contacts
 
 SF = {"SF_ID": "local-consumer-key", "SF_SECRET": "local-consumer-secret"}
 
@@ -55,11 +55,7 @@ async def _started(world, collector, contact) -> HubSpotPoller:
     the engine reading before each write; the rep's contact read once (created, identify: identity makes
     person-ada of it)."""
     await world.start(_document(world), identifiers=_identifiers(contact["id"]))
-    (connection,) = world.connections
-    poller = HubSpotPoller(
-        world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-        collector.client(world.session), objects=("contacts",),
-    )  # fmt: skip
+    poller = world.hubspot_poller(collector)
     poller.read_first_fresh = 0.0
     world.logic.inbound = {"hs": poller}
     assert await poller.poll() == 2

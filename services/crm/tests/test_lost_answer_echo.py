@@ -20,14 +20,14 @@ from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.export import export_person
-from cdp_crm.inbound import HubSpotPoller, Poller
+from cdp_crm.inbound import Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.state import PENDING, PENDING_STATE, RECORDS, SYNCED
 from cdp_crm.writes import SENT_KEPT, unconfirmed
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 
-from .conftest import TOKEN, eventually, salesforce_contacts
+from .conftest import eventually, salesforce_contacts
 
 HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "content-encoding"})
 
@@ -129,14 +129,6 @@ async def _synced(world, key: str, field: str, value: Any):
 # --- HubSpot ------------------------------------------------------------------------------------------
 
 
-def _hubspot_poller(world, collector) -> HubSpotPoller:
-    (connection,) = world.connections
-    return HubSpotPoller(
-        world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-        collector.client(world.session), objects=("contacts",),
-    )  # fmt: skip
-
-
 async def _hubspot_world(world_factory, hubspot, proxy):
     world = await world_factory(hubspot)
     document = world.document()
@@ -152,7 +144,7 @@ async def test_hubspot_a_write_whose_answer_was_lost_is_not_read_back_as_a_users
     async with HubSpotEmulator() as hubspot, LosingProxy(hubspot.base_url) as proxy:
         proxy.late = 2.5 if lost_by == "timeout" else 0.0  # the world's request timeout is 2 s
         world = await _hubspot_world(world_factory, hubspot, proxy)
-        poller = _hubspot_poller(world, collector)
+        poller = world.hubspot_poller(collector)
         key = record_key("hs/contacts", (("cdp_id", "person-1"),))
         await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
         await world.eventually(lambda: _synced(world, key, "firstname", "Ada"))
@@ -189,7 +181,7 @@ async def test_hubspot_a_write_whose_answer_was_lost_is_not_read_back_as_a_users
 async def test_hubspot_a_users_edit_while_a_write_is_queued_is_still_news(world_factory, collector):
     async with HubSpotEmulator() as hubspot, LosingProxy(hubspot.base_url) as proxy:
         world = await _hubspot_world(world_factory, hubspot, proxy)
-        poller = _hubspot_poller(world, collector)
+        poller = world.hubspot_poller(collector)
         key = record_key("hs/contacts", (("cdp_id", "person-1"),))
         await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
         await world.eventually(lambda: _synced(world, key, "firstname", "Ada"))
@@ -223,7 +215,7 @@ async def test_hubspot_a_contact_whose_creation_was_never_answered_does_not_echo
 ):
     async with HubSpotEmulator() as hubspot, LosingProxy(hubspot.base_url) as proxy:
         world = await _hubspot_world(world_factory, hubspot, proxy)
-        poller = _hubspot_poller(world, collector)
+        poller = world.hubspot_poller(collector)
         key = record_key("hs/contacts", (("cdp_id", "person-1"),))
         proxy.losing = True  # HubSpot creates the contact; the connector never learns its id
         await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})

@@ -13,7 +13,7 @@ from aiohttp import web
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
-from .test_lost_answer_echo import LosingProxy, _hubspot_poller, _synced
+from .test_lost_answer_echo import LosingProxy, _synced
 
 THROTTLED = {
     "status": "error",
@@ -53,7 +53,7 @@ async def test_hubspot_a_lost_write_retried_under_429s_is_not_read_back_as_a_use
         document["connections"][0]["url"] = proxy.url
         # Retries may go on for 25 s, as the process' 60 s default lets them.
         await world.start(document, retry_for=25.0, ack_wait=60.0)
-        poller = _hubspot_poller(world, collector)
+        poller = world.hubspot_poller(collector)
         key = record_key("hs/contacts", (("cdp_id", "person-1"),))
         await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
         await world.eventually(lambda: _synced(world, key, "firstname", "Ada"))
