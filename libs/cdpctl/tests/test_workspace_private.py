@@ -151,3 +151,51 @@ def test_a_connections_file_the_operator_edited_is_kept_at_the_next_start(tmp_pa
     write_service_files(ws, CRM, ports, kept)
     assert kept == [path] and path.read_text() == edited
     assert stat.S_IMODE(path.with_name(path.name + ".written").stat().st_mode) == 0o600
+
+
+def test_two_writers_of_one_file_at_once_each_leave_a_whole_file_and_no_staging_behind(tmp_path, loose_umask):
+    # `cdpctl up`'s supervisor and `cdpctl nats-rotate` both write run.json: staged under one shared name,
+    # one writer's rename could carry the other's half-written text into place.
+    import threading
+
+    from cdpctl.platform import write_private
+
+    target = tmp_path / "run.json"
+    texts = {name: name * 200_000 for name in ("a", "b")}  # large enough that the writes overlap
+    seen: set[str] = set()
+    failures: list[BaseException] = []
+
+    def writer(text: str) -> None:
+        try:
+            for _ in range(60):
+                write_private(target, text)
+                seen.add(target.read_text())
+        except BaseException as e:  # reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=writer, args=(text,)) for text in texts.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert seen <= set(texts.values()), "a reader saw a file neither writer wrote whole"
+    assert target.read_text() in texts.values()
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no staging file left
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_write_that_fails_leaves_the_file_as_it_was_and_no_staging_behind(tmp_path, monkeypatch):
+    from cdpctl import platform
+
+    target = tmp_path / "run.json"
+    platform.write_private(target, "before")
+
+    def refuse(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(platform.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        platform.write_private(target, "after")
+    assert target.read_text() == "before"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]

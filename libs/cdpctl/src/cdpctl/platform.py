@@ -32,6 +32,7 @@ import secrets
 import socket
 import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -338,17 +339,22 @@ def private_umask() -> Iterator[None]:
         os.umask(previous)
 
 
-def write_private(path: Path, text: str) -> None:
-    """`text` in `path`, readable by its owner only from the moment it exists (replaced in one rename)."""
-    staging = path.with_name(path.name + ".new")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: Path, content: str | bytes) -> None:
+    """`content` in `path`, readable by its owner only from the moment it exists (replaced in one rename).
+
+    Each write stages under a name of its own beside `path` (`<name>.<random>.new`, made owner-only by
+    `mkstemp`), so two writers of one file at once (`cdpctl up`'s supervisor and `cdpctl nats-rotate`
+    both write run.json) each rename a whole file into place - the last one wins, neither garbles the
+    other. A staging file never outlives a failed write; readers that list a folder skip `*.new`."""
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".new")
     try:
-        os.fchmod(fd, 0o600)  # a staging file left by a crash may have been made looser
-        with os.fdopen(fd, "w", closefd=False) as f:
-            f.write(text)
-    finally:
-        os.close(fd)
-    staging.replace(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
 
 
 @dataclass
@@ -470,10 +476,7 @@ class Workspace:
         _user, operator = read_credentials(self.nats_credentials_file(OPERATOR))
         text = authorization_config({**self.nats_users(), **(extra or {})}, operator_password=operator)
         self.nats_dir.mkdir(parents=True, exist_ok=True)
-        staging = self.nats_auth_file.with_suffix(".new")
-        staging.write_text(text)
-        staging.chmod(0o600)
-        staging.replace(self.nats_auth_file)
+        write_private(self.nats_auth_file, text)
 
     def nats_operator_url(self, url: str) -> str:
         """`url` with the operator's user and password: what run.json gives cdpctl and tests."""

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cdpctl.platform import write_private
 
 if TYPE_CHECKING:  # imported where used: every cdpctl command loads this module, few make certificates
     import ssl
@@ -78,16 +79,6 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Written owner-only from the first byte (a key never exists world-readable, even briefly)."""
-    staging = path.with_suffix(path.suffix + ".new")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(staging, 0o600)
-    staging.replace(path)
 
 
 def _still_good(path: Path, now: datetime.datetime) -> bool:
@@ -174,9 +165,9 @@ def ensure_certificates(root: Path, names: list[str] | tuple[str, ...]) -> None:
             .sign(ca_key, hashes.SHA256())
         )
         where = files(root, name)
-        _write_private(Path(where["key_file"]), _pem_key(key))
-        _write_private(Path(where["cert_file"]), cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+        write_private(Path(where["key_file"]), _pem_key(key))
+        write_private(Path(where["cert_file"]), cert.public_bytes(serialization.Encoding.PEM))
+    write_private(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
     # The CA's key is not kept: nothing signs again until the whole set is made anew.
 
 
