@@ -23,6 +23,7 @@ SIGKILL of the whole process group, so a failed test never leaves services behin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -118,12 +119,22 @@ class RunningPlatform:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        # Services run in sessions of their own: make sure none outlives a failed stop.
+        # Services run in sessions of their own: make sure none outlives a failed stop. Only a process of
+        # this platform (its environment names this workspace): after a clean stop a pid in run.json may
+        # already belong to another process (pids wrap every few minutes on a busy machine).
         for entry in [*self.run.get("services", {}).values(), *self.run.get("companions", {}).values()]:
-            try:
-                os.kill(entry["pid"], signal.SIGKILL)
-            except (ProcessLookupError, KeyError, PermissionError):
-                pass
+            pid = entry.get("pid")
+            if isinstance(pid, int) and self._is_ours(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _is_ours(self, pid: int) -> bool:
+        """Whether `pid` is a process this platform started: its environment carries this CDP_HOME."""
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            return False
+        return f"CDP_HOME={self.home}".encode() in environ.split(b"\0")
 
     def __enter__(self) -> RunningPlatform:
         return self.start()
