@@ -25,10 +25,12 @@ https://developers.hubspot.com/changelog/crm-search-api-rate-limit-increase, whi
 keeps a connection's searches to it - the inbound reader's polling and this adapter's erasure lookups share
 one, and the inbound side never takes more than `INBOUND_SHARE` of it, so a read paging through the
 connector's own writes leaves the rest to the lookups (and a 429 ``SECONDLY`` is not the way either finds
-out). Per process: an erasure running in another replica than the connection's inbound reader has a pace
-of its own, and the two together may go over the limit: HubSpot answers 429 ``SECONDLY``, a lookup so
-refused is unanswered (None: the erasure asks again) and the reader sends its search again a second later
-(inbound/hubspot.py).
+out). A search leaves in its slot or a little after it (`LATE`): one later than that - a stalled event
+loop, the reader's wait for the account's budget - takes a new slot rather than bunch with the next, and
+the slots are spaced for that tolerance (0.2625 s apart, not 0.25: `SearchPace`). Per process: an erasure
+running in another replica than the connection's inbound reader has a pace of its own, and the two
+together may go over the limit: HubSpot answers 429 ``SECONDLY``, a lookup so refused is unanswered (None:
+the erasure asks again) and the reader sends its search again a second later (inbound/hubspot.py).
 """
 
 from __future__ import annotations
@@ -61,58 +63,95 @@ from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
 
 BATCH_LIMIT = 100
 SEARCHES_PER_SECOND = 4.0  # HubSpot's CRM search limit per token (the module docstring cites it)
-INBOUND_SHARE = 0.5  # of it, at most, for the inbound reader's searches: 2 a second
+INBOUND_SHARE = 0.5  # of it, at most, for the inbound reader's searches: 1.9 a second (0.525 s apart)
+# How late after its slot a search may still leave (SearchPace.leave), and so what the spacing leaves room
+# for: well above a loaded machine's delay between a slot and the send (a wake-up, the reader's budget
+# write: at most 11 ms measured with two cores at a load average of 15-21), so a search on time is not sent
+# back a whole spacing for a new slot; small enough that the room costs 5% of the limit (3.8 a second).
+LATE = 0.05
 PLACEHOLDER = "(deleted)"  # privacy.PLACEHOLDER: what an anonymised record holds in place of a text naming the person
 API = "https://api.hubapi.com"
 
 
 class SearchPace:
-    """One token's CRM searches, spaced to HubSpot's search limit (`per_second`: a search at least
-    1/`per_second` from any other), the inbound reader's (`inbound=True`) at most `inbound_share` of it
-    (each at least 1/(`per_second` x `inbound_share`) after the inbound one before). A search reserves the
-    earliest free slot at once (nothing awaited between reading and reserving, so two never take one
-    slot); an inbound search waiting for its share's slot does not hold the slots before it, so however
-    long a read pages through the connector's own writes, the other searches (an erasure's lookups) keep
-    the rest of the limit. A search that is not sent gives its slot back: one cancelled while it waits
-    for its slot (a stopping poller, an erasure's deadline), or whose caller `give_back`s it (cancelled
-    or failed after taking it, before sending: the reader waits for the account's budget in between) -
-    else the next search would wait out a slot nobody searched in (an inbound one a whole share's spacing
-    more). Searches already waiting keep their slots. Per process: a connection's inbound reader runs in
-    one replica (the partition's owner)."""
+    """One token's CRM searches, spaced to HubSpot's search limit (`per_second`: a search at least `spacing`
+    from any other), the inbound reader's (`inbound=True`) at most `inbound_share` of it (each at least
+    `spacing` / `inbound_share` after the inbound one before). A search reserves the earliest free slot at
+    once (nothing awaited between reading and reserving, so two never take one slot); an inbound search
+    waiting for its share's slot does not hold the slots before it, so however long a read pages through
+    the connector's own writes, the other searches (an erasure's lookups) keep the rest of the limit.
+
+    A search leaves in its slot or at most `late` after it: about to be sent (`leave`; `take` does it as
+    its wait ends), one later than that - its wait woke late (a stalled event loop), or the reader waited
+    for the account's budget after taking the slot - gives the slot back and takes a new one, spaced from
+    the searches that did leave. Else a late search bunches with the next ones on time: HubSpot counts
+    the searches arriving within a second of one (a window opening at an arrival), and a stall of half a
+    second put six of slots 0.25 s apart into one. The spacing leaves room for the tolerance: the slots of
+    any `per_second` + 1 searches span at least `per_second` spacings, the first slot to the last; each
+    arriving between its slot and `late` after it, the last to arrive comes at least that span less `late`
+    after the first, `per_second` x `spacing` - `late`. With `spacing` = (1 + `late`) / `per_second` that is
+    a second or more, so no window opening at an arrival holds more than `per_second` searches (four a
+    second, `late` 0.05 s: 0.2625 s apart, 4 x 0.2625 - 0.05 = 1). What happens after `leave` - the
+    request's way to HubSpot - the pace does not see.
+
+    A search that is not sent gives its slot back: one cancelled while it waits for its slot (a stopping
+    poller, an erasure's deadline), or whose caller `give_back`s it (cancelled or failed after taking it,
+    before sending: the reader waits for the account's budget in between) - else the next search would
+    wait out a slot nobody searched in (an inbound one a whole share's spacing more). Searches already
+    waiting keep their slots. Per process: a connection's inbound reader runs in one replica (the
+    partition's owner)."""
 
     def __init__(
         self,
         per_second: float = SEARCHES_PER_SECOND,
         inbound_share: float = INBOUND_SHARE,
         *,
+        late: float = LATE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
-        self.spacing = 1.0 / per_second
+        self.late = late
+        self.spacing = (1.0 + late) / per_second
         self.inbound_spacing = self.spacing / inbound_share
         self._slots: list[float] = []  # times (on `clock`) of the searches sent or reserved, ascending
         self._inbound: list[float] = []  # those of the inbound ones, ascending: the last spaces the next
 
-    async def take(self, *, inbound: bool) -> float:
-        """Wait for this search's slot; the slot (on `clock`). Cancelled while waiting, the slot is free
-        again."""
+    def reserve(self, *, inbound: bool) -> float:
+        """The earliest free slot (on `clock`), reserved for this search: `take` waits for it."""
         now = self.clock()
         self._slots = [s for s in self._slots if s > now - self.spacing]
         self._inbound = [s for s in self._inbound if s > now - self.inbound_spacing]
         at = max(now, self._inbound[-1] + self.inbound_spacing) if inbound and self._inbound else now
         for slot in self._slots:  # ascending: `at` only moves on, past each slot too close to it
-            if abs(slot - at) < self.spacing:
+            # (a nanosecond's grace: a free slot between two a share's spacing apart is a spacing from each
+            # but for float rounding - 100.21 - 100.105 < 0.105 -, and the lookup would go after both)
+            if abs(slot - at) < self.spacing - 1e-9:
                 at = slot + self.spacing
         bisect.insort(self._slots, at)
         if inbound:
             bisect.insort(self._inbound, at)
-        if at > now:
-            try:
-                await asyncio.sleep(at - now)
-            except asyncio.CancelledError:
-                self.give_back(at, inbound=inbound)
-                raise
         return at
+
+    async def take(self, *, inbound: bool) -> float:
+        """Wait for this search's slot; the slot (on `clock`) it leaves in (`leave`: a new one when the wait
+        ended more than `late` after it). Cancelled while waiting, the slot is free again."""
+        slot = self.reserve(inbound=inbound)
+        wait = slot - self.clock()
+        if wait > 0:
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self.give_back(slot, inbound=inbound)
+                raise
+        return await self.leave(slot, inbound=inbound)
+
+    async def leave(self, slot: float, *, inbound: bool) -> float:
+        """Just before the search is sent: `slot` (as `take` returned it) when it is at most `late` past,
+        else it is given back and a new one taken (waited for). The slot the search leaves in."""
+        if self.clock() - slot <= self.late:
+            return slot
+        self.give_back(slot, inbound=inbound)
+        return await self.take(inbound=inbound)
 
     def give_back(self, slot: float, *, inbound: bool) -> None:
         """`slot` (as `take` returned it) was not searched in: the next search may take it."""
@@ -154,7 +193,7 @@ class HubSpotAdapter:
 
     async def _call(self, method: str, path: str, body: Any, what: str) -> Answer:
         if path.endswith("/search"):
-            await self.searches.take(inbound=False)
+            await self.searches.take(inbound=False)  # its slot, or a new one when the wait for it woke late
         return await exchange(
             self._session, method, self._base + path, json=body, headers=self._headers, timeout=self._timeout, what=what
         )

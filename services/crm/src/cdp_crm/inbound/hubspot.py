@@ -179,7 +179,7 @@ class HubSpotReader:
             slot = None
             if search:
                 # HubSpot's search limit, apart from the burst budget: the slot first, so no unit of the
-                # budget is held while it comes (a search sent later than its slot is still within it).
+                # budget is held while it comes.
                 slot = await self.searches.take(inbound=True)
             try:
                 reservation = await self.budget.acquire(1, self.clock)
@@ -187,6 +187,15 @@ class HubSpotReader:
                 if slot is not None:
                     self.searches.give_back(slot, inbound=True)
                 raise
+            if slot is not None:
+                # The budget's wait (a Retry-After, a full window; a store write at least) may have outlasted
+                # the slot: later than the pace allows, the search takes a new one, the budget's unit held
+                # meanwhile (a spacing or two) - asked for again, it could be late again.
+                try:
+                    await self.searches.leave(slot, inbound=True)
+                except BaseException:  # cancelled waiting for the new slot (given back): not searched
+                    await self.budget.refund(reservation, self.clock())
+                    raise
             answer = await exchange(
                 self.session, method, self.base + path, json=body, headers=self.headers, timeout=self.timeout, what=what
             )
