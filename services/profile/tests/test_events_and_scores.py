@@ -19,7 +19,7 @@ from cdp_profile.records import CHECKPOINTS, SCORES
 from cdp_profile.stream import partitioned_engines
 from cdp_testing.fakes import T0, Clock
 from cdp_testing.metrics import MetricsCapture
-from cdp_testing.streams import stream_messages
+from cdp_testing.streams import settled_consumer, stream_messages
 
 
 def order(message_id: str, person: str) -> events_pb2.ResolvedEvent:
@@ -104,5 +104,5 @@ async def test_events_and_scores_of_a_partition_land_with_their_own_checkpoints_
         assert await store.count("profile-scores_engine_outbox") == 0
         assert await store.count("profile_engine_outbox") == 0
         for stream, durable in (("EVENTS_RESOLVED", "profile-p0"), ("SCORES", "profile-scores-p0")):
-            info = await bus.js.consumer_info(stream, durable)
+            info = await settled_consumer(bus.js, stream, durable)  # acks counted a moment after the stop
             assert info.num_ack_pending == 0 and info.num_pending == 0, durable

@@ -27,6 +27,7 @@ from cdp_scoring.engine import CHECKPOINTS, SNAPSHOTS, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
 from cdp_scoring.stream import scoring_stream
 from cdp_testing.onnx_models import logistic_model
+from cdp_testing.streams import settled_consumer
 
 PARTITIONS = 4
 PERSONS = [f"p_{i:03d}" for i in range(16)]
@@ -91,7 +92,8 @@ async def test_partitions_released_together_drain_at_once_and_still_snapshot(nat
             for p, seq in last.items():
                 snapshot = await store.get(SNAPSHOTS, subjects.profiles_changed(p))
                 assert snapshot is not None and snapshot.doc["stream_seq"] == seq, p
-                info = await bus.js.consumer_info(subjects.PROFILES, subjects.partition_durable("scoring", p))
+                # Acknowledged before the stop returned; the server counts acks a moment later.
+                info = await settled_consumer(bus.js, subjects.PROFILES, subjects.partition_durable("scoring", p))
                 assert info.ack_floor.stream_seq == seq and not info.num_ack_pending
             assert not engine.ready and not engine.fields
             assert {record.key async for record in store.scan_all("scoring_fields")} == set(PERSONS)

@@ -9,7 +9,7 @@ from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, event
 from cdp_kit.bus import consumer as consumer_module
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_testing.metrics import MetricsCapture
-from cdp_testing.streams import next_dead_letters
+from cdp_testing.streams import next_dead_letters, settled_consumer
 
 
 @pytest.fixture
@@ -434,7 +434,7 @@ async def test_a_consumer_deleted_under_a_running_runner_is_created_again_and_mi
         await until(lambda: len(seen) == 9)  # 0-2 again, from the recreated consumer's start
         await stop(task)
         assert seen == [0, 1, 2, 0, 1, 2, 3, 4, 5]
-        info = await bus.js.consumer_info("EVENTS_RAW", "t")
+        info = await settled_consumer(bus.js, "EVENTS_RAW", "t")  # acks counted a moment after the stop
         assert info.config.deliver_policy == api.DeliverPolicy.ALL
         assert info.config.max_deliver == runner.spec.max_deliver and info.config.filter_subject == "events.raw.>"
         assert info.num_ack_pending == 0 and info.num_pending == 0

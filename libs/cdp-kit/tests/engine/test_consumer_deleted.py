@@ -7,6 +7,8 @@ from engine_toy import CheckedStore, applied, engine, publish_inputs, until
 from nats.js import api
 from test_pipeline import all_applied, run, stop
 
+from cdp_testing.streams import settled_consumer
+
 
 async def test_a_deleted_partition_consumer_is_created_again_at_the_checkpoint(bus, caplog):
     positions: dict = {}
@@ -30,7 +32,7 @@ async def test_a_deleted_partition_consumer_is_created_again_at_the_checkpoint(b
     assert await applied(store) == {k: [i for i, kk in zip(ids, keys, strict=True) if kk == k] for k in set(keys)}
     assert not store.violations
     assert pipeline.runner.recreated == 1
-    info = await bus.js.consumer_info("TOYIN", "toy-p0")
+    info = await settled_consumer(bus.js, "TOYIN", "toy-p0")  # acks counted a moment after the stop
     # Not from the stream's start: nothing up to the checkpoint needs reading again.
     assert info.config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE
     assert info.config.opt_start_seq == checkpoint + 1

@@ -9,6 +9,8 @@ the last sequence `stream_info` reported then.
 
 from __future__ import annotations
 
+import asyncio
+
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -65,3 +67,20 @@ async def next_dead_letters(js: JetStreamContext, expected: int, *, timeout: flo
     while len(got) < expected:
         got += await subscription.fetch(expected - len(got), timeout=timeout)
     return got
+
+
+async def settled_consumer(js: JetStreamContext, stream: str, durable: str, *, timeout: float = 5.0):
+    """The consumer's info once the server counts nothing of it pending (nothing delivered and unacknowledged,
+    nothing undelivered), or as it stands after `timeout`: the caller asserts what it expects of it.
+
+    For a read right after a consumer's stop: every batch was acknowledged before the stop returned, but
+    nats-server queues an acknowledgement for the consumer's own goroutine and answers consumer info from
+    another, so an info asked at once (even on the connection that sent the acknowledgement, so after it)
+    can still count the last batch as pending for some milliseconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        info = await js.consumer_info(stream, durable)
+        if (info.num_ack_pending == 0 and info.num_pending == 0) or loop.time() >= deadline:
+            return info
+        await asyncio.sleep(0.02)
