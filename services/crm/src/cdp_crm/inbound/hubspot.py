@@ -4,7 +4,8 @@ once when a signed HubSpot webhook (v3: contact.propertyChange, deal.propertyCha
 says something changed (`HubSpotWebhooks`: then only the objects the notification names are read). Every
 request is reserved from the account's shared budget first; HubSpot's search limit (four a second per
 token) is kept apart from it, by the token's `SearchPace` (adapters/hubspot.py), which this reader shares
-with the outbound adapter's erasure lookups and of which it takes at most half: two searches a second.
+with the outbound adapter's erasure lookups and of which it takes at most half: 1.9 searches a second
+(0.525 s apart).
 
 Most of what a busy read pages through is the connector's own writes read back (their modification date
 moved; news.py tells them from a CRM user's edits by value and posts nothing for them): HubSpot's search
