@@ -42,7 +42,8 @@ class OneWriter(Ownership):
 
     `become_writer()` is awaited before the first partition starts (drop stale state); `stop_writing()`
     when the lease goes, before the partitions drain (refuse new API writes, let the queued ones land).
-    The lease is freed after both."""
+    The lease is freed after both. A release cut short (cancelled: the lease was lost) stops every
+    partition all the same, wherever the cut found it."""
 
     def __init__(
         self,
@@ -90,7 +91,23 @@ class OneWriter(Ownership):
         if lease != WRITER_LEASE:
             return
         log.info("identity writer lease released: draining every partition", extra={"partitions": self.partitions})
-        await self._stop_writing()
         partitions = sorted(self._owned)
         self._owned = frozenset()
-        await asyncio.gather(*(self._on_release(p) for p in partitions))  # all drain at once
+        releases: list[asyncio.Future[None]] = []
+        try:
+            await self._stop_writing()
+            releases = [asyncio.ensure_future(self._on_release(p)) for p in partitions]
+            await asyncio.gather(*releases)  # all drain at once; a cut cancels each
+        except asyncio.CancelledError:
+            # Cut (the lease was lost before this release ended: `cdp_kit.ownership.leased`) while the queued
+            # writes landed: every partition is still released, and cut at once - each stops fetching and is
+            # aborted as a crash would abort it. Left alone they worked on without the lease, on after another
+            # replica took it (two writers). Each release begins before it is cancelled: a cancelled one that
+            # never ran would leave its partition draining, not aborted.
+            if not releases:
+                releases = [asyncio.ensure_future(self._on_release(p)) for p in partitions]
+                await asyncio.sleep(0)
+                for release in releases:
+                    release.cancel()
+                await asyncio.wait(releases)
+            raise
