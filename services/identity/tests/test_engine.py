@@ -440,3 +440,25 @@ async def test_an_event_dated_in_the_future_is_placed_at_its_arrival(engine):
     assert engine.graph.identifiers["anonymous_id:a-future"].first_seen == received_ms
     past_person = engine.graph.persons[engine.graph.person_of("user_id:u-past")]
     assert past_person.created_at == received_ms - 86_400_000
+
+
+async def test_a_writer_stopping_while_an_operation_holds_the_lock_refuses_at_once_even_if_the_stop_is_cut():
+    """The lease is going (`stop_writing`) while an API operation holds the lock: operations asked from then
+    on are refused as a standby's, and if the stop is cut while it waits for the lock (the lease lost before
+    the release ended: it is cancelled), the replica still refuses - it never answers as the writer without
+    the lease. Before: the flag was cleared only once the lock was taken, so a cut left it the writer."""
+    async with open_store("memory://") as store:
+        engine = IdentityEngine(
+            MergeRules.default(), store, RecordingPublisher(), partitions=1, telemetry=quiet_telemetry()
+        )
+        await engine.start()
+        assert engine.writer
+        async with engine.lock:  # an operation under way
+            stopping = asyncio.create_task(engine.stop_writing())
+            await asyncio.sleep(0.01)  # the stop waits for the lock
+            assert not stopping.done()
+            stopping.cancel()  # the cut
+            with pytest.raises(asyncio.CancelledError):
+                await stopping
+        with pytest.raises(Unavailable, match="standby"):
+            await engine.resolve([("user_id", "u9")], request_id="r9", at=1_000)

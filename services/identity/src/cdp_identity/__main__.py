@@ -121,6 +121,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         await runtime.grpc.set_ready(api_name, True)
 
     async def stop_writing() -> None:
+        # Refused before anything is awaited: the release may be cut at any await (the lease lost).
+        engine.writer = False
         await runtime.grpc.set_ready(api_name, False)
         await engine.stop_writing()
 

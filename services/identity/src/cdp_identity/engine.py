@@ -1113,9 +1113,15 @@ class IdentityEngine:
             log.warning("identity notifications left by the previous writer not yet published: %s", exc.message)
 
     async def stop_writing(self) -> None:
-        """The writer lease is going: refuse API operations from now on, and let the queued writes land."""
-        async with self.lock:
-            self.writer = False
+        """The writer lease is going: refuse API operations from now on, and let the queued writes land.
+
+        Refused at once, before the lock: an operation waiting for it refuses when it gets it
+        (`_require_writer`), and a cut of this call (the lease lost: the release cancelled) while an
+        operation under way holds the lock leaves the replica refusing, not answering as the writer
+        without the lease."""
+        self.writer = False
+        async with self.lock:  # the operation under way (past `_require_writer`) ends first
+            pass
         await self.chain.settle()
 
     # --- notifications ----------------------------------------------------------------------------
