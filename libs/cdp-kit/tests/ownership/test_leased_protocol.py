@@ -113,3 +113,54 @@ async def test_each_member_knows_who_holds_a_partition_so_a_request_can_be_forwa
     await first._round()
     assert {first.holder(p) for p in gone} <= {None, "identity-0"}
     await first.stop()
+
+
+class SlowStore(MemoryStore):
+    """Every read and write answers `delay` seconds late: a store that is healthy, only slow (a loaded API
+    server, a distant NATS)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def members(self):
+        await asyncio.sleep(self.delay)
+        return await super().members()
+
+    async def heartbeat(self, identity):
+        await asyncio.sleep(self.delay)
+        await super().heartbeat(identity)
+
+    async def leases(self):
+        await asyncio.sleep(self.delay)
+        return await super().leases()
+
+    async def write(self, partition, holder, expected):
+        await asyncio.sleep(self.delay)
+        return await super().write(partition, holder, expected)
+
+
+async def test_a_member_whose_rounds_take_a_while_keeps_its_leases_without_fencing():
+    """Rounds are `interval` apart from start to start, so a round's own time is not taken out of the margin
+    between a renewal and the fence (TTL/6) twice. A round here takes ~0.36 s (a heartbeat, two reads and a
+    renewal of 0.09 s each) against an interval of 1 s and a fence 1.5 s after a renewal's round began:
+    spaced `interval` after each round's end, the next round began 1.36 s after the last renewal's, with
+    0.14 s left before the fence for a round of 0.36 s, was cut, and the member fenced itself at every other
+    round, its partition going and coming back for as long as the store stayed that slow. Now the next round
+    begins 1 s after the last, 0.14 s to spare. (A single round longer than TTL/6 still fences: it must
+    renew before the fence.)"""
+    store = SlowStore(delay=0.09)
+    member = LeasedOwnership(store, partitions=1, identity="identity-0", ttl=3.0)
+    moves: list[str] = []
+    await member.start(on_acquire=lambda p: _noted(moves, f"+{p}"), on_release=lambda p: _noted(moves, f"-{p}"))
+    try:
+        assert member.owned() == {0}
+        await asyncio.sleep(3.5)  # three rounds after the first
+        assert moves == ["+0"], f"the partition went and came back: {moves}"
+        assert member.owned() == {0}
+    finally:
+        await member.stop()
+
+
+async def _noted(moves: list[str], move: str) -> None:
+    moves.append(move)

@@ -1,6 +1,6 @@
 """The hand-off protocol over a lease store: membership, one lease per partition, release before transfer.
 
-Every `interval` (a third of the TTL) a member
+Every `interval` (a third of the TTL, from one round's start to the next's) a member
 
 1. heartbeats its own member record;
 2. reads the member records and the partition leases; a record is *live* while its revision keeps
@@ -145,6 +145,7 @@ class LeasedOwnership(Ownership):
         self._cuts: dict[int, asyncio.Timeout] = {}
         self._callbacks: dict[int, asyncio.Task[None]] = {}  # per partition: the last callback chain
         self._renewed_at: float | None = None  # clock at the start of the last round that renewed all
+        self._round_started: float | None = None  # clock at the start of the last round (the next is due `interval` on)
         self._watchers: list[asyncio.Queue[frozenset[int]]] = []
         self._lock = asyncio.Lock()  # store writes of this member are serialised
         self._on_acquire: PartitionCallback = noop
@@ -248,8 +249,16 @@ class LeasedOwnership(Ownership):
             # waited for the task with it: an event loop's teardown after a failed test, which cancels
             # each task once (a hang of the kit's ownership tests).
             raise_if_cancelling(me)
+            # Rounds `interval` apart from start to start: a round's own time comes out of the wait before
+            # the next one, not out of the fence's margin. Renewals count from their round's start (TTL/2 to
+            # the fence, TTL/3 between rounds): waiting `interval` after each round's end, two rounds' time
+            # (heartbeat, reads, a partition's start) came out of the TTL/6 between a renewal and the fence,
+            # and a loaded member fenced itself over rounds of ~0.1 s each at the tests' TTLs.
+            wait = self.interval
+            if self._round_started is not None:
+                wait = max(0.0, self._round_started + self.interval - self._clock())
             left = self._until_fence()
-            await asyncio.sleep(self.interval if left is None else max(0.0, min(self.interval, left)))
+            await asyncio.sleep(wait if left is None else max(0.0, min(wait, left)))
             self._in_round = True
             try:
                 await self._round_safely()
@@ -276,7 +285,7 @@ class LeasedOwnership(Ownership):
         self._fence_if_stale()
 
     async def _round(self) -> None:
-        started = self._clock()
+        started = self._round_started = self._clock()
         await self.store.heartbeat(self.identity)
         records = await self.store.members()
         live = {m for m, revision in records.items() if self._observed.age(("member", m), revision) < self.ttl}
