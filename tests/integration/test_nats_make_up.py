@@ -45,6 +45,28 @@ def connections(platform: RunningPlatform) -> dict[str, str]:
     return {c.get("name", ""): c.get("authorized_user", "") for c in found}
 
 
+def connection_details(platform: RunningPlatform) -> list[tuple]:
+    """Every client connection as (cid, name, user, start, last activity): names and users, no secrets."""
+    with urllib.request.urlopen(f"{platform.run['nats_monitor']}/connz?auth=true&limit=1024", timeout=5) as reply:
+        found = json.loads(reply.read())["connections"]
+    return [
+        (c.get("cid"), c.get("name"), c.get("authorized_user"), c.get("start"), c.get("last_activity")) for c in found
+    ]
+
+
+def _stamp(path: Path) -> tuple[int, int] | str:
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        return type(exc).__name__
+    return stat.st_mtime_ns, stat.st_ino
+
+
+def _log_tail(platform: RunningPlatform, service: str, lines: int = 15) -> str:
+    log = platform.home / "logs" / f"{service}.log"
+    return "\n".join(log.read_text().splitlines()[-lines:]) if log.exists() else "(no log)"
+
+
 def violations(platform: RunningPlatform) -> list[str]:
     log = platform.home / "nats" / "nats-server.log"
     return [line for line in log.read_text().splitlines() if " Violation - Subject " in line]
@@ -128,7 +150,16 @@ async def test_a_service_cannot_publish_what_another_owns(platform):
 @pytest.mark.timeout(120)
 def test_rotated_nats_credentials_take_effect_without_a_restart(platform):
     pid = platform.service("profile")["pid"]
-    cdpctl(platform, "nats-rotate", "profile")
+    rotated = platform.cdpctl("nats-rotate", "profile")
+    # (It failed once in a fresh-clone run: the profile service logged nothing in the 30 s, not even that its
+    # credentials file changed. Should it fail again, this says which connections still used the old user
+    # and what the service logged.)
+    assert rotated.returncode == 0, (
+        f"cdpctl nats-rotate profile: {rotated.stdout}\n{rotated.stderr}\n"
+        f"connections (cid, name, user, start, last activity): {connection_details(platform)}\n"
+        f"profile's credentials file: {_stamp(platform.home / 'secrets' / 'nats' / 'profile.json')}\n"
+        f"profile's log, last lines:\n{_log_tail(platform, 'profile')}"
+    )
     assert connections(platform)["profile"] == "profile.2"
     # The profile service still consumes and publishes: a new person's profile is built.
     cdpctl(platform, "send", "identify", "--user-id", "eve", "--traits", '{"first_name": "Eve"}')
