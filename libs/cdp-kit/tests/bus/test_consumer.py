@@ -36,19 +36,6 @@ async def until(predicate, timeout=10.0):
         await asyncio.sleep(0.02)
 
 
-async def acknowledged_up_to(bus, last_seq, timeout=5.0):
-    """The consumer's state once the server has applied its acknowledgements up to `last_seq` (or when
-    `timeout` ran out). nats-server queues an acknowledgement for the consumer's own goroutine and answers
-    consumer info from another: asked right after a stop, even on the connection that sent the last
-    acknowledgement (so after it), the info can still count that batch as pending."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        info = await bus.js.consumer_info("EVENTS_RAW", "t")
-        if (info.ack_floor.stream_seq or 0) >= last_seq or asyncio.get_running_loop().time() >= deadline:
-            return info
-        await asyncio.sleep(0.02)
-
-
 async def dead_letters(bus, expected):
     return await next_dead_letters(bus.js, expected)
 
@@ -75,7 +62,7 @@ async def test_handles_every_message_in_order_and_acks(bus):
     await until(lambda: len(seen) == 500)
     assert seen == list(range(500))
     await stop(task)
-    info = await acknowledged_up_to(bus, 500)  # the server may count the last batch's acks a moment later
+    info = await settled_consumer(bus.js, "EVENTS_RAW", "t")  # the server may count the last acks a moment later
     settled = (info.ack_floor.stream_seq, info.num_ack_pending, info.num_pending)
     assert settled == (500, 0, 0), f"consumer after the stop (ack floor, unacknowledged, undelivered): {settled}"
 
@@ -228,7 +215,7 @@ async def test_an_ordered_consumer_retries_a_failing_batch_before_anything_newer
     assert failures == [0]  # the batch with 10 failed twice, and was retried until it went through
     assert handled == list(range(40))
     # Every batch was acknowledged before the stop; the server may count the last one a moment later.
-    info = await acknowledged_up_to(bus, 40)
+    info = await settled_consumer(bus.js, "EVENTS_RAW", "t")
     settled = (info.ack_floor.stream_seq, info.num_ack_pending, info.num_pending)
     assert settled == (40, 0, 0), f"consumer after the stop (ack floor, unacknowledged, undelivered): {settled}"
 
