@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 
 from test_leased_protocol import MemoryStore
@@ -97,3 +98,98 @@ async def test_a_release_under_way_is_cut_at_once_when_another_member_holds_the_
     await asyncio.wait_for(stopping, 2 * ttl)
     assert drain.cut_at is not None and drain.cut_at - taken < ttl / 3 + 0.5
     assert store.lease_records[0].holder == "identity-1", "a cut release frees nothing"
+
+
+async def test_a_member_that_fenced_frees_its_leases_when_it_stops():
+    """A fence lets go of the leases without freeing them (the store cannot be reached). Stopped after the
+    store came back and before a round took them again, the member left them in its name, and the next
+    owner waited out the TTL; now the stop frees them once every release has ended."""
+    ttl = 3.0
+    store, released = CutOffStore(), asyncio.Event()
+
+    async def on_release(p):
+        released.set()
+
+    member = LeasedOwnership(store, partitions=2, identity="identity-0", ttl=ttl)
+    await member.start(on_release=on_release)
+    assert member.owned() == {0, 1}
+    store.cut = True
+    await asyncio.wait_for(released.wait(), ttl)  # fenced: released, nothing freed
+    member._task.cancel()  # no round takes them back before the stop
+    await asyncio.gather(member._task, return_exceptions=True)
+    assert {p: lease.holder for p, lease in store.lease_records.items()} == {0: "identity-0", 1: "identity-0"}
+    store.cut = False
+    await member.stop()
+    assert {p: lease.holder for p, lease in store.lease_records.items()} == {0: "", 1: ""}
+    assert store.member_records == {}
+
+
+async def test_a_stopping_member_frees_no_lease_another_took_after_its_fence():
+    ttl = 3.0
+    store, released = CutOffStore(), asyncio.Event()
+
+    async def on_release(p):
+        released.set()
+
+    member = LeasedOwnership(store, partitions=1, identity="identity-0", ttl=ttl)
+    await member.start(on_release=on_release)
+    store.cut = True
+    await asyncio.wait_for(released.wait(), ttl)
+    member._task.cancel()
+    await asyncio.gather(member._task, return_exceptions=True)
+    store.cut = False
+    store.lease_records[0] = Lease("identity-1", next(store.revisions))  # taken after the TTL
+    await member.stop()
+    assert store.lease_records[0].holder == "identity-1"
+
+
+async def test_a_stopping_member_renews_on_the_rounds_schedule_while_it_drains():
+    """The stop renews the leases of the partitions still draining `interval` after the last round's start,
+    as the rounds would: it waited a whole interval from the stop itself, so a stop late in an interval
+    renewed up to two intervals after the last renewal, past the member's fence (half the TTL)."""
+    ttl = 3.0  # interval 1 s, fence 1.5 s
+
+    class Noted(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.renewals: list[float] = []
+            self.renewed = asyncio.Event()
+
+        async def write(self, partition, holder, expected):
+            if expected is not None and holder == expected.holder:
+                self.renewals.append(time.monotonic())
+                self.renewed.set()
+            return await super().write(partition, holder, expected)
+
+    store = Noted()
+
+    async def on_release(p):
+        await asyncio.sleep(2.0)  # a long drain
+
+    member = LeasedOwnership(store, partitions=1, identity="identity-0", ttl=ttl)
+    await member.start(on_release=on_release)
+    # Just after a round (its renewal), then late in the interval that follows it.
+    await asyncio.wait_for(store.renewed.wait(), ttl)
+    last_round = member._round_started
+    await asyncio.sleep(0.8 - (time.monotonic() - last_round))
+    await member.stop()
+    renewed = [last_round, *(t for t in store.renewals if t > last_round)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(renewed)]
+    assert len(gaps) >= 2 and max(gaps) < member.fence, f"renewals {gaps} s apart (the fence: {member.fence} s)"
+    assert store.lease_records[0].holder == ""
+
+
+async def test_a_stopping_member_leaves_a_cut_releases_lease_to_expire():
+    """A release cut short may still have a write landing (a group commit shared with other partitions
+    finishes what it holds): its lease is not freed early; the next owner waits out the TTL."""
+    ttl = 3.0
+    store, drain = CutOffStore(), Drain()
+    member = LeasedOwnership(store, partitions=1, identity="identity-0", ttl=ttl)
+    await member.start(on_release=drain.on_release)
+    store.cut = True
+    await asyncio.wait_for(drain.cut.wait(), 2 * ttl)  # fenced, then cut
+    member._task.cancel()
+    await asyncio.gather(member._task, return_exceptions=True)
+    store.cut = False
+    await member.stop()
+    assert store.lease_records[0].holder == "identity-0"

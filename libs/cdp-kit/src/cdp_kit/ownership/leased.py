@@ -37,7 +37,9 @@ Invariants:
   identity (a StatefulSet pod) takes its own leases back at once instead of waiting for the TTL:
   the process that held them is gone with its pod.
 - `stop()` releases every held partition (awaiting `on_release`), frees the leases and removes the
-  member record, so the others take over at once instead of after the TTL.
+  member record, so the others take over at once instead of after the TTL. Leases a fence let go of
+  are freed too once every release has ended, if the store still names this member for them and
+  the release drained (a cut one may still have a write landing: its lease expires instead).
 """
 
 from __future__ import annotations
@@ -143,6 +145,9 @@ class LeasedOwnership(Ownership):
         # and the timeout of its running release, rescheduled when the lease is lost while it runs.
         self._cut_at: dict[int, float] = {}
         self._cuts: dict[int, asyncio.Timeout] = {}
+        # Partitions whose last release was cut: writes of theirs may still land (a group commit shared with
+        # other partitions finishes what it holds), so their leases are left to expire, never freed early.
+        self._cut_short: set[int] = set()
         self._callbacks: dict[int, asyncio.Task[None]] = {}  # per partition: the last callback chain
         self._renewed_at: float | None = None  # clock at the start of the last round that renewed all
         self._round_started: float | None = None  # clock at the start of the last round (the next is due `interval` on)
@@ -193,22 +198,41 @@ class LeasedOwnership(Ownership):
             self._task = None
         for p in sorted(self._owned):
             self._begin_release(p)
-        # Keep renewing while the engine drains: a slow drain must not let the leases expire under it.
+        # Keep renewing while the engine drains: a slow drain must not let the leases expire under it. The
+        # renewals keep the rounds' schedule, `interval` after the last round's start: waiting a whole
+        # interval from the stop, the first came up to two intervals after the last, past the fence (1.5).
+        due = (self._clock() if self._round_started is None else self._round_started) + self.interval
         while self._callbacks:
             cancelled_during_stop()  # one a renewal swallowed (below, or in the store client)
             pending = [t for t in self._callbacks.values() if not t.done()]
             if not pending:
                 break
-            await asyncio.wait(pending, timeout=self.interval)
+            await asyncio.wait(pending, timeout=max(0.0, due - self._clock()))
             started = self._clock()
+            if started < due:
+                continue  # the drains ended first
+            due = started + self.interval
             with contextlib.suppress(Exception):
                 if await self._renew_all():
                     self._renewed_at = started
             self._fence_if_stale()
         with contextlib.suppress(Exception):
+            await self._free_left_behind()
+        with contextlib.suppress(Exception):
             await self.store.leave(self.identity)
         for queue in self._watchers:
             queue.put_nowait(frozenset())
+
+    async def _free_left_behind(self) -> None:
+        """Free the leases the store still names this member for, once nothing of it works on them: those
+        a fence let go of (renewals failed; nobody took them since) whose release drained, and those whose
+        freeing failed. Left, each waited out its TTL before the next owner could take it. Not a lease whose
+        release was cut (a write of its partition may still land) nor one another member holds
+        (compare-and-set on the revision read)."""
+        for p, lease in sorted((await self.store.leases()).items()):
+            if lease.holder == self.identity and p not in self._held and p not in self._cut_short:
+                async with self._lock:
+                    await self.store.write(p, "", lease)
 
     def owned(self) -> frozenset[int]:
         return frozenset(self._owned)
@@ -380,10 +404,12 @@ class LeasedOwnership(Ownership):
                         finally:
                             del self._cuts[p]
                             self._cut_at.pop(p, None)
+                        self._cut_short.discard(p)
             except TimeoutError as exc:
                 if not (releasing and cut.expired()):
                     log.error("ownership callback failed", extra={"partition": p, "error": type(exc).__name__})
                 else:
+                    self._cut_short.add(p)
                     log.error(
                         "ownership release cut short: its lease was lost before the partition drained",
                         extra={"member": self.identity, "partition": p},
