@@ -100,47 +100,53 @@ async def test_a_release_under_way_is_cut_at_once_when_another_member_holds_the_
     assert store.lease_records[0].holder == "identity-1", "a cut release frees nothing"
 
 
+async def fenced(partitions: int, on_release=None) -> tuple[CutOffStore, LeasedOwnership]:
+    """A member that fenced itself (its store cut off) and runs no more rounds, its store back: what its
+    stop finds. `on_release` (default: returns at once) must have begun for the fence to be done."""
+    store, released = CutOffStore(), asyncio.Event()
+
+    async def noted(p):
+        released.set()
+        if on_release is not None:
+            await on_release(p)
+
+    member = LeasedOwnership(store, partitions=partitions, identity="identity-0", ttl=3.0)
+    await member.start(on_release=noted)
+    assert member.owned() == set(range(partitions))
+    store.cut = True
+    await asyncio.wait_for(released.wait(), member.ttl)  # fenced: released, nothing freed
+    member._task.cancel()  # no round takes the leases back before the stop
+    await asyncio.gather(member._task, return_exceptions=True)
+    store.cut = False
+    return store, member
+
+
 async def test_a_member_that_fenced_frees_its_leases_when_it_stops():
     """A fence lets go of the leases without freeing them (the store cannot be reached). Stopped after the
     store came back and before a round took them again, the member left them in its name, and the next
     owner waited out the TTL; now the stop frees them once every release has ended."""
-    ttl = 3.0
-    store, released = CutOffStore(), asyncio.Event()
-
-    async def on_release(p):
-        released.set()
-
-    member = LeasedOwnership(store, partitions=2, identity="identity-0", ttl=ttl)
-    await member.start(on_release=on_release)
-    assert member.owned() == {0, 1}
-    store.cut = True
-    await asyncio.wait_for(released.wait(), ttl)  # fenced: released, nothing freed
-    member._task.cancel()  # no round takes them back before the stop
-    await asyncio.gather(member._task, return_exceptions=True)
+    store, member = await fenced(2)
     assert {p: lease.holder for p, lease in store.lease_records.items()} == {0: "identity-0", 1: "identity-0"}
-    store.cut = False
     await member.stop()
     assert {p: lease.holder for p, lease in store.lease_records.items()} == {0: "", 1: ""}
     assert store.member_records == {}
 
 
 async def test_a_stopping_member_frees_no_lease_another_took_after_its_fence():
-    ttl = 3.0
-    store, released = CutOffStore(), asyncio.Event()
-
-    async def on_release(p):
-        released.set()
-
-    member = LeasedOwnership(store, partitions=1, identity="identity-0", ttl=ttl)
-    await member.start(on_release=on_release)
-    store.cut = True
-    await asyncio.wait_for(released.wait(), ttl)
-    member._task.cancel()
-    await asyncio.gather(member._task, return_exceptions=True)
-    store.cut = False
+    store, member = await fenced(1)
     store.lease_records[0] = Lease("identity-1", next(store.revisions))  # taken after the TTL
     await member.stop()
     assert store.lease_records[0].holder == "identity-1"
+
+
+async def test_a_stopping_member_leaves_a_cut_releases_lease_to_expire():
+    """A release cut short may still have a write landing (a group commit shared with other partitions
+    finishes what it holds): its lease is not freed early; the next owner waits out the TTL."""
+    drain = Drain()
+    store, member = await fenced(1, drain.on_release)
+    await asyncio.wait_for(drain.cut.wait(), member.ttl)
+    await member.stop()
+    assert store.lease_records[0].holder == "identity-0"
 
 
 async def test_a_stopping_member_renews_on_the_rounds_schedule_while_it_drains():
@@ -177,19 +183,3 @@ async def test_a_stopping_member_renews_on_the_rounds_schedule_while_it_drains()
     gaps = [later - earlier for earlier, later in itertools.pairwise(renewed)]
     assert len(gaps) >= 2 and max(gaps) < member.fence, f"renewals {gaps} s apart (the fence: {member.fence} s)"
     assert store.lease_records[0].holder == ""
-
-
-async def test_a_stopping_member_leaves_a_cut_releases_lease_to_expire():
-    """A release cut short may still have a write landing (a group commit shared with other partitions
-    finishes what it holds): its lease is not freed early; the next owner waits out the TTL."""
-    ttl = 3.0
-    store, drain = CutOffStore(), Drain()
-    member = LeasedOwnership(store, partitions=1, identity="identity-0", ttl=ttl)
-    await member.start(on_release=drain.on_release)
-    store.cut = True
-    await asyncio.wait_for(drain.cut.wait(), 2 * ttl)  # fenced, then cut
-    member._task.cancel()
-    await asyncio.gather(member._task, return_exceptions=True)
-    store.cut = False
-    await member.stop()
-    assert store.lease_records[0].holder == "identity-0"
