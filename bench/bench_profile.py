@@ -28,7 +28,9 @@ both are in the JSON under `event_loops`. Where the time goes is in the JSON too
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import cProfile
 import os
 import random
 import tempfile
@@ -198,7 +200,9 @@ async def seed_definitions(store_url: str) -> None:
         )
 
 
-async def bench_apply_and_read(nats_url: str, workdir: Path, warmup: int, total: int) -> tuple[float, dict, list]:
+async def bench_apply_and_read(
+    nats_url: str, workdir: Path, warmup: int, total: int, *, reads: bool = True, cprofile: str | None = None
+) -> tuple[float, float, dict]:
     store_url = f"sqlite:///{workdir / 'profile.db'}"
     await seed_definitions(store_url)
     settings = ProfileSettings(
@@ -217,17 +221,28 @@ async def bench_apply_and_read(nats_url: str, workdir: Path, warmup: int, total:
             return await acknowledged(reader.js, subjects.EVENTS_RESOLVED, "profile", PARTITIONS, total)
 
         t0 = await wait_count(applied, warmup)
+        cpu, profiler = time.process_time(), cprofile and cProfile.Profile()
+        if profiler:
+            profiler.enable()
         t1 = await wait_count(applied, total)
+        cpu = time.process_time() - cpu
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(cprofile)
         rate = (total - warmup) * PER_MESSAGE / (t1 - t0)
+        # This process's CPU time (the service in-process, its store's threads, the progress polls) per event
+        cpu_us_per_event = round(cpu / ((total - warmup) * PER_MESSAGE) * 1e6, 1)
+        if not reads:
+            return rate, cpu_us_per_event, {}
         engine = runtime.parts["engine"]
         persons = sorted(engine.profiles)
         sample = engine.profiles[persons[0]]
         assert len(sample.view(now=time.time()).computed) == len(DEFINITIONS), "every definition applied"
         engine.hot.views.clear()
-        reads = await bench_reads(f"127.0.0.1:{runtime.grpc.port}", persons)
-        reads["answers_built"] = len(engine.hot.views)  # no profile changes while reading: one per person read
-        reads["split"] = await read_split(engine, persons)
-    return rate, reads, persons
+        read = await bench_reads(f"127.0.0.1:{runtime.grpc.port}", persons)
+        read["answers_built"] = len(engine.hot.views)  # no profile changes while reading: one per person read
+        read["split"] = await read_split(engine, persons)
+    return rate, cpu_us_per_event, read
 
 
 async def read_split(engine, persons: list[str]) -> dict:
@@ -522,9 +537,12 @@ async def measure() -> dict:
                 messages = await fill_resolved(bus)
             warmup = WARMUP // PER_MESSAGE
             baseline = await bench_baseline(server.url, warmup, messages)
-            ours, reads, _persons = await bench_apply_and_read(server.url, Path(tmp), warmup, messages)
+            ours, cpu_us, reads = await bench_apply_and_read(server.url, Path(tmp), warmup, messages)
             sample = reads.pop("sample")
-            print(f"apply: baseline {baseline:,.0f} events/s, profile {ours:,.0f} events/s; reads {reads}")
+            print(
+                f"apply: baseline {baseline:,.0f} events/s, profile {ours:,.0f} events/s ({cpu_us} µs CPU per event); "
+                f"reads {reads}"
+            )
             echo = await bench_echo(sample)
         finally:
             server.stop()
@@ -553,7 +571,37 @@ async def measure() -> dict:
         service_extra_cpu_us=round(reads["cpu_us_per_call"] - echo["cpu_us_per_call"], 1),
         answers_reused=READS - reads["answers_built"],
     )
-    return {"apply": ours, "apply_baseline": baseline, "reads": reads, "echo": echo, "fresh": fresh}
+    return {
+        "apply": ours,
+        "apply_baseline": baseline,
+        "apply_cpu_us_per_event": cpu_us,
+        "reads": reads,
+        "echo": echo,
+        "fresh": fresh,
+    }
+
+
+async def measure_apply(cprofile: str | None) -> dict:
+    """profile-apply alone (`--only apply`): the ratio and the CPU per event, nothing written to results/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(Path(tmp) / "nats")
+        server.start()
+        try:
+            async with Bus.connect(server.url, name="bench-loader") as bus:
+                messages = await fill_resolved(bus)
+            warmup = WARMUP // PER_MESSAGE
+            baseline = await bench_baseline(server.url, warmup, messages)
+            ours, cpu_us, _ = await bench_apply_and_read(
+                server.url, Path(tmp), warmup, messages, reads=False, cprofile=cprofile
+            )
+        finally:
+            server.stop()
+    return {
+        "events_per_s": round(ours),
+        "baseline_events_per_s": round(baseline),
+        "ratio": round(ours / baseline, 5),
+        "cpu_us_per_event": cpu_us,
+    }
 
 
 def runtime_default_loop() -> str:
@@ -564,14 +612,46 @@ def runtime_default_loop() -> str:
         loop.close()
 
 
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only",
+        choices=["apply"],
+        help="run profile-apply alone and print its figures (events/s, ratio, CPU per event); writes no results",
+    )
+    parser.add_argument(
+        "--loops", default=",".join(LOOPS), help="event loops to run on, comma-separated (default: %(default)s)"
+    )
+    parser.add_argument("--cprofile", help="with --only apply: a cProfile of the measured part, written to this file")
+    # The pipeline's profile sees small batches (at 2,500 events/s, ~11 events a message and a message or two a
+    # partition per round): each event then costs a write of its person's record, which 50 x 64 hides.
+    parser.add_argument(
+        "--per-message", type=int, default=PER_MESSAGE, help="with --only apply: events per ResolvedEventBatch"
+    )
+    parser.add_argument(
+        "--batch-messages", type=int, default=BATCH, help="with --only apply: messages per fetch (both sides)"
+    )
+    parser.add_argument("--events", type=int, default=EVENTS, help="with --only apply: events in the stream")
+    return parser.parse_args()
+
+
 def main() -> None:
+    args = arguments()
+    loops_run = tuple(args.loops.split(","))
+    if args.only == "apply":
+        global PER_MESSAGE, BATCH, EVENTS
+        PER_MESSAGE, BATCH, EVENTS = args.per_message, args.batch_messages, args.events
+        for name in loops_run:
+            with asyncio.Runner(loop_factory=event_loop_factory(name)) as runner:
+                print(name, runner.run(measure_apply(args.cprofile)), flush=True)
+        return
     runs: dict[str, dict] = {}
-    for name in LOOPS:
+    for name in loops_run:
         os.environ["CDP_EVENT_LOOP"] = name  # the service processes the freshness benchmark starts
         with asyncio.Runner(loop_factory=event_loop_factory(name)) as runner:
             runs[name] = runner.run(measure())
     default = runtime_default_loop()
-    run = runs[default if default in runs else LOOPS[-1]]
+    run = runs[default if default in runs else loops_run[-1]]
     loops = {
         "runtime_default": default,
         "apply_events_per_s": {n: round(r["apply"]) for n, r in runs.items()},
