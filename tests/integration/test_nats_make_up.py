@@ -151,9 +151,10 @@ async def test_a_service_cannot_publish_what_another_owns(platform):
 def test_rotated_nats_credentials_take_effect_without_a_restart(platform):
     pid = platform.service("profile")["pid"]
     rotated = platform.cdpctl("nats-rotate", "profile")
-    # (It failed once in a fresh-clone run: the profile service logged nothing in the 30 s, not even that its
-    # credentials file changed. Should it fail again, this says which connections still used the old user
-    # and what the service logged.)
+    # Should it fail, this says which connections still used the old user, where the credentials file stood
+    # and what the service logged. (It failed, the service logging nothing in the 30 s, when the consumers'
+    # lag poll asked the connection for its user between the rewrite and the bus's next look at the file:
+    # cdp_kit.natsauth.CredentialsFile took that lookup for a CONNECT, so the bus never reconnected.)
     assert rotated.returncode == 0, (
         f"cdpctl nats-rotate profile: {rotated.stdout}\n{rotated.stderr}\n"
         f"connections (cid, name, user, start, last activity): {connection_details(platform)}\n"

@@ -5,8 +5,10 @@ not once per rewrite, so a reconnect that did not happen is asked for again."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
+from cdp_kit import natsauth
 from cdp_kit.natsauth import CredentialsFile, write_credentials
 
 
@@ -76,3 +78,35 @@ def test_the_password_is_never_on_disk_readable_by_others(tmp_path, monkeypatch)
         assert [oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()] == ["0o600"]
     finally:
         os.umask(previous)
+
+
+def test_a_lookup_of_the_user_is_not_a_connect(tmp_path):
+    """Anyone holding the connection may ask it for its user (the consumers' lag poll does, for the role):
+    that sends nothing. Taken as sent, a lookup after a rotation's rewrite hid the rewrite for good."""
+    path = tmp_path / "profile.json"
+    write_credentials(path, "profile", "old-password")
+    credentials = CredentialsFile(path)
+    write_credentials(path, "profile.2", "new-password")
+
+    assert credentials.user() == "profile.2"  # a lookup, no CONNECT
+    assert credentials.changed()
+    assert credentials.changed()
+
+    assert (credentials.user(), credentials.password()) == ("profile.2", "new-password")  # the CONNECT
+    assert not credentials.changed()
+
+
+def test_a_read_that_failed_is_tried_again_at_the_next_look(tmp_path, monkeypatch):
+    """A rewrite whose read failed (out of descriptors, say) was remembered as seen and never read again."""
+    path = tmp_path / "identity.json"
+    write_credentials(path, "identity", "old")
+    credentials = CredentialsFile(path)
+    write_credentials(path, "identity.2", "new")
+
+    def no_descriptor(_path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(natsauth, "read_credentials", no_descriptor)
+        assert not credentials.changed()
+    assert credentials.changed()

@@ -29,6 +29,7 @@ from cdp_kit.bus import (
     segments_stream,
     subjects,
 )
+from cdp_kit.bus.consumer import may_read_messages
 from cdp_kit.errors import Unauthenticated
 from cdp_kit.natsauth import (
     MODEL_BUCKET,
@@ -195,6 +196,28 @@ async def test_rotated_credentials_take_effect_without_a_restart(users):
     with pytest.raises(Unauthenticated):
         async with Bus.connect(users.server.url, name="profile", security=NatsClientSettings(credentials_file=stale)):
             pass
+
+
+async def test_a_rotation_is_taken_up_when_the_user_was_looked_up_meanwhile(users):
+    """The consumers' lag poll asks the connection for its user (`may_read_messages`, the role's read
+    rights) at its first poll of each consumer; the client hands it the credentials file's `user`, which
+    took the lookup for a CONNECT. A lookup between a rotation's rewrite and the bus's next look at the
+    file (here: right after the rewrite, before the look) hid the rewrite: no reconnect came, in 15 s or
+    ever (`cdpctl nats-rotate` gave up after 30 s in tests/integration/test_nats_make_up.py)."""
+    async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
+        await profile.ensure_streams(profiles_stream())
+        reconnected = asyncio.Event()
+        profile.nc._reconnected_cb = _set(reconnected)
+        users.passwords["profile.2"] = new_password()
+        users.reload()
+        write_credentials(users.file("profile"), "profile.2", users.passwords["profile.2"])
+        may_read_messages(profile.nc, subjects.EVENTS_RESOLVED)  # the lag poll's lookup, before the bus looks
+        await asyncio.wait_for(reconnected.wait(), 15)
+        del users.passwords["profile"]
+        users.reload()
+        await asyncio.sleep(0.5)  # the server has applied it (a connection still on the old user is closed now)
+        ack = await profile.js.publish(subjects.profiles_changed(1), b"after rotation", timeout=5)
+        assert ack.seq == 1 and profile.connected
 
 
 def _set(event: asyncio.Event):

@@ -256,13 +256,20 @@ def read_credentials(path: Path) -> tuple[str, str]:
 
 class CredentialsFile:
     """The user and password of a credentials file, read again whenever nats.py sends CONNECT (at
-    connect and at every reconnect). nats.py asks for the user first, then the password: the user
-    call reads the file, the password call answers from that same read."""
+    connect and at every reconnect). nats.py asks for the user first, then the password, one after the
+    other with nothing in between (`Client._connect_command`): the user call reads the file, the password
+    call answers from that same read, and only then do those credentials count as sent.
+
+    `user` is also what anyone holding the connection asks for its user (`nc.options["user"]`: the
+    consumers' lag poll does, for the role, at its first poll of each consumer). That lookup sends nothing:
+    taken as sent, a lookup between a rotation's rewrite and the next look of `changed` hid the rewrite,
+    and the connection stayed on the old user for good (`cdpctl nats-rotate` gave up after 30 s)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._current = read_credentials(path)  # a bad file at start-up stops the service
-        self._on_file = self._current  # the file's last readable credentials
+        self._sent = read_credentials(path)  # a bad file at start-up stops the service
+        self._read = self._sent  # what the last `user` call read, for the `password` call after it
+        self._on_file = self._sent  # the file's last readable credentials
         self._seen = self._stamp()
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -277,26 +284,30 @@ class CredentialsFile:
 
         Not once per rewrite: a reconnect asked for that did not happen (the client was between states,
         or it came back without calling `user`) is asked for again at the next look, until a CONNECT has
-        read the file. The file is read again only when it was rewritten."""
+        read the file. The file is read again only when it was rewritten, or when reading it failed (a
+        broken file waits for the next rewrite)."""
         stamp = self._stamp()
         if stamp is not None and stamp != self._seen:
-            self._seen = stamp
             try:
                 self._on_file = read_credentials(self.path)
-            except (OSError, ValueError):
-                pass  # a file being replaced, or broken: the last good one stands
-        return self._on_file != self._current
+            except ValueError:
+                pass  # broken: the last good one stands
+            except OSError:
+                return self._on_file != self._sent  # not read (replaced meanwhile, no descriptor left): next look
+            self._seen = stamp
+        return self._on_file != self._sent
 
     def user(self) -> str:
         try:
             self._on_file = read_credentials(self.path)
         except (OSError, ValueError) as exc:
             log.warning("nats credentials file unreadable; keeping the last good one: %s", type(exc).__name__)
-        self._current = self._on_file
-        return self._current[0]
+        self._read = self._on_file
+        return self._read[0]
 
     def password(self) -> str:
-        return self._current[1]
+        self._sent = self._read
+        return self._sent[1]
 
 
 # ------------------------------------------------------------------------------------ the server
