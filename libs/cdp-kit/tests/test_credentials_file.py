@@ -8,8 +8,10 @@ import contextlib
 import errno
 import os
 
+import pytest
+
 from cdp_kit import natsauth
-from cdp_kit.natsauth import CredentialsFile, write_credentials
+from cdp_kit.natsauth import CredentialsFile, read_credentials, write_credentials
 
 
 def test_new_credentials_are_reported_until_a_connect_has_read_them(tmp_path):
@@ -110,3 +112,45 @@ def test_a_read_that_failed_is_tried_again_at_the_next_look(tmp_path, monkeypatc
         patched.setattr(natsauth, "read_credentials", no_descriptor)
         assert not credentials.changed()
     assert credentials.changed()
+
+
+def test_two_writers_of_one_file_at_once_each_write_a_whole_file(tmp_path, monkeypatch):
+    """Both stage, then rename: here the second writes and renames between the first's write and rename.
+    With one staging name for both, the second's open emptied the first's staged file and its rename took
+    it, so the first's rename failed (FileNotFoundError). Each now stages under a name of its own, made
+    0600 before the password is in it, and the last rename wins."""
+    path = tmp_path / "profile.json"
+    replace = os.replace
+    staged_modes = []
+
+    def second_writer_meanwhile(source, target):
+        staged_modes.append(os.stat(source).st_mode & 0o777)
+        if len(staged_modes) == 1:
+            write_credentials(path, "profile.3", "third")
+        replace(source, target)
+
+    previous = os.umask(0o022)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "replace", second_writer_meanwhile)
+            write_credentials(path, "profile.2", "second")
+    finally:
+        os.umask(previous)
+    assert staged_modes == [0o600, 0o600]
+    assert read_credentials(path) == ("profile.2", "second")  # the last rename
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]
+
+
+def test_a_write_that_fails_leaves_no_staging_file(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    write_credentials(path, "profile", "old")
+
+    def fails(_source, _target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", fails)
+        with pytest.raises(OSError):
+            write_credentials(path, "profile.2", "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]
+    assert read_credentials(path) == ("profile", "old")

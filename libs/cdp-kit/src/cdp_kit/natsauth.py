@@ -45,12 +45,14 @@ A file that cannot be read at a reconnect keeps the last good credentials.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import secrets
 import ssl
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,18 +230,23 @@ def new_password() -> str:
 
 def write_credentials(path: Path, user: str, password: str) -> None:
     """Write a service's credentials file, readable by its owner only from the moment it holds the password
-    (replaced in one rename). The staging file is made 0600 before anything is written to it: written first
-    and restricted after, it held the password under the process's umask (0644 by default) until the chmod,
-    and for good when the process died in between."""
+    (replaced in one rename).
+
+    Each write stages under a name of its own beside `path` (`<name>.<random>.new`, made 0600 by `mkstemp`
+    before anything is written to it), removed when the write fails: two writers of one file at once each
+    rename a whole file into place, the last one wins. With one staging name for both, the second's open
+    emptied what the first had staged: the first renamed an emptied file into place, or its rename failed,
+    the second's rename having taken the staging file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".new")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".new")
     try:
-        os.fchmod(fd, 0o600)  # a staging file an earlier crash left may have been made looser
-        os.write(fd, (json.dumps({"user": user, "password": password}) + "\n").encode())
-    finally:
-        os.close(fd)
-    staging.replace(path)
+        with os.fdopen(fd, "wb") as staged:
+            staged.write((json.dumps({"user": user, "password": password}) + "\n").encode())
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
 
 
 def read_credentials(path: Path) -> tuple[str, str]:
