@@ -32,7 +32,9 @@ failure asking again cannot mend (the profile service refusing) fails it as befo
 Each page of people is read and projected (a pure function of the page, record keys hashed once) while
 the page before it is being delivered; each partition's share of it is then planned, delivered and its
 outcome written while that partition is settled (`CrmLogic.settled`), so it never interleaves with a
-batch of the local engine; progress (total, processed, counters, API units) is stored after every page. A finished backfill's
+batch of the local engine; a record the stream wrote from a change committed after its page was read (its
+`synced_stamp` past the person's stamp on the page) is left as it is, counted unchanged: the page's values
+are older. Progress (total, processed, counters, API units) is stored after every page. A finished backfill's
 figures add up: `processed + absent = total`, `absent` being the people counted at the start who were gone
 when their page was read.
 """
@@ -490,8 +492,15 @@ class Runs:
         await planned.prefetch(keys)
         await self._gone(unit, planned)
         for mapping, projection, op, item, key in unit.projected:
-            if item.person_id not in erased:
-                await planned.add(mapping, projection, op, BACKFILL, item, key)
+            if item.person_id in erased:
+                continue
+            if key is not None and item.stamp and planned.previous[key].get("synced_stamp", 0) > item.stamp:
+                # Written by the stream from a change of the person committed after the page was read: the
+                # page's values are older than the record's, and written they would undo that change in the
+                # CRM (and in the connector's record of it) until the person's next change.
+                planned.unchanged[mapping.name] += 1
+                continue
+            await planned.add(mapping, projection, op, BACKFILL, item, key)
         out.versions = planned.versions
         # Which of the records to write have a dead letter or a queued change: a record written now
         # clears them, and only those need a delete (a backfill writes thousands of records that have
