@@ -243,11 +243,13 @@ class ScoringStream(PartitionedEngine):
         # snapshot copies every held person. Taking the lock here waits for a snapshot being copied.
         #
         # Cancelled (the ownership cuts a release its lease no longer covers: `cdp_kit.ownership.leased`),
-        # the partition is given up all the same: its pipeline stops (the engine aborts it, or it drains
-        # alone and is aborted should the partition come back) and its fields are forgotten, so this
-        # replica neither works on the partition nor answers from fields the new owner updates. Before,
-        # a cut while a snapshot held the lock never told the engine: the pipeline worked on, fenced at its
-        # next commit, and the partition, back here, was taken for running (held and idle).
+        # the partition is given up all the same: its pipeline stops (the engine aborts it; cut before the
+        # drain began, its task is cancelled here and the engine aborts it should the partition come back)
+        # and its fields are forgotten, so this replica neither works on the partition nor answers from
+        # fields the new owner updates. Before, a cut while a snapshot held the lock never told the engine:
+        # the pipeline worked on, fenced at its next commit, and the partition, back here, was taken for
+        # running (held and idle). Then, told to stop but left to drain alone, the pipeline scored the batch
+        # it had in flight on the fields forgotten meanwhile (a person on no inputs), committed and published it.
         try:
             async with self._released:
                 pipeline = self.pipelines.get(partition)
@@ -255,7 +257,10 @@ class ScoringStream(PartitionedEngine):
                     return
                 self._draining.add(partition)
         except asyncio.CancelledError:
-            super().stop_partition(partition).close()  # stopped at the call; the drain left to it alone
+            pipeline = self.pipelines.get(partition)
+            super().stop_partition(partition).close()  # stopped at the call; aborted should it come back
+            if pipeline is not None and pipeline.task is not None:
+                pipeline.task.cancel()  # nothing more of it scored, committed or published
             await self.logic.drop(partition)
             raise
         try:
