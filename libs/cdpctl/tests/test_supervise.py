@@ -3,6 +3,7 @@ gives up only after repeated fast crashes; a child's listening ports are kept fo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from cdp_kit.ports import spare_port
+from cdpctl.run import _ready
 from cdpctl.supervise import (
     Backoff,
     Exited,
@@ -217,3 +219,58 @@ def test_an_asked_restart_of_a_child_waiting_out_its_crash_delay_starts_it_at_on
     assert [type(e) for e in events] == [Restarted], events
     assert _until_listening(supervisor, port) == []
     supervisor.stop(["svc"], 5)
+
+
+# ------------------------------------------------------------------- a port taken while it is starting
+
+# A child that listens as a cdp service does, and says so as cdp_kit.service does when it cannot.
+SERVICE = LISTENER.replace(
+    'print("cannot bind:", exc, flush=True)',
+    'print("RuntimeError: cannot bind 127.0.0.1:%s (CDP_GRPC_HOST/CDP_GRPC_PORT): the port is in use" % sys.argv[1])',
+)
+
+
+def _listens(port: int):
+    async def ready(_name: str) -> bool:
+        return _listening(port)
+
+    return ready
+
+
+async def test_a_service_that_lost_its_port_while_starting_starts_again_once_the_port_is_free(tmp_path, server):
+    """`make up` picks the gRPC ports (50051 ..., inside the ephemeral range) and holds them until each service
+    starts; while a service starts (seconds), any outgoing connection on the machine may be given its port.
+    The service then exited at start, and `cdpctl up` stopped the whole platform (seen in a fresh-clone run:
+    orchestration, 50056, "the port is in use"). Now it waits for the port and starts the service again."""
+    port = _free_port()
+    client = _client_on(port, server)  # given the port between its pick and the service's bind
+    log = tmp_path / "svc.log"
+    supervisor = Supervisor()
+    supervisor.start("svc", [sys.executable, "-c", SERVICE, str(port)], dict(os.environ), log, (port,))
+    try:
+        waiting = asyncio.create_task(_ready(["svc"], supervisor, {"svc": log}, _listens(port), 60, asyncio.Event()))
+        deadline = time.monotonic() + 60
+        while supervisor.process("svc").poll() is None:
+            assert time.monotonic() < deadline, "the child never tried its port"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert not waiting.done(), "the platform gave up on a port taken by someone else"
+        client.close()
+        assert await asyncio.wait_for(waiting, 60) is None
+        assert _listening(port)
+    finally:
+        supervisor.stop(["svc"], 5)
+
+
+async def test_a_service_that_fails_to_start_for_another_reason_still_stops_the_platform_at_once(tmp_path):
+    port = _free_port()
+    log = tmp_path / "svc.log"
+    supervisor = Supervisor()
+    supervisor.start("svc", [sys.executable, "-c", "raise SystemExit('bad settings')"], dict(os.environ), log, (port,))
+    try:
+        assert (
+            await asyncio.wait_for(_ready(["svc"], supervisor, {"svc": log}, _listens(port), 60, asyncio.Event()), 30)
+            == 1
+        )
+    finally:
+        supervisor.stop(["svc"], 5)

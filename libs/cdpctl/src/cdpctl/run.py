@@ -93,6 +93,16 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+# How many times `_ready` starts a service again that lost a port picked for it while it started.
+PORT_LOSSES = 3
+
+
+def _port_lost(log: Path, losses: int) -> bool:
+    """The service whose log this is exited because it could not listen on a port (cdp_kit.service's bind
+    error), and may be started again for it."""
+    return losses < PORT_LOSSES and "the port is in use" in _tail(log, 5)
+
+
 async def _ready(
     names: list[str],
     children: Supervisor,
@@ -101,12 +111,34 @@ async def _ready(
     startup_timeout: float,
     stopping: asyncio.Event,
 ) -> int | None:
-    """Wait until `is_ready(name)` for every name; an exit code (1, or 130 on Ctrl-C) when that fails."""
+    """Wait until `is_ready(name)` for every name; an exit code (1, or 130 on Ctrl-C) when that fails.
+
+    A service that exited because a port picked for it was taken meanwhile (its log says "the port is in
+    use") is started again once the port is free, up to PORT_LOSSES times: a port in the kernel's ephemeral
+    range (the gRPC ports, 50051-50057) is held for it until it starts, and any outgoing connection on the
+    machine may be given it while the service starts (seconds). Not the service's fault, and the platform
+    failed for it."""
     deadline = time.monotonic() + startup_timeout
     pending = set(names)
+    lost: dict[str, int] = {}  # service -> how many times it lost a port while starting
+    waiting: set[str] = set()  # those down, waiting for their port
     while pending:
         for name in sorted(pending):
             proc = children.process(name)
+            if proc.poll() is not None and (name in waiting or _port_lost(logs[name], lost.get(name, 0))):
+                taken = children.ports_taken(name)
+                if name not in waiting:
+                    lost[name] = lost.get(name, 0) + 1
+                    waiting.add(name)
+                    console.print(
+                        f"[yellow]{name} could not listen: another socket took its port after it was picked (an "
+                        "outgoing connection given it as its local port, or another program); it starts again "
+                        "once the port is free.[/]"
+                    )
+                if not taken:
+                    waiting.discard(name)
+                    children.start_again(name)
+                continue
             if proc.poll() is not None:
                 console.print(f"[red]{name} exited with code {proc.returncode} while starting. Last log lines:[/]")
                 console.print(_tail(logs[name]), markup=False, highlight=False)

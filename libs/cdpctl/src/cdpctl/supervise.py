@@ -233,6 +233,19 @@ class Supervisor:
     def names(self) -> list[str]:
         return list(self._children)
 
+    def ports_taken(self, name: str) -> tuple[int, ...]:
+        """Of the ports of `name` (down), those another socket has; the others are held for it meanwhile."""
+        return self._children[name].hold_ports()
+
+    def start_again(self, name: str) -> subprocess.Popen:
+        """Start `name` again at once, as it was first started: it exited while starting for a reason not its
+        own (`cdpctl up`: a port taken), so no crash is counted."""
+        child = self._children[name]
+        child.release_ports()
+        child.process = spawn(child.command, child.env, child.log)
+        child.started = self.clock()
+        return child.process
+
     def restart(self, name: str, grace: float) -> None:
         """Stop `name` (SIGTERM: it drains as on any stop; SIGKILL after `grace` seconds) and start it
         again at once: an operator's restart, not a crash, so its backoff is left as it was. One already
