@@ -178,19 +178,7 @@ async def test_rotated_credentials_take_effect_without_a_restart(users):
     old = users.passwords["profile"]
     async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
         await profile.ensure_streams(profiles_stream())
-        reconnected = asyncio.Event()
-        profile.nc._reconnected_cb = _set(reconnected)
-        # Make before break: the server knows the new user, the service's file is rewritten (the bus
-        # reconnects with it by itself), then the old user goes.
-        users.passwords["profile.2"] = new_password()
-        users.reload()
-        write_credentials(users.file("profile"), "profile.2", users.passwords["profile.2"])
-        await asyncio.wait_for(reconnected.wait(), 15)
-        del users.passwords["profile"]
-        users.reload()
-        await asyncio.sleep(0.5)  # the server has applied it (a stale connection would be closed now)
-        ack = await profile.js.publish(subjects.profiles_changed(1), b"after rotation", timeout=5)
-        assert ack.seq == 1 and profile.connected
+        await _rotated(users, profile)
     stale = users.folder / "stale.json"
     write_credentials(stale, "profile", old)
     with pytest.raises(Unauthenticated):
@@ -206,18 +194,26 @@ async def test_a_rotation_is_taken_up_when_the_user_was_looked_up_meanwhile(user
     ever (`cdpctl nats-rotate` gave up after 30 s in tests/integration/test_nats_make_up.py)."""
     async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
         await profile.ensure_streams(profiles_stream())
-        reconnected = asyncio.Event()
-        profile.nc._reconnected_cb = _set(reconnected)
-        users.passwords["profile.2"] = new_password()
-        users.reload()
-        write_credentials(users.file("profile"), "profile.2", users.passwords["profile.2"])
-        may_read_messages(profile.nc, subjects.EVENTS_RESOLVED)  # the lag poll's lookup, before the bus looks
-        await asyncio.wait_for(reconnected.wait(), 15)
-        del users.passwords["profile"]
-        users.reload()
-        await asyncio.sleep(0.5)  # the server has applied it (a connection still on the old user is closed now)
-        ack = await profile.js.publish(subjects.profiles_changed(1), b"after rotation", timeout=5)
-        assert ack.seq == 1 and profile.connected
+        # The lag poll's lookup, right after the rewrite, before the bus looks.
+        await _rotated(users, profile, after_rewrite=lambda: may_read_messages(profile.nc, subjects.EVENTS_RESOLVED))
+
+
+async def _rotated(users, profile: Bus, after_rewrite=lambda: None) -> None:
+    """Make before break on the profile service's connection: the server knows the new user, the service's
+    file is rewritten (`after_rewrite` then runs; the bus reconnects with it by itself within 15 s), then the
+    old user goes, and the connection goes on publishing as the new one."""
+    reconnected = asyncio.Event()
+    profile.nc._reconnected_cb = _set(reconnected)
+    users.passwords["profile.2"] = new_password()
+    users.reload()
+    write_credentials(users.file("profile"), "profile.2", users.passwords["profile.2"])
+    after_rewrite()
+    await asyncio.wait_for(reconnected.wait(), 15)
+    del users.passwords["profile"]
+    users.reload()
+    await asyncio.sleep(0.5)  # the server has applied it (a connection still on the old user is closed now)
+    ack = await profile.js.publish(subjects.profiles_changed(1), b"after rotation", timeout=5)
+    assert ack.seq == 1 and profile.connected
 
 
 def _set(event: asyncio.Event):

@@ -12,6 +12,7 @@ Batches of one message, one change each: nothing is folded, so "once" is exact."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
 
@@ -237,11 +238,10 @@ async def scores(bus: Bus) -> list[tuple[str, int, float]]:
     return out
 
 
-async def test_a_release_cut_while_a_snapshot_holds_the_lock_gives_the_partition_up_all_the_same(nats_server, tmp_path):
-    """The ownership cuts a release its lease no longer covers (`cdp_kit.ownership.leased`). Cut while a
-    snapshot held the logic's lock, the release never told the engine: the pipeline worked on after the
-    lease was gone, and the partition, back here, was taken for running (held, and idle once fenced).
-    Now the pipeline stops and the partition's fields are forgotten; it starts again when it comes back."""
+@contextlib.asynccontextmanager
+async def static_replica(nats_server, tmp_path):
+    """One scoring replica on a memory store with every partition its own (no leases): (bus, engine,
+    stream), the stream not started; closed, and the engine stopped, on the way out."""
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="cut") as bus:
         await bus.ensure_streams(profiles_stream(), scores_stream())
         engine = ScoringEngine(
@@ -255,25 +255,34 @@ async def test_a_release_cut_while_a_snapshot_holds_the_lock_gives_the_partition
         await engine.start()
         stream = scoring_stream(engine, bus, partitions=PARTITIONS, batch_size=1, ack_wait=30, snapshot_every=60)
         try:
-            await stream.start()  # every partition, static
-            await stream.wait_ready()
-            await until(lambda: 0 in engine.ready, "partition 0 restored")
-            async with stream._released:  # a snapshot copying the fields
-                releasing = asyncio.create_task(stream.stop_partition(0))
-                await asyncio.sleep(0.05)
-                assert not releasing.done()
-                releasing.cancel()  # the cut
-                await asyncio.sleep(0)
-            await asyncio.gather(releasing, return_exceptions=True)
-            assert releasing.cancelled()
-            assert 0 not in stream.pipelines and 0 not in engine.ready
-            await stream.start_partition(0)  # it comes back
-            await stream.wait_ready()
-            await until(lambda: 0 in engine.ready, "partition 0 restored again")
-            assert stream.pipelines[0].task is not None and not stream.pipelines[0].task.done()
+            yield bus, engine, stream
         finally:
             await stream.close()
             await engine.stop()
+
+
+async def test_a_release_cut_while_a_snapshot_holds_the_lock_gives_the_partition_up_all_the_same(nats_server, tmp_path):
+    """The ownership cuts a release its lease no longer covers (`cdp_kit.ownership.leased`). Cut while a
+    snapshot held the logic's lock, the release never told the engine: the pipeline worked on after the
+    lease was gone, and the partition, back here, was taken for running (held, and idle once fenced).
+    Now the pipeline stops and the partition's fields are forgotten; it starts again when it comes back."""
+    async with static_replica(nats_server, tmp_path) as (_, engine, stream):
+        await stream.start()  # every partition, static
+        await stream.wait_ready()
+        await until(lambda: 0 in engine.ready, "partition 0 restored")
+        async with stream._released:  # a snapshot copying the fields
+            releasing = asyncio.create_task(stream.stop_partition(0))
+            await asyncio.sleep(0.05)
+            assert not releasing.done()
+            releasing.cancel()  # the cut
+            await asyncio.sleep(0)
+        await asyncio.gather(releasing, return_exceptions=True)
+        assert releasing.cancelled()
+        assert 0 not in stream.pipelines and 0 not in engine.ready
+        await stream.start_partition(0)  # it comes back
+        await stream.wait_ready()
+        await until(lambda: 0 in engine.ready, "partition 0 restored again")
+        assert stream.pipelines[0].task is not None and not stream.pipelines[0].task.done()
 
 
 async def test_a_release_cut_before_its_drain_began_scores_nothing_on_the_fields_it_forgot(nats_server, tmp_path):
@@ -283,18 +292,7 @@ async def test_a_release_cut_before_its_drain_began_scores_nothing_on_the_fields
     Seen under load in the hand-over test. Now the pipeline's task is cancelled at the cut (nothing more of it
     scored, committed or published), and the change is scored on the person's fields when the partition comes
     back (the engine aborts the pipeline then, and recovers the partition)."""
-    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="cut") as bus:
-        await bus.ensure_streams(profiles_stream(), scores_stream())
-        engine = ScoringEngine(
-            store,
-            FolderModelStore(tmp_path / "models"),
-            bus.publisher,
-            partitions=PARTITIONS,
-            telemetry=bus.telemetry,
-            clock=Clock(T0_MS / 1000),
-        )
-        await engine.start()
-        stream = scoring_stream(engine, bus, partitions=PARTITIONS, batch_size=1, ack_wait=30, snapshot_every=60)
+    async with static_replica(nats_server, tmp_path) as (bus, engine, stream):
         person = next(p for p in PERSONS if partition_for(p, PARTITIONS) == 0)
         score_round, in_flight, go_on = engine.score_round, asyncio.Event(), asyncio.Event()
 
@@ -303,36 +301,32 @@ async def test_a_release_cut_before_its_drain_began_scores_nothing_on_the_fields
             await go_on.wait()
             return await score_round(partition, touched, changed_at)
 
-        try:
-            await engine.deploy(logistic_model(weights=W), role=None)
-            await stream.start()  # every partition, static
-            await stream.wait_ready()
-            await until(lambda: 0 in engine.ready, "partition 0 restored")
-            await bus.js.publish(subjects.profiles_changed(0), sessions_change(person, T0_MS + 1, 2.0))
-            await until(_scored(bus, 1), "the first change scored")
-            engine.score_round = held_back
-            await bus.js.publish(subjects.profiles_changed(0), orders_change(person, T0_MS + 2, 3.0))
-            await until(in_flight.is_set, "the second change being scored")
-            pipeline = stream.pipelines[0]
-            async with stream._released:  # a snapshot copying the fields
-                releasing = asyncio.create_task(stream.stop_partition(0))
-                await asyncio.sleep(0.05)
-                assert not releasing.done()
-                releasing.cancel()  # the cut
-                await asyncio.gather(releasing, return_exceptions=True)
-            assert 0 not in engine.ready  # its fields forgotten
-            engine.score_round = score_round
-            go_on.set()
-            await asyncio.wait({pipeline.task})  # cancelled, or (before) drained alone: scored, committed, published
-            await stream.start_partition(0)  # it comes back
-            await until(_scored(bus, 2), "the second change scored")
-            published = await scores(bus)
-            assert [(p, at) for p, at, _ in published] == [(person, T0_MS + 1), (person, T0_MS + 2)]
-            want = [expected(W, [0.0, 2.0]), expected(W, [3.0, 2.0])]  # the second on the fields the first left
-            assert all(abs(v - w) < 1e-6 for (_, _, v), w in zip(published, want, strict=True)), published
-        finally:
-            await stream.close()
-            await engine.stop()
+        await engine.deploy(logistic_model(weights=W), role=None)
+        await stream.start()  # every partition, static
+        await stream.wait_ready()
+        await until(lambda: 0 in engine.ready, "partition 0 restored")
+        await bus.js.publish(subjects.profiles_changed(0), sessions_change(person, T0_MS + 1, 2.0))
+        await until(_scored(bus, 1), "the first change scored")
+        engine.score_round = held_back
+        await bus.js.publish(subjects.profiles_changed(0), orders_change(person, T0_MS + 2, 3.0))
+        await until(in_flight.is_set, "the second change being scored")
+        pipeline = stream.pipelines[0]
+        async with stream._released:  # a snapshot copying the fields
+            releasing = asyncio.create_task(stream.stop_partition(0))
+            await asyncio.sleep(0.05)
+            assert not releasing.done()
+            releasing.cancel()  # the cut
+            await asyncio.gather(releasing, return_exceptions=True)
+        assert 0 not in engine.ready  # its fields forgotten
+        engine.score_round = score_round
+        go_on.set()
+        await asyncio.wait({pipeline.task})  # cancelled, or (before) drained alone: scored, committed, published
+        await stream.start_partition(0)  # it comes back
+        await until(_scored(bus, 2), "the second change scored")
+        published = await scores(bus)
+        assert [(p, at) for p, at, _ in published] == [(person, T0_MS + 1), (person, T0_MS + 2)]
+        want = [expected(W, [0.0, 2.0]), expected(W, [3.0, 2.0])]  # the second on the fields the first left
+        assert all(abs(v - w) < 1e-6 for (_, _, v), w in zip(published, want, strict=True)), published
 
 
 def _scored(bus: Bus, n: int):
