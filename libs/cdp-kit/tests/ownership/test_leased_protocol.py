@@ -164,3 +164,50 @@ async def test_a_member_whose_rounds_take_a_while_keeps_its_leases_without_fenci
 
 async def _noted(moves: list[str], move: str) -> None:
     moves.append(move)
+
+
+class SlowReads(MemoryStore):
+    """A store whose heartbeats and scans answer `delay` seconds late and whose lease writes answer at once
+    (scans are the store's costly calls: a KV consumer each)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def heartbeat(self, identity):
+        await asyncio.sleep(self.delay)
+        await super().heartbeat(identity)
+
+    async def members(self):
+        await asyncio.sleep(self.delay)
+        return await super().members()
+
+    async def leases(self):
+        await asyncio.sleep(self.delay)
+        return await super().leases()
+
+
+async def test_a_round_renews_before_it_reads_so_slow_reads_do_not_fence_the_member():
+    """The fence falls TTL/2 after the last renewing round began and rounds are TTL/3 apart: whatever comes
+    before the renewals comes out of TTL/6. Renewed after the heartbeat and both scans (0.3 s here against
+    TTL/6 = 0.2 s), the member fenced itself at every round on a store that only reads slowly, its partition
+    going and coming back. Now the renewals come first, and the round (its reads, the assignment) still
+    completes: a member that joins gets its share."""
+    store = SlowReads(delay=0.1)
+    first = LeasedOwnership(store, partitions=2, identity="identity-0", ttl=1.2)
+    moves: list[str] = []
+    await first.start(on_acquire=lambda p: _noted(moves, f"+{p}"), on_release=lambda p: _noted(moves, f"-{p}"))
+    second = None
+    try:
+        assert first.owned() == {0, 1}
+        await asyncio.sleep(2.0)  # five rounds
+        assert moves == ["+0", "+1"], f"the partitions went and came back: {moves}"
+        second = LeasedOwnership(store, partitions=2, identity="identity-1", ttl=1.2)
+        await second.start()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (second.owned() and first.owned()):
+            assert asyncio.get_running_loop().time() < deadline, (first.owned(), second.owned(), moves)
+            await asyncio.sleep(0.05)
+        assert first.owned() | second.owned() == {0, 1} and not first.owned() & second.owned()
+    finally:
+        await asyncio.gather(*(m.stop() for m in (first, second) if m is not None))
