@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import random
@@ -533,25 +534,32 @@ async def bench_freshness(nats_url: str, workdir: Path, rate: int) -> dict:
     }
 
 
+@contextlib.asynccontextmanager
+async def filled_stream(folder: Path):
+    """A nats-server whose events.resolved holds the benchmark's stream, and the do-nothing consumer's rate over
+    it: (url, warm-up messages, messages, baseline events/s); the server stopped on the way out."""
+    server = NatsServer(folder / "nats")
+    server.start()
+    try:
+        async with Bus.connect(server.url, name="bench-loader") as bus:
+            messages = await fill_resolved(bus)
+        warmup = WARMUP // PER_MESSAGE
+        yield server.url, warmup, messages, await bench_baseline(server.url, warmup, messages)
+    finally:
+        server.stop()
+
+
 async def measure() -> dict:
     """Every benchmark once, on the running loop (the service processes it starts use CDP_EVENT_LOOP)."""
     with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer(Path(tmp) / "nats")
-        server.start()
-        try:
-            async with Bus.connect(server.url, name="bench-loader") as bus:
-                messages = await fill_resolved(bus)
-            warmup = WARMUP // PER_MESSAGE
-            baseline = await bench_baseline(server.url, warmup, messages)
-            ours, cpu_us, reads = await bench_apply_and_read(server.url, Path(tmp), warmup, messages)
+        async with filled_stream(Path(tmp)) as (url, warmup, messages, baseline):
+            ours, cpu_us, reads = await bench_apply_and_read(url, Path(tmp), warmup, messages)
             sample = reads.pop("sample")
             print(
                 f"apply: baseline {baseline:,.0f} events/s, profile {ours:,.0f} events/s ({cpu_us} µs CPU per event); "
                 f"reads {reads}"
             )
             echo = await bench_echo(sample)
-        finally:
-            server.stop()
         fresh = {}
         for rate in FRESH_RATES:
             server = NatsServer(Path(tmp) / f"nats-{rate}")
@@ -590,18 +598,10 @@ async def measure() -> dict:
 async def measure_apply(cprofile: str | None) -> dict:
     """profile-apply alone (`--only apply`): the ratio and the CPU per event, nothing written to results/."""
     with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer(Path(tmp) / "nats")
-        server.start()
-        try:
-            async with Bus.connect(server.url, name="bench-loader") as bus:
-                messages = await fill_resolved(bus)
-            warmup = WARMUP // PER_MESSAGE
-            baseline = await bench_baseline(server.url, warmup, messages)
+        async with filled_stream(Path(tmp)) as (url, warmup, messages, baseline):
             ours, cpu_us, _ = await bench_apply_and_read(
-                server.url, Path(tmp), warmup, messages, reads=False, cprofile=cprofile
+                url, Path(tmp), warmup, messages, reads=False, cprofile=cprofile
             )
-        finally:
-            server.stop()
     return {
         "events_per_s": round(ours),
         "baseline_events_per_s": round(baseline),
