@@ -166,25 +166,12 @@ async def _noted(moves: list[str], move: str) -> None:
     moves.append(move)
 
 
-class SlowReads(MemoryStore):
-    """A store whose heartbeats and scans answer `delay` seconds late and whose lease writes answer at once
-    (scans are the store's costly calls: a KV consumer each)."""
+class SlowReads(SlowStore):
+    """A SlowStore whose lease writes answer at once: only its heartbeats and scans are late (scans are the
+    store's costly calls: a KV consumer each)."""
 
-    def __init__(self, delay: float) -> None:
-        super().__init__()
-        self.delay = delay
-
-    async def heartbeat(self, identity):
-        await asyncio.sleep(self.delay)
-        await super().heartbeat(identity)
-
-    async def members(self):
-        await asyncio.sleep(self.delay)
-        return await super().members()
-
-    async def leases(self):
-        await asyncio.sleep(self.delay)
-        return await super().leases()
+    async def write(self, partition, holder, expected):
+        return await MemoryStore.write(self, partition, holder, expected)
 
 
 async def test_a_round_renews_before_it_reads_so_slow_reads_do_not_fence_the_member():
