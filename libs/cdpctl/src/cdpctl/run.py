@@ -125,21 +125,20 @@ async def _ready(
     while pending:
         for name in sorted(pending):
             proc = children.process(name)
-            if proc.poll() is not None and (name in waiting or _port_lost(logs[name], lost.get(name, 0))):
-                taken = children.ports_taken(name)
-                if name not in waiting:
-                    lost[name] = lost.get(name, 0) + 1
-                    waiting.add(name)
-                    console.print(
-                        f"[yellow]{name} could not listen: another socket took its port after it was picked (an "
-                        "outgoing connection given it as its local port, or another program); it starts again "
-                        "once the port is free.[/]"
-                    )
-                if not taken:
-                    waiting.discard(name)
-                    children.start_again(name)
-                continue
             if proc.poll() is not None:
+                if name in waiting or _port_lost(logs[name], lost.get(name, 0)):
+                    if name not in waiting:
+                        lost[name] = lost.get(name, 0) + 1
+                        waiting.add(name)
+                        console.print(
+                            f"[yellow]{name} could not listen: another socket took its port after it was picked "
+                            "(an outgoing connection given it as its local port, or another program); it starts "
+                            "again once the port is free.[/]"
+                        )
+                    if not children.ports_taken(name):
+                        waiting.discard(name)
+                        children.start_again(name)
+                    continue
                 console.print(f"[red]{name} exited with code {proc.returncode} while starting. Last log lines:[/]")
                 console.print(_tail(logs[name]), markup=False, highlight=False)
                 return 1
