@@ -725,7 +725,13 @@ def where_time_goes(step: dict) -> str:
     for name, seen in step["services"].items():
         stages = sorted(seen["stages"].items(), key=lambda kv: -kv[1]["mean_ms"])[:2]
         top = ", ".join(f"{label} {v['mean_ms']:.0f} ms" for label, v in stages)
-        parts.append(f"{name} {seen['cores']} cores ({top})")
+        # Batches a second per engine: what a batch's fixed costs (commit, ack, metrics, span) are paid on.
+        rates = ", ".join(
+            f"{label.removesuffix('.apply')} {v['batches'] / step['seconds']:.0f} batches/s"
+            for label, v in sorted(seen["stages"].items())
+            if label.endswith(".apply") and step.get("seconds")
+        )
+        parts.append(f"{name} {seen['cores']} cores ({top}{'; ' + rates if rates else ''})")
     cpu = step["cpu_ms_per_event"]
     per = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(cpu.items(), key=lambda kv: -kv[1]) if name != "total")
     # Every scrape (the step's two, the lag counter's each second, a Prometheus) costs the service its page.
