@@ -592,3 +592,25 @@ async def test_a_cancellation_a_failing_handler_lost_ends_the_retries(bus, messa
     info = await bus.js.consumer_info("EVENTS_RAW", "t")
     assert info.ack_floor.stream_seq == 0  # none acknowledged: all come again
     assert await dead_letter_count(bus) == 0
+
+
+async def test_a_lingering_consumer_fetches_again_only_after_its_linger(bus):
+    """ConsumerSpec.linger: after a batch smaller than batch_size the next fetch waits that long, so what
+    arrives meanwhile comes as one batch (a consumer to which a message's latency does not matter then pays
+    its pulls, span and metric records once a batch rather than once a message)."""
+    handled, returned = [], []
+
+    async def handle(batch):
+        handled.append((asyncio.get_running_loop().time(), [int(d.data) for d in batch]))
+        if len(handled) == 1:  # stored before this batch is over: without the linger, fetched at once
+            await bus.publisher.publish_batch(
+                [OutMessage("events.raw.0", str(i).encode(), f"id-{i}") for i in range(1, 21)]
+            )
+        returned.append(asyncio.get_running_loop().time())
+
+    task = await run(bus.consumer(spec(batch_size=64, linger=0.5), handle))
+    await publish(bus, 1)
+    await until(lambda: sum(len(values) for _, values in handled) == 21)
+    await stop(task)
+    assert [values for _, values in handled] == [[0], list(range(1, 21))]
+    assert handled[1][0] - returned[0] >= 0.5
