@@ -21,8 +21,8 @@ from cdp_kit.bus import events_resolved_stream
 from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.storage import Put, open_store
 from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, Retention, TimelineEntry
-from cdp_profile.engine import decode_entry, decode_profile
 from cdp_profile.events import to_profile_event
+from cdp_profile.records import decode_profile, row_entries
 from cdp_testing.processes import ProfileProcess
 
 EVENTS = 6_000
@@ -69,8 +69,8 @@ async def stored(store_url: str, retention: Retention) -> dict[str, Profile]:
     async with open_store(store_url) as store:
         timelines: dict[str, list[TimelineEntry]] = {}
         async for record in store.scan_all("profile_timeline", page_size=5000):
-            entry = decode_entry(record.doc)
-            timelines.setdefault(entry.origin, []).append(entry)
+            for entry in row_entries(record.doc):  # a page, or one entry (older releases)
+                timelines.setdefault(entry.origin, []).append(entry)
         out = {}
         async for record in store.scan_all("profiles"):
             out[record.key] = decode_profile(record.doc, timelines.get(record.key, []), retention)

@@ -43,7 +43,7 @@ from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.ownership.nats_kv import NatsKvLeaseStore
 from cdp_kit.storage import open_store
 from cdp_profile.domain import Retention
-from cdp_profile.engine import decode_entry, decode_profile
+from cdp_profile.records import decode_profile, row_entries
 from cdp_testing.processes import ProfileProcess
 
 PARTITIONS = 8
@@ -263,8 +263,8 @@ async def stored_timelines(store_url: str) -> dict[str, list[str]]:
     async with open_store(store_url) as store:
         entries = defaultdict(list)
         async for record in store.scan_all("profile_timeline", page_size=5000):
-            entry = decode_entry(record.doc)
-            entries[entry.origin].append(entry)
+            for entry in row_entries(record.doc):  # a page, or one entry (older releases)
+                entries[entry.origin].append(entry)
         out = {}
         async for record in store.scan_all("profiles"):
             profile = decode_profile(record.doc, entries.get(record.key, []), retention)

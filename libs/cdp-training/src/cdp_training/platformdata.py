@@ -14,7 +14,8 @@ from typing import Any
 
 from cdp_kit.storage import Put, Store
 from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent
-from cdp_profile.records import PROFILES, TIMELINE, encode_entry, encode_profile, timeline_key
+from cdp_profile.records import PROFILES, TIMELINE, encode_profile, timeline_pages
+from cdp_profile.timeline import PAGE_ENTRIES
 from cdp_training.simulator import Population
 
 
@@ -33,7 +34,8 @@ async def write_profiles(store: Store, profiles: Iterable[Profile], *, batch: in
     for profile in profiles:
         count += 1
         ops.append(Put(PROFILES, profile.person_id, encode_profile(profile)))
-        ops.extend(Put(TIMELINE, timeline_key(e), encode_entry(e)) for e in profile.timeline())
+        # Every entry in pages (a head is what the service's record holds until its page fills: none here).
+        ops.extend(Put(TIMELINE, key, doc) for key, doc in timeline_pages(profile.timeline(), PAGE_ENTRIES))
         if len(ops) >= batch:
             await store.bulk_write(ops)
             ops = []

@@ -64,7 +64,7 @@ from cdp_kit.durations import format_duration
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import Store
 from cdp_profile.domain import ComputedTraits, Profile, TimelineEntry
-from cdp_profile.records import PROFILES, TIMELINE, decode_entry, timeline_prefix
+from cdp_profile.records import PROFILES, TIMELINE, stored_timeline, timeline_prefix
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
 from cdp_training.dataset import view_fields
 from cdp_training.labels import LabelSpec
@@ -88,7 +88,7 @@ async def iter_profiles(store: Store, *, batch: int = 500) -> AsyncIterator[list
     async for record in store.scan_all(PROFILES, page_size=batch):
         if "profile" not in record.doc:
             continue  # merged away or deleted: its data lives in another profile, or nowhere
-        pending.append((record.key, orjson.loads(record.doc["profile"])))
+        pending.append((record.key, record.doc))
         if len(pending) >= batch:
             yield [await _stored(store, key, doc) for key, doc in pending]
             pending = []
@@ -96,13 +96,14 @@ async def iter_profiles(store: Store, *, batch: int = 500) -> AsyncIterator[list
         yield [await _stored(store, key, doc) for key, doc in pending]
 
 
-async def _stored(store: Store, person_id: str, doc: dict[str, Any]) -> StoredProfile:
-    entries: list[TimelineEntry] = []
+async def _stored(store: Store, person_id: str, record: dict[str, Any]) -> StoredProfile:
+    doc = orjson.loads(record["profile"])
+    rows = []
     for origin in (person_id, *doc.get("merged_from", [])):
-        async for record in store.scan_all(TIMELINE, prefix=timeline_prefix(origin), page_size=TIMELINE_PAGE):
-            entries.append(decode_entry(record.doc))
-    entries.sort()  # keys order by origin, then millisecond: one sort puts merged parts and ties in time order
-    return StoredProfile(person_id, doc, entries)
+        async for row in store.scan_all(TIMELINE, prefix=timeline_prefix(origin), page_size=TIMELINE_PAGE):
+            rows.append(row.doc)
+    # The record's newest entries and its parts' rows (pages, or single entries of older releases), in time order.
+    return StoredProfile(person_id, doc, stored_timeline(record, rows))
 
 
 async def read_profiles(store: Store) -> list[StoredProfile]:

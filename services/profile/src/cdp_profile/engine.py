@@ -5,8 +5,8 @@ identity's merges and unmerges `identity.*.<p>`, API writes, computed-trait expi
 same way:
 1. the domain applies the change in memory and reports a compact `ProfileChange` (`apply.py` for the
    consumed streams; `backfill.py`, `expiry.py` and `privacy.py` for the rest);
-2. the change's writes (the touched profiles, each a versioned put, and the timeline entries added and
-   removed) are queued on the engine's one `WriteChain`, so every write lands in the order the changes
+2. the change's writes (the touched profiles, each a versioned put holding its newest timeline entries,
+   and the timeline pages written or deleted: `timeline.py`) are queued on the engine's one `WriteChain`, so every write lands in the order the changes
    were made in memory, whichever path made them (merges and API writes touch persons of any partition);
 3. once the write is durable, the changes are published on `profiles.changed.<p>`.
 The partitioned streams run on the kit's `PartitionedEngine` (`stream.py`): it adds the partition's
@@ -54,18 +54,15 @@ from cdp_profile.apply import Applied, apply_identity
 from cdp_profile.backfill import Backfill as Backfill  # also imported from here by code that predates backfill.py
 from cdp_profile.backfill import ComputedTraitCatalogue
 from cdp_profile.changes import change_messages
-from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileChange, Retention
+from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileChange, Retention, TimelineEntry
 from cdp_profile.domain.profile import COMPUTED_MAX_BYTES, HISTORY_MAX_BYTES
 from cdp_profile.expiry import expire, expiry_loop
 from cdp_profile.privacy import Privacy
 from cdp_profile.records import (
     CHECKPOINTS,
     DELETIONS,
-    TIMELINE,
     checkpoint_leftovers,
-    encode_entry,
     encode_profile,
-    timeline_key,
 )
 
 # The store's vocabulary lives in records.py; these stay importable from here for the tests and tools
@@ -75,6 +72,7 @@ from cdp_profile.records import PROFILES as PROFILES
 from cdp_profile.records import decode_entry as decode_entry
 from cdp_profile.records import decode_profile as decode_profile
 from cdp_profile.state import HotProfiles
+from cdp_profile.timeline import head_of, timeline_writes
 
 log = logging.getLogger("cdp.profile.engine")
 
@@ -523,7 +521,8 @@ class ProfileEngine:
         ops: Sequence[WriteOp] = (),
         dirty: Collection[str] = (),
     ) -> list[WriteOp]:
-        """The store writes of these changes: `ops`, the timeline entries added and removed, and each
+        """The store writes of these changes: `ops`, the timeline pages the entries added and removed write
+        or delete (`timeline.py`), and each
         changed (or `dirty`: written although no visible value changed) live profile as a versioned put.
         Built right before it is queued on the chain (nothing awaits between), so the versions follow.
 
@@ -533,17 +532,32 @@ class ProfileEngine:
         out: list[WriteOp] = list(ops)
         profiles = self.hot.profiles
         persons = set(dirty)
+        added: list[tuple[bool, TimelineEntry]] = []
+        removing = False
         for person, change in changes.items():
             if change:  # a change that only lists copies of applied events rewrites nothing
                 persons.add(person)
-            for entry in change.timeline_added:
-                out.append(Put(TIMELINE, timeline_key(entry), encode_entry(entry)))
-            for entry in change.timeline_removed:
-                out.append(Delete(TIMELINE, timeline_key(entry)))
+            if change.timeline_added:
+                added.extend((True, entry) for entry in change.timeline_added)
+            removing = removing or bool(change.timeline_removed)
+        if removing:
+            # Per entry, whether it is on a timeline after these changes, in their order: a split's survivor
+            # lists as removed what the restored person's change adds (their part's entries, which stay
+            # where they are stored).
+            net: dict[tuple[str, float, str], tuple[bool, TimelineEntry]] = {}
+            for change in changes.values():
+                for entry in change.timeline_removed:
+                    net[(entry.origin, entry.at, entry.event_id)] = (False, entry)
+                for entry in change.timeline_added:
+                    net[(entry.origin, entry.at, entry.event_id)] = (True, entry)
+            added = list(net.values())
+        if added:
+            # Heads grow and move out as pages here, before the records holding them are encoded.
+            out.extend(timeline_writes(added, self.hot.stored_of, out))
         for person in persons:
             profile = profiles.get(person)
             if profile is not None:  # else merged away or deleted: its marker is in `ops`
-                out.append(self.hot.versioned_put(person, encode_profile(profile)))
+                out.append(self.hot.versioned_put(person, encode_profile(profile, head_of(profile.parts.values()))))
                 trimmed = profile.take_trimmed()
                 if trimmed:
                     self._record_trimmed(person, trimmed)

@@ -28,7 +28,8 @@ from cdp_kit.bus.notices import requests_named, scrub_outbox
 from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED, PROFILES_CHANGED_PREFIX
 from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put
-from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_key, timeline_prefix
+from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_prefix
+from cdp_profile.timeline import row_keys
 
 if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
@@ -60,7 +61,7 @@ async def erase_noticed(
         origins = [person]
         if profile is not None:
             origins += list(profile.view(now=now).merged_from)
-            timeline_keys.update(timeline_key(e) for e in profile.events(limit=1_000_000)[0])
+            timeline_keys.update(row_keys(profile.parts.values()))  # rows written here, maybe not landed yet
         origins_of[person] = (named[person], origins)
     everyone = sorted({o for _, origins in origins_of.values() for o in origins})
     await hot.load(everyone)  # their versions: a marker is a versioned write like any other

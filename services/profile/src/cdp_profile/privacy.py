@@ -42,7 +42,8 @@ from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import from_seconds, to_seconds
 from cdp_profile.domain import ProfileChange
 from cdp_profile.domain.profile import SHARED_IDENTIFIER_TYPES
-from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_key, timeline_prefix
+from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_prefix
+from cdp_profile.timeline import row_keys
 
 if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
@@ -117,12 +118,14 @@ class Privacy:
         # one), and suppressing it would drop their events for good (PRIVACY keeps the notice for ever).
         hashes = sorted(hash_key.hash(k) for k in identifiers if k.partition(":")[0] not in SHARED_TYPES)
         ops: list[Put | Delete] = []
-        timeline_keys = set()
+        # Every row of its parts' timelines: those stored (pages, and single entries of older releases) and
+        # those this replica wrote that may not have landed yet. The head goes with the record.
+        timeline_keys = row_keys(profile.parts.values())
         for origin in origins:
             async for record in store.scan_all(TIMELINE, prefix=timeline_prefix(origin)):
                 timeline_keys.add(record.key)
-        timeline_keys.update(timeline_key(e) for e in profile.events(limit=1_000_000)[0])
         ops.extend(Delete(TIMELINE, key) for key in sorted(timeline_keys))
+        timeline_events = len(profile.events(limit=1_000_000)[0])
         now = engine.clock()
         # Absorbed persons' tombstones and the person itself become bare markers: no personal data,
         # just enough to drop events that were already in flight.
@@ -136,7 +139,7 @@ class Privacy:
             "request_id": request_id,
             "person_id": person,
             "identifiers": len(identifiers),
-            "timeline_events": len(timeline_keys),
+            "timeline_events": timeline_events,
             "suppressed": suppress,
         }
         notice = privacy_pb2.PrivacyDeleted(

@@ -37,12 +37,17 @@ from cdp_profile.records import (
     PROFILES,
     SCORES,
     TIMELINE,
-    decode_entry,
     decode_profile,
     encode_scores,
+    head_entries,
     overlay_scores,
+    row_entries,
     timeline_prefix,
 )
+from cdp_profile.timeline import StoredTimeline
+
+# origin -> its timeline rows as read: (row key, the row's entries), see timeline.py
+Rows = dict[str, list[tuple[str, list[TimelineEntry]]]]
 
 _RELEASE_SLICE = 200  # profiles freed per turn of the event loop (`_release_later`)
 
@@ -89,10 +94,11 @@ class HotProfiles:
 
     async def warm(self) -> None:
         """Load every owned profile: they are the hot state, and windowed traits expire on their own."""
-        timelines: dict[str, list[TimelineEntry]] = {}
+        timelines: Rows = {}
         async for record in self.store.scan_all(TIMELINE, page_size=2000):
-            entry = decode_entry(record.doc)
-            timelines.setdefault(entry.origin, []).append(entry)
+            entries = row_entries(record.doc)
+            if entries:
+                timelines.setdefault(entries[0].origin, []).append((record.key, entries))
         scores = {record.key: record.doc async for record in self.store.scan_all(SCORES, page_size=2000)}
         async for record in self.store.scan_all(PROFILES, page_size=1000):
             if self._owns(record.key):
@@ -134,7 +140,7 @@ class HotProfiles:
         person: str,
         doc: dict,
         version: int,
-        timelines: dict[str, list[TimelineEntry]],
+        timelines: Rows,
         scores: dict | None = None,
     ) -> None:
         self.versions[person] = version
@@ -144,8 +150,17 @@ class HotProfiles:
             self.deleted[person] = doc["deleted_at"]
         else:
             origins = [person, *doc.get("merged_from", [])]
-            entries = [e for origin in origins for e in timelines.get(origin, ())]
-            profile = decode_profile(doc, entries, self.retention)
+            rows = [row for origin in origins for row in timelines.get(origin, ())]
+            head = head_entries(doc)
+            profile = decode_profile(doc, [e for _, entries in rows for e in entries], self.retention, head)
+            # What the store holds where (timeline.py), each row and head entry with the part holding it.
+            parts, root = profile.parts, profile.parts[profile.person_id]
+            for part in parts.values():
+                part.stored = StoredTimeline()
+            for key, entries in rows:
+                parts.get(entries[0].origin, root).stored.adopt_row(key, entries)
+            for entry in head:
+                parts.get(entry.origin, root).stored.adopt_head((entry,))
             if scores is not None:
                 overlay_scores(profile, scores)
             self.profiles[person] = profile
@@ -166,14 +181,15 @@ class HotProfiles:
                     break
             records = await self.store.get_many(PROFILES, sorted(wanted))
             follow: set[str] = set()
-            timelines: dict[str, list[TimelineEntry]] = {}
+            timelines: Rows = {}
             alive = sorted(person for person, record in records.items() if "profile" in record.doc)
             scores = await self.store.get_many(SCORES, alive) if alive else {}
             for person, record in records.items():
                 if "profile" in record.doc:
                     for origin in [person, *record.doc.get("merged_from", [])]:
-                        async for entry in self.store.scan_all(TIMELINE, prefix=timeline_prefix(origin)):
-                            timelines.setdefault(origin, []).append(decode_entry(entry.doc))
+                        async for row in self.store.scan_all(TIMELINE, prefix=timeline_prefix(origin)):
+                            if entries := row_entries(row.doc):
+                                timelines.setdefault(origin, []).append((row.key, entries))
                 stored = scores.get(person)
                 self._adopt(person, record.doc, record.version, timelines, stored.doc if stored else None)
                 if person in self.tombstones:
@@ -197,6 +213,20 @@ class HotProfiles:
             person = self.tombstones[person]
             seen += 1
         return person
+
+    def stored_of(self, entry: TimelineEntry) -> StoredTimeline | None:
+        """Where the store holds the timeline of the part `entry` belongs to (None: no profile here holds
+        that part). Made empty for a part that has stored nothing yet."""
+        origin = entry.origin
+        profile = self.profiles.get(origin)  # the part's own person, unless it was merged away
+        if profile is None:
+            profile = self.profiles.get(self.root(origin))
+        part = profile.parts.get(origin) if profile is not None else None
+        if part is None:
+            return None
+        if part.stored is None:
+            part.stored = StoredTimeline()
+        return part.stored
 
     def versioned_put(self, person: str, doc: dict) -> Put:
         """The write of a person's record, expecting the version this replica last wrote or read."""

@@ -280,6 +280,10 @@ class Part:
     _identifiers_json: tuple[dict[str, float], int, orjson.Fragment, orjson.Fragment] | None = field(
         default=None, compare=False, repr=False
     )
+    # Where the store holds this part's timeline entries (the service's `cdp_profile.timeline.StoredTimeline`:
+    # the head in the record, the pages; None: nothing stored yet). It moves with the part through merges
+    # and splits, as the entries do; the domain never reads it.
+    stored: Any = field(default=None, compare=False, repr=False)
 
     # attr ("traits", "groups", "consent") -> key -> (history, its length, its last version, its JSON, that
     # JSON as a fragment): a history only grows (`record` inserts) or is replaced by another list
