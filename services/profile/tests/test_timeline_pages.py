@@ -23,6 +23,7 @@ from cdp_profile.records import (
     HEAD,
     PROFILES,
     TIMELINE,
+    decode_entry,
     encode_entry,
     encode_profile,
     head_entries,
@@ -43,7 +44,7 @@ class _NoBus:
         return []
 
 
-def _engine(store, retention: Retention, clock: Clock | None = None) -> ProfileEngine:
+def _engine(store, retention: Retention, clock: Clock | None = None, *, pages: bool = True) -> ProfileEngine:
     return ProfileEngine(
         store,
         _NoBus(),
@@ -52,6 +53,7 @@ def _engine(store, retention: Retention, clock: Clock | None = None) -> ProfileE
         retention=retention,
         telemetry=MetricsCapture("profile").telemetry,
         clock=clock or Clock(T0),
+        timeline_pages=pages,
     )
 
 
@@ -282,3 +284,35 @@ async def test_a_deletion_leaves_no_page_no_row_of_the_older_format_and_no_head(
         assert set((await engine.store.get(PROFILES, "hal")).doc) == {"deleted_at", "request_id"}
         dump = orjson.dumps([rows, [r.doc async for r in engine.store.scan_all(PROFILES)]]).decode()
         assert "hal-000" not in dump and "ivy-0000" in dump  # ivy's head is untouched
+
+
+async def test_with_pages_off_every_entry_is_a_row_the_release_before_pages_reads():
+    """CDP_PROFILE_TIMELINE_PAGES=false, for a rolling upgrade from a release before pages: its replicas still
+    running read each timeline row with `decode_entry` and rewrite a record without a head, so this release
+    must write nothing else until they are gone. Retention still takes what it drops off the rows."""
+    retention = Retention(max_events=20)
+    async with open_store("memory://") as store:
+        engine = _engine(store, retention, pages=False)
+        await engine.start()
+        feed = Feed(engine)
+        for n in range(0, 30, 2):
+            await feed(_event("joe", n), _event("joe", n + 1))
+        await engine.flush()
+        rows = await _rows(store)
+        assert HEAD not in (await store.get(PROFILES, "joe")).doc
+        # Each row as the release before pages wrote it, and read the way it reads them.
+        assert sorted(decode_entry(doc) for doc in rows.values()) == engine.profiles["joe"].timeline()
+        assert sorted(rows) == sorted(timeline_key(entry) for entry in engine.profiles["joe"].timeline())
+        assert len(rows) == 20
+        await assert_stored_as_held(engine, "joe")
+        await engine.stop()
+        # Pages on again (the upgrade done): the same store goes on, the rows read as they are.
+        engine = _engine(store, retention)
+        await engine.start()
+        feed = Feed(engine)
+        for n in range(30, 50, 2):
+            await feed(_event("joe", n), _event("joe", n + 1))
+        await engine.flush()
+        await assert_stored_as_held(engine, "joe")
+        assert len(engine.profiles["joe"].timeline()) == 20
+        await engine.stop()

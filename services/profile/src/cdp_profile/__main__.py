@@ -122,6 +122,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         telemetry=runtime.telemetry,
         max_computed_traits=settings.max_computed_traits,
         identifier_hash_keys=settings.identifier_hash_keys(),
+        timeline_pages=settings.timeline_pages,
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)

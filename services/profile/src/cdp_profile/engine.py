@@ -104,8 +104,12 @@ class ProfileEngine:
         max_computed_traits: int = 500,
         clock: Callable[[], float] = time.time,
         identifier_hash_keys: IdentifierHashKeys | None = None,
+        timeline_pages: bool = True,
     ) -> None:
         self.store = store
+        # False: each timeline entry added is written as a row of its own, as releases before pages did
+        # (CDP_PROFILE_TIMELINE_PAGES, for a rolling upgrade from one; timeline.py).
+        self.timeline_pages = timeline_pages
         self.publisher = publisher
         self.partitions = partitions
         self.owned = frozenset(owned)
@@ -553,7 +557,7 @@ class ProfileEngine:
             added = list(net.values())
         if added:
             # Heads grow and move out as pages here, before the records holding them are encoded.
-            out.extend(timeline_writes(added, self.hot.stored_of, out))
+            out.extend(timeline_writes(added, self.hot.stored_of, out, pages=self.timeline_pages))
         for person in persons:
             profile = profiles.get(person)
             if profile is not None:  # else merged away or deleted: its marker is in `ops`

@@ -45,6 +45,13 @@ class ProfileSettings(IdentifierHashSettings, OwnershipSettings, ServiceSettings
     timeline_max_age_days: float = env(
         "CDP_PROFILE_TIMELINE_MAX_AGE_DAYS", 365.0, help="days an event stays in a person's timeline (0: no limit)"
     )
+    timeline_pages: bool = env(
+        "CDP_PROFILE_TIMELINE_PAGES",
+        True,
+        help="keep each person's newest timeline entries in its record and write the rest as pages of 16; "
+        "false: a row per entry, as releases before pages did (set it while a rolling upgrade from such a "
+        "release still runs replicas of it: they neither read pages nor keep a record's entries)",
+    )
     peers: str = env(
         "CDP_PROFILE_PEERS",
         "",

@@ -58,13 +58,17 @@ class StoredTimeline:
         self.rows: dict[str, dict[EntryKey, TimelineEntry]] = {}  # row key -> its entries
         self.where: dict[EntryKey, str] = {}  # entry in a row -> that row's key
 
-    def adopt_row(self, key: str, entries: Iterable[TimelineEntry]) -> None:
+    def adopt_row(self, key: str, entries: Iterable[TimelineEntry]) -> bool:
+        """Note that row `key` holds `entries` (those held already elsewhere stay there); whether any was new."""
         held = self.rows.setdefault(key, {})
+        adopted = False
         for entry in entries:
             k = entry_key(entry)
-            if k not in self.where:
+            if k not in self.where and k not in self.head:
                 held[k] = entry
                 self.where[k] = key
+                adopted = True
+        return adopted
 
     def adopt_head(self, entries: Iterable[TimelineEntry]) -> None:
         for entry in entries:
@@ -158,11 +162,15 @@ def timeline_writes(
     net: Iterable[tuple[bool, TimelineEntry]],
     stored_of: Callable[[TimelineEntry], StoredTimeline | None],
     fallback: list[WriteOp],
+    *,
+    pages: bool = True,
 ) -> list[WriteOp]:
     """The row writes that store what a write's changes did to timelines: `net`, per entry, whether it is
     on its part's timeline after them (added) or not (removed). `stored_of(entry)`: the StoredTimeline of
     the part holding its origin, None if no profile here holds it (the entry is then written, or deleted,
-    as one row of the older format, into `fallback`)."""
+    as one row of the older format, into `fallback`). `pages=False` (CDP_PROFILE_TIMELINE_PAGES, during a
+    rolling upgrade from a release before pages): every entry added is written as one row of the older
+    format, which that release reads; entries removed leave their head, page or row as always."""
     dirty: Dirty = {}
     grown: dict[int, StoredTimeline] = {}
     for present, entry in net:
@@ -173,7 +181,10 @@ def timeline_writes(
             else:
                 fallback.append(Delete(TIMELINE, timeline_key(entry)))
             continue
-        if present:
+        if present and not pages:
+            if stored.adopt_row(timeline_key(entry), (entry,)):
+                fallback.append(Put(TIMELINE, timeline_key(entry), encode_entry(entry)))
+        elif present:
             if stored.add(entry):
                 grown[id(stored)] = stored
         elif not stored.remove(entry, dirty):
