@@ -83,6 +83,15 @@ class Feed:
         self.timeline_ops += sum(1 for op in effects.writes if op.collection == TIMELINE)
         await self.engine.chain.submit(effects.writes)
 
+    async def pairs(self, person: str, start: int, stop: int, *, checked: bool = False) -> None:
+        """`person`'s events start..stop-1, two a batch (the pipeline's shape); `checked`: the store read back
+        after each batch holds what the engine holds."""
+        for n in range(start, stop, 2):
+            await self(_event(person, n), _event(person, n + 1))
+            if checked:
+                await self.engine.flush()
+                await assert_stored_as_held(self.engine, person)
+
     async def identity(self, kind: str, winner: str, loser: str, merge_id: str) -> None:
         message = (identity_pb2.IdentityMerged if kind == "merged" else identity_pb2.IdentityUnmerged)(
             merge_id=merge_id, winner=winner, loser=loser
@@ -130,9 +139,7 @@ async def test_an_event_writes_its_record_and_a_share_of_a_page_and_a_restart_re
     async with open_store("memory://") as store:
         engine = _engine(store, Retention(max_events=1000))
         feed = Feed(engine)
-        # The pipeline's shape: a couple of events of one person per batch.
-        for n in range(0, 40, 2):
-            await feed(_event("ann", n), _event("ann", n + 1))
+        await feed.pairs("ann", 0, 40)
         await engine.flush()
         rows = await _rows(store)
         # 40 entries: two full pages in the timeline collection, the newest 8 in ann's record.
@@ -172,11 +179,7 @@ async def test_a_store_of_the_release_before_pages_loads_to_the_same_profile_and
         # the oldest entries, rows of the older format, which are deleted.
         engine = _engine(store, retention)
         await engine.start()
-        feed = Feed(engine)
-        for n in range(12, 32, 2):
-            await feed(_event("bob", n), _event("bob", n + 1))
-            await engine.flush()
-            await assert_stored_as_held(engine, "bob")
+        await Feed(engine).pairs("bob", 12, 32, checked=True)
         rows = await _rows(store)
         singles = [key for key, doc in rows.items() if "entry" in doc]
         pages = [key for key, doc in rows.items() if "entries" in doc]
@@ -294,9 +297,7 @@ async def test_with_pages_off_every_entry_is_a_row_the_release_before_pages_read
     async with open_store("memory://") as store:
         engine = _engine(store, retention, pages=False)
         await engine.start()
-        feed = Feed(engine)
-        for n in range(0, 30, 2):
-            await feed(_event("joe", n), _event("joe", n + 1))
+        await Feed(engine).pairs("joe", 0, 30)
         await engine.flush()
         rows = await _rows(store)
         assert HEAD not in (await store.get(PROFILES, "joe")).doc
@@ -309,10 +310,6 @@ async def test_with_pages_off_every_entry_is_a_row_the_release_before_pages_read
         # Pages on again (the upgrade done): the same store goes on, the rows read as they are.
         engine = _engine(store, retention)
         await engine.start()
-        feed = Feed(engine)
-        for n in range(30, 50, 2):
-            await feed(_event("joe", n), _event("joe", n + 1))
-        await engine.flush()
-        await assert_stored_as_held(engine, "joe")
+        await Feed(engine).pairs("joe", 30, 50, checked=True)
         assert len(engine.profiles["joe"].timeline()) == 20
         await engine.stop()
