@@ -1,6 +1,6 @@
-"""Where each service's main thread spent its CPU in a benchmark run under bench/cpusample.
+"""Where each service's main thread spent its CPU in a benchmark run under bench/stallwatch/cpusample.py.
 
-    PYTHONPATH=bench/cpusample CDP_CPUSAMPLE_DIR=/tmp/cpu .venv/bin/python bench/bench_pipeline.py ...
+    PYTHONPATH=bench/stallwatch CDP_CPUSAMPLE_DIR=/tmp/cpu .venv/bin/python bench/bench_pipeline.py ...
     .venv/bin/python bench/cpusample_report.py /tmp/cpu [--service profile] [--top 25] [--folded]
 
 Per service (processes of one name added up): its samples and, for the functions at the top of the counts,

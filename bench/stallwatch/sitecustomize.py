@@ -1,6 +1,7 @@
 """Where a process' event loop stalls, for bench_pipeline.py --trace (imported by every Python process
 the benchmark and the platform start, through PYTHONPATH=bench/stallwatch; does nothing without
-CDP_STALLWATCH_DIR). bench/stall_report.py reads what it writes.
+CDP_STALLWATCH_DIR). bench/stall_report.py reads what it writes. With CDP_CPUSAMPLE_DIR it also starts
+`cpusample.py`, where each process' CPU goes (one sitecustomize: Python imports only the first on the path).
 
 Six kinds of record, one JSON line each, in `$CDP_STALLWATCH_DIR/<service>-<pid>.jsonl`, stamped with
 time.time() (the benchmark's clock, so they line up with each probe's stages):
@@ -25,7 +26,14 @@ from __future__ import annotations
 
 import os
 
+from procname import process_name
+
 _DIR = os.environ.get("CDP_STALLWATCH_DIR")
+
+if os.environ.get("CDP_CPUSAMPLE_DIR"):
+    import cpusample  # where each process' CPU goes (cpusample.py), beside or without the stall records
+
+    cpusample.start(os.environ["CDP_CPUSAMPLE_DIR"], process_name())
 
 if _DIR:
     import asyncio
@@ -39,20 +47,7 @@ if _DIR:
     _TICK = 0.01
     _LATE = 0.04
 
-    def _named() -> str:
-        """The service's name, or the module a `python -m` companion runs, or the script's."""
-        if os.environ.get("OTEL_SERVICE_NAME"):
-            return os.environ["OTEL_SERVICE_NAME"]
-        try:
-            with open("/proc/self/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            args = sys.argv
-        if "-m" in args and args.index("-m") + 1 < len(args):
-            return args[args.index("-m") + 1]
-        return os.path.basename(args[1] if len(args) > 1 else args[0]) or "python"
-
-    _name = _named()
+    _name = process_name()
     _path = os.path.join(_DIR, f"{_name}-{os.getpid()}.jsonl")
     _out: list[str] = []
     _lock = threading.Lock()
