@@ -182,8 +182,9 @@ def timeline_writes(
                 fallback.append(Delete(TIMELINE, timeline_key(entry)))
             continue
         if present and not pages:
-            if stored.adopt_row(timeline_key(entry), (entry,)):
-                fallback.append(Put(TIMELINE, timeline_key(entry), encode_entry(entry)))
+            key = timeline_key(entry)
+            if stored.adopt_row(key, (entry,)):
+                fallback.append(Put(TIMELINE, key, encode_entry(entry)))
         elif present:
             if stored.add(entry):
                 grown[id(stored)] = stored
